@@ -173,9 +173,15 @@ const NFS_OPTIONS: &[(&str, Kind)] = &[
     ("acdirmin", Kind::Uint(0, 3600)),
     ("acdirmax", Kind::Uint(0, 3600)),
     ("actimeo", Kind::Uint(0, 3600)),
-    ("lookupcache", Kind::OneOf(&["all", "none", "pos", "positive"])),
+    (
+        "lookupcache",
+        Kind::OneOf(&["all", "none", "pos", "positive"]),
+    ),
     ("nolock", Kind::Flag),
-    ("local_lock", Kind::OneOf(&["none", "all", "flock", "posix"])),
+    (
+        "local_lock",
+        Kind::OneOf(&["none", "all", "flock", "posix"]),
+    ),
     ("sec", Kind::OneOf(&["sys", "krb5", "krb5i", "krb5p"])),
     ("cto", Kind::Flag),
     ("nocto", Kind::Flag),
@@ -205,9 +211,18 @@ const CEPHFS_OPTIONS: &[(&str, Kind)] = &[
 /// Options that must never come from a caller, with the reason given back.
 const RESERVED: &[(&str, &str)] = &[
     ("addr", "set by the agent from the resolved server address"),
-    ("clientaddr", "set by the agent from the route to the server"),
-    ("mounthost", "not allowed: the mount server is the volume's server"),
-    ("mountaddr", "not allowed: the mount server is the volume's server"),
+    (
+        "clientaddr",
+        "set by the agent from the route to the server",
+    ),
+    (
+        "mounthost",
+        "not allowed: the mount server is the volume's server",
+    ),
+    (
+        "mountaddr",
+        "not allowed: the mount server is the volume's server",
+    ),
     ("secret", "pass the key in the cephfs.secret field"),
     ("secretfile", "pass the key in the cephfs.secret field"),
     ("key", "pass the key in the cephfs.secret field"),
@@ -215,7 +230,10 @@ const RESERVED: &[(&str, &str)] = &[
     ("mon_addr", "pass monitors in the cephfs.monitors field"),
     ("fsid", "pass the fsid in the cephfs.fsid field"),
     ("context", "SELinux contexts are not supported"),
-    ("lock", "NFSv3 locking needs statd in the guest; CNFS mounts NFSv3 with nolock"),
+    (
+        "lock",
+        "NFSv3 locking needs statd in the guest; CNFS mounts NFSv3 with nolock",
+    ),
 ];
 
 impl VolumeSpec {
@@ -467,7 +485,10 @@ fn validate_hostname(field: &str, host: &str) -> Result<(), SpecError> {
         }
     }
     // An all-numeric dotted name that did not parse as an address is a typo, not a host.
-    if host.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+    if host
+        .split('.')
+        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Err(bad());
     }
     Ok(())
@@ -631,10 +652,7 @@ mod tests {
             }
             Source::CephFs(_) => panic!("nfs expected"),
         }
-        assert_eq!(
-            s.mount_point(),
-            PathBuf::from("/run/cnfs/volumes/data")
-        );
+        assert_eq!(s.mount_point(), PathBuf::from("/run/cnfs/volumes/data"));
         // Round trip through the wire form gives the same spec.
         assert_eq!(VolumeSpec::from_wire(&s.to_wire(true)).expect("valid"), s);
     }
@@ -653,11 +671,26 @@ mod tests {
             (nfs("10.0.0.1", "/a b", ""), "volume.nfs.export"),
             (nfs("10.0.0.1", "//a", ""), "volume.nfs.export"),
             (nfs("10.0.0.1", "/x", "5"), "volume.nfs.version"),
-            (with_opt(nfs("10.0.0.1", "/x", ""), "addr", "1.2.3.4"), "volume.options.addr"),
-            (with_opt(nfs("10.0.0.1", "/x", ""), "rsize", "1,wsize=2"), "volume.options.rsize"),
-            (with_opt(nfs("10.0.0.1", "/x", ""), "bogus", ""), "volume.options.bogus"),
-            (with_opt(nfs("10.0.0.1", "/x", ""), "hard", "1"), "volume.options.hard"),
-            (with_opt(nfs("10.0.0.1", "/x", "4.1"), "vers", "3"), "volume.options.vers"),
+            (
+                with_opt(nfs("10.0.0.1", "/x", ""), "addr", "1.2.3.4"),
+                "volume.options.addr",
+            ),
+            (
+                with_opt(nfs("10.0.0.1", "/x", ""), "rsize", "1,wsize=2"),
+                "volume.options.rsize",
+            ),
+            (
+                with_opt(nfs("10.0.0.1", "/x", ""), "bogus", ""),
+                "volume.options.bogus",
+            ),
+            (
+                with_opt(nfs("10.0.0.1", "/x", ""), "hard", "1"),
+                "volume.options.hard",
+            ),
+            (
+                with_opt(nfs("10.0.0.1", "/x", "4.1"), "vers", "3"),
+                "volume.options.vers",
+            ),
             (
                 with_opt(with_opt(nfs("10.0.0.1", "/x", ""), "hard", ""), "soft", ""),
                 "volume.options.soft",

@@ -48,7 +48,9 @@ impl AgentAddress {
     pub fn parse(url: &str) -> Result<Self, TransportError> {
         let bad = |why| TransportError::BadAddress(url.to_string(), why);
         if let Some(rest) = url.strip_prefix("vsock://") {
-            let (cid, port) = rest.split_once(':').ok_or_else(|| bad("expected cid:port"))?;
+            let (cid, port) = rest
+                .split_once(':')
+                .ok_or_else(|| bad("expected cid:port"))?;
             return Ok(AgentAddress::Vsock {
                 cid: cid.parse().map_err(|_| bad("cid is not a number"))?,
                 port: port.parse().map_err(|_| bad("port is not a number"))?,
@@ -172,7 +174,10 @@ pub async fn hvsock_handshake(
 }
 
 /// A ttrpc client for the agent at `addr`.
-pub async fn connect(addr: &AgentAddress, timeout: Duration) -> Result<AgentClient, TransportError> {
+pub async fn connect(
+    addr: &AgentAddress,
+    timeout: Duration,
+) -> Result<AgentClient, TransportError> {
     let socket = connect_stream(addr, timeout).await?;
     Ok(AgentClient::new(ttrpc::r#async::Client::new(socket)))
 }
@@ -196,7 +201,13 @@ mod tests {
                 port: DEFAULT_AGENT_PORT
             }
         );
-        for bad in ["tcp://1.2.3.4:5", "vsock://x:1", "hvsock://rel:1", "vsock://3", "unix://rel"] {
+        for bad in [
+            "tcp://1.2.3.4:5",
+            "vsock://x:1",
+            "hvsock://rel:1",
+            "vsock://3",
+            "unix://rel",
+        ] {
             assert!(AgentAddress::parse(bad).is_err(), "{bad}");
         }
     }
@@ -225,13 +236,18 @@ mod tests {
             port: DEFAULT_AGENT_PORT,
         };
         let mut s = UnixStream::connect(&path).await.expect("connect");
-        hvsock_handshake(&mut s, DEFAULT_AGENT_PORT, "t").await.expect("ok");
+        hvsock_handshake(&mut s, DEFAULT_AGENT_PORT, "t")
+            .await
+            .expect("ok");
         // The guest's first bytes are still there: nothing past the OK line was consumed.
         let mut p = [0u8; 7];
         s.read_exact(&mut p).await.expect("payload");
         assert_eq!(&p, b"payload");
         drop(s);
-        let e = connect_stream(&addr, Duration::from_secs(5)).await.err().expect("refused");
+        let e = connect_stream(&addr, Duration::from_secs(5))
+            .await
+            .err()
+            .expect("refused");
         assert!(e.to_string().contains("ERR no listener"), "{e}");
         server.await.expect("server");
         let _ = std::fs::remove_dir_all(&dir);

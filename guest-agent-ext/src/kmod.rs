@@ -1,0 +1,153 @@
+//! Loads the kernel modules a file system needs when the guest kernel has them as modules
+//! (Debian kernels in test guests); a kernel with them built in (Kata's, with CNFS's config
+//! fragment) needs nothing. Dependencies come from `modules.dep`, loaded deepest first, the
+//! way modprobe does; compressed modules are handed to the kernel to decompress.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KmodError {
+    #[error("kernel module {0} is neither loaded, built in, nor listed in {1}")]
+    Missing(String, String),
+    #[error("loading kernel module {module} from {path}: {errno}")]
+    Load {
+        module: String,
+        path: String,
+        errno: Errno,
+    },
+    #[error("reading {0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// `/lib/modules/<release>` of the running kernel.
+pub fn default_dir() -> PathBuf {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Path::new("/lib/modules").join(release)
+}
+
+/// Module names use `_` in sysfs and may use `-` in file names.
+fn canonical(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+fn stem(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let base = file.split(".ko").next().unwrap_or(file);
+    canonical(base)
+}
+
+fn is_loaded(name: &str) -> bool {
+    Path::new("/sys/module").join(canonical(name)).exists()
+}
+
+fn is_builtin(dir: &Path, name: &str) -> bool {
+    std::fs::read_to_string(dir.join("modules.builtin"))
+        .map(|t| t.lines().any(|l| stem(l) == canonical(name)))
+        .unwrap_or(false)
+}
+
+/// The load order for `name`: its dependencies deepest first, then itself, as paths
+/// relative to `dir`. `None` when `modules.dep` does not list it.
+pub fn load_order(modules_dep: &str, name: &str) -> Option<Vec<String>> {
+    let want = canonical(name);
+    modules_dep.lines().find_map(|line| {
+        let (module, deps) = line.split_once(':')?;
+        if stem(module) != want {
+            return None;
+        }
+        let mut order: Vec<String> = deps.split_whitespace().rev().map(str::to_string).collect();
+        order.push(module.trim().to_string());
+        Some(order)
+    })
+}
+
+/// Makes sure `name` is available: already loaded, built in, or loaded now with its
+/// dependencies. Blocking (file reads and finit_module); call it off the async workers.
+pub fn ensure(dir: &Path, name: &str) -> Result<(), KmodError> {
+    if is_loaded(name) || is_builtin(dir, name) {
+        return Ok(());
+    }
+    let dep_path = dir.join("modules.dep");
+    let deps = std::fs::read_to_string(&dep_path)
+        .map_err(|e| KmodError::Io(dep_path.display().to_string(), e))?;
+    let order = load_order(&deps, name)
+        .ok_or_else(|| KmodError::Missing(name.to_string(), dep_path.display().to_string()))?;
+    for rel in order {
+        if is_loaded(&stem(&rel)) {
+            continue;
+        }
+        let path = dir.join(&rel);
+        load_file(&path).map_err(|errno| KmodError::Load {
+            module: stem(&rel),
+            path: path.display().to_string(),
+            errno,
+        })?;
+    }
+    Ok(())
+}
+
+/// finit_module(2); compressed files (`.ko.xz`, `.ko.zst`, `.ko.gz`) ask the kernel to
+/// decompress (MODULE_INIT_COMPRESSED_FILE, Linux 6.4+).
+fn load_file(path: &Path) -> Result<(), Errno> {
+    const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
+    let file =
+        File::open(path).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let compressed = !path.to_string_lossy().ends_with(".ko");
+    let flags = if compressed {
+        MODULE_INIT_COMPRESSED_FILE
+    } else {
+        0
+    };
+    let params = c"";
+    // SAFETY: finit_module with a valid fd, a NUL-terminated empty parameter string and flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            params.as_ptr(),
+            flags,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => match Errno::last() {
+            Errno::EEXIST => Ok(()),
+            e => Err(e),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEP: &str = "\
+kernel/fs/nfs/nfsv4.ko.xz: kernel/net/dns_resolver/dns_resolver.ko.xz kernel/fs/nfs/nfs.ko.xz kernel/net/sunrpc/sunrpc.ko.xz
+kernel/fs/nfs/nfs.ko.xz: kernel/net/sunrpc/sunrpc.ko.xz
+kernel/net/sunrpc/sunrpc.ko.xz:
+kernel/drivers/net/virtio-net.ko:
+";
+
+    #[test]
+    fn dependencies_load_deepest_first() {
+        assert_eq!(
+            load_order(DEP, "nfsv4").expect("listed"),
+            vec![
+                "kernel/net/sunrpc/sunrpc.ko.xz",
+                "kernel/fs/nfs/nfs.ko.xz",
+                "kernel/net/dns_resolver/dns_resolver.ko.xz",
+                "kernel/fs/nfs/nfsv4.ko.xz",
+            ]
+        );
+        assert_eq!(
+            load_order(DEP, "virtio_net").expect("dash and underscore match"),
+            vec!["kernel/drivers/net/virtio-net.ko"]
+        );
+        assert!(load_order(DEP, "ceph").is_none());
+    }
+}

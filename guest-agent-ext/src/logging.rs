@@ -1,0 +1,69 @@
+//! JSON log lines in kata-agent's shape (`msg`, `level`, `ts`, `pid`, `version`, `name`,
+//! `source`, `subsystem`), so Kata's log tooling collects both alike. One object per line on
+//! stderr.
+
+use std::sync::Mutex;
+
+use slog::{o, Drain, Logger};
+
+pub fn logger(level: slog::Level) -> Logger {
+    let json = slog_json::Json::new(std::io::stderr())
+        .set_newlines(true)
+        .add_key_value(o!(
+            "ts" => slog::PushFnValue(|_, ser| ser.emit(now_rfc3339())),
+            "level" => slog::FnValue(|r: &slog::Record| r.level().as_str()),
+            "msg" => slog::PushFnValue(|r: &slog::Record, ser| ser.emit(r.msg())),
+        ))
+        .build();
+    let drain = Mutex::new(json).map(slog::Fuse);
+    let drain = slog::LevelFilter::new(drain, level).fuse();
+    Logger::root(
+        drain,
+        o!(
+            "pid" => std::process::id().to_string(),
+            "version" => env!("CARGO_PKG_VERSION"),
+            "name" => "cnfs-agent",
+            "source" => "agent",
+            "subsystem" => "root",
+        ),
+    )
+}
+
+/// RFC 3339 UTC timestamp with microseconds, without a date-time dependency.
+fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamp_is_rfc3339() {
+        let ts = super::now_rfc3339();
+        assert_eq!(ts.len(), 27, "{ts}");
+        assert!(
+            ts.starts_with("20") && ts.ends_with('Z') && &ts[10..11] == "T",
+            "{ts}"
+        );
+    }
+}

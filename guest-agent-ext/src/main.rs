@@ -1,0 +1,129 @@
+//! cnfs-agent entry point: logging, privileges, re-learning mounts, then serving ttrpc on
+//! vsock (host only) and a local unix socket until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use cnfs_agent::volumes::{Config, Volumes};
+use cnfs_agent::{listen, logging, privileges, service::Service};
+use cnfs_protocols::{agent_ttrpc, spec, transport::DEFAULT_AGENT_PORT};
+use slog::{error, info};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "CNFS guest agent: kernel mounts of NFS/CephFS on request from the host"
+)]
+struct Args {
+    /// vsock port to serve the host on (0 disables vsock).
+    #[arg(long, default_value_t = DEFAULT_AGENT_PORT)]
+    vsock_port: u32,
+    /// Local unix socket for in-guest tools ("" disables it).
+    #[arg(long, default_value = "/run/cnfs/agent.sock")]
+    unix_socket: PathBuf,
+    /// Directory for the per-volume state files (spec without secrets).
+    #[arg(long, default_value = "/run/cnfs/state")]
+    state_dir: PathBuf,
+    /// Kernel modules directory (default: /lib/modules/<running release>).
+    #[arg(long)]
+    modules_dir: Option<PathBuf>,
+    /// Sandbox id (gives the NFSv4 client identity); else taken from the first request.
+    #[arg(long)]
+    sandbox_id: Option<String>,
+    /// Default deadline for a mount, in seconds.
+    #[arg(long, default_value_t = 30)]
+    mount_timeout: u64,
+    /// Default bound for an unmount (all escalation steps), in seconds.
+    #[arg(long, default_value_t = 10)]
+    unmount_timeout: u64,
+    /// Default bound for the Stats health probe, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    probe_timeout_ms: u64,
+    /// Log level: error, warning, info, debug.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let level = args.log_level.parse::<slog::Level>().map_err(|()| {
+        anyhow::anyhow!(
+            "--log-level {:?}: use error, warning, info or debug",
+            args.log_level
+        )
+    })?;
+    let log = logging::logger(level);
+    if let Some(id) = &args.sandbox_id {
+        spec::validate_sandbox_id("--sandbox-id", id)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(serve(args, log.clone()));
+    if let Err(e) = &result {
+        error!(log, "cnfs-agent stopped"; "error" => format!("{e:#}"));
+    }
+    result
+}
+
+async fn serve(args: Args, log: slog::Logger) -> anyhow::Result<()> {
+    // Doors first (binding may need privileges we are about to drop), then drop them.
+    let vsock = match args.vsock_port {
+        0 => None,
+        port => Some(
+            listen::vsock(port, log.clone())
+                .with_context(|| format!("binding vsock port {port}"))?,
+        ),
+    };
+    let unix = match args.unix_socket.as_os_str().is_empty() {
+        true => None,
+        false => Some(
+            listen::unix(&args.unix_socket)
+                .with_context(|| format!("binding {}", args.unix_socket.display()))?,
+        ),
+    };
+    let kept =
+        privileges::drop_all_but(&privileges::keep_set()).context("dropping capabilities")?;
+    info!(log, "capabilities dropped"; "kept" => kept.join(","));
+
+    let volumes = Arc::new(Volumes::new(
+        Config {
+            modules_dir: args
+                .modules_dir
+                .unwrap_or_else(cnfs_agent::kmod::default_dir),
+            state_dir: args.state_dir,
+            sandbox_id: args.sandbox_id,
+            default_mount_timeout: Duration::from_secs(args.mount_timeout),
+            max_timeout: Duration::from_secs(300),
+            default_unmount_timeout: Duration::from_secs(args.unmount_timeout),
+            default_probe_timeout: Duration::from_millis(args.probe_timeout_ms),
+        },
+        log.clone(),
+    ));
+    let found = volumes
+        .relearn()
+        .context("re-learning mounts from mountinfo")?;
+    info!(log, "volumes re-learnt"; "count" => found.len(), "names" => found.join(","));
+
+    let service = Arc::new(Service::new(volumes, log.clone(), kept));
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(listen::merge(vsock, unix))
+        .register_service(agent_ttrpc::create_agent(service));
+    server.start().await.context("starting the ttrpc server")?;
+    info!(log, "cnfs-agent serving"; "vsock_port" => args.vsock_port,
+        "unix_socket" => args.unix_socket.display().to_string());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!(log, "cnfs-agent stopping; volumes stay mounted");
+    let _ = server.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! Reads `/proc/self/mountinfo`: the kernel's word on what is mounted where. The agent trusts
+//! it over its own memory when it restarts and when it lists volumes.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    pub source: String,
+    pub options: String,
+}
+
+/// Parses mountinfo text (see proc(5)): fields 5 (mount point) and, after the ` - `
+/// separator, type, source and super options. Octal escapes (`\040`) are decoded.
+pub fn parse(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
+            let mut post = post.split(' ');
+            Some(MountEntry {
+                mount_point: PathBuf::from(unescape(mount_point)),
+                fs_type: post.next()?.to_string(),
+                source: unescape(post.next()?),
+                options: post.next().unwrap_or_default().to_string(),
+            })
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The current mounts of this process's mount namespace.
+pub fn read() -> std::io::Result<Vec<MountEntry>> {
+    Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
+}
+
+/// The top-most mount at `path` (the last one listed wins, as the kernel stacks them).
+pub fn find<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    entries.iter().rev().find(|e| e.mount_point == path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 1 0:20 / / rw,relatime - rootfs rootfs rw
+40 22 0:34 / /run/cnfs/volumes/data rw,nosuid,nodev,relatime shared:1 - nfs4 10.0.0.1:/exports rw,vers=4.1,addr=10.0.0.1
+41 22 0:35 / /run/cnfs/volumes/with\\040space rw - nfs 10.0.0.1:/x rw
+";
+
+    #[test]
+    fn parses_mount_point_type_and_source() {
+        let e = parse(SAMPLE);
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[1].mount_point, PathBuf::from("/run/cnfs/volumes/data"));
+        assert_eq!(e[1].fs_type, "nfs4");
+        assert_eq!(e[1].source, "10.0.0.1:/exports");
+        assert!(e[1].options.contains("vers=4.1"));
+        assert_eq!(
+            e[2].mount_point,
+            PathBuf::from("/run/cnfs/volumes/with space")
+        );
+        assert!(find(&e, Path::new("/run/cnfs/volumes/data")).is_some());
+        assert!(find(&e, Path::new("/run/cnfs/volumes/none")).is_none());
+    }
+}

@@ -1,0 +1,528 @@
+//! The volume table: mounts, unmounts, lists and probes volumes under `/run/cnfs/volumes`.
+//! Operations on one volume are serialised by a per-name lock; different volumes proceed in
+//! parallel. `List` and `Stats` never wait behind a slow mount. The kernel's mountinfo is
+//! the truth; a small state file per volume (the spec without secrets) lets a restarted agent
+//! answer `List` with the full spec.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use cnfs_protocols::agent;
+use cnfs_protocols::spec::{self, Source, VolumeSpec, VOLUME_ROOT};
+use nix::errno::Errno;
+use protobuf::Message;
+use slog::{info, warn, Logger};
+
+use crate::error::AgentError;
+use crate::fs::{Context, Registry};
+use crate::killable::{self, Outcome};
+use crate::mountinfo;
+
+pub struct Config {
+    pub modules_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub sandbox_id: Option<String>,
+    pub default_mount_timeout: Duration,
+    pub max_timeout: Duration,
+    pub default_unmount_timeout: Duration,
+    pub default_probe_timeout: Duration,
+}
+
+/// What the agent knows of a mounted volume: its spec with secrets blanked, or `None` when
+/// it was found in mountinfo without a state file ("adopted").
+#[derive(Clone)]
+struct Known {
+    spec: Option<agent::VolumeSpec>,
+}
+
+pub struct MountDone {
+    pub mount_point: PathBuf,
+    pub already_mounted: bool,
+}
+
+pub struct UnmountDone {
+    pub method: &'static str,
+    pub attempts: Vec<String>,
+}
+
+pub struct Stats {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub available_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+    pub health: agent::Health,
+    pub detail: String,
+    pub probe: Duration,
+}
+
+pub struct Volumes {
+    cfg: Config,
+    registry: Registry,
+    log: Logger,
+    client_id: OnceLock<String>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    known: RwLock<BTreeMap<String, Known>>,
+}
+
+impl Volumes {
+    pub fn new(cfg: Config, log: Logger) -> Self {
+        Volumes {
+            cfg,
+            registry: Registry::default(),
+            log,
+            client_id: OnceLock::new(),
+            locks: Mutex::new(HashMap::new()),
+            known: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn filesystems(&self) -> Vec<String> {
+        self.registry.names()
+    }
+
+    pub fn sandbox_id(&self) -> String {
+        self.cfg.sandbox_id.clone().unwrap_or_default()
+    }
+
+    pub fn count(&self) -> usize {
+        self.read_known().len()
+    }
+
+    /// The request's timeout, or the default, capped by the agent's maximum.
+    pub fn bound(&self, requested_ms: u32, default: Duration) -> Duration {
+        let d = match requested_ms {
+            0 => default,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        d.min(self.cfg.max_timeout)
+    }
+
+    pub fn mount_timeout(&self, ms: u32) -> Duration {
+        self.bound(ms, self.cfg.default_mount_timeout)
+    }
+
+    pub fn unmount_timeout(&self, ms: u32) -> Duration {
+        self.bound(ms, self.cfg.default_unmount_timeout)
+    }
+
+    pub fn probe_timeout(&self, ms: u32) -> Duration {
+        self.bound(ms, self.cfg.default_probe_timeout)
+    }
+
+    fn read_known(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Known>> {
+        self.known.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_known(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Known>> {
+        self.known.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_string()).or_default().clone()
+    }
+
+    fn state_file(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join(format!("{name}.pb"))
+    }
+
+    /// The NFSv4 client identity: fixed at the first mount, from the sandbox id the agent was
+    /// started with, else the one in the first request, else a random one.
+    fn client_id(&self, requested: Option<&str>) -> &str {
+        self.client_id.get_or_init(|| {
+            let base = self
+                .cfg
+                .sandbox_id
+                .clone()
+                .or_else(|| requested.map(str::to_string))
+                .or_else(|| {
+                    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+                        .ok()
+                        .map(|u| u.trim().to_string())
+                })
+                .unwrap_or_else(|| format!("pid{}", std::process::id()));
+            // The kernel keeps at most 64 bytes of nfs4_unique_id.
+            format!("cnfs-{base}").chars().take(64).collect()
+        })
+    }
+
+    /// Re-learns mounted volumes from mountinfo and the state files after a (re)start.
+    /// Returns the names found.
+    pub fn relearn(&self) -> std::io::Result<Vec<String>> {
+        std::fs::create_dir_all(&self.cfg.state_dir)?;
+        let entries = mountinfo::read()?;
+        let root = Path::new(VOLUME_ROOT);
+        let mut found = BTreeMap::new();
+        for e in &entries {
+            if e.mount_point.parent() != Some(root) {
+                continue;
+            }
+            let Some(name) = e.mount_point.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if spec::validate_name("name", name).is_err() {
+                continue;
+            }
+            let spec = std::fs::read(self.state_file(name))
+                .ok()
+                .and_then(|b| agent::VolumeSpec::parse_from_bytes(&b).ok())
+                .filter(|s| s.name == name);
+            found.insert(name.to_string(), Known { spec });
+        }
+        // State files of volumes that are no longer mounted are stale.
+        if let Ok(dir) = std::fs::read_dir(&self.cfg.state_dir) {
+            for f in dir.flatten() {
+                let p = f.path();
+                let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+                if !found.contains_key(stem) {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        let names: Vec<String> = found.keys().cloned().collect();
+        *self.write_known() = found;
+        Ok(names)
+    }
+
+    pub async fn mount(
+        &self,
+        spec: VolumeSpec,
+        sandbox_id: Option<&str>,
+        timeout: Duration,
+    ) -> Result<MountDone, AgentError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let name = spec.name.clone();
+        let lock = self.lock_for(&name);
+        let _guard = tokio::time::timeout_at(deadline, lock.lock())
+            .await
+            .map_err(|_| {
+                AgentError::Deadline(format!(
+                    "volume {name}: another operation on it did not finish within {timeout:?}"
+                ))
+            })?;
+        let mount_point = spec.mount_point();
+        let wanted = spec.to_wire(false);
+
+        let existing = self.read_known().get(&name).cloned();
+        if let Some(known) = existing {
+            return match known.spec {
+                Some(have) if have == wanted => Ok(MountDone {
+                    mount_point,
+                    already_mounted: true,
+                }),
+                Some(_) => Err(AgentError::AlreadyExists(format!(
+                    "volume {name} is already mounted with a different spec; unmount it first"
+                ))),
+                None => self.adopt_if_same(&spec, mount_point),
+            };
+        }
+        if let Some(e) = mountinfo::find(&mountinfo::read().unwrap_or_default(), &mount_point) {
+            return Err(AgentError::AlreadyExists(format!(
+                "{} is already a mount point ({} from {}) that cnfs-agent does not manage",
+                mount_point.display(),
+                e.fs_type,
+                e.source
+            )));
+        }
+
+        let handler = self.registry.get(spec.fs_name()).ok_or_else(|| {
+            AgentError::FailedPrecondition(format!(
+                "volume {name}: {} volumes are not supported by this cnfs-agent yet",
+                spec.fs_name()
+            ))
+        })?;
+        let ctx = Context {
+            modules_dir: &self.cfg.modules_dir,
+            client_id: self.client_id(sandbox_id),
+            budget: deadline.saturating_duration_since(tokio::time::Instant::now()),
+        };
+        let plan = tokio::time::timeout_at(deadline, handler.plan(&spec, &ctx))
+            .await
+            .map_err(|_| {
+                AgentError::Deadline(format!(
+                    "volume {name}: preparing the mount took longer than {timeout:?}"
+                ))
+            })??;
+
+        std::fs::create_dir_all(&mount_point).map_err(|e| {
+            AgentError::Internal(format!("creating {}: {e}", mount_point.display()))
+        })?;
+        let what = format!("volume {name} ({})", plan.source);
+        let cstr = |s: &[u8]| {
+            CString::new(s)
+                .map_err(|_| AgentError::Internal(format!("{what}: NUL byte in mount arguments")))
+        };
+        let source = cstr(plan.source.as_bytes())?;
+        let target = cstr(mount_point.as_os_str().as_bytes())?;
+        let fs_type = cstr(plan.fs_type.as_bytes())?;
+        let data = cstr(plan.data.as_bytes())?;
+        let flags = plan.flags.bits();
+        drop(plan);
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let outcome = killable::run(remaining, || {
+            // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+            let rc = unsafe {
+                libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    fs_type.as_ptr(),
+                    flags,
+                    data.as_ptr().cast(),
+                )
+            };
+            if rc == 0 {
+                Ok([0; 6])
+            } else {
+                Err(Errno::last())
+            }
+        })
+        .await;
+        drop(data);
+        match outcome {
+            Outcome::Done(_) => {}
+            Outcome::Failed(e) => {
+                let _ = std::fs::remove_dir(&mount_point);
+                return Err(AgentError::from_mount_errno(&what, e));
+            }
+            Outcome::TimedOut => {
+                // The child was killed; if its mount completed at the last moment, undo it so
+                // that "timed out" really means "nothing mounted".
+                if mountinfo::find(&mountinfo::read().unwrap_or_default(), &mount_point).is_some() {
+                    let _ = nix::mount::umount2(&mount_point, nix::mount::MntFlags::MNT_DETACH);
+                }
+                let _ = std::fs::remove_dir(&mount_point);
+                return Err(AgentError::Deadline(format!(
+                    "mounting {what}: the server did not answer within {timeout:?}"
+                )));
+            }
+        }
+        self.save_state(&name, &wanted);
+        self.write_known()
+            .insert(name, Known { spec: Some(wanted) });
+        Ok(MountDone {
+            mount_point,
+            already_mounted: false,
+        })
+    }
+
+    /// A volume found in mountinfo without a state file: the same request is recognised by
+    /// the kernel's view of it (type and source) and adopted; anything else is a conflict.
+    fn adopt_if_same(
+        &self,
+        spec: &VolumeSpec,
+        mount_point: PathBuf,
+    ) -> Result<MountDone, AgentError> {
+        let entries = mountinfo::read().unwrap_or_default();
+        let matches = match (&spec.source, mountinfo::find(&entries, &mount_point)) {
+            (Source::Nfs(n), Some(e)) => {
+                e.source == format!("{}:{}", n.server, n.export)
+                    && self
+                        .registry
+                        .get("nfs")
+                        .is_some_and(|h| h.kernel_types().contains(&e.fs_type.as_str()))
+            }
+            _ => false,
+        };
+        if !matches {
+            return Err(AgentError::AlreadyExists(format!(
+                "volume {} is already mounted from another source; unmount it first",
+                spec.name
+            )));
+        }
+        let wire = spec.to_wire(false);
+        self.save_state(&spec.name, &wire);
+        self.write_known()
+            .insert(spec.name.clone(), Known { spec: Some(wire) });
+        Ok(MountDone {
+            mount_point,
+            already_mounted: true,
+        })
+    }
+
+    fn save_state(&self, name: &str, wire: &agent::VolumeSpec) {
+        let path = self.state_file(name);
+        let tmp = path.with_extension("tmp");
+        let write = wire
+            .write_to_bytes()
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = write {
+            // The mount stands; after a restart it is adopted from mountinfo instead.
+            warn!(self.log, "could not save volume state"; "volume" => name, "error" => %e);
+        }
+    }
+
+    /// Unmounts, escalating: plain umount, then MNT_FORCE (aborts outstanding NFS requests),
+    /// then MNT_DETACH (always detaches; the kernel cleans up when the last user leaves).
+    pub async fn unmount(&self, name: &str, timeout: Duration) -> Result<UnmountDone, AgentError> {
+        spec::validate_name("name", name)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let lock = self.lock_for(name);
+        let _guard = tokio::time::timeout_at(deadline, lock.lock())
+            .await
+            .map_err(|_| {
+                AgentError::Deadline(format!(
+                    "volume {name}: another operation on it did not finish within {timeout:?}"
+                ))
+            })?;
+        let mount_point = spec::mount_point(name);
+        let present =
+            mountinfo::find(&mountinfo::read().unwrap_or_default(), &mount_point).is_some();
+        let known = self.read_known().contains_key(name);
+        if !present && !known {
+            return Err(AgentError::NotFound(format!(
+                "volume {name} is not mounted"
+            )));
+        }
+        let mut attempts = Vec::new();
+        let mut method = "none";
+        if present {
+            let target = CString::new(mount_point.as_os_str().as_bytes())
+                .map_err(|_| AgentError::Internal("mount point has a NUL byte".into()))?;
+            // Shares of the time left: plain and force get 40% each, detach the rest.
+            let steps: [(&str, libc::c_int, u32); 3] = [
+                ("umount", 0, 40),
+                ("force", libc::MNT_FORCE, 40),
+                ("detach", libc::MNT_DETACH, 100),
+            ];
+            for (step, flag, share) in steps {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let slice = (left * share / 100).max(Duration::from_millis(500));
+                let target = &target;
+                // SAFETY: umount2 with a NUL-terminated path that outlives the call.
+                let outcome = killable::run(slice, || {
+                    match unsafe { libc::umount2(target.as_ptr(), flag) } {
+                        0 => Ok([0; 6]),
+                        _ => Err(Errno::last()),
+                    }
+                })
+                .await;
+                match outcome {
+                    Outcome::Done(_) | Outcome::Failed(Errno::EINVAL) => {
+                        method = step;
+                        break;
+                    }
+                    Outcome::Failed(e) => attempts.push(format!("{step}: {}", e.desc())),
+                    Outcome::TimedOut => {
+                        attempts.push(format!("{step}: no answer within {slice:?}"))
+                    }
+                }
+            }
+            if method == "none" {
+                return Err(AgentError::Internal(format!(
+                    "volume {name} could not be unmounted: {}",
+                    attempts.join("; ")
+                )));
+            }
+        }
+        let _ = std::fs::remove_dir(&mount_point);
+        let _ = std::fs::remove_file(self.state_file(name));
+        self.write_known().remove(name);
+        info!(self.log, "volume unmounted"; "volume" => name, "method" => method);
+        Ok(UnmountDone { method, attempts })
+    }
+
+    /// Every known volume with the kernel's view of it.
+    pub fn list(&self) -> Vec<agent::VolumeStatus> {
+        let entries = mountinfo::read().unwrap_or_default();
+        self.read_known()
+            .iter()
+            .map(|(name, k)| {
+                let mount_point = spec::mount_point(name);
+                let entry = mountinfo::find(&entries, &mount_point);
+                let state = match (entry, &k.spec) {
+                    (None, _) => "missing",
+                    (Some(_), None) => "adopted",
+                    (Some(_), Some(_)) => "mounted",
+                };
+                agent::VolumeStatus {
+                    volume: protobuf::MessageField::some(k.spec.clone().unwrap_or_else(|| {
+                        agent::VolumeSpec {
+                            name: name.clone(),
+                            ..Default::default()
+                        }
+                    })),
+                    mount_point: mount_point.display().to_string(),
+                    state: state.to_string(),
+                    fs_type: entry.map(|e| e.fs_type.clone()).unwrap_or_default(),
+                    device: entry.map(|e| e.source.clone()).unwrap_or_default(),
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+
+    /// statfs of the volume, bounded: a dead server gives an `UNRESPONSIVE` verdict, not a
+    /// hung call.
+    pub async fn stats(&self, name: &str, timeout: Duration) -> Result<Stats, AgentError> {
+        spec::validate_name("name", name)?;
+        if !self.read_known().contains_key(name) {
+            return Err(AgentError::NotFound(format!(
+                "volume {name} is not mounted"
+            )));
+        }
+        let target = CString::new(spec::mount_point(name).as_os_str().as_bytes())
+            .map_err(|_| AgentError::Internal("mount point has a NUL byte".into()))?;
+        let start = Instant::now();
+        let outcome = killable::run(timeout, || {
+            // SAFETY: statfs into a zeroed struct on the stack, with a valid path.
+            let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+            match unsafe { libc::statfs(target.as_ptr(), &mut s) } {
+                0 => {
+                    let frsize = if s.f_frsize > 0 {
+                        s.f_frsize
+                    } else {
+                        s.f_bsize
+                    } as u64;
+                    Ok([
+                        s.f_blocks * frsize,
+                        s.f_bfree * frsize,
+                        s.f_bavail * frsize,
+                        s.f_files,
+                        s.f_ffree,
+                        0,
+                    ])
+                }
+                _ => Err(Errno::last()),
+            }
+        })
+        .await;
+        let probe = start.elapsed();
+        let mut st = Stats {
+            total_bytes: 0,
+            free_bytes: 0,
+            available_bytes: 0,
+            total_inodes: 0,
+            free_inodes: 0,
+            health: agent::Health::HEALTHY,
+            detail: String::new(),
+            probe,
+        };
+        match outcome {
+            Outcome::Done([total, free, avail, files, ffree, _]) => {
+                st.total_bytes = total;
+                st.free_bytes = free;
+                st.available_bytes = avail;
+                st.total_inodes = files;
+                st.free_inodes = ffree;
+                st.detail = format!("statfs answered in {probe:?}");
+            }
+            Outcome::Failed(e) => {
+                st.health = agent::Health::ERROR;
+                st.detail = format!("statfs failed: {}", e.desc());
+            }
+            Outcome::TimedOut => {
+                st.health = agent::Health::UNRESPONSIVE;
+                st.detail =
+                    format!("statfs did not answer within {timeout:?}; the server may be down");
+            }
+        }
+        Ok(st)
+    }
+}
