@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod fs;
+pub mod init;
 pub mod killable;
 pub mod kmod;
 pub mod listen;

@@ -48,6 +48,14 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv
+        .first()
+        .is_some_and(|a| cnfs_agent::init::invoked_as_init(a))
+    {
+        // Only returns on failure; the guest's real init could not be started.
+        cnfs_agent::init::run(argv).map_err(anyhow::Error::msg)?;
+    }
     let args = Args::parse();
     let level = args.log_level.parse::<slog::Level>().map_err(|()| {
         anyhow::anyhow!(

@@ -1,0 +1,344 @@
+//! `kata-rootfs`: installs the agent into a Kata guest rootfs directory whose init is systemd,
+//! as a unit pulled in by `kata-containers.target` (the target Kata's guest boots into).
+
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::archive::read_input;
+use crate::{modules, DEFAULT_AGENT_PORT};
+
+const UNIT_DIR: &str = "usr/lib/systemd/system";
+const UNIT_NAME: &str = "cnfs-agent.service";
+const WANTS_DIR: &str = "etc/systemd/system/kata-containers.target.wants";
+const MODULES_LOAD: &str = "etc/modules-load.d/cnfs.conf";
+const DEFAULT_MODULES: &str = "nfs,nfsv3,nfsv4,ceph";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The guest rootfs directory (must already hold `usr` and `etc`).
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: PathBuf,
+    /// The cnfs-agent binary (installed as /usr/bin/cnfs-agent).
+    #[arg(long, value_name = "PATH")]
+    pub agent: PathBuf,
+    /// vsock port the agent serves the host on.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_AGENT_PORT)]
+    pub port: u32,
+    /// Modules for systemd-modules-load, comma separated ("" writes no drop-in).
+    #[arg(long, value_name = "NAME,...", default_value = DEFAULT_MODULES)]
+    pub modules_load: String,
+}
+
+/// The systemd unit. No mount namespace isolation may be added to it.
+pub fn unit(port: u32) -> String {
+    format!(
+        "\
+# Installed by cnfs-rootfs-builder.
+[Unit]
+Description=CNFS guest agent (kernel mounts of network file systems)
+DefaultDependencies=no
+After=systemd-modules-load.service
+# Restart=always must not give up after a burst of failures.
+StartLimitIntervalSec=0
+
+[Service]
+ExecStart=/usr/bin/cnfs-agent --vsock-port {port}
+Restart=always
+RestartSec=1
+# Do not set PrivateMounts=, ProtectSystem=, ProtectHome=, PrivateTmp=, ReadOnlyPaths= or
+# any other option that gives the service its own mount namespace: the agent's mounts must
+# land in the guest's root mount namespace, which kata-agent shares with the containers.
+
+[Install]
+WantedBy=kata-containers.target
+"
+    )
+}
+
+fn module_list(arg: &str) -> Result<Vec<&str>> {
+    let names: Vec<&str> = arg
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    for n in &names {
+        modules::check_name(n).context("--modules-load")?;
+    }
+    Ok(names)
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let root = &args.rootfs;
+    if !root.is_dir() {
+        bail!("rootfs directory {} does not exist", root.display());
+    }
+    for d in ["usr", "etc"] {
+        if !root.join(d).is_dir() {
+            bail!(
+                "{} does not look like a rootfs: it has no {d} directory",
+                root.display()
+            );
+        }
+    }
+    let modules = module_list(&args.modules_load)?;
+    let agent = read_input(&args.agent, "--agent")?;
+
+    install_file(root, "usr/bin", "cnfs-agent", &agent, 0o755)?;
+    install_file(root, UNIT_DIR, UNIT_NAME, unit(args.port).as_bytes(), 0o644)?;
+    install_symlink(
+        root,
+        WANTS_DIR,
+        UNIT_NAME,
+        &format!("/{UNIT_DIR}/{UNIT_NAME}"),
+    )?;
+
+    let (dir, name) = MODULES_LOAD.rsplit_once('/').context("modules-load path")?;
+    if modules.is_empty() {
+        // Asked for no drop-in: remove the one an earlier run wrote, so the tree matches.
+        let path = root.join(MODULES_LOAD);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", path.display()));
+            }
+            _ => {}
+        }
+    } else {
+        let text: String = modules.iter().map(|m| format!("{m}\n")).collect();
+        install_file(root, dir, name, text.as_bytes(), 0o644)?;
+    }
+    Ok(())
+}
+
+/// Creates `root/rel` (0755 for new directories), refusing symlinks that lead out of the
+/// rootfs: an absolute link in a guest tree points into the host when followed here.
+fn ensure_dir(root: &Path, rel: &str) -> Result<PathBuf> {
+    let real_root = root
+        .canonicalize()
+        .with_context(|| format!("resolving {}", root.display()))?;
+    let mut cur = root.to_path_buf();
+    for comp in rel.split('/') {
+        cur.push(comp);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let real = cur
+                    .canonicalize()
+                    .with_context(|| format!("resolving symlink {}", cur.display()))?;
+                if !real.starts_with(&real_root) {
+                    bail!(
+                        "{} is a symlink to {}, outside the rootfs",
+                        cur.display(),
+                        real.display()
+                    );
+                }
+                if !real.is_dir() {
+                    bail!("{} is not a directory", cur.display());
+                }
+            }
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => bail!("{} exists and is not a directory", cur.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir(&cur).with_context(|| format!("creating {}", cur.display()))?;
+                fs::set_permissions(&cur, fs::Permissions::from_mode(0o755))
+                    .with_context(|| format!("setting the mode of {}", cur.display()))?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("inspecting {}", cur.display())),
+        }
+    }
+    Ok(cur)
+}
+
+/// Writes `root/dir/name` through a temporary file and a rename, so an existing symlink there
+/// is replaced rather than followed; an identical file is left alone.
+fn install_file(root: &Path, dir: &str, name: &str, data: &[u8], mode: u32) -> Result<()> {
+    let dir = ensure_dir(root, dir)?;
+    let path = dir.join(name);
+    if let Ok(m) = fs::symlink_metadata(&path) {
+        if m.is_file()
+            && m.permissions().mode() & 0o7777 == mode
+            && fs::read(&path).is_ok_and(|old| old == data)
+        {
+            return Ok(());
+        }
+    }
+    let tmp = dir.join(format!(".{name}.cnfs-tmp"));
+    fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+    fs::rename(&tmp, &path).with_context(|| format!("installing {}", path.display()))
+}
+
+fn install_symlink(root: &Path, dir: &str, name: &str, target: &str) -> Result<()> {
+    let path = ensure_dir(root, dir)?.join(name);
+    match fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            let old = fs::read_link(&path)
+                .with_context(|| format!("reading symlink {}", path.display()))?;
+            if old == Path::new(target) {
+                return Ok(());
+            }
+            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+        Ok(m) if m.is_dir() => bail!("{} is a directory", path.display()),
+        Ok(_) => fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+    }
+    symlink(target, &path).with_context(|| format!("creating symlink {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+
+    fn rootfs(dir: &TempDir) -> Args {
+        let root = dir.path().join("rootfs");
+        fs::create_dir_all(root.join("usr")).expect("usr");
+        fs::create_dir_all(root.join("etc")).expect("etc");
+        let agent = dir.path().join("agent");
+        fs::write(&agent, b"agent binary").expect("agent");
+        Args {
+            rootfs: root,
+            agent,
+            port: 4242,
+            modules_load: DEFAULT_MODULES.into(),
+        }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).expect("stat").permissions().mode() & 0o7777
+    }
+
+    /// Every path under `dir` with its kind, mode, and content or link target.
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).expect("readdir") {
+                let p = e.expect("entry").path();
+                let m = fs::symlink_metadata(&p).expect("stat");
+                let data = if m.file_type().is_symlink() {
+                    fs::read_link(&p)
+                        .expect("link")
+                        .into_os_string()
+                        .into_encoded_bytes()
+                } else if m.is_dir() {
+                    todo.push(p.clone());
+                    Vec::new()
+                } else {
+                    fs::read(&p).expect("read")
+                };
+                out.push((p, m.permissions().mode(), data));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn installs_agent_unit_symlink_and_modules() {
+        let dir = TempDir::new("kata");
+        let args = rootfs(&dir);
+        run(&args).expect("install");
+        let r = &args.rootfs;
+
+        let agent = r.join("usr/bin/cnfs-agent");
+        assert_eq!(fs::read(&agent).expect("agent"), b"agent binary");
+        assert_eq!(mode(&agent), 0o755);
+
+        let unit_path = r.join("usr/lib/systemd/system/cnfs-agent.service");
+        let text = fs::read_to_string(&unit_path).expect("unit");
+        assert_eq!(mode(&unit_path), 0o644);
+        assert!(text.contains("WantedBy=kata-containers.target\n"));
+        assert!(text.contains("ExecStart=/usr/bin/cnfs-agent --vsock-port 4242\n"));
+        assert!(text.contains("After=systemd-modules-load.service\n"));
+        assert!(text.contains("Restart=always\n"));
+        assert!(!text
+            .lines()
+            .any(|l| l.starts_with("PrivateMounts=") || l.starts_with("ProtectSystem=")));
+
+        let link = r.join("etc/systemd/system/kata-containers.target.wants/cnfs-agent.service");
+        assert_eq!(
+            fs::read_link(&link).expect("symlink"),
+            Path::new("/usr/lib/systemd/system/cnfs-agent.service")
+        );
+        assert_eq!(
+            fs::read_to_string(r.join("etc/modules-load.d/cnfs.conf")).expect("modules"),
+            "nfs\nnfsv3\nnfsv4\nceph\n"
+        );
+        assert_eq!(mode(&r.join("etc/modules-load.d")), 0o755);
+    }
+
+    #[test]
+    fn second_run_gives_the_same_tree() {
+        let dir = TempDir::new("kata-idem");
+        let args = rootfs(&dir);
+        run(&args).expect("first");
+        let first = snapshot(&args.rootfs);
+        run(&args).expect("second");
+        assert_eq!(first, snapshot(&args.rootfs));
+    }
+
+    #[test]
+    fn stale_files_are_replaced() {
+        let dir = TempDir::new("kata-stale");
+        let args = rootfs(&dir);
+        let wants = args.rootfs.join(WANTS_DIR);
+        fs::create_dir_all(&wants).expect("wants");
+        symlink("/elsewhere", wants.join(UNIT_NAME)).expect("old link");
+        fs::create_dir_all(args.rootfs.join("usr/bin")).expect("bin");
+        // a symlink at the agent's place is replaced, not written through
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"keep").expect("outside");
+        symlink(&outside, args.rootfs.join("usr/bin/cnfs-agent")).expect("agent link");
+        run(&args).expect("install");
+        assert_eq!(fs::read(&outside).expect("outside"), b"keep");
+        assert_eq!(
+            fs::read_link(wants.join(UNIT_NAME)).expect("link"),
+            Path::new("/usr/lib/systemd/system/cnfs-agent.service")
+        );
+        assert_eq!(mode(&args.rootfs.join("usr/bin/cnfs-agent")), 0o755);
+    }
+
+    #[test]
+    fn empty_modules_load_writes_no_drop_in() {
+        let dir = TempDir::new("kata-nomods");
+        let mut args = rootfs(&dir);
+        run(&args).expect("with modules");
+        args.modules_load = String::new();
+        run(&args).expect("without modules");
+        assert!(!args.rootfs.join(MODULES_LOAD).exists());
+        args.modules_load = "nfs,bad name".into();
+        assert!(run(&args).is_err());
+    }
+
+    #[test]
+    fn missing_or_foreign_dirs_are_refused() {
+        let dir = TempDir::new("kata-missing");
+        let mut args = rootfs(&dir);
+        args.rootfs = dir.path().join("nope");
+        let e = run(&args).expect_err("missing dir");
+        assert!(format!("{e:#}").contains("does not exist"), "{e:#}");
+
+        args.rootfs = dir.path().join("plain");
+        fs::create_dir_all(args.rootfs.join("usr")).expect("usr only");
+        let e = run(&args).expect_err("no etc");
+        assert!(format!("{e:#}").contains("no etc directory"), "{e:#}");
+    }
+
+    #[test]
+    fn symlinks_out_of_the_rootfs_are_refused() {
+        let dir = TempDir::new("kata-escape");
+        let args = rootfs(&dir);
+        let host = dir.path().join("host-lib");
+        fs::create_dir_all(&host).expect("host dir");
+        fs::create_dir_all(args.rootfs.join("usr")).expect("usr");
+        symlink(&host, args.rootfs.join("usr/lib")).expect("escape link");
+        let e = run(&args).expect_err("escape");
+        assert!(format!("{e:#}").contains("outside the rootfs"), "{e:#}");
+        assert!(fs::read_dir(&host).expect("host").next().is_none());
+    }
+}

@@ -1,0 +1,348 @@
+//! `test-initrd`: a small bootable guest (busybox, the agent, extra services and the kernel
+//! modules they need) as a gzip'ed newc cpio, for testing the agent in a plain VM.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::archive::{gzip, read_input, write_output, Tree};
+use crate::modules;
+
+const INIT: &str = include_str!("test-init.sh");
+const AGENT: &str = "cnfs-agent";
+
+/// `--service NAME=PATH`: a program installed as `/usr/bin/NAME` and started by init.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Names become file names and words in init's `for` loop: keep them plain.
+pub fn parse_service(s: &str) -> Result<Service, String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=PATH"))?;
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if name.is_empty() || name.starts_with('.') || !name.chars().all(plain) {
+        return Err(format!(
+            "service name {name:?}: use letters, digits, `_`, `-` and `.` only"
+        ));
+    }
+    if path.is_empty() {
+        return Err(format!("service {name:?}: empty PATH"));
+    }
+    Ok(Service {
+        name: name.to_string(),
+        path: PathBuf::from(path),
+    })
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Extracted Debian kernel package on which `depmod -b DIR REL` has been run.
+    #[arg(long, value_name = "DIR")]
+    pub kernel_tree: PathBuf,
+    /// Kernel release (the directory name under lib/modules).
+    #[arg(long, value_name = "REL")]
+    pub kernel_release: String,
+    /// The cnfs-agent binary (installed as /usr/bin/cnfs-agent, always started first).
+    #[arg(long, value_name = "PATH")]
+    pub agent: PathBuf,
+    /// A statically linked busybox (installed as /bin/busybox).
+    #[arg(long, value_name = "PATH")]
+    pub busybox: PathBuf,
+    /// Extra program started by init, installed as /usr/bin/NAME (repeatable, in order).
+    #[arg(long, value_name = "NAME=PATH", value_parser = parse_service)]
+    pub service: Vec<Service>,
+    /// Kernel module loaded by init at boot (repeatable, loaded in order).
+    #[arg(long, value_name = "NAME")]
+    pub boot_module: Vec<String>,
+    /// Kernel module only included, for the agent to load on demand (repeatable).
+    #[arg(long, value_name = "NAME")]
+    pub module: Vec<String>,
+    /// Where to write the gzip'ed cpio.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+fn lines<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+    items
+        .into_iter()
+        .flat_map(|s| [s, "\n"])
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// The uncompressed archive.
+pub fn build_tree(args: &Args) -> Result<Tree> {
+    let rel = &args.kernel_release;
+    if rel.is_empty() || rel.contains('/') || rel == "." || rel == ".." {
+        bail!("--kernel-release {rel:?} must be a single directory name");
+    }
+    let mut t = Tree::new();
+    for d in [
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "etc/cnfs",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "root",
+    ] {
+        t.dir(d, 0o755)?;
+    }
+    t.dir("tmp", 0o1777)?;
+    // The kernel opens /dev/console for init before anything mounts devtmpfs.
+    t.char_dev("dev/console", 0o600, 5, 1)?;
+    t.file("init", 0o755, INIT.as_bytes().to_vec())?;
+    t.file(
+        "bin/busybox",
+        0o755,
+        read_input(&args.busybox, "--busybox")?,
+    )?;
+    t.file(
+        &format!("usr/bin/{AGENT}"),
+        0o755,
+        read_input(&args.agent, "--agent")?,
+    )?;
+    for s in &args.service {
+        if s.name == AGENT {
+            bail!("--service {AGENT}: the agent is always installed, from --agent");
+        }
+        let data = read_input(&s.path, &format!("--service {}", s.name))?;
+        t.file(&format!("usr/bin/{}", s.name), 0o755, data)
+            .with_context(|| format!("--service {}", s.name))?;
+    }
+    let services = std::iter::once(AGENT).chain(args.service.iter().map(|s| s.name.as_str()));
+    t.file("etc/cnfs/services", 0o644, lines(services))?;
+    t.file(
+        "etc/cnfs/boot-modules",
+        0o644,
+        lines(args.boot_module.iter().map(String::as_str)),
+    )?;
+
+    let names: Vec<String> = args
+        .boot_module
+        .iter()
+        .chain(&args.module)
+        .cloned()
+        .collect();
+    let sel = modules::select(&args.kernel_tree, rel, &names)?;
+    let base = format!("lib/modules/{rel}");
+    for (path, data) in sel.modules {
+        t.file(&format!("{base}/{path}"), 0o644, data)?;
+    }
+    t.file(
+        &format!("{base}/modules.dep"),
+        0o644,
+        sel.modules_dep.into_bytes(),
+    )?;
+    if let Some(builtin) = sel.modules_builtin {
+        t.file(&format!("{base}/modules.builtin"), 0o644, builtin)?;
+    }
+    Ok(t)
+}
+
+pub fn build(args: &Args) -> Result<Vec<u8>> {
+    gzip(&build_tree(args)?.to_newc()?)
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    write_output(&args.out, &build(args)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{gunzip, read_newc, Entry, TempDir};
+
+    const REL: &str = "6.12.0-test-amd64";
+    const X_KO: &[u8] = b"\x7fELF x module, compressed in the tree";
+    const Y_KO: &[u8] = b"\x7fELF y module";
+
+    /// A kernel tree with x (xz, needs y), y (plain), z (unrelated) and a builtin ext4.
+    fn fake_tree(dir: &TempDir) -> (PathBuf, Args) {
+        let tree = dir.path().join("kernel");
+        let mods = tree.join("lib/modules").join(REL);
+        std::fs::create_dir_all(mods.join("kernel/a")).expect("mkdir");
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut &X_KO[..], &mut xz).expect("xz");
+        std::fs::write(mods.join("kernel/a/x.ko.xz"), xz).expect("x");
+        std::fs::write(mods.join("kernel/a/y.ko"), Y_KO).expect("y");
+        std::fs::write(mods.join("kernel/a/z-mod.ko"), b"z").expect("z");
+        std::fs::write(
+            mods.join("modules.dep"),
+            "kernel/a/x.ko.xz: kernel/a/y.ko\nkernel/a/y.ko:\nkernel/a/z-mod.ko:\n",
+        )
+        .expect("dep");
+        std::fs::write(mods.join("modules.builtin"), "kernel/fs/ext4/ext4.ko\n").expect("b");
+        let agent = dir.path().join("agent");
+        let busybox = dir.path().join("busybox");
+        let helper = dir.path().join("helper");
+        std::fs::write(&agent, b"agent binary").expect("agent");
+        std::fs::write(&busybox, b"busybox binary").expect("busybox");
+        std::fs::write(&helper, b"helper binary").expect("helper");
+        let out = dir.path().join("initrd.gz");
+        let args = Args {
+            kernel_tree: tree.clone(),
+            kernel_release: REL.to_string(),
+            agent,
+            busybox,
+            service: vec![Service {
+                name: "helper".into(),
+                path: helper,
+            }],
+            boot_module: vec!["x".into(), "ext4".into()],
+            module: Vec::new(),
+            out,
+        };
+        (tree, args)
+    }
+
+    fn entry<'a>(entries: &'a [Entry], name: &str) -> &'a Entry {
+        entries
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("{name} missing from the archive"))
+    }
+
+    #[test]
+    fn initrd_holds_closure_init_and_services() {
+        let dir = TempDir::new("initrd");
+        let (_, args) = fake_tree(&dir);
+        run(&args).expect("build");
+        let bytes = std::fs::read(&args.out).expect("read out");
+        let entries = read_newc(&gunzip(&bytes));
+        let m = format!("lib/modules/{REL}");
+
+        let x = entry(&entries, &format!("{m}/kernel/a/x.ko"));
+        assert_eq!(x.data, X_KO, "x.ko is stored decompressed");
+        assert_eq!(x.mode, 0o100_644);
+        assert_eq!(entry(&entries, &format!("{m}/kernel/a/y.ko")).data, Y_KO);
+        assert!(entries.iter().all(|e| !e.name.contains("z-mod")));
+        assert!(entries.iter().all(|e| !e.name.ends_with(".xz")));
+        assert_eq!(
+            entry(&entries, &format!("{m}/modules.dep")).data,
+            b"kernel/a/x.ko: kernel/a/y.ko\nkernel/a/y.ko:\n"
+        );
+        assert_eq!(
+            entry(&entries, &format!("{m}/modules.builtin")).data,
+            b"kernel/fs/ext4/ext4.ko\n"
+        );
+
+        let init = entry(&entries, "init");
+        assert_eq!(init.data, INIT.as_bytes());
+        assert_eq!(init.mode, 0o100_755);
+        assert!(init.data.starts_with(b"#!/bin/busybox sh\n"));
+        assert_eq!(entry(&entries, "bin/busybox").data, b"busybox binary");
+        assert_eq!(entry(&entries, "bin/busybox").mode, 0o100_755);
+        assert_eq!(entry(&entries, "usr/bin/cnfs-agent").data, b"agent binary");
+        assert_eq!(entry(&entries, "usr/bin/cnfs-agent").mode, 0o100_755);
+        assert_eq!(entry(&entries, "usr/bin/helper").data, b"helper binary");
+        assert_eq!(
+            entry(&entries, "etc/cnfs/services").data,
+            b"cnfs-agent\nhelper\n"
+        );
+        assert_eq!(entry(&entries, "etc/cnfs/boot-modules").data, b"x\next4\n");
+
+        let console = entry(&entries, "dev/console");
+        assert_eq!(console.mode, 0o020_600);
+        assert_eq!((console.rdev_major, console.rdev_minor), (5, 1));
+        assert_eq!(entry(&entries, "tmp").mode, 0o041_777);
+        for d in [
+            "bin",
+            "sbin",
+            "usr/sbin",
+            "proc",
+            "sys",
+            "run",
+            "root",
+            "lib/modules",
+        ] {
+            assert_eq!(entry(&entries, d).mode, 0o040_755, "{d}");
+        }
+        // parents come before children
+        for (i, e) in entries.iter().enumerate() {
+            if let Some((parent, _)) = e.name.rsplit_once('/') {
+                let p = entries.iter().position(|p| p.name == parent);
+                assert!(p.is_some_and(|p| p < i), "{} before its parent", e.name);
+            }
+        }
+    }
+
+    #[test]
+    fn initrd_is_reproducible() {
+        let dir = TempDir::new("initrd-repro");
+        let (_, args) = fake_tree(&dir);
+        let a = build(&args).expect("first");
+        let b = build(&args).expect("second");
+        assert_eq!(a, b);
+        assert_eq!(&a[4..8], &[0, 0, 0, 0], "gzip mtime");
+    }
+
+    #[test]
+    fn module_only_flag_includes_without_boot_loading() {
+        let dir = TempDir::new("initrd-module");
+        let (_, mut args) = fake_tree(&dir);
+        args.boot_module.clear();
+        args.module = vec!["z_mod".into()];
+        let entries = read_newc(&gunzip(&build(&args).expect("build")));
+        assert_eq!(entry(&entries, "etc/cnfs/boot-modules").data, b"");
+        let m = format!("lib/modules/{REL}");
+        assert_eq!(
+            entry(&entries, &format!("{m}/kernel/a/z-mod.ko")).data,
+            b"z"
+        );
+        assert!(entries.iter().all(|e| !e.name.ends_with("x.ko")));
+    }
+
+    #[test]
+    fn unknown_module_is_named_in_the_error() {
+        let dir = TempDir::new("initrd-unknown");
+        let (_, mut args) = fake_tree(&dir);
+        args.module = vec!["nosuchmod".into()];
+        let e = build(&args).expect_err("unknown module");
+        assert!(format!("{e:#}").contains("nosuchmod"), "{e:#}");
+    }
+
+    #[test]
+    fn missing_inputs_and_bad_names_are_refused() {
+        let dir = TempDir::new("initrd-bad");
+        let (_, mut args) = fake_tree(&dir);
+        args.service.push(Service {
+            name: "cnfs-agent".into(),
+            path: args.agent.clone(),
+        });
+        assert!(build(&args).is_err());
+        args.service.clear();
+        args.busybox = dir.path().join("no-busybox");
+        let e = build(&args).expect_err("missing busybox");
+        assert!(format!("{e:#}").contains("no-busybox"), "{e:#}");
+        args.kernel_release = "../x".into();
+        assert!(build(&args).is_err());
+    }
+
+    #[test]
+    fn service_flag_parsing() {
+        assert_eq!(
+            parse_service("nfsd-helper=/tmp/h"),
+            Ok(Service {
+                name: "nfsd-helper".into(),
+                path: PathBuf::from("/tmp/h")
+            })
+        );
+        for bad in [
+            "noequals", "=/x", "a b=/x", "a/b=/x", "x=", "$(x)=/y", "..=/x",
+        ] {
+            assert!(parse_service(bad).is_err(), "{bad:?}");
+        }
+    }
+}

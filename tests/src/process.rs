@@ -1,0 +1,99 @@
+//! Child processes that are killed (with their whole process group) when dropped, so a
+//! failing test leaves nothing running.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+pub struct Guarded {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Guarded {
+    /// Starts `cmd` in its own process group.
+    pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Self> {
+        cmd.process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {name} ({:?}): {e}", cmd.get_program()))?;
+        Ok(Guarded {
+            name: name.to_string(),
+            child: Some(child),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends `sig` to the group and waits up to `grace` for the leader to exit.
+    pub fn stop(&mut self, sig: Signal, grace: Duration) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        let pgid = Pid::from_raw(child.id() as i32);
+        let _ = killpg(pgid, sig);
+        let until = Instant::now() + grace;
+        while Instant::now() < until {
+            if let Ok(Some(_)) = child.try_wait() {
+                let _ = killpg(pgid, Signal::SIGKILL);
+                self.child = None;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let _ = child.wait();
+        self.child = None;
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.stop(Signal::SIGTERM, Duration::from_secs(3));
+    }
+}
+
+/// Runs a command to completion; an error carries its stderr.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .map_err(|e| anyhow::anyhow!("running {:?}: {e}", cmd.get_program()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{:?} {:?} failed ({}): {}",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > until {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,142 @@
+//! A QEMU guest (software emulation: this machine has no usable KVM) with a hybrid-vsock
+//! device served by `vhost-device-vsock`, the same `CONNECT <port>` socket Kata uses with
+//! Cloud Hypervisor and Firecracker. The guest's network is a tap in the test's namespace.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cnfs_protocols::agent;
+use cnfs_protocols::agent_ttrpc::AgentClient;
+use cnfs_protocols::transport::{self, AgentAddress, DEFAULT_AGENT_PORT};
+use nix::sys::signal::Signal;
+
+use crate::artifacts::Artifacts;
+use crate::guest::GuestExec;
+use crate::netns::NetNs;
+use crate::process::{wait_for, Guarded};
+
+pub struct Vm {
+    // Drop order: QEMU before its vsock backend.
+    qemu: Guarded,
+    _vsock: Guarded,
+    pub hvsock: PathBuf,
+    pub console: PathBuf,
+    pub exec: GuestExec,
+}
+
+impl Vm {
+    pub async fn boot(art: &Artifacts, ns: &NetNs, dir: &Path) -> anyhow::Result<Self> {
+        let vmdir = dir.join("vm");
+        std::fs::create_dir_all(&vmdir)?;
+        let vhost_sock = vmdir.join("vhost-user.sock");
+        let hvsock = vmdir.join("hvsock");
+        let console = vmdir.join("console.log");
+        let mut vs = Command::new(vhost_device_vsock());
+        vs.arg("--guest-cid=3")
+            .arg(format!("--socket={}", vhost_sock.display()))
+            .arg(format!("--uds-path={}", hvsock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(vmdir.join("vhost-device-vsock.log"))?);
+        let vsock = Guarded::spawn("vhost-device-vsock", vs)?;
+        wait_for(Duration::from_secs(10), "vhost-user socket", || {
+            let ok = vhost_sock.exists();
+            async move { ok.then_some(()) }
+        })
+        .await?;
+
+        let mem = "512M";
+        let append = format!(
+            "console=ttyS0 panic=-1 loglevel=4 cnfs.ip={}/24 cnfs.hostname=cnfs-guest",
+            ns.guest_ip
+        );
+        let mut q = ns.command("qemu-system-x86_64");
+        q.args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", mem])
+            .args(["-display", "none", "-no-reboot", "-nodefaults"])
+            .arg("-kernel")
+            .arg(&art.kernel)
+            .arg("-initrd")
+            .arg(&art.initrd)
+            .args(["-append", &append])
+            .args(["-serial", &format!("file:{}", console.display())])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            ])
+            .args(["-numa", "node,memdev=mem"])
+            .args([
+                "-chardev",
+                &format!("socket,id=vsock0,path={}", vhost_sock.display()),
+            ])
+            .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"])
+            .args([
+                "-netdev",
+                &format!("tap,id=net0,ifname={},script=no,downscript=no", ns.tap),
+            ])
+            .args(["-device", "virtio-net-pci,netdev=net0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(vmdir.join("qemu.log"))?);
+        let qemu = Guarded::spawn("qemu", q)?;
+        let vm = Vm {
+            qemu,
+            _vsock: vsock,
+            exec: GuestExec::new(&hvsock),
+            hvsock,
+            console,
+        };
+        vm.wait_for_agent(Duration::from_secs(90)).await?;
+        Ok(vm)
+    }
+
+    pub fn agent_address(&self) -> AgentAddress {
+        AgentAddress::Hvsock {
+            path: self.hvsock.clone(),
+            port: DEFAULT_AGENT_PORT,
+        }
+    }
+
+    /// A fresh ttrpc connection to the agent.
+    pub async fn agent(&self) -> anyhow::Result<AgentClient> {
+        Ok(transport::connect(&self.agent_address(), Duration::from_secs(10)).await?)
+    }
+
+    /// Waits until the agent answers Ping (the guest booted and the agent started).
+    pub async fn wait_for_agent(&self, timeout: Duration) -> anyhow::Result<()> {
+        let res = wait_for(timeout, "cnfs-agent to answer Ping", || async {
+            let client = self.agent().await.ok()?;
+            client
+                .ping(ctx(Duration::from_secs(5)), &agent::PingRequest::new())
+                .await
+                .ok()
+        })
+        .await;
+        res.map(|_| ())
+            .map_err(|e| anyhow::anyhow!("{e}; guest console:\n{}", self.console_text()))
+    }
+
+    pub fn console_text(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Powers the guest off hard (QEMU killed).
+    pub fn kill(&mut self) {
+        self.qemu.stop(Signal::SIGKILL, Duration::from_secs(5));
+    }
+}
+
+/// A ttrpc request context with a deadline.
+pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(timeout.as_nanos() as i64)
+}
+
+fn vhost_device_vsock() -> PathBuf {
+    // cargo install puts it in ~/.cargo/bin, which may not be on a test runner's PATH.
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    home.map(|h| h.join("bin").join("vhost-device-vsock"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("vhost-device-vsock"))
+}

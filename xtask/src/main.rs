@@ -1,0 +1,183 @@
+//! `cargo xtask <task>`: the project's two README commands and their helpers.
+//! - `demo`: sets up a fresh machine and shows a real VM's kernel mounting a real NFS export.
+//! - `test`: everything CI runs (format, lint, unit and end-to-end tests).
+//! - `guest`: builds the test guest (static agent, kernel, initrd); `bench`: prints figures.
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use setup::Kernel;
+
+#[derive(Parser)]
+#[command(about = "CNFS project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install packages, vhost-device-vsock and the guest kernel (skips what is there).
+    Setup {
+        #[arg(long, value_enum, default_value = "6.12")]
+        kernel: Kernel,
+    },
+    /// Build the test guest: static cnfs-agent, kernel, initrd, into target/cnfs-guest/.
+    Guest {
+        #[arg(long, value_enum, default_value = "6.12")]
+        kernel: Kernel,
+    },
+    /// End to end on a real VM: mount an NFS export with the guest kernel, move data both ways.
+    Demo {
+        #[arg(long, value_enum, default_value = "6.12")]
+        kernel: Kernel,
+    },
+    /// Everything CI runs: fmt, clippy, unit and end-to-end tests.
+    Test {
+        #[arg(long, value_enum, default_value = "6.12")]
+        kernel: Kernel,
+        /// Extra arguments for the test runner (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Print performance figures from one run on the test bed.
+    Bench {
+        #[arg(long, value_enum, default_value = "6.12")]
+        kernel: Kernel,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup { kernel } => {
+            let mut apt = setup::Apt::new();
+            setup::tools(&mut apt)?;
+            setup::kernel(&mut apt, kernel)?;
+            Ok(())
+        }
+        Task::Guest { kernel } => guest(kernel),
+        Task::Demo { kernel } => {
+            guest(kernel)?;
+            runtime()?.block_on(demo::run())
+        }
+        Task::Test { kernel, args } => test(kernel, &args),
+        Task::Bench { kernel } => {
+            guest(kernel)?;
+            runtime()?.block_on(bench::run())
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command, streaming its output; fails on a non-zero exit.
+pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!(
+            "{:?} {:?} failed: {status}",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// The static guest binaries (no libc needed in the guest), the kernel and the test initrd.
+fn guest(kernel: Kernel) -> anyhow::Result<()> {
+    let mut apt = setup::Apt::new();
+    setup::tools(&mut apt)?;
+    let k = setup::kernel(&mut apt, kernel)?;
+    let triple = "x86_64-unknown-linux-gnu";
+    sh(cargo()
+        .args(["build", "--release", "--target", triple])
+        .args(["-p", "cnfs-agent", "-p", "cnfs-testbed"])
+        .args(["--bin", "cnfs-agent", "--bin", "cnfs-test-exec"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
+    sh(cargo().args(["build", "--release", "-p", "cnfs-rootfs-builder"]))?;
+    let bin = root().join("target").join(triple).join("release");
+    let out = cnfs_testbed::Artifacts::dir();
+    std::fs::create_dir_all(&out)?;
+    std::fs::copy(&k.vmlinuz, out.join("vmlinuz")).context("copying the kernel")?;
+    sh(
+        Command::new(root().join("target/release/cnfs-rootfs-builder"))
+            .arg("test-initrd")
+            .arg("--kernel-tree")
+            .arg(&k.tree)
+            .args(["--kernel-release", &k.release])
+            .arg("--agent")
+            .arg(bin.join("cnfs-agent"))
+            .args(["--busybox", "/bin/busybox"])
+            .arg(format!(
+                "--service=cnfs-test-exec={}",
+                bin.join("cnfs-test-exec").display()
+            ))
+            .args([
+                "--boot-module",
+                "virtio_net",
+                "--boot-module",
+                "vmw_vsock_virtio_transport",
+            ])
+            .args(["--boot-module", "vsock_loopback"])
+            .args(["--module", "nfsv3", "--module", "nfsv4"])
+            .arg("--out")
+            .arg(out.join("initrd-test.img")),
+    )?;
+    eprintln!("xtask: test guest ready in {}", out.display());
+    Ok(())
+}
+
+fn test(kernel: Kernel, args: &[String]) -> anyhow::Result<()> {
+    guest(kernel)?;
+    sh(cargo().args(["fmt", "--all", "--check"]))?;
+    sh(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let nextest = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if nextest {
+        sh(cargo()
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+            .args(args))
+    } else {
+        sh(cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(args))
+    }
+}
