@@ -321,6 +321,9 @@ impl Volumes {
         let matches = match (&spec.source, mountinfo::find(&entries, &mount_point)) {
             (Source::Nfs(n), Some(e)) => {
                 e.source == format!("{}:{}", n.server, n.export)
+                    && e.options
+                        .split(',')
+                        .any(|o| o == format!("vers={}", n.version.as_str()))
                     && self
                         .registry
                         .get("nfs")

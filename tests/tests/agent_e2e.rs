@@ -430,7 +430,7 @@ async fn unmount_with_dead_server_is_bounded_and_the_agent_keeps_answering() -> 
     // A process keeps the volume busy, as a container would.
     bed.vm
         .exec
-        .ok("cd /run/cnfs/volumes/dead && (sleep 600 &) ; true")
+        .ok("cd /run/cnfs/volumes/dead && (sleep 600 </dev/null >/dev/null 2>&1 &)")
         .await?;
     bed.nfs.kill();
 
@@ -486,7 +486,15 @@ async fn mount_of_a_silent_server_times_out_while_other_requests_are_served() ->
         )
         .await?;
 
-    // Nothing answers at void_ip (no host there): the mount can only time out.
+    // A black hole: void_ip resolves to a MAC nobody owns, so the guest's packets vanish
+    // without an answer or an error; the mount can only time out.
+    bed.vm
+        .exec
+        .ok(&format!(
+            "arp -i eth0 -s {} 02:00:00:00:00:99",
+            bed.ns.void_ip
+        ))
+        .await?;
     let deadline = Duration::from_secs(8);
     let silent = mount_request(
         nfs_volume("void", &bed.ns.void_ip, EXPORT, "4.1"),
@@ -537,13 +545,13 @@ async fn a_restarted_agent_relearns_live_mounts_and_stays_idempotent() -> anyhow
     let bed = TestBed::start().await?;
     let server = bed.ns.host_ip.clone();
     let g = &bed.vm.exec;
-    let spec = nfs_volume("keep", &server, EXPORT, "4.2");
+    let spec = nfs_volume("keep", &server, EXPORT, "4.1");
     let agent = bed.vm.agent().await?;
     agent.mount(ctx(T), &mount_request(spec.clone(), 0)).await?;
     agent
         .mount(
             ctx(T),
-            &mount_request(nfs_volume("bare", &server, EXPORT, "4.1"), 0),
+            &mount_request(nfs_volume("bare", &server, EXPORT, "4.2"), 0),
         )
         .await?;
     drop(agent);
@@ -564,7 +572,7 @@ async fn a_restarted_agent_relearns_live_mounts_and_stays_idempotent() -> anyhow
         .map(|v| (v.volume.name.as_str(), v.state.as_str()))
         .collect();
     assert_eq!(seen, [("bare", "adopted"), ("keep", "mounted")]);
-    assert_eq!(list.volumes[1].volume.nfs().version, "4.2");
+    assert_eq!(list.volumes[1].volume.nfs().version, "4.1");
 
     // Repeating the mounts changes nothing and duplicates nothing.
     assert!(
@@ -573,7 +581,16 @@ async fn a_restarted_agent_relearns_live_mounts_and_stays_idempotent() -> anyhow
             .await?
             .already_mounted
     );
-    let bare = nfs_volume("bare", &server, EXPORT, "4.1");
+    // Adoption compares what the kernel shows: another NFS version is a conflict.
+    let e = agent
+        .mount(
+            ctx(T),
+            &mount_request(nfs_volume("bare", &server, EXPORT, "4.1"), 0),
+        )
+        .await
+        .expect_err("other version");
+    assert_eq!(code_of(&e), Code::ALREADY_EXISTS, "{e:?}");
+    let bare = nfs_volume("bare", &server, EXPORT, "4.2");
     assert!(
         agent
             .mount(ctx(T), &mount_request(bare, 0))
