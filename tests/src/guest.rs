@@ -10,6 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 pub const EXEC_PORT: u32 = 17231;
+/// The test-only raw echo service in test guests (transport baseline for benchmarks).
+pub const ECHO_PORT: u32 = 17232;
 
 #[derive(Debug, Deserialize)]
 pub struct Output {

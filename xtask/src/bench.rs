@@ -1,5 +1,176 @@
-//! `cargo xtask bench`: figures from one run on the test bed (see README).
+//! `cargo xtask bench`: figures from one run on the test bed, each next to its baseline
+//! measured in the same run (this machine is shared and noisy; compare ratios, not absolutes).
+//! Not part of CI's pass/fail.
+
+use std::time::{Duration, Instant};
+
+use cnfs_protocols::agent;
+use cnfs_protocols::transport::hvsock_handshake;
+use cnfs_testbed::ganesha::EXPORT;
+use cnfs_testbed::guest::ECHO_PORT;
+use cnfs_testbed::vm::ctx;
+use cnfs_testbed::{mount_request, nfs_volume, TestBed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(60);
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(mut v: Vec<Duration>) -> String {
+    v.sort();
+    format!(
+        "p50 {:>8.2?}  p99 {:>8.2?}  (n={})",
+        percentile(&v, 0.5),
+        percentile(&v, 0.99),
+        v.len()
+    )
+}
 
 pub async fn run() -> anyhow::Result<()> {
-    anyhow::bail!("bench: not written yet")
+    println!("bench: booting the test bed (QEMU under TCG, nfs-ganesha in a namespace) ...");
+    let bed = TestBed::start().await?;
+    let agent = bed.vm.agent().await?;
+    let g = &bed.vm.exec;
+    let server = bed.ns.host_ip.clone();
+
+    // 1. Ping over hybrid vsock next to a raw 64-byte echo on the same transport.
+    let n = 300;
+    let mut ping = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        agent.ping(ctx(T), &agent::PingRequest::new()).await?;
+        ping.push(t.elapsed());
+    }
+    let mut s = tokio::net::UnixStream::connect(&bed.vm.hvsock).await?;
+    hvsock_handshake(&mut s, ECHO_PORT, "echo").await?;
+    let mut echo = Vec::with_capacity(n);
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&msg).await?;
+        s.read_exact(&mut back).await?;
+        echo.push(t.elapsed());
+    }
+    println!("Ping round trip (ttrpc)      {}", summary(ping));
+    println!("raw echo, same transport     {}", summary(echo));
+
+    // 2. Mount latency: the agent's Mount next to busybox mount(8) of the same export in the
+    //    same guest (through the test exec helper, whose own overhead is shown to subtract).
+    // The first mount loads the NFS modules and sets the client identity: shown apart.
+    let t = Instant::now();
+    agent
+        .mount(
+            ctx(T),
+            &mount_request(nfs_volume("warm", &server, EXPORT, "4.1"), 0),
+        )
+        .await?;
+    println!("first Mount (loads modules)  {:>8.2?}", t.elapsed());
+    agent
+        .unmount(
+            ctx(T),
+            &agent::UnmountRequest {
+                name: "warm".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let rounds = 10;
+    let (mut via_agent, mut via_busybox, mut exec_overhead) = (vec![], vec![], vec![]);
+    let opts = format!("vers=4.1,addr={server},clientaddr={}", bed.ns.guest_ip);
+    for i in 0..rounds {
+        let name = format!("m{i}");
+        let t = Instant::now();
+        agent
+            .mount(
+                ctx(T),
+                &mount_request(nfs_volume(&name, &server, EXPORT, "4.1"), 0),
+            )
+            .await?;
+        via_agent.push(t.elapsed());
+        agent
+            .unmount(
+                ctx(T),
+                &agent::UnmountRequest {
+                    name,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let t = Instant::now();
+        g.ok(&format!(
+            "mkdir -p /tmp/bb && mount -t nfs4 -o {opts} {server}:{EXPORT} /tmp/bb"
+        ))
+        .await?;
+        via_busybox.push(t.elapsed());
+        g.ok("umount /tmp/bb").await?;
+        let t = Instant::now();
+        g.ok("true").await?;
+        exec_overhead.push(t.elapsed());
+    }
+    println!("Mount NFSv4.1 via cnfs-agent {}", summary(via_agent));
+    println!("busybox mount, same guest    {}", summary(via_busybox));
+    println!("  (exec helper overhead      {})", summary(exec_overhead));
+
+    // 3. The agent's footprint.
+    let status = g.ok("cat /proc/$(pidof cnfs-agent)/status").await?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or("VmRSS: ?")
+        .to_string();
+    let size = g.ok("wc -c < /usr/bin/cnfs-agent").await?;
+    println!(
+        "agent {}; static binary {} bytes",
+        rss.replace('\t', " "),
+        size.trim()
+    );
+
+    // 4. List and Stats with 200 volumes mounted.
+    let volumes = 200;
+    let t = Instant::now();
+    for i in 0..volumes {
+        let export = format!("{EXPORT}/d{i}");
+        std::fs::create_dir_all(bed.nfs.export_dir.join(format!("d{i}")))?;
+        agent
+            .mount(
+                ctx(T),
+                &mount_request(nfs_volume(&format!("v{i}"), &server, &export, "4.1"), 0),
+            )
+            .await?;
+    }
+    println!("mounted {volumes} volumes in {:.1?}", t.elapsed());
+    let (mut list, mut stats) = (vec![], vec![]);
+    for i in 0..50 {
+        let t = Instant::now();
+        let l = agent.list(ctx(T), &agent::ListRequest::new()).await?;
+        list.push(t.elapsed());
+        anyhow::ensure!(
+            l.volumes.len() == volumes,
+            "List saw {} volumes",
+            l.volumes.len()
+        );
+        let t = Instant::now();
+        agent
+            .stats(
+                ctx(T),
+                &agent::StatsRequest {
+                    name: format!("v{}", i * 4),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        stats.push(t.elapsed());
+    }
+    println!("List, {volumes} volumes          {}", summary(list));
+    println!("Stats, {volumes} volumes         {}", summary(stats));
+    let rss = g.ok("grep VmRSS /proc/$(pidof cnfs-agent)/status").await?;
+    println!(
+        "agent with {volumes} volumes: {}",
+        rss.trim().replace('\t', " ")
+    );
+    Ok(())
 }

@@ -26,6 +26,22 @@ struct Reply {
 }
 
 const PORT: u32 = 17231;
+/// A raw echo service beside it, the transport baseline for `cargo xtask bench`.
+const ECHO_PORT: u32 = 17232;
+
+async fn echo() -> std::io::Result<()> {
+    let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, ECHO_PORT))?;
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        if peer.cid() != VMADDR_CID_HOST {
+            continue;
+        }
+        tokio::spawn(async move {
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+        });
+    }
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
@@ -36,6 +52,7 @@ async fn main() -> std::io::Result<()> {
             return Ok(());
         }
     }
+    tokio::spawn(echo());
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, PORT))?;
     loop {
         let (stream, peer) = listener.accept().await?;
