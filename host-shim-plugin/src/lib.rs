@@ -1,2 +1,11 @@
-//! Host side of CNFS: the containerd shim v2 wrapper and `cnfsctl` land here in their own
-//! issue. Nothing is implemented yet; the crate exists so the workspace has its final shape.
+//! Host side of CNFS. `annotations` parses what pod authors write, `policy` decides what the
+//! cluster admin allows, `secrets` resolves key references from a root-only directory,
+//! `handoff` adds the containers' bind mounts, `kata` finds a sandbox's guest, and the shim
+//! and `cnfsctl` binaries put them together.
+
+pub mod annotations;
+pub mod handoff;
+pub mod kata;
+pub mod policy;
+pub mod secrets;
+pub mod shim;

@@ -237,8 +237,20 @@ const RESERVED: &[(&str, &str)] = &[
 ];
 
 impl VolumeSpec {
-    /// Validates a wire spec. The only constructor: a `VolumeSpec` is always valid.
+    /// Validates a wire spec. With [`VolumeSpec::from_wire_unresolved`] the only
+    /// constructors: a `VolumeSpec` is always valid.
     pub fn from_wire(w: &agent::VolumeSpec) -> Result<Self, SpecError> {
+        Self::validate(w, true)
+    }
+
+    /// The host's form before secrets are resolved: the same checks, except that a CephFS key
+    /// may still be absent (the pod names a host-side secret; the key is filled in just
+    /// before the request leaves for the guest, which validates it with `from_wire`).
+    pub fn from_wire_unresolved(w: &agent::VolumeSpec) -> Result<Self, SpecError> {
+        Self::validate(w, false)
+    }
+
+    fn validate(w: &agent::VolumeSpec, require_secret: bool) -> Result<Self, SpecError> {
         validate_name("volume.name", &w.name)?;
         let mut read_only = w.read_only;
         let mut options = BTreeMap::new();
@@ -312,7 +324,9 @@ impl VolumeSpec {
                     version,
                 })
             }
-            Some(agent::volume_spec::Source::Cephfs(c)) => Source::CephFs(parse_cephfs(c)?),
+            Some(agent::volume_spec::Source::Cephfs(c)) => {
+                Source::CephFs(parse_cephfs(c, require_secret)?)
+            }
             None => return err("volume.source", "one of nfs or cephfs is required"),
         };
         Ok(VolumeSpec {
@@ -529,7 +543,7 @@ fn validate_path(field: &str, path: &str) -> Result<String, SpecError> {
     Ok(path.to_string())
 }
 
-fn parse_cephfs(c: &agent::CephFsSource) -> Result<CephFsSource, SpecError> {
+fn parse_cephfs(c: &agent::CephFsSource, require_secret: bool) -> Result<CephFsSource, SpecError> {
     if c.monitors.is_empty() {
         return err("volume.cephfs.monitors", "at least one monitor is required");
     }
@@ -570,11 +584,12 @@ fn parse_cephfs(c: &agent::CephFsSource) -> Result<CephFsSource, SpecError> {
         validate_path("volume.cephfs.path", &c.path)?
     };
     // Never echo the key back, not even in part.
-    let key_ok = !c.secret.is_empty()
-        && c.secret.len() <= 128
-        && c.secret
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+    let key_ok = (c.secret.is_empty() && !require_secret)
+        || !c.secret.is_empty()
+            && c.secret.len() <= 128
+            && c.secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
     if !key_ok {
         return err(
             "volume.cephfs.secret",

@@ -4,10 +4,13 @@
 //! fails.
 
 pub mod artifacts;
+pub mod containerd;
 pub mod ganesha;
 pub mod guest;
+pub mod kata_monitor;
 pub mod netns;
 pub mod process;
+pub mod rootfs;
 pub mod vm;
 
 use std::path::PathBuf;

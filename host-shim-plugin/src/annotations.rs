@@ -1,0 +1,494 @@
+//! The annotation API: what a pod author writes, parsed strictly (annotations are tenant
+//! input). One volume per annotation under `cnfs.io/`:
+//!
+//! ```yaml
+//! cnfs.io/volume.data: "nfs://10.0.0.5/exports/data?vers=4.1&nconnect=4"
+//! cnfs.io/mount.data: "/data"
+//! cnfs.io/containers.data: "app,worker"     # optional; default: every app container
+//! ```
+//!
+//! CephFS (mounted by the agent once that lands): `cephfs://<mon>[,<mon>...]/<path>?fs=<name>&
+//! client=<id>&secret=<host-side secret name>[&fsid=<uuid>][&<option>...]`. A secret is only
+//! ever named here; its value is resolved on the host (see `secrets`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use cnfs_protocols::agent;
+use cnfs_protocols::spec::{self, VolumeSpec};
+
+pub const PREFIX: &str = "cnfs.io/";
+/// CRI annotations the shim reads (set by containerd's CRI plugin, not by pod authors).
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub const CRI_SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const CRI_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+
+const MAX_VOLUMES: usize = 16;
+const MAX_VALUE: usize = 2048;
+
+/// A refused annotation: names the annotation key and says why (never a secret value).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("annotation {annotation:?}: {reason}")]
+pub struct AnnotationError {
+    pub annotation: String,
+    pub reason: String,
+}
+
+fn err<T>(annotation: &str, reason: impl Into<String>) -> Result<T, AnnotationError> {
+    Err(AnnotationError {
+        annotation: annotation.to_string(),
+        reason: reason.into(),
+    })
+}
+
+/// One volume a pod asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodVolume {
+    /// The validated spec; for CephFS its key is still empty (see `secrets`).
+    pub spec: VolumeSpec,
+    /// Name of the host-side secret holding the CephFS key, if any.
+    pub secret_ref: Option<String>,
+    /// Where containers see it.
+    pub path: String,
+    /// Containers that get it; `None` means every app container.
+    pub containers: Option<Vec<String>>,
+}
+
+impl PodVolume {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Does the container called `container` (CRI container name) get this volume?
+    pub fn applies_to(&self, container: Option<&str>) -> bool {
+        match (&self.containers, container) {
+            (None, _) => true,
+            (Some(list), Some(c)) => list.iter().any(|n| n == c),
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// Parses every `cnfs.io/` annotation; other annotations are ignored. Volumes come back
+/// sorted by name.
+pub fn parse(annotations: &HashMap<String, String>) -> Result<Vec<PodVolume>, AnnotationError> {
+    let mut sources = BTreeMap::new();
+    let mut paths = BTreeMap::new();
+    let mut containers = BTreeMap::new();
+    let mut ours: Vec<(&String, &String)> = annotations
+        .iter()
+        .filter(|(k, _)| k.starts_with(PREFIX))
+        .collect();
+    ours.sort();
+    for (key, value) in ours {
+        if value.len() > MAX_VALUE {
+            return err(key, format!("value is longer than {MAX_VALUE} bytes"));
+        }
+        let rest = &key[PREFIX.len()..];
+        let (kind, name) = rest.split_once('.').unwrap_or((rest, ""));
+        let table = match kind {
+            "volume" => &mut sources,
+            "mount" => &mut paths,
+            "containers" => &mut containers,
+            _ => {
+                return err(
+                    key,
+                    "unknown CNFS annotation (use cnfs.io/volume.<name>, cnfs.io/mount.<name>, cnfs.io/containers.<name>)",
+                )
+            }
+        };
+        if let Err(e) = spec::validate_name("name", name) {
+            return err(key, format!("volume name {}", e.reason));
+        }
+        table.insert(name.to_string(), (key.clone(), value.clone()));
+    }
+    if sources.len() > MAX_VOLUMES {
+        return err(
+            &format!("{PREFIX}volume.*"),
+            format!("at most {MAX_VOLUMES} volumes per pod"),
+        );
+    }
+    for (name, (key, _)) in paths.iter().chain(containers.iter()) {
+        if !sources.contains_key(name) {
+            return err(key, format!("there is no {PREFIX}volume.{name} annotation"));
+        }
+    }
+    let mut out = Vec::new();
+    let mut seen_paths: BTreeMap<String, String> = BTreeMap::new();
+    for (name, (key, url)) in &sources {
+        let (spec, secret_ref) = parse_source(key, name, url)?;
+        let Some((mkey, path)) = paths.get(name) else {
+            return err(
+                key,
+                format!("needs a {PREFIX}mount.{name} annotation with the path in the containers"),
+            );
+        };
+        let path = validate_mount_path(mkey, path)?;
+        if let Some(other) = seen_paths.insert(path.clone(), name.clone()) {
+            return err(
+                mkey,
+                format!("path {path} is already used by volume {other}"),
+            );
+        }
+        let containers = match containers.get(name) {
+            None => None,
+            Some((ckey, list)) => Some(parse_containers(ckey, list)?),
+        };
+        out.push(PodVolume {
+            spec,
+            secret_ref,
+            path,
+            containers,
+        });
+    }
+    Ok(out)
+}
+
+/// `nfs://server[:port]/export?opts` or `cephfs://mons/path?opts` into a validated spec.
+fn parse_source(
+    key: &str,
+    name: &str,
+    url: &str,
+) -> Result<(VolumeSpec, Option<String>), AnnotationError> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| AnnotationError {
+        annotation: key.to_string(),
+        reason: "must be a URL like nfs://server/export or cephfs://monitor/path".into(),
+    })?;
+    if rest.contains(['#', '@', '%', ' ', '\t', '\n']) {
+        return err(key, "must not contain '#', '@', '%' or white space");
+    }
+    let (authority_path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, path) = match authority_path.find('/') {
+        Some(i) => authority_path.split_at(i),
+        None => (authority_path, ""),
+    };
+    let mut options = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if options.insert(k.to_string(), v.to_string()).is_some() {
+            return err(key, format!("option {k:?} is given twice"));
+        }
+    }
+    let mut wire = agent::VolumeSpec {
+        name: name.to_string(),
+        ..Default::default()
+    };
+    let mut secret_ref = None;
+    match scheme {
+        "nfs" => {
+            let (server, port) = split_host_port(key, authority)?;
+            if let Some(port) = port {
+                if options.insert("port".into(), port).is_some() {
+                    return err(key, "give the port either in the URL or as port=, not both");
+                }
+            }
+            let version = options.remove("vers").or_else(|| options.remove("nfsvers"));
+            wire.set_nfs(agent::NfsSource {
+                server,
+                export: path.to_string(),
+                version: version.unwrap_or_default(),
+                ..Default::default()
+            });
+        }
+        "cephfs" => {
+            let mut take = |k: &str| options.remove(k).unwrap_or_default();
+            let fs_name = take("fs");
+            let client = take("client");
+            let fsid = take("fsid");
+            let secret = take("secret");
+            if secret.is_empty() {
+                return err(
+                    key,
+                    "cephfs volumes need secret=<name of a host-side secret>",
+                );
+            }
+            secret_ref = Some(secret);
+            wire.set_cephfs(agent::CephFsSource {
+                monitors: authority.split(',').map(str::to_string).collect(),
+                fs_name,
+                path: path.to_string(),
+                client,
+                fsid,
+                ..Default::default()
+            });
+        }
+        other => {
+            return err(
+                key,
+                format!("scheme {other:?} is not supported (nfs, cephfs)"),
+            )
+        }
+    }
+    wire.options = options.into_iter().collect();
+    let spec = VolumeSpec::from_wire_unresolved(&wire).map_err(|e| AnnotationError {
+        annotation: key.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok((spec, secret_ref))
+}
+
+fn split_host_port(
+    key: &str,
+    authority: &str,
+) -> Result<(String, Option<String>), AnnotationError> {
+    if authority.is_empty() {
+        return err(key, "the URL has no server");
+    }
+    // [v6]:port, [v6], host:port, host
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(|| AnnotationError {
+            annotation: key.to_string(),
+            reason: "unclosed '[' in the server address".into(),
+        })?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p.to_string()),
+            None if after.is_empty() => None,
+            None => return err(key, "unexpected text after the IPv6 address"),
+        };
+        return Ok((host.to_string(), port));
+    }
+    match authority.split_once(':') {
+        Some((h, p)) => Ok((h.to_string(), Some(p.to_string()))),
+        None => Ok((authority.to_string(), None)),
+    }
+}
+
+/// A container path: absolute, clean, conservative characters, and not a system path the
+/// container runtime owns.
+pub fn validate_mount_path(key: &str, path: &str) -> Result<String, AnnotationError> {
+    if !path.starts_with('/') || path == "/" {
+        return err(key, "must be an absolute path other than /");
+    }
+    if path.len() > 1024 {
+        return err(key, "must be at most 1024 characters");
+    }
+    if let Some(c) = path
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "/._-~+@".contains(*c)))
+    {
+        return err(
+            key,
+            format!("character {c:?} is not allowed in a mount path"),
+        );
+    }
+    let trimmed = path.trim_end_matches('/');
+    if trimmed[1..]
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return err(key, "must be a clean path (no //, . or .. segments)");
+    }
+    for system in ["/proc", "/sys", "/dev"] {
+        if trimmed == system || trimmed.starts_with(&format!("{system}/")) {
+            return err(key, format!("must not be under {system}"));
+        }
+    }
+    Ok(trimmed.to_string())
+}
+
+fn parse_containers(key: &str, list: &str) -> Result<Vec<String>, AnnotationError> {
+    let names: Vec<String> = list.split(',').map(str::trim).map(str::to_string).collect();
+    for n in &names {
+        if let Err(e) = spec::validate_name("container", n) {
+            return err(key, format!("container name {}", e.reason));
+        }
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnfs_protocols::spec::{NfsVersion, Server, Source};
+
+    fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_nfs_volumes_with_paths_and_containers() {
+        let a = ann(&[
+            (
+                "cnfs.io/volume.data",
+                "nfs://10.0.0.5/exports/data?vers=4.2&ro&nconnect=4",
+            ),
+            ("cnfs.io/mount.data", "/data"),
+            ("cnfs.io/volume.logs", "nfs://[fd00::5]:2049/logs"),
+            ("cnfs.io/mount.logs", "/var/log/app/"),
+            ("cnfs.io/containers.logs", "app, worker"),
+            ("io.kubernetes.cri.sandbox-id", "abc"),
+        ]);
+        let v = parse(&a).expect("valid");
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].name(), "data");
+        assert!(v[0].spec.read_only);
+        assert_eq!(
+            v[0].spec.options.get("nconnect").map(String::as_str),
+            Some("4")
+        );
+        match &v[0].spec.source {
+            Source::Nfs(n) => {
+                assert_eq!(n.version, NfsVersion::V4_2);
+                assert_eq!(n.export, "/exports/data");
+            }
+            Source::CephFs(_) => panic!("nfs"),
+        }
+        assert!(v[0].applies_to(Some("anything")) && v[0].applies_to(None));
+        assert_eq!(v[1].path, "/var/log/app");
+        assert_eq!(
+            v[1].spec.options.get("port").map(String::as_str),
+            Some("2049")
+        );
+        assert!(
+            matches!(&v[1].spec.source, Source::Nfs(n) if n.server == Server::Ip("fd00::5".parse().expect("ip")))
+        );
+        assert!(v[1].applies_to(Some("worker")) && !v[1].applies_to(Some("sidecar")));
+    }
+
+    #[test]
+    fn cephfs_names_a_secret_and_never_carries_one() {
+        let a = ann(&[
+            ("cnfs.io/volume.c", "cephfs://10.0.0.1:6789,10.0.0.2:3300/sub?fs=cephfs&client=app&secret=ceph-app&ms_mode=secure"),
+            ("cnfs.io/mount.c", "/shared"),
+        ]);
+        let v = parse(&a).expect("valid");
+        assert_eq!(v[0].secret_ref.as_deref(), Some("ceph-app"));
+        match &v[0].spec.source {
+            Source::CephFs(c) => {
+                assert_eq!(c.monitors.len(), 2);
+                assert!(c.secret.expose().is_empty());
+            }
+            Source::Nfs(_) => panic!("cephfs"),
+        }
+    }
+
+    #[test]
+    fn hostile_annotations_are_refused_naming_the_annotation() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
+            (
+                &[("cnfs.io/volume.d", "nfs://10.0.0.1/x")],
+                "cnfs.io/volume.d",
+                "cnfs.io/mount.d",
+            ),
+            (
+                &[("cnfs.io/mount.d", "/d")],
+                "cnfs.io/mount.d",
+                "no cnfs.io/volume.d",
+            ),
+            (&[("cnfs.io/bogus.d", "x")], "cnfs.io/bogus.d", "unknown"),
+            (
+                &[("cnfs.io/volume.D", "nfs://a/x"), ("cnfs.io/mount.D", "/d")],
+                "cnfs.io/mount.D",
+                "DNS label",
+            ),
+            (
+                &[("cnfs.io/volume.d", "smb://a/x"), ("cnfs.io/mount.d", "/d")],
+                "cnfs.io/volume.d",
+                "scheme",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.d", "nfs://10.0.0.1,addr=1.2.3.4/x"),
+                    ("cnfs.io/mount.d", "/d"),
+                ],
+                "cnfs.io/volume.d",
+                "volume.nfs.server",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.d", "nfs://10.0.0.1/x?addr=1.2.3.4"),
+                    ("cnfs.io/mount.d", "/d"),
+                ],
+                "cnfs.io/volume.d",
+                "volume.options.addr",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.d", "nfs://user@10.0.0.1/x"),
+                    ("cnfs.io/mount.d", "/d"),
+                ],
+                "cnfs.io/volume.d",
+                "'@'",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.d", "nfs://10.0.0.1/x/../y"),
+                    ("cnfs.io/mount.d", "/d"),
+                ],
+                "cnfs.io/volume.d",
+                "volume.nfs.export",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.d", "nfs://10.0.0.1/x?ro&ro"),
+                    ("cnfs.io/mount.d", "/d"),
+                ],
+                "cnfs.io/volume.d",
+                "twice",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.d", "nfs://10.0.0.1/x"),
+                    ("cnfs.io/mount.d", "relative"),
+                ],
+                "cnfs.io/mount.d",
+                "absolute",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.d", "nfs://10.0.0.1/x"),
+                    ("cnfs.io/mount.d", "/proc/self"),
+                ],
+                "cnfs.io/mount.d",
+                "/proc",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.d", "nfs://10.0.0.1/x"),
+                    ("cnfs.io/mount.d", "/a/../etc"),
+                ],
+                "cnfs.io/mount.d",
+                "clean",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.d", "nfs://10.0.0.1/x"),
+                    ("cnfs.io/mount.d", "/d"),
+                    ("cnfs.io/containers.d", "App"),
+                ],
+                "cnfs.io/containers.d",
+                "container name",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.c", "cephfs://10.0.0.1:6789/?fs=a&client=b"),
+                    ("cnfs.io/mount.c", "/c"),
+                ],
+                "cnfs.io/volume.c",
+                "secret=",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.a", "nfs://10.0.0.1/x"),
+                    ("cnfs.io/mount.a", "/d"),
+                    ("cnfs.io/volume.b", "nfs://10.0.0.1/y"),
+                    ("cnfs.io/mount.b", "/d/"),
+                ],
+                "cnfs.io/mount.b",
+                "already used",
+            ),
+        ];
+        for (pairs, key, needle) in cases {
+            let e = parse(&ann(pairs)).expect_err(needle);
+            assert_eq!(e.annotation, *key, "{e}");
+            assert!(
+                e.to_string().contains(needle),
+                "{e} should mention {needle}"
+            );
+        }
+    }
+}

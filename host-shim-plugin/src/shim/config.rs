@@ -1,0 +1,78 @@
+//! The wrapper's configuration: `/etc/cnfs/shim.toml`, or the file named by
+//! `CNFS_SHIM_CONFIG` in containerd's environment. The runtime options containerd hands a
+//! shim (CRI's `ConfigPath`) belong to the delegate: Kata reads its own configuration file
+//! from them, so the wrapper passes them on untouched. A missing file means defaults: Kata as the delegate and no
+//! policy, so that every CNFS volume is denied until the admin writes one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_PATH: &str = "/etc/cnfs/shim.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShimConfig {
+    /// The real shim: a binary name on PATH or an absolute path.
+    pub delegate: String,
+    pub agent_port: u32,
+    pub policy: Option<PathBuf>,
+    pub secrets_dir: PathBuf,
+    pub mount_timeout_seconds: u64,
+    pub guest_connect_timeout_seconds: u64,
+    pub unmount_timeout_seconds: u64,
+    /// Kata management socket directories (`<root>/<sandbox id>/shim-monitor.sock`).
+    pub kata_monitor_roots: Vec<PathBuf>,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        ShimConfig {
+            delegate: "containerd-shim-kata-v2".into(),
+            agent_port: cnfs_protocols::transport::DEFAULT_AGENT_PORT,
+            policy: None,
+            secrets_dir: PathBuf::from("/etc/cnfs/secrets"),
+            mount_timeout_seconds: 60,
+            guest_connect_timeout_seconds: 30,
+            unmount_timeout_seconds: 10,
+            kata_monitor_roots: vec![PathBuf::from("/run/vc/sbs"), PathBuf::from("/run/kata")],
+        }
+    }
+}
+
+impl ShimConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("shim config {}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(anyhow::anyhow!("shim config {}: {e}", path.display())),
+        }
+    }
+
+    pub fn mount_timeout(&self) -> Duration {
+        Duration::from_secs(self.mount_timeout_seconds)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.guest_connect_timeout_seconds)
+    }
+
+    pub fn unmount_timeout(&self) -> Duration {
+        Duration::from_secs(self.unmount_timeout_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_files_are_strict() {
+        let c: ShimConfig = toml::from_str("delegate = \"containerd-shim-runc-v2\"\n").expect("ok");
+        assert_eq!(c.delegate, "containerd-shim-runc-v2");
+        assert_eq!(c.agent_port, 17230);
+        assert!(toml::from_str::<ShimConfig>("delegat = \"x\"\n").is_err());
+    }
+}

@@ -1,0 +1,302 @@
+//! What the wrapper does around the calls it intercepts, for one sandbox:
+//! - sandbox `Create`: before forwarding, parse the pod's annotations, check the policy and
+//!   resolve secrets (a refusal creates nothing); after the delegate created the VM, find the
+//!   guest and `Mount` every volume, undoing them all if one fails.
+//! - app container `Create`: before forwarding, add the volume bind mounts to config.json.
+//! - sandbox `Delete`: `Unmount` every volume, bounded; the delete goes on regardless.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cnfs_protocols::agent;
+use cnfs_protocols::agent_ttrpc::AgentClient;
+use cnfs_protocols::spec::{Source, VolumeSpec};
+use cnfs_protocols::transport::AgentAddress;
+use slog::{info, warn, Logger};
+use tokio::sync::Mutex;
+
+use crate::annotations::{
+    self, PodVolume, CRI_CONTAINER_NAME, CRI_CONTAINER_TYPE, CRI_SANDBOX_NAMESPACE,
+};
+use crate::handoff;
+use crate::kata::{self, MonitorPaths};
+use crate::policy::Policy;
+use crate::secrets::SecretStore;
+use crate::shim::config::ShimConfig;
+
+/// A refusal to show containerd (it becomes the pod's event): code and message.
+#[derive(Debug)]
+pub struct Refusal {
+    pub code: ttrpc::Code,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: ttrpc::Code, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: format!("cnfs: {}", message.into()),
+        }
+    }
+}
+
+/// What to do when the delegate answers an intercepted request.
+pub enum After {
+    /// Mount these volumes in the sandbox's guest (specs carry resolved secrets, in memory).
+    MountVolumes {
+        sandbox_id: String,
+        volumes: Vec<(PodVolume, agent::VolumeSpec)>,
+    },
+}
+
+struct Mounted {
+    sandbox_id: String,
+    volumes: Vec<PodVolume>,
+    agent: Option<AgentAddress>,
+}
+
+pub struct Sandbox {
+    cfg: ShimConfig,
+    policy: Policy,
+    secrets: SecretStore,
+    log: Logger,
+    state: Mutex<Option<Mounted>>,
+}
+
+enum Kind {
+    Sandbox,
+    App,
+    /// No CRI annotations (e.g. `ctr run`): passed through untouched.
+    Plain,
+}
+
+fn read_annotations(bundle: &Path) -> Result<HashMap<String, String>, Refusal> {
+    let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).map_err(|e| {
+        Refusal::new(
+            ttrpc::Code::INVALID_ARGUMENT,
+            format!("reading the bundle's config.json: {e}"),
+        )
+    })?;
+    Ok(spec.annotations().clone().unwrap_or_default())
+}
+
+impl Sandbox {
+    pub fn new(cfg: ShimConfig, log: Logger) -> anyhow::Result<Self> {
+        let policy = match &cfg.policy {
+            Some(p) => Policy::load(p)?,
+            None => Policy::default(),
+        };
+        Ok(Sandbox {
+            secrets: SecretStore::new(cfg.secrets_dir.clone()),
+            cfg,
+            policy,
+            log,
+            state: Mutex::new(None),
+        })
+    }
+
+    /// Before forwarding a task `Create`.
+    pub async fn before_create(&self, id: &str, bundle: &Path) -> Result<Option<After>, Refusal> {
+        let ann = read_annotations(bundle)?;
+        let has_cnfs = ann.keys().any(|k| k.starts_with(annotations::PREFIX));
+        let kind = match ann.get(CRI_CONTAINER_TYPE).map(String::as_str) {
+            Some("sandbox") => Kind::Sandbox,
+            Some("container") => Kind::App,
+            _ => Kind::Plain,
+        };
+        match kind {
+            Kind::Plain if has_cnfs => Err(Refusal::new(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "cnfs.io/ annotations need a Kubernetes pod (CRI sandbox); this container has none",
+            )),
+            Kind::Plain => Ok(None),
+            Kind::Sandbox if !has_cnfs => Ok(None),
+            Kind::Sandbox => self.prepare_sandbox(id, &ann).map(Some),
+            Kind::App => {
+                self.hand_off(bundle, &ann).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn prepare_sandbox(&self, id: &str, ann: &HashMap<String, String>) -> Result<After, Refusal> {
+        let volumes = annotations::parse(ann)
+            .map_err(|e| Refusal::new(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        let namespace = ann.get(CRI_SANDBOX_NAMESPACE).cloned().unwrap_or_default();
+        if namespace.is_empty() {
+            return Err(Refusal::new(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("the sandbox has no {CRI_SANDBOX_NAMESPACE} annotation; the policy needs the namespace"),
+            ));
+        }
+        let mut out = Vec::new();
+        for v in volumes {
+            self.policy.check(&namespace, &v.spec).map_err(|e| {
+                Refusal::new(
+                    ttrpc::Code::PERMISSION_DENIED,
+                    format!("annotation \"cnfs.io/volume.{}\": {e}", v.name()),
+                )
+            })?;
+            let mut wire = v.spec.to_wire(false);
+            if let (Source::CephFs(_), Some(name)) = (&v.spec.source, &v.secret_ref) {
+                let secret = self.secrets.resolve(&namespace, name).map_err(|e| {
+                    Refusal::new(
+                        ttrpc::Code::FAILED_PRECONDITION,
+                        format!("annotation \"cnfs.io/volume.{}\": {e}", v.name()),
+                    )
+                })?;
+                wire.mut_cephfs().secret = secret.expose().to_string();
+                // The agent re-validates; check the resolved key here too, without echoing it.
+                VolumeSpec::from_wire(&wire).map_err(|e| {
+                    Refusal::new(
+                        ttrpc::Code::INVALID_ARGUMENT,
+                        format!("annotation \"cnfs.io/volume.{}\": {e}", v.name()),
+                    )
+                })?;
+            }
+            out.push((v, wire));
+        }
+        Ok(After::MountVolumes {
+            sandbox_id: id.to_string(),
+            volumes: out,
+        })
+    }
+
+    /// After the delegate answered OK to the sandbox `Create`: mount everything or nothing.
+    pub async fn after_ok(&self, after: After) -> Result<(), Refusal> {
+        let After::MountVolumes {
+            sandbox_id,
+            volumes,
+        } = after;
+        let start = Instant::now();
+        let paths = MonitorPaths::with_roots(self.cfg.kata_monitor_roots.clone());
+        let unreachable = |e: kata::KataError| {
+            Refusal::new(
+                ttrpc::Code::UNAVAILABLE,
+                format!("cannot reach the sandbox's guest: {e}"),
+            )
+        };
+        let addr = kata::find_agent(
+            &sandbox_id,
+            &paths,
+            self.cfg.agent_port,
+            self.cfg.connect_timeout(),
+        )
+        .await
+        .map_err(unreachable)?;
+        let client = kata::connect_agent(&addr, self.cfg.connect_timeout())
+            .await
+            .map_err(unreachable)?;
+        let mut done: Vec<String> = Vec::new();
+        for (v, wire) in &volumes {
+            let req = agent::MountRequest {
+                volume: protobuf::MessageField::some(wire.clone()),
+                sandbox_id: sandbox_id.clone(),
+                timeout_ms: self.cfg.mount_timeout().as_millis() as u32,
+                ..Default::default()
+            };
+            let ctx = ttrpc::context::with_timeout(
+                (self.cfg.mount_timeout() + Duration::from_secs(5)).as_nanos() as i64,
+            );
+            if let Err(e) = client.mount(ctx, &req).await {
+                let (code, msg) = status_of(&e);
+                self.unmount_all(&client, &done).await;
+                return Err(Refusal::new(
+                    code,
+                    format!(
+                        "annotation \"cnfs.io/volume.{}\": mounting in the guest failed: {msg}",
+                        v.name()
+                    ),
+                ));
+            }
+            done.push(v.name().to_string());
+        }
+        info!(self.log, "volumes mounted in the guest"; "sandbox" => &sandbox_id,
+            "volumes" => done.join(","), "duration_ms" => start.elapsed().as_millis() as u64);
+        *self.state.lock().await = Some(Mounted {
+            sandbox_id,
+            volumes: volumes.into_iter().map(|(v, _)| v).collect(),
+            agent: Some(addr),
+        });
+        Ok(())
+    }
+
+    /// App container: add the bind mounts of the volumes it should see.
+    async fn hand_off(&self, bundle: &Path, ann: &HashMap<String, String>) -> Result<(), Refusal> {
+        let state = self.state.lock().await;
+        let volumes = match state.as_ref() {
+            Some(m) => m.volumes.clone(),
+            // The wrapper did not see the sandbox start (restarted): pod annotations are on
+            // every container too, and the guest still holds the mounts.
+            None => annotations::parse(ann)
+                .map_err(|e| Refusal::new(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?,
+        };
+        let name = ann.get(CRI_CONTAINER_NAME).map(String::as_str);
+        let mounts = handoff::container_mounts(&volumes, name);
+        handoff::inject(bundle, mounts)
+            .map_err(|e| Refusal::new(ttrpc::Code::FAILED_PRECONDITION, e.to_string()))?;
+        Ok(())
+    }
+
+    /// Before forwarding the sandbox's `Delete`: unmount, bounded; never blocks the delete.
+    pub async fn before_delete(&self, id: &str) {
+        let mut state = self.state.lock().await;
+        let Some(m) = state.as_ref().filter(|m| m.sandbox_id == id) else {
+            return;
+        };
+        let names: Vec<String> = m.volumes.iter().map(|v| v.name().to_string()).collect();
+        if let Some(addr) = m.agent.clone() {
+            let bound = self.cfg.unmount_timeout() + Duration::from_secs(2);
+            let work = async {
+                let client = kata::connect_agent(&addr, Duration::from_secs(3))
+                    .await
+                    .ok()?;
+                self.unmount_all(&client, &names).await;
+                Some(())
+            };
+            if tokio::time::timeout(bound, work)
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                warn!(self.log, "could not unmount the sandbox's volumes; the VM's end cleans up";
+                    "sandbox" => id);
+            }
+        }
+        *state = None;
+    }
+
+    async fn unmount_all(&self, client: &AgentClient, names: &[String]) {
+        for name in names.iter().rev() {
+            let req = agent::UnmountRequest {
+                name: name.clone(),
+                timeout_ms: self.cfg.unmount_timeout().as_millis() as u32,
+                ..Default::default()
+            };
+            let ctx = ttrpc::context::with_timeout(
+                (self.cfg.unmount_timeout() + Duration::from_secs(2)).as_nanos() as i64,
+            );
+            match client.unmount(ctx, &req).await {
+                Ok(r) => {
+                    info!(self.log, "volume unmounted"; "volume" => name, "method" => r.method)
+                }
+                Err(e) => {
+                    warn!(self.log, "unmount failed"; "volume" => name, "error" => status_of(&e).1)
+                }
+            }
+        }
+    }
+}
+
+/// The agent's status, kept as it is (the guest is untrusted: its message is shown bounded).
+fn status_of(e: &ttrpc::Error) -> (ttrpc::Code, String) {
+    match e {
+        ttrpc::Error::RpcStatus(s) => (s.code(), s.message().chars().take(512).collect()),
+        other => (
+            ttrpc::Code::UNAVAILABLE,
+            other.to_string().chars().take(512).collect(),
+        ),
+    }
+}

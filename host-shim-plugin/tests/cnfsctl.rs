@@ -1,0 +1,384 @@
+//! `cnfsctl` end to end: the real binary against a real guest (QEMU, cnfs-agent, nfs-ganesha)
+//! from the test bed, reached through a Kata-style shim management socket or a direct URL.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cnfs_testbed::ganesha::EXPORT;
+use cnfs_testbed::TestBed;
+use serde_json::Value;
+
+const SANDBOX: &str = "cnfsctl-e2e-sandbox";
+
+/// The output of one `cnfsctl` run.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} / {:?}", self.stdout, self.stderr))
+    }
+
+    fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "{self:?}");
+        self
+    }
+}
+
+/// Runs the real `cnfsctl` without blocking the test's runtime.
+async fn cnfsctl(args: &[&str]) -> Run {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_cnfsctl"))
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("cnfsctl finished in time")
+    .expect("cnfsctl ran");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn guest_has_mount(bed: &TestBed, name: &str) -> bool {
+    let out = bed
+        .vm
+        .exec
+        .run(
+            &format!("grep ' /run/cnfs/volumes/{name} ' /proc/mounts"),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("guest exec");
+    out.code == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cnfsctl_finds_the_guest_via_kata_monitor_socket_and_manages_an_nfs_volume_with_scriptable_exit_codes(
+) -> anyhow::Result<()> {
+    let bed = TestBed::start().await?;
+    let monitor: PathBuf = bed.dir.path().join("shim-monitor.sock");
+    let _monitor = cnfs_testbed::kata_monitor::serve(&monitor, &bed.vm.hvsock)?;
+    let monitor_arg = monitor.display().to_string();
+    let via_sandbox: Vec<&str> = vec!["--sandbox", SANDBOX, "--monitor-socket", &monitor_arg];
+    let url = format!("hvsock://{}:17230", bed.vm.hvsock.display());
+    let via_url: Vec<&str> = vec!["--url", &url];
+    let args = |base: &[&str], rest: &[&str]| -> Vec<String> {
+        base.iter().chain(rest).map(|s| s.to_string()).collect()
+    };
+    let run = |a: Vec<String>| async move {
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        cnfsctl(&refs).await
+    };
+
+    // ping, as a table, through the (stand-in) Kata shim: the CNFS port replaced kata-agent's.
+    let r = run(args(&via_sandbox, &["ping"])).await.ok();
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("agent ") && l.ends_with(&url)),
+        "{}",
+        r.stdout
+    );
+    for key in [
+        "version",
+        "sandbox",
+        "filesystems",
+        "capabilities",
+        "uptime",
+        "volumes",
+    ] {
+        assert!(
+            r.stdout.lines().any(|l| l.starts_with(key)),
+            "{key}: {}",
+            r.stdout
+        );
+    }
+    assert!(r.stdout.contains("nfs"), "{}", r.stdout);
+    // ... and as JSON, both ways.
+    for base in [&via_sandbox, &via_url] {
+        let j = run(args(base, &["--json", "ping"])).await.ok().json();
+        assert_eq!(j["agent"], url.as_str(), "{j}");
+        assert!(j["version"].as_str().is_some_and(|v| !v.is_empty()), "{j}");
+        assert!(
+            j["filesystems"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "nfs")),
+            "{j}"
+        );
+        assert!(
+            j["capabilities"].is_array() && j["uptime_ms"].is_u64(),
+            "{j}"
+        );
+        assert_eq!(j["volumes"], 0, "{j}");
+    }
+
+    // mount an NFSv4.1 volume: the guest's kernel holds it and sees the server's files.
+    let nfs = format!("{}:{EXPORT}", bed.ns.host_ip);
+    let r = run(args(
+        &via_sandbox,
+        &[
+            "mount",
+            "--name",
+            "web",
+            "--nfs",
+            &nfs,
+            "--version",
+            "4.1",
+            "-o",
+            "hard",
+        ],
+    ))
+    .await
+    .ok();
+    assert!(r.stdout.contains("/run/cnfs/volumes/web"), "{}", r.stdout);
+    let line = bed
+        .vm
+        .exec
+        .ok("grep /run/cnfs/volumes/web /proc/mounts")
+        .await?;
+    assert!(
+        line.contains(" nfs4 ") && line.contains("vers=4.1"),
+        "{line}"
+    );
+    std::fs::write(
+        bed.nfs.export_dir.join("from-host.txt"),
+        "written on the host\n",
+    )?;
+    assert_eq!(
+        bed.vm
+            .exec
+            .ok("cat /run/cnfs/volumes/web/from-host.txt")
+            .await?,
+        "written on the host\n"
+    );
+    // The same mount again is idempotent (exit 0, nothing done).
+    let j = run(args(
+        &via_url,
+        &[
+            "--json", "mount", "--name", "web", "--nfs", &nfs, "-o", "hard",
+        ],
+    ))
+    .await
+    .ok()
+    .json();
+    assert_eq!(j["already_mounted"], true, "{j}");
+    assert_eq!(j["mount_point"], "/run/cnfs/volumes/web", "{j}");
+
+    // list: table and JSON.
+    let r = run(args(&via_url, &["list"])).await.ok();
+    let mut lines = r.stdout.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(
+        header.starts_with("NAME") && header.contains("STATE") && header.ends_with("MOUNTPOINT"),
+        "{}",
+        r.stdout
+    );
+    let row = lines.next().unwrap_or_default();
+    assert!(
+        row.starts_with("web ")
+            && row.contains("mounted")
+            && row.contains(&nfs)
+            && row.ends_with("/run/cnfs/volumes/web"),
+        "{}",
+        r.stdout
+    );
+    let j = run(args(&via_sandbox, &["--json", "list"]))
+        .await
+        .ok()
+        .json();
+    let vols = j["volumes"].as_array().cloned().unwrap_or_default();
+    let web = vols
+        .iter()
+        .find(|v| v["name"] == "web")
+        .unwrap_or_else(|| panic!("web listed: {j}"));
+    assert_eq!(web["state"], "mounted", "{j}");
+    assert_eq!(web["fs"], "nfs", "{j}");
+    assert_eq!(web["fs_type"], "nfs4", "{j}");
+    assert_eq!(web["nfs"]["version"], "4.1", "{j}");
+    assert_eq!(web["nfs"]["server"], bed.ns.host_ip.as_str(), "{j}");
+    assert_eq!(web["options"]["hard"], "", "{j}");
+    assert_eq!(web["mount_point"], "/run/cnfs/volumes/web", "{j}");
+
+    // stats: healthy, sizes agree with the guest's own statfs.
+    let r = run(args(&via_sandbox, &["stats", "web"])).await.ok();
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("health") && l.contains("healthy")),
+        "{}",
+        r.stdout
+    );
+    for key in ["size", "used", "available", "inodes", "probe"] {
+        assert!(
+            r.stdout.lines().any(|l| l.starts_with(key)),
+            "{key}: {}",
+            r.stdout
+        );
+    }
+    let j = run(args(&via_url, &["--json", "stats", "web"]))
+        .await
+        .ok()
+        .json();
+    assert_eq!(j["health"], "healthy", "{j}");
+    let guest = bed
+        .vm
+        .exec
+        .ok("stat -f -c '%S %b' /run/cnfs/volumes/web")
+        .await?;
+    let f: Vec<u64> = guest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert_eq!(f.len(), 2, "{guest}");
+    assert_eq!(j["total_bytes"], f[0] * f[1], "{j} / {guest}");
+
+    // Exit codes scripts rely on.
+    // 5: no such volume.
+    let r = run(args(&via_url, &["unmount", "nope"])).await;
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(
+        r.stderr.starts_with("cnfsctl: ") && r.stderr.lines().count() == 1,
+        "{r:?}"
+    );
+    let r = run(args(&via_sandbox, &["stats", "nope"])).await;
+    assert_eq!(r.code, 5, "{r:?}");
+    // 4: an option only the agent may set; refused locally, the field named.
+    let r = run(args(
+        &via_sandbox,
+        &[
+            "mount",
+            "--name",
+            "bad",
+            "--nfs",
+            &nfs,
+            "-o",
+            "addr=1.2.3.4",
+        ],
+    ))
+    .await;
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(r.stderr.contains("volume.options.addr"), "{r:?}");
+    assert!(
+        r.stderr.starts_with("cnfsctl: ") && r.stderr.lines().count() == 1,
+        "{r:?}"
+    );
+    // 6: the same name with another export.
+    std::fs::create_dir_all(bed.nfs.export_dir.join("sub"))?;
+    let other = format!("{}:{EXPORT}/sub", bed.ns.host_ip);
+    let r = run(args(&via_url, &["mount", "--name", "web", "--nfs", &other])).await;
+    assert_eq!(r.code, 6, "{r:?}");
+    assert!(r.stderr.contains("ALREADY_EXISTS"), "{r:?}");
+    // The first mount is untouched.
+    assert!(guest_has_mount(&bed, "web").await);
+
+    // unmount: method reported, gone in the guest.
+    let r = run(args(&via_sandbox, &["unmount", "web"])).await.ok();
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("method") && l.contains("umount")),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("failed attempts"), "{}", r.stdout);
+    assert!(!guest_has_mount(&bed, "web").await);
+    let j = run(args(&via_url, &["--json", "list"])).await.ok().json();
+    assert_eq!(j["volumes"], serde_json::json!([]), "{j}");
+    // Unmount JSON on a second volume.
+    run(args(&via_url, &["mount", "--name", "tmp", "--nfs", &nfs]))
+        .await
+        .ok();
+    let j = run(args(&via_url, &["--json", "unmount", "tmp"]))
+        .await
+        .ok()
+        .json();
+    assert_eq!(j["name"], "tmp", "{j}");
+    assert!(j["method"].is_string() && j["attempts"].is_array(), "{j}");
+    assert!(!guest_has_mount(&bed, "tmp").await);
+    Ok(())
+}
+
+/// No VM needed: what happens before the guest is ever reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cnfsctl_reports_a_missing_sandbox_and_bad_usage_with_their_exit_codes() {
+    // 3: the sandbox's management socket does not exist; gives up at --timeout.
+    let t0 = Instant::now();
+    let r = cnfsctl(&[
+        "--sandbox",
+        "no-such-sandbox",
+        "--monitor-socket",
+        "/nonexistent/cnfs-test/shim-monitor.sock",
+        "--timeout",
+        "2",
+        "ping",
+    ])
+    .await;
+    let took = t0.elapsed();
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    assert!(
+        r.stderr.starts_with("cnfsctl: ")
+            && r.stderr
+                .contains("/nonexistent/cnfs-test/shim-monitor.sock")
+            && r.stderr.lines().count() == 1,
+        "{r:?}"
+    );
+    // 3: an agent URL nobody answers.
+    let r = cnfsctl(&[
+        "--url",
+        "unix:///nonexistent/cnfs-test/agent.sock",
+        "--timeout",
+        "1",
+        "list",
+    ])
+    .await;
+    assert_eq!(r.code, 3, "{r:?}");
+    // 4: a sandbox id that could climb out of Kata's directories; a bad URL; a bad name.
+    let r = cnfsctl(&["--sandbox", "../etc", "ping"]).await;
+    assert_eq!(r.code, 4, "{r:?}");
+    assert_eq!(r.stderr.matches("sandbox id").count(), 1, "{r:?}");
+    let r = cnfsctl(&["--url", "tcp://1.2.3.4:5", "ping"]).await;
+    assert_eq!(r.code, 4, "{r:?}");
+    let r = cnfsctl(&[
+        "--url",
+        "unix:///nonexistent",
+        "mount",
+        "--name",
+        "Bad_Name",
+        "--nfs",
+        "10.0.0.1:/x",
+    ])
+    .await;
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(r.stderr.contains("volume.name"), "{r:?}");
+    // 2: usage errors (clap): no target, both targets, unknown command.
+    for args in [
+        &["ping"][..],
+        &["--sandbox", "a", "--url", "unix:///x", "ping"][..],
+        &["--sandbox", "a", "frobnicate"][..],
+    ] {
+        let r = cnfsctl(args).await;
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+    }
+    // --help documents the exit codes and the JSON keys.
+    let r = cnfsctl(&["--help"]).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("Exit codes:") && r.stdout.contains("already_mounted"),
+        "{}",
+        r.stdout
+    );
+}

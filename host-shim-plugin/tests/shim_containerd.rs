@@ -1,0 +1,374 @@
+//! `containerd-shim-cnfs-v2` under the real containerd (Debian's package, private root,
+//! state and sockets). With runc's shim as the delegate, containers behave exactly as
+//! without the wrapper; with a test guest behind a stand-in Kata management socket (the only
+//! simulated part of Kata), pod annotations become guest kernel mounts.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cnfs_testbed::containerd::{Containerd, MINIMAL};
+use cnfs_testbed::ganesha::EXPORT;
+use cnfs_testbed::{rootfs, TempDir, TestBed};
+
+const RUNC: &str = "io.containerd.runc.v2";
+const CNFS: &str = "io.containerd.cnfs.v2";
+
+/// containerd finds `containerd-shim-cnfs-v2` on its PATH; put the built binary there.
+fn shim_on_path() {
+    let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-cnfs-v2"));
+    let dir = shim.parent().map(Path::to_path_buf).unwrap_or_default();
+    let path = std::env::var("PATH").unwrap_or_default();
+    if !path.split(':').any(|p| Path::new(p) == dir) {
+        std::env::set_var("PATH", format!("{}:{path}", dir.display()));
+    }
+}
+
+struct Ctr<'a> {
+    ctd: &'a Containerd,
+}
+
+impl Ctr<'_> {
+    /// `ctr` with the runtime's flags placed after `subcommand` (e.g. `run`).
+    fn run(&self, runtime: &str, subcommand: &[&str], rest: &[&str]) -> Output {
+        let mut c = Command::new("ctr");
+        c.arg("-a").arg(self.ctd.socket()).args(subcommand);
+        c.args(["--runtime", runtime]);
+        c.args(rest).stdin(Stdio::null());
+        c.output().expect("ctr runs")
+    }
+
+    fn plain(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(self.ctd.socket())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr runs")
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Writes the wrapper's config and points containerd (and so its shims) at it. Each test
+/// runs in its own process under nextest, so the environment is the test's own.
+fn write_config(dir: &Path, body: &str) {
+    let p = dir.join("shim.toml");
+    std::fs::write(&p, body).expect("shim config");
+    std::env::set_var("CNFS_SHIM_CONFIG", &p);
+}
+
+/// Waits until `ctr task ls` shows `id` in `status` (or no longer lists it, for "gone").
+fn wait_task(ctr: &Ctr, id: &str, status: &str) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ls = text(&ctr.plain(&["task", "ls"]).stdout);
+        let line = ls.lines().find(|l| l.split_whitespace().next() == Some(id));
+        let ok = match status {
+            "gone" => line.is_none(),
+            s => line.is_some_and(|l| l.contains(s)),
+        };
+        if ok {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "task {id} never became {status}:\n{ls}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Processes of our wrapper started for this containerd.
+fn wrapper_pids(ctd: &Containerd) -> Vec<String> {
+    let sock = ctd.socket().display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let pid = e.file_name().to_string_lossy().into_owned();
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                    let cmd = text(&cmd).replace('\0', " ");
+                    (cmd.contains("containerd-shim-cnfs-v2") && cmd.contains(&sock)).then_some(pid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn with_runc_as_delegate_containers_behave_exactly_as_without_the_wrapper() {
+    shim_on_path();
+    let dir = TempDir::new("shim-runc").expect("dir");
+    let root = rootfs::busybox(dir.path()).expect("rootfs");
+    let root = root.display().to_string();
+    write_config(dir.path(), "delegate = \"containerd-shim-runc-v2\"\n");
+    let ctd = Containerd::start(MINIMAL).expect("containerd");
+    let ctr = Ctr { ctd: &ctd };
+
+    let mut seen = Vec::new();
+    for (runtime, tag) in [(RUNC, "runc"), (CNFS, "cnfs")] {
+        // Foreground run: output and exit status pass through.
+        let id = format!("fg-{tag}");
+        let out = ctr.run(
+            runtime,
+            &["run"],
+            &[
+                "--rm",
+                "--rootfs",
+                &root,
+                &id,
+                "/bin/sh",
+                "-c",
+                "echo out; echo err >&2; exit 3",
+            ],
+        );
+        // Detached: exec, kill, delete.
+        let id2 = format!("bg-{tag}");
+        let started = ctr.run(
+            runtime,
+            &["run"],
+            &["-d", "--rootfs", &root, &id2, "/bin/sleep", "600"],
+        );
+        assert!(started.status.success(), "{tag}: {}", text(&started.stderr));
+        wait_task(&ctr, &id2, "RUNNING");
+        let exec = ctr.plain(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            &id2,
+            "/bin/sh",
+            "-c",
+            "echo from-exec; exit 5",
+        ]);
+        let ps = text(&ctr.plain(&["task", "ps", &id2]).stdout);
+        let kill = ctr.plain(&["task", "kill", "-s", "SIGKILL", &id2]);
+        assert!(kill.status.success(), "{tag}: {}", text(&kill.stderr));
+        wait_task(&ctr, &id2, "STOPPED");
+        let del = ctr.plain(&["task", "delete", &id2]);
+        assert!(del.status.success(), "{tag}: {}", text(&del.stderr));
+        let rm = ctr.plain(&["container", "rm", &id2]);
+        assert!(rm.status.success(), "{tag}: {}", text(&rm.stderr));
+        seen.push((
+            out.status.code(),
+            text(&out.stdout),
+            exec.status.code(),
+            text(&exec.stdout),
+            ps.lines().count(),
+        ));
+    }
+    assert_eq!(
+        seen[0],
+        (Some(3), "out\n".into(), Some(5), "from-exec\n".into(), 2)
+    );
+    assert_eq!(seen[0], seen[1], "runc alone vs. through the wrapper");
+    wait_task(&ctr, "fg-cnfs", "gone");
+    // Every wrapper exited with its delegate.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !wrapper_pids(&ctd).is_empty() {
+        assert!(
+            Instant::now() < until,
+            "wrappers left running: {:?}",
+            wrapper_pids(&ctd)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A pod as CRI would create it: the sandbox container, then an app container.
+fn cri_annotations(kind: &str, sandbox: &str, namespace: &str, name: &str) -> Vec<String> {
+    vec![
+        format!("io.kubernetes.cri.container-type={kind}"),
+        format!("io.kubernetes.cri.sandbox-id={sandbox}"),
+        format!("io.kubernetes.cri.sandbox-namespace={namespace}"),
+        format!("io.kubernetes.cri.container-name={name}"),
+    ]
+}
+
+fn with_annotations<'a>(list: &'a [String], rest: &[&'a str]) -> Vec<&'a str> {
+    let mut v = Vec::new();
+    for a in list {
+        v.push("--annotation");
+        v.push(a.as_str());
+    }
+    v.extend_from_slice(rest);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_nothing(
+) -> anyhow::Result<()> {
+    shim_on_path();
+    let bed = TestBed::start().await?;
+    let dir = bed.dir.path();
+    let root = rootfs::busybox(dir)?.display().to_string();
+    let monitor_root = dir.join("kata-run");
+    let sandbox = format!("sb{}", cnfs_testbed::unique_id());
+    std::fs::create_dir_all(monitor_root.join(&sandbox))?;
+    let _monitor = cnfs_testbed::kata_monitor::serve(
+        &monitor_root.join(&sandbox).join("shim-monitor.sock"),
+        &bed.vm.hvsock,
+    )?;
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(secrets.join("team-a"))?;
+    for d in [&secrets, &secrets.join("team-a")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"nfs\", \"cephfs\"]\n\
+             servers = [\"{}/24\"]\nexport_prefixes = [\"{EXPORT}\"]\noptions = [\"nconnect\"]\n",
+            bed.ns.host_ip
+        ),
+    )?;
+    write_config(
+        dir,
+        &format!(
+            "delegate = \"containerd-shim-runc-v2\"\npolicy = \"{}\"\nsecrets_dir = \"{}\"\n\
+             kata_monitor_roots = [\"{}\"]\nguest_connect_timeout_seconds = 5\nmount_timeout_seconds = 20\n",
+            policy.display(),
+            secrets.display(),
+            monitor_root.display()
+        ),
+    );
+    let ctd = Containerd::start(MINIMAL)?;
+    let ctr = Ctr { ctd: &ctd };
+    let server = bed.ns.host_ip.clone();
+    let vol = format!("d{}", cnfs_testbed::unique_id());
+    let pod = vec![
+        format!("cnfs.io/volume.{vol}=nfs://{server}{EXPORT}?vers=4.1&nconnect=2"),
+        format!("cnfs.io/mount.{vol}=/data"),
+        format!("cnfs.io/containers.{vol}=worker"),
+    ];
+    let mut sb_ann = cri_annotations("sandbox", &sandbox, "team-a", "POD");
+    sb_ann.extend(pod.clone());
+    let args = with_annotations(
+        &sb_ann,
+        &["-d", "--rootfs", &root, &sandbox, "/bin/sleep", "600"],
+    );
+    let out = ctr.run(CNFS, &["run"], &args);
+    assert!(out.status.success(), "sandbox: {}", text(&out.stderr));
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+    assert!(
+        mounts.contains(&format!("/run/cnfs/volumes/{vol} nfs4")),
+        "{mounts}"
+    );
+    std::fs::write(bed.nfs.export_dir.join("hello.txt"), "from the server\n")?;
+    assert_eq!(
+        bed.vm
+            .exec
+            .ok(&format!("cat /run/cnfs/volumes/{vol}/hello.txt"))
+            .await?,
+        "from the server\n"
+    );
+
+    // App containers join the sandbox's wrapper. One the volume is not for (its
+    // cnfs.io/containers list names another container) gets no mount and runs.
+    let mut app_ann = cri_annotations("container", &sandbox, "team-a", "app");
+    app_ann.extend(pod.clone());
+    let app = format!("{sandbox}-app");
+    let args = with_annotations(
+        &app_ann,
+        &["-d", "--rootfs", &root, &app, "/bin/sleep", "600"],
+    );
+    let out = ctr.run(CNFS, &["run"], &args);
+    assert!(out.status.success(), "app: {}", text(&out.stderr));
+    let bundle = ctd
+        .dir()
+        .join("state/io.containerd.runtime.v2.task/default")
+        .join(&app)
+        .join("config.json");
+    let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&bundle)?)?;
+    let dests: Vec<&str> = spec["mounts"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["destination"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(!dests.contains(&"/data"), "{dests:?}");
+    // The worker gets the bind mount with the pass-through source. Its delegate here is runc
+    // on this host, not kata-agent in the guest, so runc cannot follow /proc/1/root into a
+    // guest and refuses: its error shows the exact mount the wrapper added to config.json.
+    let mut worker_ann = cri_annotations("container", &sandbox, "team-a", "worker");
+    worker_ann.extend(pod.clone());
+    let worker = format!("{sandbox}-worker");
+    let args = with_annotations(
+        &worker_ann,
+        &["-d", "--rootfs", &root, &worker, "/bin/sleep", "600"],
+    );
+    let out = ctr.run(CNFS, &["run"], &args);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "mounting \"/proc/1/root/run/cnfs/volumes/{vol}\" to rootfs at \"/data\""
+        )),
+        "{err}"
+    );
+    wait_task(&ctr, &worker, "gone");
+    assert_eq!(wrapper_pids(&ctd).len(), 1, "one wrapper per sandbox");
+
+    // Delete: the sandbox's volumes are unmounted in the guest.
+    for id in [app.as_str(), sandbox.as_str()] {
+        ctr.plain(&["task", "kill", "-s", "SIGKILL", id]);
+        wait_task(&ctr, id, "STOPPED");
+        let del = ctr.plain(&["task", "delete", id]);
+        assert!(del.status.success(), "{}", text(&del.stderr));
+    }
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+    assert!(
+        !mounts.contains(&format!("/run/cnfs/volumes/{vol}")),
+        "{mounts}"
+    );
+
+    // Refusals: each fails the sandbox Create with a message naming the cause; nothing is
+    // mounted and no task is left.
+    let cases: Vec<(String, Vec<String>, &str)> = vec![
+        ("team-b".into(), pod.clone(), "policy denies volume"),
+        ("team-a".into(), vec![format!("cnfs.io/volume.{vol}=nfs://{server}{EXPORT}?addr=1.2.3.4"), format!("cnfs.io/mount.{vol}=/data")], "volume.options.addr"),
+        ("team-a".into(), vec![format!("cnfs.io/volume.{vol}=nfs://{server}/other"), format!("cnfs.io/mount.{vol}=/data")], "outside the allowed prefixes"),
+        (
+            "team-a".into(),
+            vec![
+                format!("cnfs.io/volume.{vol}=cephfs://{server}:6789{EXPORT}?fs=cephfs&client=app&secret=missing-key"),
+                format!("cnfs.io/mount.{vol}=/data"),
+            ],
+            "\"missing-key\" for namespace team-a does not exist",
+        ),
+    ];
+    for (i, (namespace, ann, needle)) in cases.into_iter().enumerate() {
+        let id = format!("{sandbox}-bad{i}");
+        let mut a = cri_annotations("sandbox", &id, &namespace, "POD");
+        a.extend(ann);
+        let args = with_annotations(&a, &["-d", "--rootfs", &root, &id, "/bin/sleep", "600"]);
+        let out = ctr.run(CNFS, &["run"], &args);
+        assert!(!out.status.success(), "{needle}: created");
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{needle}: {}",
+            text(&out.stderr)
+        );
+        wait_task(&ctr, &id, "gone");
+    }
+    // An unreachable guest: no management socket for this sandbox id.
+    let id = format!("{sandbox}-nowhere");
+    let mut a = cri_annotations("sandbox", &id, "team-a", "POD");
+    a.extend(pod.clone());
+    let args = with_annotations(&a, &["-d", "--rootfs", &root, &id, "/bin/sleep", "600"]);
+    let out = ctr.run(CNFS, &["run"], &args);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("cannot reach the sandbox's guest"),
+        "{}",
+        text(&out.stderr)
+    );
+    wait_task(&ctr, &id, "gone");
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+    assert!(!mounts.contains("/run/cnfs/volumes/"), "{mounts}");
+    Ok(())
+}
