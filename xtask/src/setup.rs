@@ -9,9 +9,12 @@ use anyhow::{bail, Context};
 
 use crate::{root, sh};
 
-/// Debian packages the test bed runs: QEMU, nfs-ganesha with its VFS backend and rpcbind,
-/// busybox for the test guest, iproute2 for namespaces, kmod for depmod.
+/// Debian packages the test bed runs: nfs-ganesha with its VFS backend and rpcbind, busybox
+/// for the test guest and container root file systems, iproute2 for namespaces, kmod for
+/// depmod, containerd and runc for the shim tests. (QEMU comes from backports, below.)
 const PACKAGES: &[&str] = &[
+    "containerd",
+    "runc",
     "nfs-ganesha",
     "nfs-ganesha-vfs",
     "rpcbind",
