@@ -383,15 +383,16 @@ mod tests {
             "no shim found for {}",
             c.socket().display()
         );
-        assert!(process_exists(pid));
+        assert!(running(pid));
         drop(c);
         assert!(
-            !process_exists(pid),
+            wait_gone(&[pid], Duration::from_secs(5)),
             "the container's process {pid} survived"
         );
-        for s in shims {
-            assert!(!process_exists(s), "shim {s} survived");
-        }
+        assert!(
+            wait_gone(&shims, Duration::from_secs(5)),
+            "shims {shims:?} survived"
+        );
         assert!(!dir.exists(), "{} was not removed", dir.display());
         Ok(())
     }
