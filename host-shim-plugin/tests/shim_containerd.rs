@@ -355,6 +355,42 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
         );
         wait_task(&ctr, &id, "gone");
     }
+    // A CephFS key travels from the host secret store to the guest and nowhere else: the
+    // agent refuses CephFS for now, and the key appears in no output, log or file on the
+    // host side (containerd's root, state and log, the bundle) nor the guest's console.
+    let key = "AQBnotarealkeybutsecretforcnfs0123456789==";
+    let key_file = secrets.join("team-a").join("ceph-key");
+    std::fs::write(&key_file, format!("{key}\n"))?;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
+    let id = format!("{sandbox}-ceph");
+    let mut a = cri_annotations("sandbox", &id, "team-a", "POD");
+    a.push(format!(
+        "cnfs.io/volume.{vol}=cephfs://{server}:6789{EXPORT}?fs=cephfs&client=app&secret=ceph-key"
+    ));
+    a.push(format!("cnfs.io/mount.{vol}=/data"));
+    let args = with_annotations(&a, &["-d", "--rootfs", &root, &id, "/bin/sleep", "600"]);
+    let out = ctr.run(CNFS, &["run"], &args);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("cephfs volumes are not supported"), "{err}");
+    wait_task(&ctr, &id, "gone");
+    let grep = Command::new("grep")
+        .args(["-r", "-l", "-a", key])
+        .arg(ctd.dir())
+        .output()?;
+    assert!(
+        grep.stdout.is_empty(),
+        "key found in {}",
+        text(&grep.stdout)
+    );
+    for (what, haystack) in [
+        ("ctr output", format!("{err}{}", text(&out.stdout))),
+        ("containerd log", ctd.log_tail(100_000)),
+        ("guest console", bed.vm.console_text()),
+    ] {
+        assert!(!haystack.contains(key), "key in {what}");
+    }
+
     // An unreachable guest: no management socket for this sandbox id.
     let id = format!("{sandbox}-nowhere");
     let mut a = cri_annotations("sandbox", &id, "team-a", "POD");

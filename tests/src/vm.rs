@@ -16,6 +16,9 @@ use crate::guest::GuestExec;
 use crate::netns::NetNs;
 use crate::process::{wait_for, Guarded};
 
+/// The NFS server's name inside test guests (their /etc/hosts), for name resolution tests.
+pub const NFS_HOST_NAME: &str = "nfs.cnfs.test";
+
 pub struct Vm {
     // Drop order: QEMU before its vsock backend.
     qemu: Guarded,
@@ -48,8 +51,9 @@ impl Vm {
 
         let mem = "512M";
         let append = format!(
-            "console=ttyS0 panic=-1 loglevel=4 cnfs.ip={}/24 cnfs.hostname=cnfs-guest",
-            ns.guest_ip
+            "console=ttyS0 panic=-1 loglevel=4 cnfs.ip={}/24 cnfs.hostname=cnfs-guest \
+             cnfs.hosts={NFS_HOST_NAME}/{}",
+            ns.guest_ip, ns.host_ip
         );
         let mut q = ns.command("qemu-system-x86_64");
         q.args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", mem])

@@ -152,6 +152,31 @@ async fn unmount_list_stats_idempotency_and_least_privilege() -> anyhow::Result<
         "1"
     );
 
+    // A server given by host name is resolved in the guest (its /etc/hosts here).
+    let by_name = nfs_volume("named", cnfs_testbed::vm::NFS_HOST_NAME, EXPORT, "4.1");
+    agent.mount(ctx(T), &mount_request(by_name, 0)).await?;
+    let line = g
+        .ok("grep ' /run/cnfs/volumes/named ' /proc/mounts")
+        .await?;
+    // (The kernel shows the resolved address as the device, not the name.)
+    assert!(line.starts_with(&format!("{server}:{EXPORT} ")), "{line}");
+    assert!(line.contains(&format!("addr={server}")), "{line}");
+    agent
+        .unmount(
+            ctx(T),
+            &agent::UnmountRequest {
+                name: "named".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let unknown = nfs_volume("unknown", "no-such-host.cnfs.test", EXPORT, "4.1");
+    let e = agent
+        .mount(ctx(T), &mount_request(unknown, 10_000))
+        .await
+        .expect_err("unresolvable");
+    assert!(message_of(&e).contains("no-such-host.cnfs.test"), "{e:?}");
+
     // Two volumes at once, in parallel.
     let (rb, rc) = (
         mount_request(nfs_volume("b", &server, EXPORT, "4.2"), 0),

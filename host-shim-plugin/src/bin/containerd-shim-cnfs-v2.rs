@@ -32,9 +32,8 @@ fn main() {
 }
 
 fn config_path() -> PathBuf {
-    std::env::var_os("CNFS_SHIM_CONFIG")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+    let argv0 = std::env::args().next().unwrap_or_default();
+    config::path_for(std::env::var_os("CNFS_SHIM_CONFIG"), &argv0)
 }
 
 /// `start`: make sure the sandbox's wrapper runs and print its address.

@@ -1,4 +1,5 @@
-//! The wrapper's configuration: `/etc/cnfs/shim.toml`, or the file named by
+//! The wrapper's configuration: `/etc/cnfs/shim.toml` (`/etc/cnfs/shim-<variant>.toml` for a
+//! `containerd-shim-cnfs-<variant>-v2` link, see [`path_for`]), or the file named by
 //! `CNFS_SHIM_CONFIG` in containerd's environment. The runtime options containerd hands a
 //! shim (CRI's `ConfigPath`) belong to the delegate: Kata reads its own configuration file
 //! from them, so the wrapper passes them on untouched. A missing file means defaults: Kata as the delegate and no
@@ -41,6 +42,28 @@ impl Default for ShimConfig {
     }
 }
 
+/// Where the wrapper's config is: `CNFS_SHIM_CONFIG`, else by the binary's name. containerd
+/// maps `runtime_type = "io.containerd.cnfs-<variant>.v2"` to a binary
+/// `containerd-shim-cnfs-<variant>-v2`; installed as a link to this one, it reads
+/// `/etc/cnfs/shim-<variant>.toml`, so each runtime class can have its own delegate and policy.
+pub fn path_for(env: Option<std::ffi::OsString>, argv0: &str) -> PathBuf {
+    if let Some(p) = env.filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let name = Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let variant = name
+        .strip_prefix("containerd-shim-cnfs-")
+        .and_then(|v| v.strip_suffix("-v2"))
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    match variant {
+        Some(v) => PathBuf::from(format!("/etc/cnfs/shim-{v}.toml")),
+        None => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
 impl ShimConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         match std::fs::read_to_string(path) {
@@ -67,6 +90,26 @@ impl ShimConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_runtime_class_variant_has_its_own_config() {
+        assert_eq!(
+            path_for(None, "/usr/local/bin/containerd-shim-cnfs-v2"),
+            PathBuf::from(DEFAULT_PATH)
+        );
+        assert_eq!(
+            path_for(None, "/usr/local/bin/containerd-shim-cnfs-clh-v2"),
+            PathBuf::from("/etc/cnfs/shim-clh.toml")
+        );
+        assert_eq!(
+            path_for(None, "containerd-shim-cnfs-../x-v2"),
+            PathBuf::from(DEFAULT_PATH)
+        );
+        assert_eq!(
+            path_for(Some("/tmp/c.toml".into()), "containerd-shim-cnfs-clh-v2"),
+            PathBuf::from("/tmp/c.toml")
+        );
+    }
 
     #[test]
     fn config_files_are_strict() {
