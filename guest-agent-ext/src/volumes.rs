@@ -127,6 +127,22 @@ impl Volumes {
         locks.entry(name.to_string()).or_default().clone()
     }
 
+    /// Serialises operations on one volume, waiting at most until `deadline`.
+    async fn lock_volume(
+        &self,
+        name: &str,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, AgentError> {
+        tokio::time::timeout_at(deadline, self.lock_for(name).lock_owned())
+            .await
+            .map_err(|_| {
+                AgentError::Deadline(format!(
+                    "volume {name}: another operation on it did not finish within {timeout:?}"
+                ))
+            })
+    }
+
     fn state_file(&self, name: &str) -> PathBuf {
         self.cfg.state_dir.join(format!("{name}.pb"))
     }
@@ -197,14 +213,7 @@ impl Volumes {
     ) -> Result<MountDone, AgentError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let name = spec.name.clone();
-        let lock = self.lock_for(&name);
-        let _guard = tokio::time::timeout_at(deadline, lock.lock())
-            .await
-            .map_err(|_| {
-                AgentError::Deadline(format!(
-                    "volume {name}: another operation on it did not finish within {timeout:?}"
-                ))
-            })?;
+        let _guard = self.lock_volume(&name, deadline, timeout).await?;
         let mount_point = spec.mount_point();
         let wanted = spec.to_wire(false);
 
@@ -366,14 +375,7 @@ impl Volumes {
     pub async fn unmount(&self, name: &str, timeout: Duration) -> Result<UnmountDone, AgentError> {
         spec::validate_name("name", name)?;
         let deadline = tokio::time::Instant::now() + timeout;
-        let lock = self.lock_for(name);
-        let _guard = tokio::time::timeout_at(deadline, lock.lock())
-            .await
-            .map_err(|_| {
-                AgentError::Deadline(format!(
-                    "volume {name}: another operation on it did not finish within {timeout:?}"
-                ))
-            })?;
+        let _guard = self.lock_volume(name, deadline, timeout).await?;
         let mount_point = spec::mount_point(name);
         let present =
             mountinfo::find(&mountinfo::read().unwrap_or_default(), &mount_point).is_some();

@@ -256,34 +256,21 @@ fn split_host_port(
 /// A container path: absolute, clean, conservative characters, and not a system path the
 /// container runtime owns.
 pub fn validate_mount_path(key: &str, path: &str) -> Result<String, AnnotationError> {
-    if !path.starts_with('/') || path == "/" {
+    // The same rules as a server path (absolute, clean, conservative characters), plus:
+    // not the root and not a system path the container runtime owns.
+    let trimmed = spec::validate_path("path", path).map_err(|e| AnnotationError {
+        annotation: key.to_string(),
+        reason: e.reason,
+    })?;
+    if trimmed == "/" {
         return err(key, "must be an absolute path other than /");
-    }
-    if path.len() > 1024 {
-        return err(key, "must be at most 1024 characters");
-    }
-    if let Some(c) = path
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "/._-~+@".contains(*c)))
-    {
-        return err(
-            key,
-            format!("character {c:?} is not allowed in a mount path"),
-        );
-    }
-    let trimmed = path.trim_end_matches('/');
-    if trimmed[1..]
-        .split('/')
-        .any(|s| s.is_empty() || s == "." || s == "..")
-    {
-        return err(key, "must be a clean path (no //, . or .. segments)");
     }
     for system in ["/proc", "/sys", "/dev"] {
         if trimmed == system || trimmed.starts_with(&format!("{system}/")) {
             return err(key, format!("must not be under {system}"));
         }
     }
-    Ok(trimmed.to_string())
+    Ok(trimmed)
 }
 
 fn parse_containers(key: &str, list: &str) -> Result<Vec<String>, AnnotationError> {

@@ -363,6 +363,11 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
     std::fs::write(&key_file, format!("{key}\n"))?;
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
     let id = format!("{sandbox}-ceph");
+    std::fs::create_dir_all(monitor_root.join(&id))?;
+    let _ceph_monitor = cnfs_testbed::kata_monitor::serve(
+        &monitor_root.join(&id).join("shim-monitor.sock"),
+        &bed.vm.hvsock,
+    )?;
     let mut a = cri_annotations("sandbox", &id, "team-a", "POD");
     a.push(format!(
         "cnfs.io/volume.{vol}=cephfs://{server}:6789{EXPORT}?fs=cephfs&client=app&secret=ceph-key"

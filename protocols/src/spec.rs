@@ -143,7 +143,7 @@ enum Kind {
 }
 
 /// Generic VFS flags (become MS_* flags in the guest); allowed for every file system.
-const VFS_FLAGS: &[&str] = &[
+pub const VFS_FLAGS: &[&str] = &[
     "nosuid",
     "nodev",
     "noexec",
@@ -508,10 +508,10 @@ fn validate_hostname(field: &str, host: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// An absolute, clean path on the server: no `.`/`..` segments, no empty segments, and a
-/// conservative character set (no `,` `=` `:` or white space that could bend the device
-/// string or the option string).
-fn validate_path(field: &str, path: &str) -> Result<String, SpecError> {
+/// An absolute, clean path (a server export, a CephFS path, a container path): no `.`/`..`
+/// segments, no empty segments, and a conservative character set (no `,` `=` `:` or white
+/// space that could bend the device string or the option string).
+pub fn validate_path(field: &str, path: &str) -> Result<String, SpecError> {
     if path.is_empty() {
         return err(field, "is required");
     }

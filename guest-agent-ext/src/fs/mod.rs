@@ -6,7 +6,7 @@ mod nfs;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cnfs_protocols::spec::VolumeSpec;
+use cnfs_protocols::spec::{VolumeSpec, VFS_FLAGS};
 use nix::mount::MsFlags;
 
 use crate::error::AgentError;
@@ -96,17 +96,9 @@ pub fn vfs_flags(spec: &VolumeSpec) -> MsFlags {
 
 /// The spec's file-system options as `k=v`/`k` items, without the VFS flags.
 pub fn fs_options(spec: &VolumeSpec) -> impl Iterator<Item = String> + '_ {
-    const VFS: &[&str] = &[
-        "nosuid",
-        "nodev",
-        "noexec",
-        "noatime",
-        "nodiratime",
-        "relatime",
-    ];
     spec.options
         .iter()
-        .filter(|(k, _)| !VFS.contains(&k.as_str()))
+        .filter(|(k, _)| !VFS_FLAGS.contains(&k.as_str()))
         .map(|(k, v)| {
             if v.is_empty() {
                 k.clone()
