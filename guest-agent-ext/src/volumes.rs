@@ -271,7 +271,7 @@ impl Volumes {
         let fs_type = cstr(plan.fs_type.as_bytes())?;
         let data = cstr(plan.data.as_bytes())?;
         let flags = plan.flags.bits();
-        drop(plan);
+        wipe(plan.data.into_bytes());
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let outcome = killable::run(remaining, || {
             // SAFETY: all pointers are NUL-terminated strings that outlive the call.
@@ -291,7 +291,8 @@ impl Volumes {
             }
         })
         .await;
-        drop(data);
+        // The option string may hold a key (CephFS): clear it now, not whenever it is freed.
+        wipe(data.into_bytes_with_nul());
         match outcome {
             Outcome::Done(_) => {}
             Outcome::Failed(e) => {
@@ -337,6 +338,9 @@ impl Volumes {
                         .registry
                         .get("nfs")
                         .is_some_and(|h| h.kernel_types().contains(&e.fs_type.as_str()))
+            }
+            (Source::CephFs(c), Some(e)) => {
+                e.fs_type == "ceph" && e.source.contains(&c.client) && e.source.ends_with(&c.path)
             }
             _ => false,
         };
@@ -530,4 +534,13 @@ impl Volumes {
         }
         Ok(st)
     }
+}
+
+/// Overwrites a buffer that held a secret before freeing it.
+fn wipe(mut bytes: Vec<u8>) {
+    for b in bytes.iter_mut() {
+        // SAFETY: a valid, aligned, exclusive reference into the vector.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
 }

@@ -319,12 +319,16 @@ async fn bad_requests_are_refused_with_the_field_named_and_nothing_is_mounted() 
     });
     let mut ceph_bad_mon = ceph.clone();
     ceph_bad_mon.mut_cephfs().monitors = vec!["10.0.0.1".into()];
+    let mut ceph_bad_fsid = ceph.clone();
+    ceph_bad_fsid.mut_cephfs().fsid = "not-a-uuid".into();
+    let mut ceph_no_key = ceph.clone();
+    ceph_no_key.mut_cephfs().secret = String::new();
     let no_source = agent::VolumeSpec {
         name: "bad".into(),
         ..Default::default()
     };
 
-    use Code::{FAILED_PRECONDITION as FP, INVALID_ARGUMENT as IA, NOT_FOUND as NF};
+    use Code::{INVALID_ARGUMENT as IA, NOT_FOUND as NF};
     let rows: Vec<(agent::VolumeSpec, Code, &str)> = vec![
         (named(""), IA, "volume.name"),
         (named("UPPER"), IA, "volume.name"),
@@ -374,7 +378,8 @@ async fn bad_requests_are_refused_with_the_field_named_and_nothing_is_mounted() 
         (opt("vers", "2"), IA, "volume.options.vers"),
         (opt("rw", ""), IA, "volume.options.rw"),
         (ceph_bad_mon, IA, "volume.cephfs.monitors[0]"),
-        (ceph, FP, "cephfs volumes are not supported"),
+        (ceph_bad_fsid, IA, "volume.cephfs.fsid"),
+        (ceph_no_key, IA, "volume.cephfs.secret"),
         (vol(&s, "/no-such-export", "4.1"), NF, "volume bad"),
     ];
     let mut rows = rows;

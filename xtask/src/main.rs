@@ -147,7 +147,7 @@ fn guest(kernel: Kernel) -> anyhow::Result<()> {
                 "vmw_vsock_virtio_transport",
             ])
             .args(["--boot-module", "vsock_loopback"])
-            .args(["--module", "nfsv3", "--module", "nfsv4"])
+            .args(["--module", "nfsv3", "--module", "nfsv4", "--module", "ceph"])
             .arg("--out")
             .arg(out.join("initrd-test.img")),
     )?;

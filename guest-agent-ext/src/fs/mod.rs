@@ -1,6 +1,7 @@
 //! One mount handler per file system behind one trait, registered in one table: adding a file
 //! system is one new file and one line in `Registry::default`.
 
+mod cephfs;
 mod nfs;
 
 use std::time::Duration;
@@ -56,7 +57,7 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         Registry {
-            handlers: vec![Box::new(nfs::Nfs)],
+            handlers: vec![Box::new(nfs::Nfs), Box::new(cephfs::CephFs)],
         }
     }
 }
