@@ -419,3 +419,94 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
     assert!(!mounts.contains("/run/cnfs/volumes/"), "{mounts}");
     Ok(())
 }
+
+/// Processes whose command line contains all of `needles`.
+fn pids_with(needles: &[&str]) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+                    let cmd = text(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)
+                        .replace('\0', " ");
+                    needles.iter().all(|n| cmd.contains(n)).then_some(pid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_dead_wrapper_is_cleaned_up_through_the_delegates_delete() {
+    shim_on_path();
+    let dir = TempDir::new("shim-dead").expect("dir");
+    let root = rootfs::busybox(dir.path())
+        .expect("rootfs")
+        .display()
+        .to_string();
+    write_config(dir.path(), "delegate = \"containerd-shim-runc-v2\"\n");
+    let ctd = Containerd::start(MINIMAL).expect("containerd");
+    let ctr = Ctr { ctd: &ctd };
+    let id = format!("doomed{}", cnfs_testbed::unique_id());
+    let out = ctr.run(
+        CNFS,
+        &["run"],
+        &["-d", "--rootfs", &root, &id, "/bin/sleep", "600"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_task(&ctr, &id, "RUNNING");
+    let sock = ctd.socket().display().to_string();
+    let wrapper = pids_with(&["containerd-shim-cnfs-v2", &sock, &format!("-id {id} ")]);
+    let delegate = pids_with(&["containerd-shim-runc-v2", &sock, &format!("-id {id} ")]);
+    assert_eq!(
+        (wrapper.len(), delegate.len()),
+        (1, 1),
+        "{wrapper:?} {delegate:?}"
+    );
+    // The container's process, from `ctr task ls` (TASK PID STATUS).
+    let ls = text(&ctr.plain(&["task", "ls"]).stdout);
+    let task_pid: i32 = ls
+        .lines()
+        .find(|l| l.starts_with(id.as_str()))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .expect("task pid");
+    let proc_dir = format!("/proc/{task_pid}");
+    assert!(Path::new(&proc_dir).exists());
+    // Both shims die at once; containerd must clean up with `containerd-shim-cnfs-v2 delete`,
+    // which runs the delegate's `delete` (runc kills and removes the container).
+    for pid in wrapper.iter().chain(&delegate) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ls = text(&ctr.plain(&["task", "ls"]).stdout);
+        let running = ls
+            .lines()
+            .any(|l| l.starts_with(id.as_str()) && l.contains("RUNNING"));
+        if !running && !Path::new(&proc_dir).exists() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "not cleaned up:\n{ls}\n{}",
+            ctd.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // runc's own record of the container is gone too (its delete ran).
+    let runc = Command::new("runc")
+        .args(["--root", "/run/containerd/runc/default", "list", "-q"])
+        .output()
+        .expect("runc");
+    assert!(
+        !text(&runc.stdout).lines().any(|l| l == id.as_str()),
+        "{}",
+        ctd.log_tail(30)
+    );
+    let rm = ctr.plain(&["container", "rm", &id]);
+    assert!(rm.status.success(), "{}", text(&rm.stderr));
+}
