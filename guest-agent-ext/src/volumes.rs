@@ -297,7 +297,9 @@ impl Volumes {
             Outcome::Done(_) => {}
             Outcome::Failed(e) => {
                 let _ = std::fs::remove_dir(&mount_point);
-                return Err(AgentError::from_mount_errno(&what, e));
+                return Err(handler
+                    .mount_error(&what, e)
+                    .unwrap_or_else(|| AgentError::from_mount_errno(&what, e)));
             }
             Outcome::TimedOut => {
                 // The child was killed; if its mount completed at the last moment, undo it so

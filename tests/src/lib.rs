@@ -4,6 +4,7 @@
 //! fails.
 
 pub mod artifacts;
+pub mod ceph;
 pub mod containerd;
 pub mod ganesha;
 pub mod guest;

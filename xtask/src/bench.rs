@@ -167,6 +167,51 @@ pub async fn run() -> anyhow::Result<()> {
     }
     println!("List, {volumes} volumes          {}", summary(list));
     println!("Stats, {volumes} volumes         {}", summary(stats));
+    // 5. CephFS Mount latency next to busybox `mount -t ceph` of the same file system.
+    println!("bench: starting Ceph in the namespace ...");
+    let ceph = cnfs_testbed::ceph::Ceph::start(&bed.ns, bed.dir.path()).await?;
+    let key = ceph.admin_key();
+    let (mut via_agent, mut via_busybox) = (vec![], vec![]);
+    for i in 0..rounds {
+        let name = format!("c{i}");
+        let mut spec = agent::VolumeSpec {
+            name: name.clone(),
+            ..Default::default()
+        };
+        spec.set_cephfs(agent::CephFsSource {
+            monitors: vec![ceph.mon_v1()],
+            fs_name: cnfs_testbed::ceph::FS_NAME.into(),
+            path: "/".into(),
+            client: "admin".into(),
+            secret: key.clone(),
+            ..Default::default()
+        });
+        let t = Instant::now();
+        agent.mount(ctx(T), &mount_request(spec, 0)).await?;
+        via_agent.push(t.elapsed());
+        agent
+            .unmount(
+                ctx(T),
+                &agent::UnmountRequest {
+                    name,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let t = Instant::now();
+        g.ok(&format!(
+            "mkdir -p /tmp/cb && mount -t ceph -o name=admin,fs={},secret={key} {}:/ /tmp/cb",
+            cnfs_testbed::ceph::FS_NAME,
+            ceph.mon_v1()
+        ))
+        .await?;
+        via_busybox.push(t.elapsed());
+        g.ok("umount /tmp/cb").await?;
+    }
+    println!("Mount CephFS via cnfs-agent  {}", summary(via_agent));
+    println!("busybox mount -t ceph        {}", summary(via_busybox));
+    drop(ceph);
+
     let rss = g.ok("grep VmRSS /proc/$(pidof cnfs-agent)/status").await?;
     println!(
         "agent with {volumes} volumes: {}",

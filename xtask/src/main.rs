@@ -38,6 +38,9 @@ enum Task {
     Demo {
         #[arg(long, value_enum, default_value = "6.12")]
         kernel: Kernel,
+        /// Also run the CephFS scenario (a real single-node Ceph cluster).
+        #[arg(long)]
+        cephfs: bool,
     },
     /// Everything CI runs: fmt, clippy, unit and end-to-end tests.
     Test {
@@ -63,9 +66,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Guest { kernel } => guest(kernel),
-        Task::Demo { kernel } => {
+        Task::Demo { kernel, cephfs } => {
             guest(kernel)?;
-            runtime()?.block_on(demo::run())
+            runtime()?.block_on(demo::run(cephfs))
         }
         Task::Test { kernel, args } => test(kernel, &args),
         Task::Bench { kernel } => {
@@ -148,6 +151,7 @@ fn guest(kernel: Kernel) -> anyhow::Result<()> {
             ])
             .args(["--boot-module", "vsock_loopback"])
             .args(["--module", "nfsv3", "--module", "nfsv4", "--module", "ceph"])
+            .args(["--module", "gcm", "--module", "ghash_generic"])
             .arg("--out")
             .arg(out.join("initrd-test.img")),
     )?;

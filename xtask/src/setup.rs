@@ -11,10 +11,18 @@ use crate::{root, sh};
 
 /// Debian packages the test bed runs: nfs-ganesha with its VFS backend and rpcbind, busybox
 /// for the test guest and container root file systems, iproute2 for namespaces, kmod for
-/// depmod, containerd and runc for the shim tests. (QEMU comes from backports, below.)
+/// depmod, containerd and runc for the shim tests, Ceph (mon, mgr, osd, mds, CLI, libcephfs
+/// bindings for host-side file access) for CephFS. (QEMU comes from backports, below.)
 const PACKAGES: &[&str] = &[
     "containerd",
     "runc",
+    "ceph-mon",
+    "ceph-mgr",
+    "ceph-osd",
+    "ceph-mds",
+    "ceph-common",
+    "python3-cephfs",
+    "util-linux",
     "nfs-ganesha",
     "nfs-ganesha-vfs",
     "rpcbind",

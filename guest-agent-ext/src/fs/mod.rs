@@ -48,6 +48,12 @@ pub trait MountHandler: Send + Sync {
     fn kernel_types(&self) -> &'static [&'static str];
     /// Turns a validated spec into a mount call, loading modules and resolving names.
     async fn plan(&self, spec: &VolumeSpec, ctx: &Context<'_>) -> Result<MountPlan, AgentError>;
+
+    /// A failed mount(2) in this file system's terms, where an errno means something
+    /// particular to it; `None` leaves it to the general mapping.
+    fn mount_error(&self, _what: &str, _errno: nix::errno::Errno) -> Option<AgentError> {
+        None
+    }
 }
 
 pub struct Registry {

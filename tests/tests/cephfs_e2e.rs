@@ -1,0 +1,319 @@
+//! End to end: the guest kernel mounts CephFS from a real single-node Ceph cluster (mon, mgr,
+//! memstore OSD, MDS, cephx) in the test's namespace. Host-side file access goes through
+//! libcephfs in user space; nothing is mounted on the host.
+
+use std::time::{Duration, Instant};
+
+use cnfs_protocols::agent;
+use cnfs_testbed::ceph::Ceph;
+use cnfs_testbed::vm::ctx;
+use cnfs_testbed::TestBed;
+use ttrpc::Code;
+
+const T: Duration = Duration::from_secs(90);
+
+fn code_of(e: &ttrpc::Error) -> Code {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        _ => Code::UNKNOWN,
+    }
+}
+
+fn message_of(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+struct Vol<'a> {
+    name: &'a str,
+    monitors: Vec<String>,
+    path: &'a str,
+    client: &'a str,
+    key: String,
+    fsid: Option<String>,
+    options: Vec<(&'a str, &'a str)>,
+}
+
+impl Vol<'_> {
+    fn request(&self, timeout_ms: u32) -> agent::MountRequest {
+        let mut spec = agent::VolumeSpec {
+            name: self.name.into(),
+            ..Default::default()
+        };
+        spec.set_cephfs(agent::CephFsSource {
+            monitors: self.monitors.clone(),
+            fs_name: "cephfs".into(),
+            path: self.path.into(),
+            client: self.client.into(),
+            secret: self.key.clone(),
+            fsid: self.fsid.clone().unwrap_or_default(),
+            ..Default::default()
+        });
+        for (k, v) in &self.options {
+            spec.options.insert(k.to_string(), v.to_string());
+        }
+        cnfs_testbed::mount_request(spec, timeout_ms)
+    }
+}
+
+async fn start() -> anyhow::Result<(TestBed, Ceph)> {
+    let bed = TestBed::start().await?;
+    let ceph = Ceph::start(&bed.ns, bed.dir.path()).await?;
+    Ok((bed, ceph))
+}
+
+/// Fails if `key` appears in anything the test collected.
+async fn assert_key_hidden(bed: &TestBed, key: &str, texts: &[String]) -> anyhow::Result<()> {
+    let mounts = bed
+        .vm
+        .exec
+        .ok("cat /proc/mounts /proc/self/mountinfo")
+        .await?;
+    assert!(!mounts.contains(key), "key in /proc/mounts");
+    let state = bed
+        .vm
+        .exec
+        .ok("cat /run/cnfs/state/* 2>/dev/null; true")
+        .await?;
+    assert!(!state.contains(key), "key in the agent's state files");
+    assert!(
+        !bed.vm.console_text().contains(key),
+        "key in the guest console / agent log"
+    );
+    for t in texts {
+        assert!(!t.contains(key), "key in {t:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cephfs_admin_and_restricted_keys_move_data_and_keys_stay_hidden() -> anyhow::Result<()> {
+    let (bed, ceph) = start().await?;
+    let agent = bed.vm.agent().await?;
+    let g = &bed.vm.exec;
+    let admin = ceph.admin_key();
+
+    // 1. The whole file system with the admin key (legacy device syntax, no fsid).
+    let whole = Vol {
+        name: "whole",
+        monitors: vec![ceph.mon_v1()],
+        path: "/",
+        client: "admin",
+        key: admin.clone(),
+        fsid: None,
+        options: vec![],
+    };
+    agent.mount(ctx(T), &whole.request(60_000)).await?;
+    let sum = g
+        .ok("head -c 1048576 /dev/urandom > /run/cnfs/volumes/whole/g.bin && sync && md5sum /run/cnfs/volumes/whole/g.bin")
+        .await?;
+    let back = ceph.try_read_file("/g.bin")?;
+    assert_eq!(back.len(), 1 << 20);
+    let host_sum = cnfs_testbed::process::md5_hex(&back);
+    assert_eq!(sum.split_whitespace().next(), Some(host_sum.as_str()));
+    ceph.try_write_file("/from-host.txt", b"written through libcephfs\n")?;
+    assert_eq!(
+        g.ok("cat /run/cnfs/volumes/whole/from-host.txt").await?,
+        "written through libcephfs\n"
+    );
+
+    // 2. A key restricted to /sub mounts /sub (new device syntax with the fsid) and is refused /.
+    let key = ceph.authorize("app", "/sub", "rw")?;
+    let sub = Vol {
+        name: "sub",
+        monitors: vec![ceph.mon_v1()],
+        path: "/sub",
+        client: "app",
+        key: key.clone(),
+        fsid: Some(ceph.fsid()),
+        options: vec![],
+    };
+    agent.mount(ctx(T), &sub.request(60_000)).await?;
+    g.ok("echo app > /run/cnfs/volumes/sub/app.txt && sync")
+        .await?;
+    assert_eq!(ceph.try_read_file("/sub/app.txt")?, b"app\n");
+    let root = Vol {
+        name: "root",
+        path: "/",
+        ..sub_like(&sub)
+    };
+    let e = agent
+        .mount(ctx(T), &root.request(30_000))
+        .await
+        .expect_err("restricted");
+    assert_eq!(code_of(&e), Code::PERMISSION_DENIED, "{e:?}");
+    let denied = message_of(&e);
+    // A wrong key is refused too, with a readable reason.
+    let wrong = Vol {
+        name: "wrong",
+        // A real cephx key, but another client's: what a revoked or mixed-up key looks like.
+        key: ceph.authorize("other", "/other", "rw")?,
+        ..sub_like(&sub)
+    };
+    let e = agent
+        .mount(ctx(T), &wrong.request(30_000))
+        .await
+        .expect_err("wrong key");
+    // The kernel reports a rejected key like an unknown file system (EHOSTUNREACH), so the
+    // agent cannot say PERMISSION_DENIED here; its message names both causes.
+    assert_eq!(code_of(&e), Code::NOT_FOUND, "{e:?}");
+    assert!(
+        message_of(&e).contains("key the monitors rejected"),
+        "{e:?}"
+    );
+    let wrong_msg = message_of(&e);
+
+    // 3. msgr2 with ms_mode=secure.
+    let secure = Vol {
+        name: "secure",
+        monitors: vec![ceph.mon_v2()],
+        path: "/",
+        client: "admin",
+        key: admin.clone(),
+        fsid: Some(ceph.fsid()),
+        options: vec![("ms_mode", "secure")],
+    };
+    agent.mount(ctx(T), &secure.request(60_000)).await?;
+    g.ok("echo secure > /run/cnfs/volumes/secure/s.txt && sync")
+        .await?;
+    assert_eq!(ceph.try_read_file("/s.txt")?, b"secure\n");
+    let line = g
+        .ok("grep ' /run/cnfs/volumes/secure ' /proc/mounts")
+        .await?;
+    assert!(line.contains("ms_mode=secure"), "{line}");
+
+    // The volumes are listed without their keys, and repeated mounts are idempotent.
+    let list = agent.list(ctx(T), &agent::ListRequest::new()).await?;
+    assert_eq!(list.volumes.len(), 3);
+    assert!(list
+        .volumes
+        .iter()
+        .all(|v| v.volume.cephfs().secret.is_empty() && v.fs_type == "ceph"));
+    assert!(
+        agent
+            .mount(ctx(T), &whole.request(60_000))
+            .await?
+            .already_mounted
+    );
+
+    // 5. The keys appear nowhere: mounts, state, logs, errors.
+    for k in [&admin, &key] {
+        assert_key_hidden(
+            &bed,
+            k,
+            &[denied.clone(), wrong_msg.clone(), format!("{list:?}")],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+fn sub_like<'a>(v: &Vol<'a>) -> Vol<'a> {
+    Vol {
+        name: v.name,
+        monitors: v.monitors.clone(),
+        path: v.path,
+        client: v.client,
+        key: v.key.clone(),
+        fsid: v.fsid.clone(),
+        options: v.options.clone(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cephfs_faults_are_bounded_and_a_restarted_agent_keeps_the_volume() -> anyhow::Result<()> {
+    let (bed, mut ceph) = start().await?;
+    let agent = bed.vm.agent().await?;
+    let g = &bed.vm.exec;
+    let vol = |name: &'static str| Vol {
+        name,
+        monitors: vec![ceph.mon_v1()],
+        path: "/",
+        client: "admin",
+        key: ceph.admin_key(),
+        fsid: None,
+        options: vec![],
+    };
+    agent.mount(ctx(T), &vol("keep").request(60_000)).await?;
+    let other = vol("other");
+
+    // Unknown file system: NotFound.
+    let mut nofs = vol("nofs").request(30_000);
+    nofs.volume.mut_or_insert_default().mut_cephfs().fs_name = "nosuchfs".into();
+    let e = agent.mount(ctx(T), &nofs).await.expect_err("no fs");
+    assert_eq!(code_of(&e), Code::NOT_FOUND, "{e:?}");
+
+    // Agent restarted: the CephFS volume is still listed and a repeated Mount is idempotent.
+    g.ok("kill -9 $(pidof cnfs-agent); /usr/bin/cnfs-agent </dev/null >/dev/console 2>&1 &")
+        .await?;
+    bed.vm.wait_for_agent(Duration::from_secs(30)).await?;
+    let agent = bed.vm.agent().await?;
+    let list = agent.list(ctx(T), &agent::ListRequest::new()).await?;
+    assert_eq!(list.volumes.len(), 1);
+    assert_eq!(
+        (
+            list.volumes[0].volume.name.as_str(),
+            list.volumes[0].state.as_str()
+        ),
+        ("keep", "mounted")
+    );
+    assert!(
+        agent
+            .mount(ctx(T), &vol("keep").request(60_000))
+            .await?
+            .already_mounted
+    );
+
+    // MDS stopped while mounted, a process keeping the volume busy: Unmount is bounded.
+    g.ok("cd /run/cnfs/volumes/keep && (sleep 600 </dev/null >/dev/null 2>&1 &)")
+        .await?;
+    ceph.stop_mds();
+    let bound = Duration::from_secs(12);
+    let start = Instant::now();
+    let u = agent
+        .unmount(
+            ctx(T),
+            &agent::UnmountRequest {
+                name: "keep".into(),
+                timeout_ms: bound.as_millis() as u32,
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert!(
+        start.elapsed() < bound + Duration::from_secs(5),
+        "unmount took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        !g.ok("cat /proc/mounts")
+            .await?
+            .contains("/run/cnfs/volumes/keep"),
+        "{u:?}"
+    );
+
+    // Monitor stopped before a mount: DeadlineExceeded within the deadline, agent answering.
+    ceph.stop_mon();
+    let deadline = Duration::from_secs(8);
+    let start = Instant::now();
+    let e = agent
+        .mount(ctx(T), &other.request(deadline.as_millis() as u32))
+        .await
+        .expect_err("no mon");
+    assert_eq!(code_of(&e), Code::DEADLINE_EXCEEDED, "{e:?}");
+    assert!(
+        start.elapsed() < deadline + Duration::from_secs(6),
+        "took {:?}",
+        start.elapsed()
+    );
+    agent
+        .ping(ctx(Duration::from_secs(10)), &agent::PingRequest::new())
+        .await?;
+    assert!(!g
+        .ok("cat /proc/mounts")
+        .await?
+        .contains("/run/cnfs/volumes/other"));
+    Ok(())
+}
