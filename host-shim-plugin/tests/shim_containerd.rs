@@ -355,11 +355,13 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
         );
         wait_task(&ctr, &id, "gone");
     }
-    // A CephFS key travels from the host secret store to the guest and nowhere else: there is
-    // no Ceph cluster here, so the guest's mount times out, and the key appears in no output,
-    // log or file on the host side (containerd's root, state and log, the bundle) nor in the
-    // guest's console.
-    let key = "AQBnotarealkeybutsecretforcnfs0123456789==";
+    // CephFS through the shim: a real Ceph cluster in the namespace, the pod names a host-side
+    // secret, the guest kernel mounts with it, and the key appears in no output, log or file
+    // on the host side (containerd's root, state and log, the bundle) nor in the guest's
+    // console.
+    let ceph = cnfs_testbed::ceph::Ceph::start(&bed.ns, dir).await?;
+    let key = ceph.authorize("app", EXPORT, "rw")?;
+    let key = key.as_str();
     let key_file = secrets.join("team-a").join("ceph-key");
     std::fs::write(&key_file, format!("{key}\n"))?;
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
@@ -371,20 +373,39 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
     )?;
     let mut a = cri_annotations("sandbox", &id, "team-a", "POD");
     a.push(format!(
-        "cnfs.io/volume.{vol}=cephfs://{server}:6789{EXPORT}?fs=cephfs&client=app&secret=ceph-key"
+        "cnfs.io/volume.{vol}=cephfs://{}{EXPORT}?fs=cephfs&client=app&secret=ceph-key",
+        ceph.mon_v1()
     ));
     a.push(format!("cnfs.io/mount.{vol}=/data"));
     let args = with_annotations(&a, &["-d", "--rootfs", &root, &id, "/bin/sleep", "600"]);
     let out = ctr.run(CNFS, &["run"], &args);
-    assert!(!out.status.success());
     let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
     assert!(
-        err.contains(&format!(
-            "annotation \"cnfs.io/volume.{vol}\": mounting in the guest failed"
-        )),
-        "{err}"
+        mounts.contains(&format!("/run/cnfs/volumes/{vol} ceph")),
+        "{mounts}"
     );
-    wait_task(&ctr, &id, "gone");
+    bed.vm
+        .exec
+        .ok(&format!(
+            "echo via-shim > /run/cnfs/volumes/{vol}/shim.txt && sync"
+        ))
+        .await?;
+    assert_eq!(
+        ceph.try_read_file(&format!("{EXPORT}/shim.txt"))?,
+        b"via-shim\n"
+    );
+    ctr.plain(&["task", "kill", "-s", "SIGKILL", &id]);
+    wait_task(&ctr, &id, "STOPPED");
+    let del = ctr.plain(&["task", "delete", &id]);
+    assert!(del.status.success(), "{}", text(&del.stderr));
+    assert!(!bed
+        .vm
+        .exec
+        .ok("cat /proc/mounts")
+        .await?
+        .contains(&format!("/run/cnfs/volumes/{vol}")));
     let grep = Command::new("grep")
         .args(["-r", "-l", "-a", key])
         .arg(ctd.dir())
