@@ -113,17 +113,22 @@ async fn ceph_cluster_comes_up_and_moves_data_through_libcephfs() -> anyhow::Res
     ceph.write_file("/a/empty", b"");
     assert_eq!(ceph.read_file("/a/empty"), b"");
 
-    // Data went to the cluster: the data pool holds objects.
-    let df: serde_json::Value = serde_json::from_str(&ceph.ceph(&["df", "-f", "json"])?)?;
-    let data_pool = df["pools"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["name"] == "cephfs_data"))
-        .cloned()
-        .unwrap_or_default();
-    assert!(
-        data_pool["stats"]["objects"].as_u64().unwrap_or(0) > 0,
-        "{data_pool:#}"
-    );
+    // Data went to the cluster: the data pool holds objects. Pool statistics reach the
+    // manager every `mgr stats period` (1 s), so they may lag the writes a little.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let df: serde_json::Value = serde_json::from_str(&ceph.ceph(&["df", "-f", "json"])?)?;
+        let data_pool = df["pools"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "cephfs_data"))
+            .cloned()
+            .unwrap_or_default();
+        if data_pool["stats"]["objects"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "{data_pool:#}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 
     // Nothing was written where another instance (or the host's own Ceph) would look.
     for log in ["cluster.log", "mon.a.log", "mds.a.log"] {
