@@ -200,7 +200,7 @@ pub async fn run() -> anyhow::Result<()> {
             .await?;
         let t = Instant::now();
         g.ok(&format!(
-            "mkdir -p /tmp/cb && mount -t ceph -o name=admin,fs={},secret={key} {}:/ /tmp/cb",
+            "mkdir -p /tmp/cb && mount -t ceph -o name=admin,mds_namespace={},secret={key} {}:/ /tmp/cb",
             cnfs_testbed::ceph::FS_NAME,
             ceph.mon_v1()
         ))
