@@ -107,3 +107,19 @@ pub fn mount_request(
         ..Default::default()
     }
 }
+
+/// The status code of a failed agent call (`UNKNOWN` for a transport error).
+pub fn code_of(e: &ttrpc::Error) -> ttrpc::Code {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        _ => ttrpc::Code::UNKNOWN,
+    }
+}
+
+/// The message of a failed agent call.
+pub fn message_of(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+        other => other.to_string(),
+    }
+}

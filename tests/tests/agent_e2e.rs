@@ -7,22 +7,8 @@ use std::time::{Duration, Instant};
 use cnfs_protocols::agent::{self, Health};
 use cnfs_testbed::ganesha::EXPORT;
 use cnfs_testbed::vm::ctx;
-use cnfs_testbed::{mount_request, nfs_volume, TestBed};
+use cnfs_testbed::{code_of, message_of, mount_request, nfs_volume, TestBed};
 use ttrpc::Code;
-
-fn code_of(e: &ttrpc::Error) -> Code {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.code(),
-        _ => Code::UNKNOWN,
-    }
-}
-
-fn message_of(e: &ttrpc::Error) -> String {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
-        other => other.to_string(),
-    }
-}
 
 const T: Duration = Duration::from_secs(60);
 

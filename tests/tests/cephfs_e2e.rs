@@ -7,24 +7,10 @@ use std::time::{Duration, Instant};
 use cnfs_protocols::agent;
 use cnfs_testbed::ceph::Ceph;
 use cnfs_testbed::vm::ctx;
-use cnfs_testbed::TestBed;
+use cnfs_testbed::{code_of, message_of, TestBed};
 use ttrpc::Code;
 
 const T: Duration = Duration::from_secs(90);
-
-fn code_of(e: &ttrpc::Error) -> Code {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.code(),
-        _ => Code::UNKNOWN,
-    }
-}
-
-fn message_of(e: &ttrpc::Error) -> String {
-    match e {
-        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
-        other => other.to_string(),
-    }
-}
 
 struct Vol<'a> {
     name: &'a str,
