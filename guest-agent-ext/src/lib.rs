@@ -6,6 +6,7 @@ pub mod fs;
 pub mod init;
 pub mod killable;
 pub mod kmod;
+pub mod kmsg;
 pub mod listen;
 pub mod logging;
 pub mod mountinfo;

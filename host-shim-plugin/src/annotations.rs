@@ -13,8 +13,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use cnfs_protocols::agent;
 use cnfs_protocols::spec::{self, VolumeSpec};
+use cnfs_protocols::volume_url;
 
 pub const PREFIX: &str = "cnfs.io/";
 /// CRI annotations the shim reads (set by containerd's CRI plugin, not by pod authors).
@@ -150,107 +150,19 @@ fn parse_source(
     name: &str,
     url: &str,
 ) -> Result<(VolumeSpec, Option<String>), AnnotationError> {
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| AnnotationError {
+    let reason = |reason: String| AnnotationError {
         annotation: key.to_string(),
-        reason: "must be a URL like nfs://server/export or cephfs://monitor/path".into(),
-    })?;
-    if rest.contains(['#', '@', '%', ' ', '\t', '\n']) {
-        return err(key, "must not contain '#', '@', '%' or white space");
-    }
-    let (authority_path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (authority, path) = match authority_path.find('/') {
-        Some(i) => authority_path.split_at(i),
-        None => (authority_path, ""),
+        reason,
     };
-    let mut options = BTreeMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if options.insert(k.to_string(), v.to_string()).is_some() {
-            return err(key, format!("option {k:?} is given twice"));
-        }
+    let parsed = volume_url::parse(name, url).map_err(reason)?;
+    if parsed.is_cephfs() && parsed.secret_ref.is_none() {
+        return err(
+            key,
+            "cephfs volumes need secret=<name of a host-side secret>",
+        );
     }
-    let mut wire = agent::VolumeSpec {
-        name: name.to_string(),
-        ..Default::default()
-    };
-    let mut secret_ref = None;
-    match scheme {
-        "nfs" => {
-            let (server, port) = split_host_port(key, authority)?;
-            if let Some(port) = port {
-                if options.insert("port".into(), port).is_some() {
-                    return err(key, "give the port either in the URL or as port=, not both");
-                }
-            }
-            let version = options.remove("vers").or_else(|| options.remove("nfsvers"));
-            wire.set_nfs(agent::NfsSource {
-                server,
-                export: path.to_string(),
-                version: version.unwrap_or_default(),
-                ..Default::default()
-            });
-        }
-        "cephfs" => {
-            let mut take = |k: &str| options.remove(k).unwrap_or_default();
-            let fs_name = take("fs");
-            let client = take("client");
-            let fsid = take("fsid");
-            let secret = take("secret");
-            if secret.is_empty() {
-                return err(
-                    key,
-                    "cephfs volumes need secret=<name of a host-side secret>",
-                );
-            }
-            secret_ref = Some(secret);
-            wire.set_cephfs(agent::CephFsSource {
-                monitors: authority.split(',').map(str::to_string).collect(),
-                fs_name,
-                path: path.to_string(),
-                client,
-                fsid,
-                ..Default::default()
-            });
-        }
-        other => {
-            return err(
-                key,
-                format!("scheme {other:?} is not supported (nfs, cephfs)"),
-            )
-        }
-    }
-    wire.options = options.into_iter().collect();
-    let spec = VolumeSpec::from_wire_unresolved(&wire).map_err(|e| AnnotationError {
-        annotation: key.to_string(),
-        reason: e.to_string(),
-    })?;
-    Ok((spec, secret_ref))
-}
-
-fn split_host_port(
-    key: &str,
-    authority: &str,
-) -> Result<(String, Option<String>), AnnotationError> {
-    if authority.is_empty() {
-        return err(key, "the URL has no server");
-    }
-    // [v6]:port, [v6], host:port, host
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (host, after) = rest.split_once(']').ok_or_else(|| AnnotationError {
-            annotation: key.to_string(),
-            reason: "unclosed '[' in the server address".into(),
-        })?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p.to_string()),
-            None if after.is_empty() => None,
-            None => return err(key, "unexpected text after the IPv6 address"),
-        };
-        return Ok((host.to_string(), port));
-    }
-    match authority.split_once(':') {
-        Some((h, p)) => Ok((h.to_string(), Some(p.to_string()))),
-        None => Ok((authority.to_string(), None)),
-    }
+    let spec = VolumeSpec::from_wire_unresolved(&parsed.wire).map_err(|e| reason(e.to_string()))?;
+    Ok((spec, parsed.secret_ref))
 }
 
 /// A container path: absolute, clean, conservative characters, and not a system path the

@@ -47,6 +47,83 @@ pub fn container_mounts(volumes: &[PodVolume], container: Option<&str>) -> Vec<M
         .collect()
 }
 
+/// The bind sources of `<bundle>/config.json` (CSI hand-offs are found among them).
+pub fn bind_sources(bundle: &Path) -> Result<Vec<String>, HandoffError> {
+    let path = bundle.join("config.json");
+    let spec = Spec::load(&path).map_err(|e| HandoffError::Bundle {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(spec
+        .mounts()
+        .iter()
+        .flatten()
+        .filter(|m| m.typ().as_deref().is_none_or(|t| t == "bind"))
+        .filter_map(|m| m.source().as_ref()?.to_str().map(str::to_string))
+        .filter(|s| s.starts_with('/'))
+        .collect())
+}
+
+/// A CSI volume's bind mount, re-pointed at the guest's mount of it.
+pub struct Redirect {
+    /// The CSI target path the container runtime was given.
+    pub source: String,
+    /// The agent volume that holds the mount in the guest.
+    pub volume: String,
+    pub read_only: bool,
+}
+
+/// Re-points every bind mount whose source is a redirect's to the guest's mount
+/// ([`passthrough_source`]), keeping its destination; atomically. Returns how many changed.
+pub fn redirect(bundle: &Path, redirects: &[Redirect]) -> Result<usize, HandoffError> {
+    let path = bundle.join("config.json");
+    let bad = |reason: String| HandoffError::Bundle {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut spec = Spec::load(&path).map_err(|e| bad(e.to_string()))?;
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    let mut n = 0;
+    for m in mounts.iter_mut() {
+        let Some(r) = m
+            .source()
+            .as_ref()
+            .and_then(|s| s.to_str())
+            .and_then(|s| redirects.iter().find(|r| r.source == s))
+        else {
+            continue;
+        };
+        // Type `bind` exactly (kata-agent canonicalizes only that type); the runtime's own
+        // options stay (rbind, propagation), hardened, read-only when published so.
+        let mut options: Vec<String> = m.options().clone().unwrap_or_default();
+        options.retain(|o| o != "rw" || !r.read_only);
+        for o in ["nosuid", "nodev"]
+            .into_iter()
+            .chain(r.read_only.then_some("ro"))
+        {
+            if !options.iter().any(|e| e == o) {
+                options.push(o.to_string());
+            }
+        }
+        m.set_source(Some(passthrough_source(&r.volume).into()));
+        m.set_typ(Some("bind".into()));
+        m.set_options(Some(options));
+        n += 1;
+    }
+    spec.set_mounts(Some(mounts));
+    save(bundle, &path, &spec).map_err(bad)?;
+    Ok(n)
+}
+
+fn save(bundle: &Path, path: &Path, spec: &Spec) -> Result<(), String> {
+    let tmp = bundle.join(".config.json.cnfs");
+    spec.save(&tmp).map_err(|e| e.to_string())?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let _ = std::fs::set_permissions(&tmp, meta.permissions());
+    }
+    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+}
+
 /// Adds `mounts` to `<bundle>/config.json`, atomically. Returns how many were added; a
 /// destination the spec already mounts is a conflict (the pod's own volume wins nothing
 /// silently).
@@ -77,12 +154,7 @@ pub fn inject(bundle: &Path, mounts: Vec<Mount>) -> Result<usize, HandoffError> 
     let n = mounts.len();
     all.extend(mounts);
     spec.set_mounts(Some(all));
-    let tmp = bundle.join(".config.json.cnfs");
-    spec.save(&tmp).map_err(|e| bad(e.to_string()))?;
-    if let Ok(meta) = std::fs::metadata(&path) {
-        let _ = std::fs::set_permissions(&tmp, meta.permissions());
-    }
-    std::fs::rename(&tmp, &path).map_err(|e| bad(e.to_string()))?;
+    save(bundle, &path, &spec).map_err(bad)?;
     Ok(n)
 }
 
@@ -143,6 +215,63 @@ mod tests {
         assert!(mounts.iter().any(|m| m.destination() == Path::new("/logs")));
         let e = inject(&dir, container_mounts(&volumes(), Some("app"))).expect_err("conflict");
         assert!(e.to_string().contains("/data"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn redirect_repoints_only_the_csi_target_and_hardens_it() {
+        let dir = std::env::temp_dir().join(format!("cnfs-redirect-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let target = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv/mount";
+        let csi = MountBuilder::default()
+            .destination("/data")
+            .typ("bind")
+            .source(target)
+            .options(vec!["rbind".into(), "rprivate".into(), "rw".into()])
+            .build()
+            .expect("mount");
+        let other = MountBuilder::default()
+            .destination("/etc/hosts")
+            .typ("bind")
+            .source("/var/lib/kubelet/pods/u/etc-hosts")
+            .build()
+            .expect("mount");
+        let mut spec = Spec::default();
+        spec.set_mounts(Some(vec![csi, other]));
+        spec.save(dir.join("config.json")).expect("spec");
+        let sources = bind_sources(&dir).expect("sources");
+        assert!(sources.contains(&target.to_string()));
+        let r = Redirect {
+            source: target.into(),
+            volume: "csi-0123".into(),
+            read_only: true,
+        };
+        assert_eq!(redirect(&dir, &[r]).expect("redirect"), 1);
+        let mounts = Spec::load(dir.join("config.json"))
+            .expect("load")
+            .mounts()
+            .clone()
+            .unwrap_or_default();
+        let data = mounts
+            .iter()
+            .find(|m| m.destination() == Path::new("/data"))
+            .expect("data");
+        assert_eq!(
+            data.source().as_deref(),
+            Some(Path::new("/proc/1/root/run/cnfs/volumes/csi-0123"))
+        );
+        let opts = data.options().clone().unwrap_or_default();
+        for o in ["rbind", "ro", "nosuid", "nodev"] {
+            assert!(opts.contains(&o.to_string()), "{opts:?}");
+        }
+        assert!(!opts.contains(&"rw".to_string()), "{opts:?}");
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m.source().as_deref()
+                    == Some(Path::new("/var/lib/kubelet/pods/u/etc-hosts")))
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -31,5 +31,7 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
+pub mod handoff;
 pub mod spec;
 pub mod transport;
+pub mod volume_url;

@@ -131,25 +131,55 @@ async fn cephfs_admin_and_restricted_keys_move_data_and_keys_stay_hidden() -> an
         .expect_err("restricted");
     assert_eq!(code_of(&e), Code::PERMISSION_DENIED, "{e:?}");
     let denied = message_of(&e);
-    // A wrong key is refused too, with a readable reason.
+    // A wrong key is refused too, with a readable reason. The kernel fails this mount with
+    // EHOSTUNREACH, like an unknown file system; the agent tells them apart by its log.
+    let other_key = ceph.authorize("other", "/other", "rw")?;
     let wrong = Vol {
         name: "wrong",
-        // A real cephx key, but another client's: what a revoked or mixed-up key looks like.
-        key: ceph.authorize("other", "/other", "rw")?,
+        // A real cephx key, but another client's.
+        key: other_key.clone(),
         ..sub_like(&sub)
     };
     let e = agent
         .mount(ctx(T), &wrong.request(30_000))
         .await
         .expect_err("wrong key");
-    // The kernel reports a rejected key like an unknown file system (EHOSTUNREACH), so the
-    // agent cannot say PERMISSION_DENIED here; its message names both causes.
-    assert_eq!(code_of(&e), Code::NOT_FOUND, "{e:?}");
+    assert_eq!(code_of(&e), Code::PERMISSION_DENIED, "{e:?}");
+    let wrong_msg = message_of(&e);
     assert!(
-        message_of(&e).contains("key the monitors rejected"),
+        wrong_msg.contains("rejected the key of client.app")
+            && wrong_msg.contains("wrong or was revoked"),
         "{e:?}"
     );
-    let wrong_msg = message_of(&e);
+    // A revoked key (its client removed), over msgr2 this time (the kernel words it otherwise).
+    let gone_key = ceph.authorize("gone", "/gone", "rw")?;
+    ceph.ceph(&["auth", "rm", "client.gone"])?;
+    let revoked = Vol {
+        name: "revoked",
+        monitors: vec![ceph.mon_v2()],
+        path: "/gone",
+        client: "gone",
+        key: gone_key.clone(),
+        fsid: Some(ceph.fsid()),
+        options: vec![("ms_mode", "crc")],
+    };
+    let e = agent
+        .mount(ctx(T), &revoked.request(30_000))
+        .await
+        .expect_err("revoked key");
+    assert_eq!(code_of(&e), Code::PERMISSION_DENIED, "{e:?}");
+    let revoked_msg = message_of(&e);
+    assert!(
+        revoked_msg.contains("rejected the key of client.gone"),
+        "{e:?}"
+    );
+    let mounts = g.ok("cat /proc/mounts").await?;
+    for name in ["root", "wrong", "revoked"] {
+        assert!(
+            !mounts.contains(&format!("/run/cnfs/volumes/{name} ")),
+            "{mounts}"
+        );
+    }
 
     // 3. msgr2 with ms_mode=secure.
     let secure = Vol {
@@ -185,11 +215,16 @@ async fn cephfs_admin_and_restricted_keys_move_data_and_keys_stay_hidden() -> an
     );
 
     // 5. The keys appear nowhere: mounts, state, logs, errors.
-    for k in [&admin, &key] {
+    for k in [&admin, &key, &other_key, &gone_key] {
         assert_key_hidden(
             &bed,
             k,
-            &[denied.clone(), wrong_msg.clone(), format!("{list:?}")],
+            &[
+                denied.clone(),
+                wrong_msg.clone(),
+                revoked_msg.clone(),
+                format!("{list:?}"),
+            ],
         )
         .await?;
     }
@@ -230,6 +265,10 @@ async fn cephfs_faults_are_bounded_and_a_restarted_agent_keeps_the_volume() -> a
     nofs.volume.mut_or_insert_default().mut_cephfs().fs_name = "nosuchfs".into();
     let e = agent.mount(ctx(T), &nofs).await.expect_err("no fs");
     assert_eq!(code_of(&e), Code::NOT_FOUND, "{e:?}");
+    assert!(
+        message_of(&e).contains("no MDS serves file system \"nosuchfs\""),
+        "{e:?}"
+    );
 
     // Agent restarted: the CephFS volume is still listed and a repeated Mount is idempotent.
     g.ok("kill -9 $(pidof cnfs-agent); /usr/bin/cnfs-agent </dev/null >/dev/console 2>&1 &")

@@ -12,7 +12,8 @@ use crate::{root, sh};
 /// Debian packages the test bed runs: nfs-ganesha with its VFS backend and rpcbind, busybox
 /// for the test guest and container root file systems, iproute2 for namespaces, kmod for
 /// depmod, containerd and runc for the shim tests, Ceph (mon, mgr, osd, mds, CLI, libcephfs
-/// bindings for host-side file access) for CephFS. (QEMU comes from backports, below.)
+/// bindings for host-side file access) for CephFS, strace to show the CSI node plugin never
+/// calls mount(2). (QEMU comes from backports, below.)
 const PACKAGES: &[&str] = &[
     "containerd",
     "runc",
@@ -29,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "iproute2",
     "kmod",
+    "strace",
 ];
 
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/cnfs-bookworm-backports.sources";

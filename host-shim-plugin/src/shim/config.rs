@@ -25,6 +25,8 @@ pub struct ShimConfig {
     pub unmount_timeout_seconds: u64,
     /// Kata management socket directories (`<root>/<sandbox id>/shim-monitor.sock`).
     pub kata_monitor_roots: Vec<PathBuf>,
+    /// Where `cnfs-csi node` leaves its hand-off records (tmpfs, shared with the node plugin).
+    pub csi_handoff_dir: PathBuf,
 }
 
 impl Default for ShimConfig {
@@ -38,6 +40,7 @@ impl Default for ShimConfig {
             guest_connect_timeout_seconds: 30,
             unmount_timeout_seconds: 10,
             kata_monitor_roots: vec![PathBuf::from("/run/vc/sbs"), PathBuf::from("/run/kata")],
+            csi_handoff_dir: PathBuf::from(cnfs_protocols::handoff::DEFAULT_ROOT),
         }
     }
 }

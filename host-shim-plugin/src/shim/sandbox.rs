@@ -2,7 +2,9 @@
 //! - sandbox `Create`: before forwarding, parse the pod's annotations, check the policy and
 //!   resolve secrets (a refusal creates nothing); after the delegate created the VM, find the
 //!   guest and `Mount` every volume, undoing them all if one fails.
-//! - app container `Create`: before forwarding, add the volume bind mounts to config.json.
+//! - app container `Create`: before forwarding, add the volume bind mounts to config.json;
+//!   and for every bind mount whose source is a CSI target with a `cnfs-csi` hand-off record,
+//!   mount that volume in the guest and re-point the bind mount at the guest's mount.
 //! - sandbox `Delete`: `Unmount` every volume, bounded; the delete goes on regardless.
 
 use std::collections::HashMap;
@@ -16,8 +18,10 @@ use cnfs_protocols::transport::AgentAddress;
 use slog::{info, warn, Logger};
 use tokio::sync::Mutex;
 
+use cnfs_protocols::handoff::{GuestUse, HandoffDir};
+
 use crate::annotations::{
-    self, PodVolume, CRI_CONTAINER_NAME, CRI_CONTAINER_TYPE, CRI_SANDBOX_NAMESPACE,
+    self, PodVolume, CRI_CONTAINER_NAME, CRI_CONTAINER_TYPE, CRI_SANDBOX_ID, CRI_SANDBOX_NAMESPACE,
 };
 use crate::handoff;
 use crate::kata::{self, MonitorPaths};
@@ -54,6 +58,8 @@ struct Mounted {
     sandbox_id: String,
     volumes: Vec<PodVolume>,
     agent: Option<AgentAddress>,
+    /// Agent volume names of CSI volumes mounted for app containers.
+    csi: Vec<String>,
 }
 
 pub struct Sandbox {
@@ -190,16 +196,7 @@ impl Sandbox {
             .map_err(unreachable)?;
         let mut done: Vec<String> = Vec::new();
         for (v, wire) in &volumes {
-            let req = agent::MountRequest {
-                volume: protobuf::MessageField::some(wire.clone()),
-                sandbox_id: sandbox_id.clone(),
-                timeout_ms: self.cfg.mount_timeout().as_millis() as u32,
-                ..Default::default()
-            };
-            let ctx = ttrpc::context::with_timeout(
-                (self.cfg.mount_timeout() + Duration::from_secs(5)).as_nanos() as i64,
-            );
-            if let Err(e) = client.mount(ctx, &req).await {
+            if let Err(e) = self.mount(&client, &sandbox_id, wire).await {
                 let (code, msg) = status_of(&e);
                 self.unmount_all(&client, &done).await;
                 return Err(Refusal::new(
@@ -218,12 +215,14 @@ impl Sandbox {
             sandbox_id,
             volumes: volumes.into_iter().map(|(v, _)| v).collect(),
             agent: Some(addr),
+            csi: Vec::new(),
         });
         Ok(())
     }
 
     /// App container: add the bind mounts of the volumes it should see.
     async fn hand_off(&self, bundle: &Path, ann: &HashMap<String, String>) -> Result<(), Refusal> {
+        self.hand_off_csi(bundle, ann).await?;
         let state = self.state.lock().await;
         let volumes = match state.as_ref() {
             Some(m) => m.volumes.clone(),
@@ -239,13 +238,165 @@ impl Sandbox {
         Ok(())
     }
 
+    /// App container: its CSI volumes (bind sources with a hand-off record) are mounted in the
+    /// guest, all or none, and their bind mounts re-pointed there.
+    async fn hand_off_csi(
+        &self,
+        bundle: &Path,
+        ann: &HashMap<String, String>,
+    ) -> Result<(), Refusal> {
+        let precondition = |m: String| Refusal::new(ttrpc::Code::FAILED_PRECONDITION, m);
+        let dir = HandoffDir::new(&self.cfg.csi_handoff_dir);
+        let sources = handoff::bind_sources(bundle).map_err(|e| precondition(e.to_string()))?;
+        let mut records = Vec::new();
+        for src in sources {
+            match dir.read_record(&src) {
+                Ok(Some(r)) => records.push(r),
+                Ok(None) => {}
+                Err(e) => return Err(precondition(format!("CSI hand-off for {src}: {e}"))),
+            }
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        let sandbox_id = ann
+            .get(CRI_SANDBOX_ID)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                precondition(format!("the container has no {CRI_SANDBOX_ID} annotation"))
+            })?
+            .clone();
+        let namespace = ann.get(CRI_SANDBOX_NAMESPACE).cloned().unwrap_or_default();
+        let mut wanted = Vec::new();
+        for r in &records {
+            let what = format!("CSI volume {:?}", r.volume_id);
+            if !r.pod_namespace.is_empty() && r.pod_namespace != namespace {
+                return Err(Refusal::new(
+                    ttrpc::Code::PERMISSION_DENIED,
+                    format!(
+                        "{what} was published for namespace {:?}, not this pod's {namespace:?}",
+                        r.pod_namespace
+                    ),
+                ));
+            }
+            let secret = if r.has_secret {
+                dir.read_secret(&r.target_path).map_err(|e| {
+                    precondition(format!("{what}: reading its node-publish secret: {e}"))
+                })?
+            } else {
+                None
+            };
+            let (spec, wire) = r
+                .volume_spec(secret.as_ref())
+                .map_err(|e| Refusal::new(ttrpc::Code::INVALID_ARGUMENT, format!("{what}: {e}")))?;
+            // An inline volume's source is the pod author's: the admin's policy decides, as for
+            // annotations. PersistentVolumes and StorageClasses are admin objects.
+            if r.ephemeral {
+                self.policy.check(&namespace, &spec).map_err(|e| {
+                    Refusal::new(ttrpc::Code::PERMISSION_DENIED, format!("{what}: {e}"))
+                })?;
+            }
+            wanted.push((r, wire));
+        }
+
+        let mut state = self.state.lock().await;
+        let known = state
+            .as_ref()
+            .filter(|m| m.sandbox_id == sandbox_id)
+            .and_then(|m| m.agent.clone());
+        let unreachable = |e: kata::KataError| {
+            Refusal::new(
+                ttrpc::Code::UNAVAILABLE,
+                format!("CSI volumes: cannot reach the sandbox's guest: {e}"),
+            )
+        };
+        let addr = match known {
+            Some(a) => a,
+            None => {
+                let paths = MonitorPaths::with_roots(self.cfg.kata_monitor_roots.clone());
+                kata::find_agent(
+                    &sandbox_id,
+                    &paths,
+                    self.cfg.agent_port,
+                    self.cfg.connect_timeout(),
+                )
+                .await
+                .map_err(unreachable)?
+            }
+        };
+        let client = kata::connect_agent(&addr, self.cfg.connect_timeout())
+            .await
+            .map_err(unreachable)?;
+        let mut done: Vec<String> = Vec::new();
+        let mut redirects = Vec::new();
+        for (r, wire) in &wanted {
+            match self.mount(&client, &sandbox_id, wire).await {
+                Ok(resp) => {
+                    if !resp.already_mounted {
+                        done.push(wire.name.clone());
+                    }
+                }
+                Err(e) => {
+                    let (code, msg) = status_of(&e);
+                    self.unmount_all(&client, &done).await;
+                    return Err(Refusal::new(
+                        code,
+                        format!(
+                            "CSI volume {:?}: mounting in the guest failed: {msg}",
+                            r.volume_id
+                        ),
+                    ));
+                }
+            }
+            let guest = GuestUse {
+                sandbox_id: sandbox_id.clone(),
+                volume: wire.name.clone(),
+            };
+            if let Err(e) = dir.write_guest(&r.target_path, &guest) {
+                warn!(self.log, "could not record the guest of a CSI volume (stats will say so)";
+                    "volume_id" => &r.volume_id, "error" => e.to_string());
+            }
+            redirects.push(handoff::Redirect {
+                source: r.target_path.clone(),
+                volume: wire.name.clone(),
+                read_only: wire.read_only,
+            });
+        }
+        if let Err(e) = handoff::redirect(bundle, &redirects) {
+            self.unmount_all(&client, &done).await;
+            return Err(precondition(e.to_string()));
+        }
+        info!(self.log, "CSI volumes mounted in the guest"; "sandbox" => &sandbox_id,
+            "volumes" => redirects.iter().map(|r| r.volume.as_str()).collect::<Vec<_>>().join(","));
+        let m = state.get_or_insert_with(|| Mounted {
+            sandbox_id: sandbox_id.clone(),
+            // The wrapper may not have seen the sandbox start: annotation volumes come back
+            // from the container's own copy of the pod annotations.
+            volumes: annotations::parse(ann).unwrap_or_default(),
+            agent: None,
+            csi: Vec::new(),
+        });
+        m.agent.get_or_insert(addr);
+        for r in redirects {
+            if !m.csi.contains(&r.volume) {
+                m.csi.push(r.volume);
+            }
+        }
+        Ok(())
+    }
+
     /// Before forwarding the sandbox's `Delete`: unmount, bounded; never blocks the delete.
     pub async fn before_delete(&self, id: &str) {
         let mut state = self.state.lock().await;
         let Some(m) = state.as_ref().filter(|m| m.sandbox_id == id) else {
             return;
         };
-        let names: Vec<String> = m.volumes.iter().map(|v| v.name().to_string()).collect();
+        let names: Vec<String> = m
+            .volumes
+            .iter()
+            .map(|v| v.name().to_string())
+            .chain(m.csi.iter().cloned())
+            .collect();
         if let Some(addr) = m.agent.clone() {
             let bound = self.cfg.unmount_timeout() + Duration::from_secs(2);
             let work = async {
@@ -266,6 +417,25 @@ impl Sandbox {
             }
         }
         *state = None;
+    }
+
+    /// One `Mount` in the guest, bounded by the configured mount timeout.
+    async fn mount(
+        &self,
+        client: &AgentClient,
+        sandbox_id: &str,
+        wire: &agent::VolumeSpec,
+    ) -> Result<agent::MountResponse, ttrpc::Error> {
+        let req = agent::MountRequest {
+            volume: protobuf::MessageField::some(wire.clone()),
+            sandbox_id: sandbox_id.to_string(),
+            timeout_ms: self.cfg.mount_timeout().as_millis() as u32,
+            ..Default::default()
+        };
+        let ctx = ttrpc::context::with_timeout(
+            (self.cfg.mount_timeout() + Duration::from_secs(5)).as_nanos() as i64,
+        );
+        client.mount(ctx, &req).await
     }
 
     async fn unmount_all(&self, client: &AgentClient, names: &[String]) {

@@ -1,0 +1,124 @@
+//! Volume capabilities CNFS can honour: file-system access (never block) in any access mode,
+//! since NFS and CephFS are shared file systems.
+
+use tonic::Status;
+
+use crate::csi::volume_capability::access_mode::Mode;
+use crate::csi::volume_capability::AccessType;
+use crate::csi::VolumeCapability;
+
+/// What a supported capability asks of the volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// The access mode only reads.
+    pub read_only: bool,
+    /// `mount_flags` (e.g. from a PV's `mountOptions`): `key` or `key=value`, validated later
+    /// by the same option allowlist as the volume URL.
+    pub mount_flags: Vec<String>,
+}
+
+/// `InvalidArgument` naming the field.
+pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+/// Checks one capability; `field` names it in errors.
+pub fn check(field: &str, cap: Option<&VolumeCapability>) -> Result<Access, Status> {
+    let cap = cap.ok_or_else(|| invalid(field, "is required"))?;
+    let mount = match &cap.access_type {
+        Some(AccessType::Mount(m)) => m,
+        Some(AccessType::Block(_)) => {
+            return Err(invalid(
+                field,
+                "block access is not supported: CNFS volumes are shared file systems",
+            ))
+        }
+        None => return Err(invalid(field, "access_type (mount) is required")),
+    };
+    if !matches!(
+        mount.fs_type.as_str(),
+        "" | "nfs" | "nfs4" | "ceph" | "cephfs"
+    ) {
+        return Err(invalid(
+            &format!("{field}.mount.fs_type"),
+            format!("{:?} is not a CNFS file system (nfs, ceph)", mount.fs_type),
+        ));
+    }
+    if !mount.volume_mount_group.is_empty() {
+        return Err(invalid(
+            &format!("{field}.mount.volume_mount_group"),
+            "is not supported (CNFS does not change ownership on shared file systems)",
+        ));
+    }
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .ok_or_else(|| invalid(&format!("{field}.access_mode"), "is required"))?;
+    let read_only = match Mode::try_from(mode.mode) {
+        Ok(Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly) => true,
+        Ok(Mode::Unknown) | Err(_) => {
+            return Err(invalid(
+                &format!("{field}.access_mode.mode"),
+                format!("{} is not a known access mode", mode.mode),
+            ))
+        }
+        Ok(_) => false,
+    };
+    Ok(Access {
+        read_only,
+        mount_flags: mount.mount_flags.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::csi::volume_capability::{AccessMode, BlockVolume, MountVolume};
+
+    fn cap(access: AccessType, mode: Mode) -> VolumeCapability {
+        VolumeCapability {
+            access_type: Some(access),
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+        }
+    }
+
+    #[test]
+    fn file_system_access_in_every_mode_and_reader_modes_are_read_only() {
+        let m = AccessType::Mount(MountVolume::default());
+        assert!(
+            !check("c", Some(&cap(m.clone(), Mode::MultiNodeMultiWriter)))
+                .unwrap()
+                .read_only
+        );
+        assert!(
+            check("c", Some(&cap(m, Mode::MultiNodeReaderOnly)))
+                .unwrap()
+                .read_only
+        );
+    }
+
+    #[test]
+    fn block_unknown_modes_and_missing_parts_are_refused_by_field() {
+        let block = cap(AccessType::Block(BlockVolume {}), Mode::SingleNodeWriter);
+        let e = check("volume_capability", Some(&block)).unwrap_err();
+        assert!(e.message().contains("block"), "{e:?}");
+        let unknown = cap(AccessType::Mount(MountVolume::default()), Mode::Unknown);
+        let e = check("volume_capability", Some(&unknown)).unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("volume_capability.access_mode.mode"),
+            "{e:?}"
+        );
+        let e = check("volume_capability", None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let xfs = cap(
+            AccessType::Mount(MountVolume {
+                fs_type: "xfs".into(),
+                ..Default::default()
+            }),
+            Mode::SingleNodeWriter,
+        );
+        let e = check("volume_capability", Some(&xfs)).unwrap_err();
+        assert!(e.message().contains("fs_type"), "{e:?}");
+    }
+}

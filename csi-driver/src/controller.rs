@@ -1,0 +1,667 @@
+//! The Controller service: provisions volumes on the backends in user space (no mount, no
+//! privilege) and describes them to the node side by a volume URL in the volume context.
+//!
+//! - NFS (`fs: nfs`): a directory per volume on an admin-named share; `onDelete` decides
+//!   what `DeleteVolume` does with it (retain | delete | archive). No quota exists, so the
+//!   capacity is reported as unknown (0) and expansion is refused.
+//! - CephFS (`fs: cephfs`): a subvolume per volume whose quota is the requested capacity;
+//!   `ControllerExpandVolume` raises the quota while the volume is in use.
+//!
+//! `DeleteVolume` gets nothing but the volume id (and secrets), so the id carries what it
+//! needs: `nfs#<onDelete>#<server>#<share>#<dir>` or
+//! `cephfs#<cluster id>#<fs>#<group>#<subvolume>`; monitors come from the controller's
+//! config by cluster id, so ids stay short and survive monitor changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use slog::{warn, Logger};
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+
+use crate::backend::cephfs::{CephCluster, CephCredentials, Subvolumes};
+use crate::backend::nfs::NfsShare;
+use crate::backend::{BackendError, OnDelete};
+use crate::capability::{self, invalid};
+use crate::csi::controller_server::Controller;
+use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
+use crate::csi::validate_volume_capabilities_response::Confirmed;
+use crate::csi::*;
+use crate::server::logged;
+
+const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
+const DEFAULT_GROUP: &str = "csi";
+
+/// `/etc/cnfs/csi.toml`: the Ceph clusters StorageClasses may name by `clusterID`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    #[serde(default)]
+    pub clusters: BTreeMap<String, ClusterConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub monitors: Vec<String>,
+    #[serde(default)]
+    pub fsid: Option<String>,
+}
+
+impl ControllerConfig {
+    /// A missing file is an empty config (NFS needs none).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("controller config {}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(anyhow::anyhow!("controller config {}: {e}", path.display())),
+        }
+    }
+}
+
+/// A volume id, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum VolumeId {
+    Nfs {
+        on_delete: OnDelete,
+        share: NfsShare,
+        dir: String,
+    },
+    CephFs {
+        cluster: String,
+        fs: String,
+        group: String,
+        subvolume: String,
+    },
+}
+
+impl VolumeId {
+    fn encode(&self) -> String {
+        match self {
+            VolumeId::Nfs {
+                on_delete,
+                share,
+                dir,
+            } => format!(
+                "nfs#{}#{}#{}#{dir}",
+                on_delete.as_str(),
+                share.server,
+                share.export
+            ),
+            VolumeId::CephFs {
+                cluster,
+                fs,
+                group,
+                subvolume,
+            } => format!("cephfs#{cluster}#{fs}#{group}#{subvolume}"),
+        }
+    }
+
+    /// `None` for an id this driver never made.
+    fn parse(id: &str) -> Option<Self> {
+        let parts: Vec<&str> = id.split('#').collect();
+        match parts.as_slice() {
+            ["nfs", on_delete, server, export, dir] => Some(VolumeId::Nfs {
+                on_delete: OnDelete::parse(on_delete)?,
+                share: NfsShare {
+                    server: server.to_string(),
+                    port: None,
+                    export: export.to_string(),
+                },
+                dir: dir.to_string(),
+            }),
+            ["cephfs", cluster, fs, group, subvolume] => Some(VolumeId::CephFs {
+                cluster: cluster.to_string(),
+                fs: fs.to_string(),
+                group: group.to_string(),
+                subvolume: subvolume.to_string(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The backend name of a CSI volume name: kept when it is already a safe name
+/// (`pvc-<uuid>`), else a stable hash of it (idempotent either way).
+fn backend_name(name: &str) -> String {
+    let safe = name.len() <= 100
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if safe {
+        return name.to_string();
+    }
+    let d = Sha256::digest(name.as_bytes());
+    format!(
+        "vol-{}",
+        d.iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+pub struct ControllerService {
+    cfg: ControllerConfig,
+    timeout: Duration,
+    log: Logger,
+    locks: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+fn status(e: BackendError) -> Status {
+    match e {
+        BackendError::NotFound(m) => Status::not_found(m),
+        BackendError::Invalid(m) => Status::invalid_argument(m),
+        BackendError::PermissionDenied(m) => Status::permission_denied(m),
+        BackendError::Unavailable(m) => Status::unavailable(m),
+        BackendError::AlreadyExists(m) => Status::already_exists(m),
+        BackendError::Failed(m) => Status::internal(m),
+    }
+}
+
+/// The requested size: at least `required_bytes`, at most `limit_bytes` (0 = unset).
+fn requested_size(range: Option<&CapacityRange>) -> Result<Option<u64>, Status> {
+    let Some(r) = range else { return Ok(None) };
+    if r.required_bytes < 0 || r.limit_bytes < 0 {
+        return Err(invalid("capacity_range", "must not be negative"));
+    }
+    if r.limit_bytes > 0 && r.required_bytes > r.limit_bytes {
+        return Err(Status::out_of_range(
+            "capacity_range: required_bytes is larger than limit_bytes",
+        ));
+    }
+    let size = if r.required_bytes > 0 {
+        r.required_bytes
+    } else {
+        r.limit_bytes
+    };
+    Ok((size > 0).then_some(size as u64))
+}
+
+fn capability_of(t: rpc::Type) -> ControllerServiceCapability {
+    ControllerServiceCapability {
+        r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
+    }
+}
+
+impl ControllerService {
+    pub fn new(cfg: ControllerConfig, timeout: Duration, log: Logger) -> Self {
+        ControllerService {
+            cfg,
+            timeout,
+            log,
+            locks: StdMutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_for(&self, key: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
+    fn cluster(&self, id: &str) -> Result<CephCluster, Status> {
+        let c = self.cfg.clusters.get(id).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "clusterID {id:?} is not in the controller's config (clusters.<id> with monitors)"
+            ))
+        })?;
+        Ok(CephCluster {
+            monitors: c.monitors.clone(),
+            fsid: c.fsid.clone(),
+        })
+    }
+
+    /// Admin credentials from the provisioner / expand / delete secret.
+    fn admin(secrets: &HashMap<String, String>) -> Result<CephCredentials, Status> {
+        let id = secrets
+            .get("adminID")
+            .ok_or_else(|| invalid("secrets.adminID", "is required for cephfs volumes"))?;
+        let key = secrets
+            .get("adminKey")
+            .ok_or_else(|| invalid("secrets.adminKey", "is required for cephfs volumes"))?;
+        CephCredentials::new(id.clone(), key.clone()).map_err(|e| invalid("secrets", e))
+    }
+
+    async fn create(&self, req: &CreateVolumeRequest) -> Result<Volume, Status> {
+        if req.name.is_empty() {
+            return Err(invalid("name", "is required"));
+        }
+        if req.volume_capabilities.is_empty() {
+            return Err(invalid("volume_capabilities", "at least one is required"));
+        }
+        for (i, c) in req.volume_capabilities.iter().enumerate() {
+            capability::check(&format!("volume_capabilities[{i}]"), Some(c))?;
+        }
+        if req.volume_content_source.is_some() {
+            return Err(invalid(
+                "volume_content_source",
+                "cloning and snapshots are not supported",
+            ));
+        }
+        let size = requested_size(req.capacity_range.as_ref())?;
+        let p = &req.parameters;
+        let get = |k: &str| p.get(k).map(String::as_str).unwrap_or_default();
+        let allowed: &[&str] = match get("fs") {
+            "nfs" => &["fs", "server", "share", "vers", "onDelete"],
+            "cephfs" => &["fs", "clusterID", "fsName", "subvolumeGroup"],
+            "" => return Err(invalid("parameters.fs", "is required (nfs or cephfs)")),
+            other => {
+                return Err(invalid(
+                    "parameters.fs",
+                    format!("{other:?} is not supported (nfs, cephfs)"),
+                ))
+            }
+        };
+        if let Some(k) = p
+            .keys()
+            .find(|k| !allowed.contains(&k.as_str()) && !k.starts_with(KUBERNETES_PREFIX))
+        {
+            return Err(invalid(
+                "parameters",
+                format!(
+                    "unknown key {k:?} for fs {} (known: {})",
+                    get("fs"),
+                    allowed.join(", ")
+                ),
+            ));
+        }
+        let name = backend_name(&req.name);
+        if get("fs") == "nfs" {
+            self.create_nfs(&name, p).await
+        } else {
+            self.create_cephfs(&name, size, p, &req.secrets).await
+        }
+    }
+
+    async fn create_nfs(&self, dir: &str, p: &HashMap<String, String>) -> Result<Volume, Status> {
+        let get = |k: &str| p.get(k).cloned().unwrap_or_default();
+        let on_delete = match p.get("onDelete") {
+            None => OnDelete::default(),
+            Some(v) => OnDelete::parse(v).ok_or_else(|| {
+                invalid(
+                    "parameters.onDelete",
+                    format!("{v:?} is not retain, delete or archive"),
+                )
+            })?,
+        };
+        let share = NfsShare {
+            server: get("server"),
+            port: None,
+            export: get("share"),
+        };
+        if share.server.is_empty() {
+            return Err(invalid("parameters.server", "is required"));
+        }
+        if share.export.is_empty() {
+            return Err(invalid("parameters.share", "is required"));
+        }
+        if share.server.contains('#') || share.export.contains('#') {
+            return Err(invalid(
+                "parameters",
+                "server and share must not contain '#'",
+            ));
+        }
+        share.validate().map_err(|e| invalid("parameters", e))?;
+        let host = if share.server.contains(':') {
+            format!("[{}]", share.server)
+        } else {
+            share.server.clone()
+        };
+        let export = share.export.trim_end_matches('/');
+        let mut source = format!("nfs://{host}{export}/{dir}");
+        if let Some(v) = p.get("vers") {
+            source.push_str(&format!("?vers={v}"));
+        }
+        // The node side will hold the source to the same rules: check it now, not at mount.
+        cnfs_protocols::volume_url::parse("check", &source)
+            .ok()
+            .and_then(|u| cnfs_protocols::spec::VolumeSpec::from_wire_unresolved(&u.wire).ok())
+            .ok_or_else(|| invalid("parameters", format!("{source} is not a valid CNFS volume")))?;
+        share.create_dir(dir, self.timeout).await.map_err(status)?;
+        let id = VolumeId::Nfs {
+            on_delete,
+            share,
+            dir: dir.to_string(),
+        };
+        Ok(Volume {
+            capacity_bytes: 0,
+            volume_id: id.encode(),
+            volume_context: HashMap::from([("source".to_string(), source)]),
+            ..Default::default()
+        })
+    }
+
+    async fn create_cephfs(
+        &self,
+        name: &str,
+        size: Option<u64>,
+        p: &HashMap<String, String>,
+        secrets: &HashMap<String, String>,
+    ) -> Result<Volume, Status> {
+        let cluster_id = p
+            .get("clusterID")
+            .ok_or_else(|| invalid("parameters.clusterID", "is required"))?;
+        let fs = p
+            .get("fsName")
+            .ok_or_else(|| invalid("parameters.fsName", "is required"))?;
+        let group = p
+            .get("subvolumeGroup")
+            .map(String::as_str)
+            .unwrap_or(DEFAULT_GROUP);
+        if [cluster_id.as_str(), fs, group]
+            .iter()
+            .any(|s| s.contains('#'))
+        {
+            return Err(invalid("parameters", "names must not contain '#'"));
+        }
+        let cluster = self.cluster(cluster_id)?;
+        let creds = Self::admin(secrets)?;
+        let sub = Subvolumes::new(&cluster, &creds, fs, group)
+            .map_err(status)?
+            .with_timeout(self.timeout);
+        let info = sub.create(name, size).await.map_err(status)?;
+        let mut source = format!(
+            "cephfs://{}{}?fs={fs}",
+            cluster.monitors.join(","),
+            info.path
+        );
+        if let Some(fsid) = &cluster.fsid {
+            source.push_str(&format!("&fsid={fsid}"));
+        }
+        let id = VolumeId::CephFs {
+            cluster: cluster_id.clone(),
+            fs: fs.to_string(),
+            group: group.to_string(),
+            subvolume: name.to_string(),
+        };
+        Ok(Volume {
+            capacity_bytes: info.bytes_quota.map(|b| b as i64).unwrap_or(0),
+            volume_id: id.encode(),
+            volume_context: HashMap::from([("source".to_string(), source)]),
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, req: &DeleteVolumeRequest) -> Result<(), Status> {
+        if req.volume_id.is_empty() {
+            return Err(invalid("volume_id", "is required"));
+        }
+        // An id this driver never made names nothing to delete (CSI: success).
+        let Some(id) = VolumeId::parse(&req.volume_id) else {
+            warn!(self.log, "DeleteVolume of an id CNFS did not make; nothing to do";
+                "volume_id" => &req.volume_id);
+            return Ok(());
+        };
+        match id {
+            VolumeId::Nfs {
+                on_delete,
+                share,
+                dir,
+            } => share
+                .delete_dir(&dir, on_delete, self.timeout)
+                .await
+                .map_err(status),
+            VolumeId::CephFs {
+                cluster,
+                fs,
+                group,
+                subvolume,
+            } => {
+                let c = self.cluster(&cluster)?;
+                let creds = Self::admin(&req.secrets)?;
+                Subvolumes::new(&c, &creds, &fs, &group)
+                    .map_err(status)?
+                    .with_timeout(self.timeout)
+                    .delete(&subvolume)
+                    .await
+                    .map_err(status)
+            }
+        }
+    }
+
+    /// Whether the volume exists (`NotFound` otherwise).
+    async fn exists(
+        &self,
+        volume_id: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<(), Status> {
+        let missing = || Status::not_found(format!("volume {volume_id:?} does not exist"));
+        let id = VolumeId::parse(volume_id).ok_or_else(missing)?;
+        let found = match id {
+            VolumeId::Nfs { share, dir, .. } => {
+                share.dir_exists(&dir, self.timeout).await.map_err(status)?
+            }
+            VolumeId::CephFs {
+                cluster,
+                fs,
+                group,
+                subvolume,
+            } => {
+                let c = self.cluster(&cluster)?;
+                let creds = Self::admin(secrets)?;
+                Subvolumes::new(&c, &creds, &fs, &group)
+                    .map_err(status)?
+                    .with_timeout(self.timeout)
+                    .info(&subvolume)
+                    .await
+                    .map_err(status)?
+                    .is_some()
+            }
+        };
+        if found {
+            Ok(())
+        } else {
+            Err(missing())
+        }
+    }
+
+    async fn validate(
+        &self,
+        req: &ValidateVolumeCapabilitiesRequest,
+    ) -> Result<ValidateVolumeCapabilitiesResponse, Status> {
+        if req.volume_id.is_empty() {
+            return Err(invalid("volume_id", "is required"));
+        }
+        if req.volume_capabilities.is_empty() {
+            return Err(invalid("volume_capabilities", "at least one is required"));
+        }
+        self.exists(&req.volume_id, &req.secrets).await?;
+        for (i, c) in req.volume_capabilities.iter().enumerate() {
+            if let Err(e) = capability::check(&format!("volume_capabilities[{i}]"), Some(c)) {
+                return Ok(ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: e.message().to_string(),
+                });
+            }
+        }
+        Ok(ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(Confirmed {
+                volume_context: req.volume_context.clone(),
+                volume_capabilities: req.volume_capabilities.clone(),
+                parameters: req.parameters.clone(),
+            }),
+            message: String::new(),
+        })
+    }
+
+    async fn expand(
+        &self,
+        req: &ControllerExpandVolumeRequest,
+    ) -> Result<ControllerExpandVolumeResponse, Status> {
+        if req.volume_id.is_empty() {
+            return Err(invalid("volume_id", "is required"));
+        }
+        let size = requested_size(req.capacity_range.as_ref())?
+            .ok_or_else(|| invalid("capacity_range", "is required"))?;
+        let id = VolumeId::parse(&req.volume_id).ok_or_else(|| {
+            Status::not_found(format!("volume {:?} does not exist", req.volume_id))
+        })?;
+        match id {
+            VolumeId::Nfs { .. } => Err(Status::failed_precondition(
+                "nfs volumes have no quota to grow (use a StorageClass without allowVolumeExpansion)",
+            )),
+            VolumeId::CephFs {
+                cluster,
+                fs,
+                group,
+                subvolume,
+            } => {
+                let c = self.cluster(&cluster)?;
+                let creds = Self::admin(&req.secrets)?;
+                let quota = Subvolumes::new(&c, &creds, &fs, &group)
+                    .map_err(status)?
+                    .with_timeout(self.timeout)
+                    .resize(&subvolume, size)
+                    .await
+                    .map_err(status)?;
+                Ok(ControllerExpandVolumeResponse {
+                    capacity_bytes: quota as i64,
+                    node_expansion_required: false,
+                })
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        req: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let lock = self.lock_for(&req.name);
+        let _held = lock.lock().await;
+        let r = self
+            .create(&req)
+            .await
+            .map(|v| CreateVolumeResponse { volume: Some(v) });
+        logged(&self.log, "CreateVolume", &req.name, start, r)
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let lock = self.lock_for(&req.volume_id);
+        let _held = lock.lock().await;
+        let r = self.delete(&req).await.map(|_| DeleteVolumeResponse {});
+        logged(&self.log, "DeleteVolume", &req.volume_id, start, r)
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let r = self.validate(&req).await;
+        logged(
+            &self.log,
+            "ValidateVolumeCapabilities",
+            &req.volume_id,
+            start,
+            r,
+        )
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities: vec![
+                capability_of(rpc::Type::CreateDeleteVolume),
+                capability_of(rpc::Type::ExpandVolume),
+            ],
+        }))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        req: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let lock = self.lock_for(&req.volume_id);
+        let _held = lock.lock().await;
+        let r = self.expand(&req).await;
+        logged(
+            &self.log,
+            "ControllerExpandVolume",
+            &req.volume_id,
+            start,
+            r,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_ids_round_trip_and_foreign_ids_are_none() {
+        let ids = [
+            VolumeId::Nfs {
+                on_delete: OnDelete::Archive,
+                share: NfsShare {
+                    server: "fd00::5".into(),
+                    port: None,
+                    export: "/exports/k8s".into(),
+                },
+                dir: "pvc-1".into(),
+            },
+            VolumeId::CephFs {
+                cluster: "prod".into(),
+                fs: "cephfs".into(),
+                group: "csi".into(),
+                subvolume: "pvc-2".into(),
+            },
+        ];
+        for id in ids {
+            assert_eq!(VolumeId::parse(&id.encode()), Some(id));
+        }
+        for foreign in ["", "reallyfakevolumeid", "nfs#bogus#h#/e#d", "cephfs#a#b"] {
+            assert_eq!(VolumeId::parse(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn backend_names_are_kept_when_safe_and_hashed_otherwise() {
+        assert_eq!(backend_name("pvc-0a1b"), "pvc-0a1b");
+        let h = backend_name("my volume/with odd chars");
+        assert!(h.starts_with("vol-") && h.len() == 28, "{h}");
+        assert_eq!(h, backend_name("my volume/with odd chars"));
+        assert_ne!(h, backend_name("another"));
+    }
+
+    #[test]
+    fn capacity_ranges() {
+        let r = |req, lim| CapacityRange {
+            required_bytes: req,
+            limit_bytes: lim,
+        };
+        assert_eq!(requested_size(None).unwrap(), None);
+        assert_eq!(requested_size(Some(&r(10, 0))).unwrap(), Some(10));
+        assert_eq!(requested_size(Some(&r(0, 20))).unwrap(), Some(20));
+        assert_eq!(
+            requested_size(Some(&r(30, 20))).unwrap_err().code(),
+            tonic::Code::OutOfRange
+        );
+        assert_eq!(
+            requested_size(Some(&r(-1, 0))).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

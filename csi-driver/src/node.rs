@@ -1,0 +1,445 @@
+//! The Node service. It mounts nothing: `NodePublishVolume` validates the volume, leaves a
+//! hand-off record (and the CephFS key, on tmpfs only) for the CNFS shim, and makes the target
+//! path a read-only *file* that says what happened. Under the CNFS runtime class the shim
+//! replaces that bind source with the guest's own mount; under any other runtime the
+//! container finds a file where it expected a directory, so writes fail loudly instead of
+//! landing in an empty host directory.
+
+use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use cnfs_host_shim::kata::{self, MonitorPaths};
+use cnfs_protocols::agent;
+use cnfs_protocols::handoff::{HandoffDir, NodeSecret, Record, RECORD_VERSION};
+use cnfs_protocols::spec::Source;
+use slog::Logger;
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+
+use crate::capability::{self, invalid};
+use crate::csi::node_server::Node;
+use crate::csi::node_service_capability::{rpc, Rpc, Type as CapType};
+use crate::csi::volume_usage::Unit;
+use crate::csi::*;
+use crate::server::logged;
+
+/// Volume context keys the node plugin reads; kubelet adds the `csi.storage.k8s.io/` ones.
+pub const SOURCE: &str = "source";
+const POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// The first line of every target file: how the node plugin recognises its own.
+pub const TARGET_MARKER: &str = "CNFS volume hand-off";
+
+/// tmpfs's statfs magic: keys may only be written where they never reach a disk.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+pub struct NodeConfig {
+    pub node_id: String,
+    pub handoff_root: PathBuf,
+    /// Where Kata's sandbox monitor sockets are (for stats from the guest).
+    pub kata: MonitorPaths,
+    pub agent_port: u32,
+    pub stats_timeout: Duration,
+}
+
+pub struct NodeService {
+    cfg: NodeConfig,
+    handoff: HandoffDir,
+    log: Logger,
+    /// One lock per target path: publish and unpublish of one target never interleave.
+    locks: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl NodeService {
+    pub fn new(cfg: NodeConfig, log: Logger) -> Self {
+        NodeService {
+            handoff: HandoffDir::new(&cfg.handoff_root),
+            cfg,
+            log,
+            locks: StdMutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_for(&self, target: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget locks nobody holds, so the map does not grow with every pod ever seen.
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(target.to_string()).or_default().clone()
+    }
+
+    fn publish(&self, req: &NodePublishVolumeRequest) -> Result<(), Status> {
+        required("volume_id", &req.volume_id)?;
+        let target = absolute_target("target_path", &req.target_path)?;
+        let access = capability::check("volume_capability", req.volume_capability.as_ref())?;
+        let ctx = &req.volume_context;
+        if let Some(k) = ctx
+            .keys()
+            .find(|k| *k != SOURCE && !k.starts_with(KUBERNETES_PREFIX))
+        {
+            return Err(invalid(
+                "volume_context",
+                format!("unknown key {k:?} (CNFS reads \"source\" and csi.storage.k8s.io/*)"),
+            ));
+        }
+        let source = ctx.get(SOURCE).ok_or_else(|| {
+            invalid(
+                "volume_context.source",
+                "is required (a volume URL such as nfs://server/export?vers=4.1)",
+            )
+        })?;
+        let get = |k: &str| ctx.get(k).cloned().unwrap_or_default();
+        let secret = node_secret(&req.secrets)?;
+        let record = Record {
+            version: RECORD_VERSION,
+            volume_id: req.volume_id.clone(),
+            target_path: target.clone(),
+            source: source.clone(),
+            read_only: req.readonly || access.read_only,
+            pod_namespace: get(POD_NAMESPACE),
+            pod_name: get(POD_NAME),
+            pod_uid: get(POD_UID),
+            ephemeral: get(EPHEMERAL) == "true",
+            has_secret: false,
+            mount_flags: access.mount_flags,
+        };
+        // The same validation the shim and the agent run; the key is checked, never echoed.
+        let (spec, _) = record
+            .volume_spec(secret.as_ref())
+            .map_err(|e| invalid(&e.field, e.reason))?;
+        let record = Record {
+            has_secret: matches!(spec.source, Source::CephFs(_)),
+            ..record
+        };
+
+        if let Some(existing) = self.handoff.read_record(&target).map_err(internal)? {
+            if existing == record {
+                return Ok(());
+            }
+            return Err(Status::already_exists(format!(
+                "target_path: {target} is already published for volume {:?} with another source, mode or capability",
+                existing.volume_id
+            )));
+        }
+        if record.has_secret {
+            self.check_tmpfs()?;
+        }
+        self.make_target(&target, &record)?;
+        if record.has_secret {
+            let secret = secret.ok_or_else(|| invalid("secrets.userKey", "is required"))?;
+            self.handoff
+                .write_secret(&target, &secret)
+                .map_err(internal)?;
+        }
+        // The record goes last: the shim never sees a record whose secret is not there yet.
+        self.handoff.write_record(&record).map_err(internal)?;
+        Ok(())
+    }
+
+    /// Makes `target` the explanatory file (replacing the empty directory a CO may have made).
+    fn make_target(&self, target: &str, record: &Record) -> Result<(), Status> {
+        let path = Path::new(target);
+        let parent = path
+            .parent()
+            .ok_or_else(|| invalid("target_path", "has no parent directory"))?;
+        if !parent.is_dir() {
+            return Err(Status::failed_precondition(format!(
+                "target_path: parent directory {} does not exist",
+                parent.display()
+            )));
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(path).map_err(|e| {
+                Status::failed_precondition(format!(
+                    "target_path: {target} is a directory that cannot be replaced ({e}); it must be empty"
+                ))
+            })?,
+            Ok(m) if m.is_file() && is_our_target(path) => std::fs::remove_file(path).map_err(internal)?,
+            Ok(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "target_path: {target} exists and is not a CNFS target"
+                )))
+            }
+            Err(_) => {}
+        }
+        let text = format!(
+            "{TARGET_MARKER}: volume {:?} ({}).\n\
+             It is mounted only inside Kata guests started with the CNFS runtime class; this\n\
+             container's runtime did not hand it to a guest, so there is no volume here.\n\
+             Run the pod with the CNFS RuntimeClass (runtimeClassName).\n",
+            record.volume_id, record.source
+        );
+        let tmp = parent.join(format!(".cnfs-target-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Status::internal(format!("target_path: creating {target}: {e}"))
+        })
+    }
+
+    fn check_tmpfs(&self) -> Result<(), Status> {
+        let root = self.handoff.root();
+        std::fs::create_dir_all(root).map_err(internal)?;
+        let st = nix::sys::statfs::statfs(root).map_err(|e| internal(e.to_string()))?;
+        if st.filesystem_type().0 as i64 != TMPFS_MAGIC {
+            return Err(Status::failed_precondition(format!(
+                "the hand-off directory {} is not on tmpfs; refusing to write a key where it could reach a disk",
+                root.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn unpublish(&self, req: &NodeUnpublishVolumeRequest) -> Result<(), Status> {
+        required("volume_id", &req.volume_id)?;
+        let target = absolute_target("target_path", &req.target_path)?;
+        if let Some(r) = self.handoff.read_record(&target).map_err(internal)? {
+            if r.volume_id != req.volume_id {
+                return Err(Status::not_found(format!(
+                    "target_path: {target} is published for another volume, not {:?}",
+                    req.volume_id
+                )));
+            }
+        }
+        self.handoff.remove(&target).map_err(internal)?;
+        let path = Path::new(&target);
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_file() && is_our_target(path) => {
+                std::fs::remove_file(path).map_err(internal)?
+            }
+            Ok(m) if m.is_dir() => {
+                // An empty directory a CO made and never published into.
+                let _ = std::fs::remove_dir(path);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn stats(
+        &self,
+        req: &NodeGetVolumeStatsRequest,
+    ) -> Result<NodeGetVolumeStatsResponse, Status> {
+        required("volume_id", &req.volume_id)?;
+        let target = absolute_target("volume_path", &req.volume_path)?;
+        let record = self
+            .handoff
+            .read_record(&target)
+            .map_err(internal)?
+            .filter(|r| r.volume_id == req.volume_id)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "volume {:?} is not published at {target}",
+                    req.volume_id
+                ))
+            })?;
+        let abnormal = |message: String| NodeGetVolumeStatsResponse {
+            usage: vec![],
+            volume_condition: Some(VolumeCondition {
+                abnormal: true,
+                message,
+            }),
+        };
+        let Some(guest) = self.handoff.read_guest(&target).map_err(internal)? else {
+            return Ok(abnormal(format!(
+                "volume {:?} is published but no guest has mounted it: the pod must run with the CNFS runtime class",
+                record.volume_id
+            )));
+        };
+        let t = self.cfg.stats_timeout;
+        let work = async {
+            let addr = kata::find_agent(&guest.sandbox_id, &self.cfg.kata, self.cfg.agent_port, t)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot reach the guest of sandbox {}: {e}",
+                        guest.sandbox_id
+                    )
+                })?;
+            let client = kata::connect_agent(&addr, t).await.map_err(|e| {
+                format!(
+                    "cannot reach the guest of sandbox {}: {e}",
+                    guest.sandbox_id
+                )
+            })?;
+            let req = agent::StatsRequest {
+                name: guest.volume.clone(),
+                timeout_ms: t.as_millis() as u32,
+                ..Default::default()
+            };
+            let ctx = ttrpc::context::with_timeout((t + Duration::from_secs(2)).as_nanos() as i64);
+            client
+                .stats(ctx, &req)
+                .await
+                .map_err(|e| format!("the guest's Stats failed: {}", bounded(&e.to_string())))
+        };
+        let stats = match tokio::time::timeout(t * 3 + Duration::from_secs(2), work).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(msg)) => return Ok(abnormal(msg)),
+            Err(_) => {
+                return Ok(abnormal(format!(
+                    "the guest did not answer within {} s",
+                    (t * 3).as_secs()
+                )))
+            }
+        };
+        let healthy = stats.health.enum_value_or_default() == agent::Health::HEALTHY;
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        Ok(NodeGetVolumeStatsResponse {
+            usage: vec![
+                VolumeUsage {
+                    total: clamp(stats.total_bytes),
+                    available: clamp(stats.available_bytes),
+                    used: clamp(stats.total_bytes.saturating_sub(stats.free_bytes)),
+                    unit: Unit::Bytes as i32,
+                },
+                VolumeUsage {
+                    total: clamp(stats.total_inodes),
+                    available: clamp(stats.free_inodes),
+                    used: clamp(stats.total_inodes.saturating_sub(stats.free_inodes)),
+                    unit: Unit::Inodes as i32,
+                },
+            ],
+            volume_condition: Some(VolumeCondition {
+                abnormal: !healthy,
+                message: if healthy {
+                    format!("mounted in the guest of sandbox {}", guest.sandbox_id)
+                } else {
+                    bounded(&stats.health_detail)
+                },
+            }),
+        })
+    }
+}
+
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    Ok(())
+}
+
+/// A target path: absolute, no `..`, no NUL; kept exactly as given (the record's key).
+fn absolute_target(field: &str, path: &str) -> Result<String, Status> {
+    required(field, path)?;
+    if !path.starts_with('/') || path.contains('\0') || path.split('/').any(|c| c == "..") {
+        return Err(invalid(field, "must be an absolute path without \"..\""));
+    }
+    if path.len() > 4096 {
+        return Err(invalid(field, "is longer than 4096 bytes"));
+    }
+    Ok(path.to_string())
+}
+
+fn is_our_target(path: &Path) -> bool {
+    let mut head = [0u8; TARGET_MARKER.len()];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && head == TARGET_MARKER.as_bytes()
+}
+
+/// The node-publish secret: `userKey` (and `userID`). Other keys are refused by name only.
+fn node_secret(secrets: &HashMap<String, String>) -> Result<Option<NodeSecret>, Status> {
+    if let Some(k) = secrets.keys().find(|k| *k != "userKey" && *k != "userID") {
+        return Err(invalid(
+            "secrets",
+            format!("unknown key {k:?} (CNFS reads userID and userKey)"),
+        ));
+    }
+    Ok(secrets.get("userKey").map(|key| NodeSecret {
+        client: secrets.get("userID").cloned(),
+        key: key.clone(),
+    }))
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Guest text shown back: bounded, control characters escaped (the guest is untrusted).
+fn bounded(s: &str) -> String {
+    s.chars().take(400).flat_map(char::escape_default).collect()
+}
+
+fn capability(t: rpc::Type) -> NodeServiceCapability {
+    NodeServiceCapability {
+        r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_publish_volume(
+        &self,
+        req: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let lock = self.lock_for(&req.target_path);
+        let _held = lock.lock().await;
+        let r = self.publish(&req).map(|_| NodePublishVolumeResponse {});
+        logged(&self.log, "NodePublishVolume", &req.volume_id, start, r)
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let lock = self.lock_for(&req.target_path);
+        let _held = lock.lock().await;
+        let r = self.unpublish(&req).map(|_| NodeUnpublishVolumeResponse {});
+        logged(&self.log, "NodeUnpublishVolume", &req.volume_id, start, r)
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let start = Instant::now();
+        let req = req.into_inner();
+        let r = self.stats(&req).await;
+        logged(&self.log, "NodeGetVolumeStats", &req.volume_id, start, r)
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: vec![
+                capability(rpc::Type::GetVolumeStats),
+                capability(rpc::Type::VolumeCondition),
+            ],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.cfg.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}

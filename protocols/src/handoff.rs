@@ -1,0 +1,390 @@
+//! The CSI hand-off: what `cnfs-csi node` leaves on the node for the CNFS shim, which owns
+//! the guest mount. Everything lives under one run directory on tmpfs (default
+//! [`DEFAULT_ROOT`]), keyed by a hash of the CSI target path:
+//!
+//! - `records/<key>.json`: [`Record`], written at `NodePublishVolume`, removed at
+//!   `NodeUnpublishVolume`; never a secret in it.
+//! - `secrets/<key>.json`: [`NodeSecret`], only when the volume needs a key (CephFS); 0600 in
+//!   a 0700 directory, on tmpfs only.
+//! - `guests/<key>.json`: [`GuestUse`], written by the shim once the volume is mounted in a
+//!   guest, so the node plugin can read its stats from that guest.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::agent;
+use crate::spec::{SpecError, VolumeSpec};
+use crate::volume_url;
+
+/// Where the node plugin and the shim meet, unless configured otherwise.
+pub const DEFAULT_ROOT: &str = "/run/cnfs/csi";
+/// Written into a record; a reader refuses other versions.
+pub const RECORD_VERSION: u32 = 1;
+
+/// One published volume, as the node plugin validated it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub version: u32,
+    pub volume_id: String,
+    /// The target path exactly as the CO gave it.
+    pub target_path: String,
+    /// The volume URL (see `volume_url`); never carries a key.
+    pub source: String,
+    pub read_only: bool,
+    pub pod_namespace: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+    /// An inline (ephemeral) volume: its source was written by the pod's author.
+    pub ephemeral: bool,
+    /// A [`NodeSecret`] file accompanies the record.
+    pub has_secret: bool,
+    /// Mount flags from the volume capability (a PV's `mountOptions`): `key` or `key=value`.
+    #[serde(default)]
+    pub mount_flags: Vec<String>,
+}
+
+impl Record {
+    /// The volume as the agent gets it: the source URL plus the mount flags, read-only if
+    /// published so, and for CephFS the client and key of `secret`; validated by the same
+    /// rules as every other spec. Errors name the field (`volume_context.source`,
+    /// `mount_flags`, `secrets.userKey`, ...) and never carry the key.
+    pub fn volume_spec(
+        &self,
+        secret: Option<&NodeSecret>,
+    ) -> Result<(VolumeSpec, agent::VolumeSpec), SpecError> {
+        let err = |field: &str, reason: String| SpecError {
+            field: field.to_string(),
+            reason,
+        };
+        let name = guest_volume_name(&self.target_path);
+        let mut parsed =
+            volume_url::parse(&name, &self.source).map_err(|r| err("volume_context.source", r))?;
+        if parsed.secret_ref.is_some() {
+            return Err(err(
+                "volume_context.source",
+                "secret= names a host-side secret of the annotation API; CSI volumes take the \
+                 CephFS key from the node-publish secret (userKey)"
+                    .into(),
+            ));
+        }
+        for flag in &self.mount_flags {
+            let (k, v) = flag.split_once('=').unwrap_or((flag, ""));
+            if parsed
+                .wire
+                .options
+                .insert(k.to_string(), v.to_string())
+                .is_some()
+            {
+                return Err(err(
+                    "mount_flags",
+                    format!("option {k:?} is given both in the source and as a mount flag"),
+                ));
+            }
+        }
+        parsed.wire.read_only |= self.read_only;
+        if parsed.wire.has_cephfs() {
+            let secret = secret.ok_or_else(|| {
+                err(
+                    "secrets.userKey",
+                    "cephfs volumes need a node-publish secret with userKey (and userID unless \
+                     the source names client=)"
+                        .into(),
+                )
+            })?;
+            let c = parsed.wire.mut_cephfs();
+            match (&secret.client, c.client.is_empty()) {
+                (Some(id), true) => c.client = id.clone(),
+                (Some(id), false) if *id != c.client => {
+                    return Err(err(
+                        "secrets.userID",
+                        "differs from the client= of the source".into(),
+                    ))
+                }
+                _ => {}
+            }
+            c.secret = secret.key.clone();
+            let spec = VolumeSpec::from_wire(&parsed.wire)?;
+            return Ok((spec, parsed.wire));
+        }
+        let spec = VolumeSpec::from_wire(&parsed.wire)?;
+        Ok((spec, parsed.wire))
+    }
+}
+
+/// The node-publish secret a volume needs (CephFS): the client and its key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSecret {
+    #[serde(rename = "userID", default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    #[serde(rename = "userKey")]
+    pub key: String,
+}
+
+impl fmt::Debug for NodeSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeSecret")
+            .field("client", &self.client)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Which guest holds a published volume, and under which agent volume name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestUse {
+    pub sandbox_id: String,
+    pub volume: String,
+}
+
+/// The key of a target path: a hash, so any path maps to a fixed, safe file name.
+pub fn key(target_path: &str) -> String {
+    let digest = Sha256::digest(target_path.as_bytes());
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The agent volume name of a CSI volume (a DNS label, unique per target path).
+pub fn guest_volume_name(target_path: &str) -> String {
+    format!("csi-{}", &key(target_path)[..20])
+}
+
+/// The hand-off directory.
+#[derive(Debug, Clone)]
+pub struct HandoffDir {
+    root: PathBuf,
+}
+
+impl HandoffDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        HandoffDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn record_path(&self, target: &str) -> PathBuf {
+        self.root
+            .join("records")
+            .join(format!("{}.json", key(target)))
+    }
+
+    pub fn secret_path(&self, target: &str) -> PathBuf {
+        self.root
+            .join("secrets")
+            .join(format!("{}.json", key(target)))
+    }
+
+    pub fn guest_path(&self, target: &str) -> PathBuf {
+        self.root
+            .join("guests")
+            .join(format!("{}.json", key(target)))
+    }
+
+    /// The record for `target`, if one exists and really is for that path.
+    pub fn read_record(&self, target: &str) -> std::io::Result<Option<Record>> {
+        let Some(r) = read_json::<Record>(&self.record_path(target))? else {
+            return Ok(None);
+        };
+        if r.version != RECORD_VERSION {
+            return Err(invalid(format!(
+                "hand-off record for {target} has version {}, expected {RECORD_VERSION}",
+                r.version
+            )));
+        }
+        // A hash collision or a stale file must never hand one pod another's volume.
+        Ok((r.target_path == target).then_some(r))
+    }
+
+    pub fn read_secret(&self, target: &str) -> std::io::Result<Option<NodeSecret>> {
+        read_json(&self.secret_path(target))
+    }
+
+    pub fn read_guest(&self, target: &str) -> std::io::Result<Option<GuestUse>> {
+        read_json(&self.guest_path(target))
+    }
+
+    pub fn write_record(&self, r: &Record) -> std::io::Result<()> {
+        write_json(&self.record_path(&r.target_path), r)
+    }
+
+    pub fn write_secret(&self, target: &str, s: &NodeSecret) -> std::io::Result<()> {
+        write_json(&self.secret_path(target), s)
+    }
+
+    pub fn write_guest(&self, target: &str, g: &GuestUse) -> std::io::Result<()> {
+        write_json(&self.guest_path(target), g)
+    }
+
+    /// Removes the record, secret and guest files of `target`; missing files are fine.
+    pub fn remove(&self, target: &str) -> std::io::Result<()> {
+        for p in [
+            self.secret_path(target),
+            self.guest_path(target),
+            self.record_path(target),
+        ] {
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            // serde's message names the field, never echoes a value.
+            .map_err(|e| invalid(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `value` as `path` atomically (temp file + rename), 0600, in a 0700 directory.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| invalid(format!("{} has no parent", path.display())))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let bytes = serde_json::to_vec(value).map_err(|e| invalid(e.to_string()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("record"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn record(target: &str) -> Record {
+        Record {
+            version: RECORD_VERSION,
+            volume_id: "v1".into(),
+            target_path: target.into(),
+            source: "nfs://10.0.0.5/e".into(),
+            read_only: false,
+            pod_namespace: "ns".into(),
+            pod_name: "p".into(),
+            pod_uid: "u".into(),
+            ephemeral: false,
+            has_secret: true,
+            mount_flags: vec![],
+        }
+    }
+
+    const KEY: &str = "AQBSdFhlAAAAABAAWmDqDUUxmRX4fcLsaFk2tg==";
+
+    #[test]
+    fn a_record_becomes_the_agents_spec_with_flags_and_the_secret() {
+        let mut r = record("/t");
+        r.mount_flags = vec!["nconnect=4".into()];
+        r.read_only = true;
+        let (spec, wire) = r.volume_spec(None).unwrap();
+        assert!(spec.read_only && wire.read_only);
+        assert_eq!(spec.name, guest_volume_name("/t"));
+        assert_eq!(wire.options.get("nconnect").map(String::as_str), Some("4"));
+
+        r.source = "cephfs://10.0.0.1:6789/sub?fs=a".into();
+        let e = r.volume_spec(None).unwrap_err();
+        assert_eq!(e.field, "secrets.userKey");
+        let s = NodeSecret {
+            client: Some("x".into()),
+            key: KEY.into(),
+        };
+        r.mount_flags.clear();
+        let (_, wire) = r.volume_spec(Some(&s)).unwrap();
+        assert_eq!(wire.cephfs().client, "x");
+        assert_eq!(wire.cephfs().secret, KEY);
+        r.source = "cephfs://10.0.0.1:6789/sub?fs=a&client=y".into();
+        let e = r.volume_spec(Some(&s)).unwrap_err();
+        assert_eq!(e.field, "secrets.userID");
+        r.source = "cephfs://10.0.0.1:6789/sub?fs=a&secret=ref".into();
+        assert_eq!(
+            r.volume_spec(Some(&s)).unwrap_err().field,
+            "volume_context.source"
+        );
+    }
+
+    #[test]
+    fn flags_are_held_to_the_same_allowlist_and_never_doubled() {
+        let mut r = record("/t");
+        r.source = "nfs://10.0.0.5/e?nconnect=2".into();
+        r.mount_flags = vec!["nconnect=4".into()];
+        assert_eq!(r.volume_spec(None).unwrap_err().field, "mount_flags");
+        r.mount_flags = vec!["addr=10.9.9.9".into()];
+        let e = r.volume_spec(None).unwrap_err();
+        assert!(e.to_string().contains("addr"), "{e}");
+    }
+
+    #[test]
+    fn records_round_trip_privately_and_only_for_their_path() {
+        let dir = std::env::temp_dir().join(format!("cnfs-handoff-{}", std::process::id()));
+        let h = HandoffDir::new(&dir);
+        let t = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv/mount";
+        h.write_record(&record(t)).unwrap();
+        let s = NodeSecret {
+            client: Some("x".into()),
+            key: "AQB=".into(),
+        };
+        h.write_secret(t, &s).unwrap();
+        assert_eq!(h.read_record(t).unwrap(), Some(record(t)));
+        assert_eq!(h.read_secret(t).unwrap(), Some(s.clone()));
+        assert!(!format!("{s:?}").contains("AQB="));
+        for p in [h.record_path(t), h.secret_path(t)] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+        let mode = std::fs::metadata(dir.join("secrets"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // A record whose path differs from the one asked for is not handed out.
+        std::fs::copy(h.record_path(t), h.record_path("/other")).unwrap();
+        assert_eq!(h.read_record("/other").unwrap(), None);
+        h.remove(t).unwrap();
+        h.remove(t).unwrap();
+        assert_eq!(h.read_record(t).unwrap(), None);
+        assert_eq!(h.read_secret(t).unwrap(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn guest_names_are_dns_labels_and_differ_per_target() {
+        let a = guest_volume_name("/a");
+        assert!(a.len() <= 63 && a.starts_with("csi-"));
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+        assert_ne!(a, guest_volume_name("/b"));
+    }
+}
