@@ -184,6 +184,18 @@ fn requested_size(range: Option<&CapacityRange>) -> Result<Option<u64>, Status> 
     Ok((size > 0).then_some(size as u64))
 }
 
+/// Whether an existing quota (`None`: none) satisfies the requested range.
+fn fits(quota: Option<u64>, range: Option<&CapacityRange>) -> bool {
+    let Some(r) = range else {
+        return true;
+    };
+    let Some(q) = quota else {
+        return r.required_bytes <= 0 && r.limit_bytes <= 0;
+    };
+    let q = q as i64;
+    q >= r.required_bytes && (r.limit_bytes <= 0 || q <= r.limit_bytes)
+}
+
 fn capability_of(t: rpc::Type) -> ControllerServiceCapability {
     ControllerServiceCapability {
         r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
@@ -276,7 +288,8 @@ impl ControllerService {
         if get("fs") == "nfs" {
             self.create_nfs(&name, p).await
         } else {
-            self.create_cephfs(&name, size, p, &req.secrets).await
+            self.create_cephfs(&name, size, req.capacity_range.as_ref(), p, &req.secrets)
+                .await
         }
     }
 
@@ -342,6 +355,7 @@ impl ControllerService {
         &self,
         name: &str,
         size: Option<u64>,
+        range: Option<&CapacityRange>,
         p: &HashMap<String, String>,
         secrets: &HashMap<String, String>,
     ) -> Result<Volume, Status> {
@@ -366,7 +380,12 @@ impl ControllerService {
         let sub = Subvolumes::new(&cluster, &creds, fs, group)
             .map_err(status)?
             .with_timeout(self.timeout);
-        let info = sub.create(name, size).await.map_err(status)?;
+        // A retried CreateVolume after an expansion finds a bigger quota: still the volume
+        // asked for if it fits the requested range.
+        let info = match sub.info(name).await.map_err(status)? {
+            Some(existing) if fits(existing.bytes_quota, range) => existing,
+            _ => sub.create(name, size).await.map_err(status)?,
+        };
         let mut source = format!(
             "cephfs://{}{}?fs={fs}",
             cluster.monitors.join(","),
@@ -515,12 +534,20 @@ impl ControllerService {
             } => {
                 let c = self.cluster(&cluster)?;
                 let creds = Self::admin(&req.secrets)?;
-                let quota = Subvolumes::new(&c, &creds, &fs, &group)
+                let sub = Subvolumes::new(&c, &creds, &fs, &group)
                     .map_err(status)?
-                    .with_timeout(self.timeout)
-                    .resize(&subvolume, size)
-                    .await
-                    .map_err(status)?;
+                    .with_timeout(self.timeout);
+                let current = sub.info(&subvolume).await.map_err(status)?.ok_or_else(|| {
+                    Status::not_found(format!("volume {:?} does not exist", req.volume_id))
+                })?;
+                // Never shrink, and never put a quota on a volume that has none (CSI: a
+                // volume already as big as asked is a success).
+                let quota = match current.bytes_quota {
+                    // Unlimited is at least as big as asked.
+                    None => size,
+                    Some(q) if q >= size => q,
+                    Some(_) => sub.resize(&subvolume, size).await.map_err(status)?,
+                };
                 Ok(ControllerExpandVolumeResponse {
                     capacity_bytes: quota as i64,
                     node_expansion_required: false,
@@ -644,6 +671,19 @@ mod tests {
         assert!(h.starts_with("vol-") && h.len() == 28, "{h}");
         assert_eq!(h, backend_name("my volume/with odd chars"));
         assert_ne!(h, backend_name("another"));
+    }
+
+    #[test]
+    fn an_existing_quota_fits_a_range_it_satisfies() {
+        let r = |req, lim| CapacityRange {
+            required_bytes: req,
+            limit_bytes: lim,
+        };
+        assert!(fits(Some(16), Some(&r(8, 0))));
+        assert!(fits(Some(8), Some(&r(8, 8))));
+        assert!(!fits(Some(4), Some(&r(8, 0))));
+        assert!(!fits(Some(16), Some(&r(8, 10))));
+        assert!(fits(None, None) && !fits(None, Some(&r(8, 0))));
     }
 
     #[test]

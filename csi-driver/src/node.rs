@@ -302,20 +302,24 @@ impl NodeService {
         let healthy = stats.health.enum_value_or_default() == agent::Health::HEALTHY;
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         Ok(NodeGetVolumeStatsResponse {
-            usage: vec![
-                VolumeUsage {
+            usage: {
+                let mut usage = vec![VolumeUsage {
                     total: clamp(stats.total_bytes),
                     available: clamp(stats.available_bytes),
                     used: clamp(stats.total_bytes.saturating_sub(stats.free_bytes)),
                     unit: Unit::Bytes as i32,
-                },
-                VolumeUsage {
-                    total: clamp(stats.total_inodes),
-                    available: clamp(stats.free_inodes),
-                    used: clamp(stats.total_inodes.saturating_sub(stats.free_inodes)),
-                    unit: Unit::Inodes as i32,
-                },
-            ],
+                }];
+                // CephFS reports free inodes as "unknown" (all ones): no inode figures then.
+                if stats.free_inodes <= stats.total_inodes {
+                    usage.push(VolumeUsage {
+                        total: clamp(stats.total_inodes),
+                        available: clamp(stats.free_inodes),
+                        used: clamp(stats.total_inodes - stats.free_inodes),
+                        unit: Unit::Inodes as i32,
+                    });
+                }
+                usage
+            },
             volume_condition: Some(VolumeCondition {
                 abnormal: !healthy,
                 message: if healthy {

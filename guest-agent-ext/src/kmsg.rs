@@ -9,9 +9,8 @@
 //! incomplete, and a caller must not draw conclusions from an incomplete window.
 //!
 //! Permissions: with `kernel.dmesg_restrict = 1` (Debian's and most distributions' default)
-//! reading needs CAP_SYSLOG; the kernel still accepts CAP_SYS_ADMIN, which the agent keeps,
-//! and then logs once per boot "Attempt to access syslog with CAP_SYS_ADMIN but no
-//! CAP_SYSLOG (deprecated)". Without either, opening fails and callers carry on without.
+//! reading needs CAP_SYSLOG, which the agent keeps for this (see `privileges.rs`). Without
+//! it, opening fails and callers carry on without the explanation.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};

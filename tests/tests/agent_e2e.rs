@@ -257,9 +257,13 @@ async fn unmount_list_stats_idempotency_and_least_privilege() -> anyhow::Result<
         .expect_err("gone");
     assert_eq!(code_of(&e), Code::NOT_FOUND);
 
-    // Least privilege: the agent kept CAP_SYS_ADMIN and CAP_SYS_MODULE only, in every set.
+    // Least privilege: the agent kept CAP_SYS_ADMIN, CAP_SYSLOG and CAP_SYS_MODULE only, in
+    // every set.
     let ping = agent.ping(ctx(T), &agent::PingRequest::new()).await?;
-    assert_eq!(ping.capabilities, ["CAP_SYS_ADMIN", "CAP_SYS_MODULE"]);
+    assert_eq!(
+        ping.capabilities,
+        ["CAP_SYSLOG", "CAP_SYS_ADMIN", "CAP_SYS_MODULE"]
+    );
     let status = g.ok("cat /proc/$(pidof cnfs-agent)/status").await?;
     let cap = |k: &str| {
         status
@@ -267,7 +271,7 @@ async fn unmount_list_stats_idempotency_and_least_privilege() -> anyhow::Result<
             .find_map(|l| l.strip_prefix(k))
             .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(u64::MAX))
     };
-    let want = (1u64 << 21) | (1u64 << 16);
+    let want = (1u64 << 21) | (1u64 << 34) | (1u64 << 16);
     for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
         assert_eq!(cap(set), Some(want), "{set} in\n{status}");
     }
