@@ -470,3 +470,117 @@ fn status_of(e: &ttrpc::Error) -> (ttrpc::Code, String) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cnfs_protocols::handoff::{Record, RECORD_VERSION};
+    use oci_spec::runtime::{MountBuilder, Spec};
+
+    struct Case {
+        dir: std::path::PathBuf,
+        sandbox: Sandbox,
+        target: String,
+    }
+
+    /// A bundle for an app container of namespace `ns` whose bind mount comes from a CSI
+    /// target with a hand-off record; no guest is reachable.
+    fn case(tag: &str, ns: &str, record: impl FnOnce(&mut Record)) -> Case {
+        let dir = std::env::temp_dir().join(format!("cnfs-sb-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bundle")).expect("dir");
+        let target = dir.join("pods/u/volumes/kubernetes.io~csi/pv/mount");
+        let target = target.display().to_string();
+        let mut r = Record {
+            version: RECORD_VERSION,
+            volume_id: "vol".into(),
+            target_path: target.clone(),
+            source: "nfs://10.0.0.5/exports/x".into(),
+            read_only: false,
+            pod_namespace: "team-a".into(),
+            pod_name: "p".into(),
+            pod_uid: "u".into(),
+            ephemeral: false,
+            has_secret: false,
+            mount_flags: vec![],
+        };
+        record(&mut r);
+        HandoffDir::new(dir.join("handoff"))
+            .write_record(&r)
+            .expect("record");
+        let mut spec = Spec::default();
+        let m = MountBuilder::default()
+            .destination("/data")
+            .typ("bind")
+            .source(&target)
+            .options(vec!["rbind".to_string()])
+            .build()
+            .expect("mount");
+        spec.set_mounts(Some(vec![m]));
+        spec.set_annotations(Some(
+            [
+                (CRI_CONTAINER_TYPE, "container"),
+                (CRI_SANDBOX_ID, "sb1"),
+                (CRI_SANDBOX_NAMESPACE, ns),
+                (CRI_CONTAINER_NAME, "app"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ));
+        spec.save(dir.join("bundle/config.json")).expect("spec");
+        let cfg = ShimConfig {
+            csi_handoff_dir: dir.join("handoff"),
+            kata_monitor_roots: vec![dir.join("no-kata")],
+            guest_connect_timeout_seconds: 1,
+            ..ShimConfig::default()
+        };
+        let log = Logger::root(slog::Discard, slog::o!());
+        Case {
+            sandbox: Sandbox::new(cfg, log).expect("sandbox"),
+            dir,
+            target,
+        }
+    }
+
+    async fn refusal(c: &Case) -> Refusal {
+        match c.sandbox.before_create("app1", &c.dir.join("bundle")).await {
+            Err(r) => r,
+            Ok(_) => panic!("the container must be refused"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_inline_csi_volume_needs_the_admins_policy() {
+        // No policy file: everything a pod author names is denied.
+        let c = case("inline", "team-a", |r| r.ephemeral = true);
+        let r = refusal(&c).await;
+        assert_eq!(r.code, ttrpc::Code::PERMISSION_DENIED, "{r:?}");
+        assert!(r.message.contains("CSI volume \"vol\""), "{r:?}");
+        let _ = std::fs::remove_dir_all(&c.dir);
+    }
+
+    #[tokio::test]
+    async fn a_persistent_volume_skips_the_policy_and_needs_its_guest() {
+        // PVs are admin objects: no policy check, so the next step (the guest) is what fails,
+        // and the container's bind mount is left as the runtime gave it.
+        let c = case("pv", "team-a", |_| {});
+        let r = refusal(&c).await;
+        assert_eq!(r.code, ttrpc::Code::UNAVAILABLE, "{r:?}");
+        let spec = Spec::load(c.dir.join("bundle/config.json")).expect("spec");
+        let src = spec.mounts().clone().unwrap_or_default()[0]
+            .source()
+            .clone();
+        assert_eq!(src.as_deref(), Some(std::path::Path::new(&c.target)));
+        let _ = std::fs::remove_dir_all(&c.dir);
+    }
+
+    #[tokio::test]
+    async fn a_record_of_another_namespace_is_refused() {
+        let c = case("ns", "team-b", |_| {});
+        let r = refusal(&c).await;
+        assert_eq!(r.code, ttrpc::Code::PERMISSION_DENIED, "{r:?}");
+        assert!(r.message.contains("team-a"), "{r:?}");
+        let _ = std::fs::remove_dir_all(&c.dir);
+    }
+}
