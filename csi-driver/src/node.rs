@@ -120,6 +120,13 @@ impl NodeService {
 
         if let Some(existing) = self.handoff.read_record(&target).map_err(internal)? {
             if existing == record {
+                // The same publish again (a retry, or kubelet after a restart): the target
+                // keeps its inode; a rotated key replaces the old one.
+                if let (true, Some(secret)) = (record.has_secret, &secret) {
+                    self.handoff
+                        .write_secret(&target, secret)
+                        .map_err(internal)?;
+                }
                 return Ok(());
             }
             return Err(Status::already_exists(format!(
@@ -131,14 +138,19 @@ impl NodeService {
             self.check_tmpfs()?;
         }
         self.make_target(&target, &record)?;
-        if record.has_secret {
-            let secret = secret.ok_or_else(|| invalid("secrets.userKey", "is required"))?;
-            self.handoff
-                .write_secret(&target, &secret)
-                .map_err(internal)?;
+        let written = (|| {
+            if let Some(secret) = secret.as_ref().filter(|_| record.has_secret) {
+                self.handoff.write_secret(&target, secret)?;
+            }
+            // The record goes last: the shim never sees a record whose secret is not there yet.
+            self.handoff.write_record(&record)
+        })();
+        if let Err(e) = written {
+            // A failed publish leaves nothing behind: no key on tmpfs, no target.
+            let _ = self.handoff.remove(&target);
+            let _ = std::fs::remove_file(&target);
+            return Err(internal(format!("writing the hand-off for {target}: {e}")));
         }
-        // The record goes last: the shim never sees a record whose secret is not there yet.
-        self.handoff.write_record(&record).map_err(internal)?;
         Ok(())
     }
 
