@@ -15,6 +15,7 @@ use cnfs_host_shim::kata::{self, MonitorPaths};
 use cnfs_protocols::agent;
 use cnfs_protocols::handoff::{HandoffDir, NodeSecret, Record, RECORD_VERSION};
 use cnfs_protocols::spec::Source;
+use cnfs_protocols::transport::AgentAddress;
 use slog::Logger;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
@@ -43,7 +44,8 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 pub struct NodeConfig {
     pub node_id: String,
     pub handoff_root: PathBuf,
-    /// Where Kata's sandbox monitor sockets are (for stats from the guest).
+    /// Where Kata's sandbox monitor sockets are (stats from a guest whose wrapper runs no
+    /// stats relay).
     pub kata: MonitorPaths,
     pub agent_port: u32,
     pub stats_timeout: Duration,
@@ -276,20 +278,27 @@ impl NodeService {
         };
         let t = self.cfg.stats_timeout;
         let work = async {
-            let addr = kata::find_agent(&guest.sandbox_id, &self.cfg.kata, self.cfg.agent_port, t)
-                .await
-                .map_err(|e| {
-                    format!(
-                        "cannot reach the guest of sandbox {}: {e}",
-                        guest.sandbox_id
-                    )
-                })?;
-            let client = kata::connect_agent(&addr, t).await.map_err(|e| {
+            let unreachable = |e: String| {
                 format!(
                     "cannot reach the guest of sandbox {}: {e}",
                     guest.sandbox_id
                 )
-            })?;
+            };
+            cnfs_protocols::spec::validate_sandbox_id("sandbox id", &guest.sandbox_id)
+                .map_err(|e| unreachable(e.to_string()))?;
+            // The shim's stats relay first: no guest socket and no AF_VSOCK needed here.
+            // Kata's monitor socket is the fallback (a wrapper without a relay).
+            let relay = self.handoff.relay_path(&guest.sandbox_id);
+            let addr = if relay.exists() {
+                AgentAddress::Unix { path: relay }
+            } else {
+                kata::find_agent(&guest.sandbox_id, &self.cfg.kata, self.cfg.agent_port, t)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?
+            };
+            let client = kata::connect_agent(&addr, t)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
             let req = agent::StatsRequest {
                 name: guest.volume.clone(),
                 timeout_ms: t.as_millis() as u32,

@@ -10,6 +10,7 @@
 //!   provisioner's admin key, the pod's user key) appear in no record, log, state or output.
 
 use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -29,22 +30,23 @@ const RUNC: &str = "io.containerd.runc.v2";
 const CNFS: &str = "io.containerd.cnfs.v2";
 const MIB: i64 = 1 << 20;
 
-/// The `cnfs-csi` binary beside this package's shim (built with the workspace; built here
-/// if this package's tests run alone).
+/// The `cnfs-csi` binary beside this package's shim, brought up to date first (when this
+/// package's tests run alone, cargo has not built another package's binary; a stale one
+/// would test old code). A no-op when the workspace build already made it.
 fn csi_binary() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-cnfs-v2"));
-    let bin = shim.with_file_name("cnfs-csi");
-    if !bin.exists() {
+    BUILT.call_once(|| {
         let release = shim.components().any(|c| c.as_os_str() == "release");
         let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "-p", "cnfs-csi", "--bin", "cnfs-csi"]);
+        c.args(["build", "--quiet", "-p", "cnfs-csi", "--bin", "cnfs-csi"]);
         if release {
             c.arg("--release");
         }
         let st = c.status().expect("cargo runs");
         assert!(st.success(), "building cnfs-csi");
-    }
-    bin
+    });
+    shim.with_file_name("cnfs-csi")
 }
 
 fn shim_on_path() {
@@ -85,8 +87,8 @@ impl Csi {
             .arg(&socket)
             .args(["all", "--node-id", "node-a", "--handoff-dir"])
             .arg(&pod.handoff_dir)
-            .arg("--kata-sandbox-root")
-            .arg(&pod.kata_root)
+            // No Kata socket for the node plugin: stats must come through the shim's relay.
+            .args(["--kata-sandbox-root", "/nonexistent/kata"])
             .arg("--config")
             .arg(config.unwrap_or(Path::new("/nonexistent/csi.toml")))
             .args(["--backend-timeout", "10"])
@@ -243,6 +245,10 @@ impl Pod {
         }
         let mounts = g.ok("cat /proc/mounts").await?;
         assert!(!mounts.contains(&self.guest_name()), "{mounts}");
+        assert!(
+            !self.handoff().relay_path(&self.sandbox).exists(),
+            "the stats relay ends with the sandbox"
+        );
         Ok(())
     }
 }
@@ -444,6 +450,51 @@ async fn a_csi_volume_is_provisioned_published_and_mounted_by_the_guest() -> any
         "stats come from the guest's statfs"
     );
     assert!(has_inodes(&stats), "{stats:?}");
+    // They came through the wrapper's relay (the plugin has no Kata socket): owner-only, and
+    // it serves Stats and Ping, never Mount, Unmount or List.
+    let relay = pod.handoff().relay_path(&pod.sandbox);
+    assert_eq!(
+        std::fs::metadata(&relay)?.permissions().mode() & 0o777,
+        0o600
+    );
+    let through = cnfs_protocols::transport::connect(
+        &cnfs_protocols::transport::AgentAddress::Unix { path: relay },
+        Duration::from_secs(5),
+    )
+    .await?;
+    let ctx = || ttrpc::context::with_timeout(Duration::from_secs(20).as_nanos() as i64);
+    let e = through
+        .mount(
+            ctx(),
+            &cnfs_testbed::mount_request(
+                cnfs_testbed::nfs_volume("x", &bed.ns.host_ip, EXPORT, "4.1"),
+                5_000,
+            ),
+        )
+        .await
+        .expect_err("relay refuses Mount");
+    assert_eq!(
+        cnfs_testbed::code_of(&e),
+        ttrpc::Code::PERMISSION_DENIED,
+        "{e:?}"
+    );
+    for e in [
+        through
+            .unmount(ctx(), &cnfs_protocols::agent::UnmountRequest::new())
+            .await
+            .expect_err("Unmount"),
+        through
+            .list(ctx(), &cnfs_protocols::agent::ListRequest::new())
+            .await
+            .expect_err("List"),
+    ] {
+        assert_eq!(
+            cnfs_testbed::code_of(&e),
+            ttrpc::Code::PERMISSION_DENIED,
+            "{e:?}"
+        );
+    }
+    assert!(g.ok("cat /proc/mounts").await?.contains(&pod.guest_name()));
 
     // The same pod under another runtime: never an empty host directory. Where the image
     // has a directory at the mount path, the container does not start; elsewhere it finds a

@@ -8,6 +8,8 @@
 //!   a 0700 directory, on tmpfs only.
 //! - `guests/<key>.json`: [`GuestUse`], written by the shim once the volume is mounted in a
 //!   guest, so the node plugin can read its stats from that guest.
+//! - `relay/<sandbox id>.sock`: the shim's stats relay for that sandbox's guest (the agent's
+//!   `Stats` only), so the node plugin reaches no guest socket itself.
 
 use std::fmt;
 use std::io::Write;
@@ -183,6 +185,11 @@ impl HandoffDir {
         self.root
             .join("guests")
             .join(format!("{}.json", key(target)))
+    }
+
+    /// The shim's stats relay for a sandbox (its id must be validated by the caller).
+    pub fn relay_path(&self, sandbox_id: &str) -> PathBuf {
+        self.root.join("relay").join(format!("{sandbox_id}.sock"))
     }
 
     /// The record for `target`, if one exists and really is for that path.

@@ -40,9 +40,9 @@ const CONFIG_MAP: &str = "cnfs-csi-config";
 /// The driver's CSI socket inside its pods.
 const SOCKET_DIR: &str = "/csi";
 const ENDPOINT: &str = "unix:///csi/csi.sock";
-/// Where the shim looks for Kata's management sockets (host-shim-plugin/src/shim/config.rs,
-/// `kata_monitor_roots` defaults): the node plugin must see them to reach a guest for stats.
-const KATA_MONITOR_ROOTS: [&str; 2] = ["/run/vc/sbs", "/run/kata"];
+/// Kata's run directories: the node plugin must not see them (stats come through the
+/// shim's relay in the hand-off directory).
+const KATA_RUN_DIRS: [&str; 2] = ["/run/vc", "/run/kata"];
 /// Files configs/csi/README.md documents; any other *.yaml there is checked as well.
 const FILES: [&str; 9] = [
     "namespace.yaml",
@@ -405,8 +405,6 @@ fn node_host_dirs(driver: &str) -> Vec<HostDir> {
         },
         same("/var/lib/kubelet/pods", "Directory", false),
         same(handoff::DEFAULT_ROOT, "DirectoryOrCreate", false),
-        same("/run/vc", "DirectoryOrCreate", true),
-        same("/run/kata", "DirectoryOrCreate", true),
     ]
 }
 
@@ -517,21 +515,16 @@ fn check_node_plugin(s: &Set, driver: &str) -> anyhow::Result<()> {
         .flatten()
         .map(|m| (m.mount_path.as_str(), m.read_only == Some(true)))
         .collect();
-    for path in [
-        SOCKET_DIR,
-        "/var/lib/kubelet/pods",
-        handoff::DEFAULT_ROOT,
-        "/run/vc",
-        "/run/kata",
-    ] {
+    for path in [SOCKET_DIR, "/var/lib/kubelet/pods", handoff::DEFAULT_ROOT] {
         ensure!(mounted.contains_key(path), "cnfs-csi node lacks {path}");
     }
-    for root in KATA_MONITOR_ROOTS {
+    for kata in KATA_RUN_DIRS {
         ensure!(
-            mounted
-                .iter()
-                .any(|(p, ro)| *ro && std::path::Path::new(root).starts_with(p)),
-            "the shim's Kata monitor root {root} is not under a read-only mount of cnfs-csi node"
+            !mounted
+                .keys()
+                .any(|p| std::path::Path::new(p).starts_with(kata)
+                    || std::path::Path::new(kata).starts_with(p)),
+            "cnfs-csi node must not see Kata's sockets ({kata}): stats come through the shim's relay"
         );
     }
 
@@ -1584,7 +1577,7 @@ fn every_regression_fails_a_check() {
         ("hostPID", DS, NODE_DAEMONSET, "spec/template/spec/hostPID", Set(json!(true)), "hostPID"),
         ("host port", DS, NODE_DAEMONSET, "$cnfs-csi/ports/0/hostPort", Set(json!(9808)), "hostPort"),
         ("host root mounted", DS, NODE_DAEMONSET, "spec/template/spec/volumes", Push(json!({"name": "root", "hostPath": {"path": "/"}})), "hostPath volumes are"),
-        ("Kata sockets writable", DS, NODE_DAEMONSET, "$cnfs-csi/volumeMounts/mountPath=~1run~1vc/readOnly", Set(json!(false)), "must be read-only"),
+        ("Kata sockets mounted", DS, NODE_DAEMONSET, "$cnfs-csi/volumeMounts", Push(json!({"name": "pods-dir", "mountPath": "/run/vc", "readOnly": true})), "at /run/vc"),
         ("pods dir elsewhere", DS, NODE_DAEMONSET, "$cnfs-csi/volumeMounts/mountPath=~1var~1lib~1kubelet~1pods/mountPath", Set(json!("/pods")), "expected /var/lib/kubelet/pods"),
         ("any node", DS, NODE_DAEMONSET, "spec/template/spec/nodeSelector", Remove, "nodeSelector"),
         ("node token", DS, NODE_DAEMONSET, "spec/template/spec/automountServiceAccountToken", Set(json!(true)), "automountServiceAccountToken"),

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod frames;
 pub mod proxy;
+pub mod relay;
 pub mod sandbox;
 
 use std::path::{Path, PathBuf};

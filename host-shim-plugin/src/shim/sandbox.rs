@@ -28,6 +28,7 @@ use crate::kata::{self, MonitorPaths};
 use crate::policy::Policy;
 use crate::secrets::SecretStore;
 use crate::shim::config::ShimConfig;
+use crate::shim::relay::Relay;
 
 /// A refusal to show containerd (it becomes the pod's event): code and message.
 #[derive(Debug)]
@@ -60,6 +61,8 @@ struct Mounted {
     agent: Option<AgentAddress>,
     /// Agent volume names of CSI volumes mounted for app containers.
     csi: Vec<String>,
+    /// The stats relay for the CSI node plugin, once a CSI volume is mounted.
+    relay: Option<Relay>,
 }
 
 pub struct Sandbox {
@@ -216,6 +219,7 @@ impl Sandbox {
             volumes: volumes.into_iter().map(|(v, _)| v).collect(),
             agent: Some(addr),
             csi: Vec::new(),
+            relay: None,
         });
         Ok(())
     }
@@ -266,6 +270,15 @@ impl Sandbox {
                 precondition(format!("the container has no {CRI_SANDBOX_ID} annotation"))
             })?
             .clone();
+        // It names files (the stats relay): the shared rules, and never "." or "..".
+        if let Err(e) = cnfs_protocols::spec::validate_sandbox_id(CRI_SANDBOX_ID, &sandbox_id) {
+            return Err(precondition(e.to_string()));
+        }
+        if sandbox_id == "." || sandbox_id == ".." {
+            return Err(precondition(format!(
+                "{CRI_SANDBOX_ID} must not be . or .."
+            )));
+        }
         let namespace = ann.get(CRI_SANDBOX_NAMESPACE).cloned().unwrap_or_default();
         let mut wanted = Vec::new();
         for r in &records {
@@ -375,7 +388,16 @@ impl Sandbox {
             volumes: annotations::parse(ann).unwrap_or_default(),
             agent: None,
             csi: Vec::new(),
+            relay: None,
         });
+        if m.relay.is_none() {
+            let path = dir.relay_path(&sandbox_id);
+            match Relay::start(&path, addr.clone(), self.cfg.connect_timeout()).await {
+                Ok(r) => m.relay = Some(r),
+                Err(e) => warn!(self.log, "no stats relay for the CSI node plugin";
+                    "path" => path.display().to_string(), "error" => e.to_string()),
+            }
+        }
         m.agent.get_or_insert(addr);
         for r in redirects {
             if !m.csi.contains(&r.volume) {
@@ -415,6 +437,9 @@ impl Sandbox {
                 warn!(self.log, "could not unmount the sandbox's volumes; the VM's end cleans up";
                     "sandbox" => id);
             }
+        }
+        if let Some(relay) = state.as_mut().and_then(|m| m.relay.take()) {
+            relay.stop().await;
         }
         *state = None;
     }
