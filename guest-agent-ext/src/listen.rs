@@ -4,12 +4,10 @@
 //! or another guest cannot ask the agent to mount. The unix socket is 0600 in a 0700
 //! directory that containers do not see.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use futures::stream::{self, Stream, StreamExt};
 use slog::{warn, Logger};
-use tokio::net::UnixListener;
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY, VMADDR_CID_HOST};
 use ttrpc::r#async::transport::{Listener, Socket};
 
@@ -38,20 +36,7 @@ pub fn vsock(
 }
 
 pub fn unix(path: &Path) -> std::io::Result<impl Stream<Item = std::io::Result<Socket>>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(stream::unfold(listener, |listener| async move {
-        let next = listener.accept().await.map(|(s, _)| Socket::new(s));
-        Some((next, listener))
-    }))
+    cnfs_protocols::transport::owner_only_unix_listener(path)
 }
 
 /// One ttrpc listener over both doors.

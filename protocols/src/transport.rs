@@ -182,6 +182,32 @@ pub async fn connect(
     Ok(AgentClient::new(ttrpc::r#async::Client::new(socket)))
 }
 
+/// A ttrpc listener on a unix socket only its owner may use: the socket 0600 in a 0700
+/// directory, a stale socket replaced. The agent's local door and the wrapper's stats relay.
+pub fn owner_only_unix_listener(
+    path: &std::path::Path,
+) -> std::io::Result<impl futures::Stream<Item = std::io::Result<ttrpc::r#async::transport::Socket>>>
+{
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(futures::stream::unfold(listener, |listener| async move {
+        let next = listener
+            .accept()
+            .await
+            .map(|(s, _)| ttrpc::r#async::transport::Socket::new(s));
+        Some((next, listener))
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

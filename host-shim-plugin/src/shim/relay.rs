@@ -4,7 +4,6 @@
 //! neither Kata's sockets nor an AF_VSOCK socket (containerd's default seccomp profile
 //! forbids those since 1.7, and a QEMU guest is reached over vsock).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cnfs_protocols::agent;
 use cnfs_protocols::agent_ttrpc;
-use cnfs_protocols::transport::AgentAddress;
-use futures::stream;
-use tokio::net::UnixListener;
-use ttrpc::r#async::transport::{Listener, Socket};
+use cnfs_protocols::transport::{self, AgentAddress};
+use ttrpc::r#async::transport::Listener;
 use ttrpc::r#async::TtrpcContext;
 
 use crate::kata;
@@ -46,20 +43,7 @@ impl Relay {
                 format!("{} is too long for a unix socket", path.display()),
             ));
         }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let incoming = stream::unfold(listener, |l| async move {
-            let next = l.accept().await.map(|(s, _)| Socket::new(s));
-            Some((next, l))
-        });
+        let incoming = transport::owner_only_unix_listener(path)?;
         let service = Arc::new(StatsOnly {
             agent,
             connect_timeout,
