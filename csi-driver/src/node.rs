@@ -140,16 +140,26 @@ impl NodeService {
             self.check_tmpfs()?;
         }
         self.make_target(&target, &record)?;
+        let aliases = aliases(&target);
         let written = (|| {
-            if let Some(secret) = secret.as_ref().filter(|_| record.has_secret) {
-                self.handoff.write_secret(&target, secret)?;
+            for path in &aliases {
+                if let Some(secret) = secret.as_ref().filter(|_| record.has_secret) {
+                    self.handoff.write_secret(path, secret)?;
+                }
+                // The record goes last: the shim never sees a record whose secret is not
+                // there yet.
+                self.handoff.write_record(&Record {
+                    target_path: path.clone(),
+                    ..record.clone()
+                })?;
             }
-            // The record goes last: the shim never sees a record whose secret is not there yet.
-            self.handoff.write_record(&record)
+            Ok::<_, std::io::Error>(())
         })();
         if let Err(e) = written {
             // A failed publish leaves nothing behind: no key on tmpfs, no target.
-            let _ = self.handoff.remove(&target);
+            for path in &aliases {
+                let _ = self.handoff.remove(path);
+            }
             let _ = std::fs::remove_file(&target);
             return Err(internal(format!("writing the hand-off for {target}: {e}")));
         }
@@ -231,7 +241,9 @@ impl NodeService {
                 )));
             }
         }
-        self.handoff.remove(&target).map_err(internal)?;
+        for alias in aliases(&target) {
+            self.handoff.remove(&alias).map_err(internal)?;
+        }
         let path = Path::new(&target);
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.is_file() && is_our_target(path) => {
@@ -270,7 +282,15 @@ impl NodeService {
                 message,
             }),
         };
-        let Some(guest) = self.handoff.read_guest(&target).map_err(internal)? else {
+        // The shim records the guest under the path the runtime gave it (symlinks resolved).
+        let mut guest = None;
+        for alias in aliases(&target) {
+            if let Some(g) = self.handoff.read_guest(&alias).map_err(internal)? {
+                guest = Some(g);
+                break;
+            }
+        }
+        let Some(guest) = guest else {
             return Ok(abnormal(format!(
                 "volume {:?} is published but no guest has mounted it: the pod must run with the CNFS runtime class",
                 record.volume_id
@@ -370,6 +390,24 @@ fn absolute_target(field: &str, path: &str) -> Result<String, Status> {
         return Err(invalid(field, "is longer than 4096 bytes"));
     }
     Ok(path.to_string())
+}
+
+/// The target path as kubelet names it and, if different, with symlinks resolved: containerd
+/// resolves them before the shim sees the bind source (e.g. a symlinked /var/lib/kubelet), so
+/// the hand-off is recorded under both.
+fn aliases(target: &str) -> Vec<String> {
+    let path = Path::new(target);
+    let resolved = std::fs::canonicalize(path).ok().or_else(|| {
+        let parent = std::fs::canonicalize(path.parent()?).ok()?;
+        Some(parent.join(path.file_name()?))
+    });
+    let mut out = vec![target.to_string()];
+    if let Some(r) = resolved.and_then(|r| r.to_str().map(str::to_string)) {
+        if r != target {
+            out.push(r);
+        }
+    }
+    out
 }
 
 fn is_our_target(path: &Path) -> bool {

@@ -504,3 +504,51 @@ async fn the_node_plugin_runs_with_no_capability_and_never_mounts() -> anyhow::R
     common::assert_no_mount_calls(&strace);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_symlinked_kubelet_root_is_handed_off_under_both_paths() -> anyhow::Result<()> {
+    // containerd resolves symlinks in a bind source before the shim sees it, so a kubelet
+    // root that is a symlink (e.g. /var/lib/kubelet -> /data/kubelet) needs the record under
+    // the resolved path too.
+    let node = Node::start("symlink")?;
+    let mut n = node.plugin.node().await?;
+    let real = node.plugin.dir.join("data-kubelet");
+    let parent = real.join("pods/u/volumes/kubernetes.io~csi/pv");
+    std::fs::create_dir_all(&parent)?;
+    let link = node.plugin.dir.join("kubelet");
+    std::os::unix::fs::symlink(&real, &link)?;
+    let target = link
+        .join("pods/u/volumes/kubernetes.io~csi/pv/mount")
+        .display()
+        .to_string();
+    let resolved = parent.join("mount").display().to_string();
+    let req = NodePublishVolumeRequest {
+        secrets: HashMap::from([
+            ("userID".to_string(), "app".to_string()),
+            ("userKey".to_string(), KEY.to_string()),
+        ]),
+        ..publish(&target, "cephfs://10.0.0.7:6789/v?fs=cephfs")
+    };
+    n.node_publish_volume(req).await?;
+    let h = HandoffDir::new(&node.handoff);
+    let by_link = h
+        .read_record(&target)?
+        .expect("record under kubelet's path");
+    let by_real = h
+        .read_record(&resolved)?
+        .expect("record under the resolved path");
+    assert_eq!(by_real.target_path, resolved);
+    assert_eq!(by_link.volume_id, by_real.volume_id);
+    assert!(h.read_secret(&resolved)?.is_some());
+    n.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: "vol-1".into(),
+        target_path: target.clone(),
+    })
+    .await?;
+    for t in [&target, &resolved] {
+        assert!(h.read_record(t)?.is_none(), "{t}");
+        assert!(h.read_secret(t)?.is_none(), "{t}");
+    }
+    assert!(!Path::new(&resolved).exists());
+    Ok(())
+}
