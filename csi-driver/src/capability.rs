@@ -22,6 +22,14 @@ pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
 }
 
+/// `InvalidArgument` when a required field is empty.
+pub fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    Ok(())
+}
+
 /// Checks one capability; `field` names it in errors.
 pub fn check(field: &str, cap: Option<&VolumeCapability>) -> Result<Access, Status> {
     let cap = cap.ok_or_else(|| invalid(field, "is required"))?;

@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status};
 use crate::backend::cephfs::{CephCluster, CephCredentials, Subvolumes};
 use crate::backend::nfs::NfsShare;
 use crate::backend::{BackendError, OnDelete};
-use crate::capability::{self, invalid};
+use crate::capability::{self, invalid, required};
 use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::validate_volume_capabilities_response::Confirmed;
@@ -242,9 +242,7 @@ impl ControllerService {
     }
 
     async fn create(&self, req: &CreateVolumeRequest) -> Result<Volume, Status> {
-        if req.name.is_empty() {
-            return Err(invalid("name", "is required"));
-        }
+        required("name", &req.name)?;
         if req.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities", "at least one is required"));
         }
@@ -309,12 +307,8 @@ impl ControllerService {
             port: None,
             export: get("share"),
         };
-        if share.server.is_empty() {
-            return Err(invalid("parameters.server", "is required"));
-        }
-        if share.export.is_empty() {
-            return Err(invalid("parameters.share", "is required"));
-        }
+        required("parameters.server", &share.server)?;
+        required("parameters.share", &share.export)?;
         if share.server.contains('#') || share.export.contains('#') {
             return Err(invalid(
                 "parameters",
@@ -409,9 +403,7 @@ impl ControllerService {
     }
 
     async fn delete(&self, req: &DeleteVolumeRequest) -> Result<(), Status> {
-        if req.volume_id.is_empty() {
-            return Err(invalid("volume_id", "is required"));
-        }
+        required("volume_id", &req.volume_id)?;
         // An id this driver never made names nothing to delete (CSI: success).
         let Some(id) = VolumeId::parse(&req.volume_id) else {
             warn!(self.log, "DeleteVolume of an id CNFS did not make; nothing to do";
@@ -485,9 +477,7 @@ impl ControllerService {
         &self,
         req: &ValidateVolumeCapabilitiesRequest,
     ) -> Result<ValidateVolumeCapabilitiesResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(invalid("volume_id", "is required"));
-        }
+        required("volume_id", &req.volume_id)?;
         if req.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities", "at least one is required"));
         }
@@ -514,9 +504,7 @@ impl ControllerService {
         &self,
         req: &ControllerExpandVolumeRequest,
     ) -> Result<ControllerExpandVolumeResponse, Status> {
-        if req.volume_id.is_empty() {
-            return Err(invalid("volume_id", "is required"));
-        }
+        required("volume_id", &req.volume_id)?;
         let size = requested_size(req.capacity_range.as_ref())?
             .ok_or_else(|| invalid("capacity_range", "is required"))?;
         let id = VolumeId::parse(&req.volume_id).ok_or_else(|| {

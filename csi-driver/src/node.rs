@@ -20,7 +20,7 @@ use slog::Logger;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use crate::capability::{self, invalid};
+use crate::capability::{self, invalid, required};
 use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::volume_usage::Unit;
@@ -325,10 +325,12 @@ impl NodeService {
                 ..Default::default()
             };
             let ctx = ttrpc::context::with_timeout((t + Duration::from_secs(2)).as_nanos() as i64);
-            client
-                .stats(ctx, &req)
-                .await
-                .map_err(|e| format!("the guest's Stats failed: {}", bounded(&e.to_string())))
+            client.stats(ctx, &req).await.map_err(|e| {
+                format!(
+                    "the guest's Stats failed: {}",
+                    kata::printable(&e.to_string(), 400)
+                )
+            })
         };
         let stats = match tokio::time::timeout(t * 3 + Duration::from_secs(2), work).await {
             Ok(Ok(s)) => s,
@@ -366,18 +368,11 @@ impl NodeService {
                 message: if healthy {
                     format!("mounted in the guest of sandbox {}", guest.sandbox_id)
                 } else {
-                    bounded(&stats.health_detail)
+                    kata::printable(&stats.health_detail, 400)
                 },
             }),
         })
     }
-}
-
-fn required(field: &str, value: &str) -> Result<(), Status> {
-    if value.is_empty() {
-        return Err(invalid(field, "is required"));
-    }
-    Ok(())
 }
 
 /// A target path: absolute, no `..`, no NUL; kept exactly as given (the record's key).
@@ -434,11 +429,6 @@ fn node_secret(secrets: &HashMap<String, String>) -> Result<Option<NodeSecret>, 
 
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
-}
-
-/// Guest text shown back: bounded, control characters escaped (the guest is untrusted).
-fn bounded(s: &str) -> String {
-    s.chars().take(400).flat_map(char::escape_default).collect()
 }
 
 fn capability(t: rpc::Type) -> NodeServiceCapability {

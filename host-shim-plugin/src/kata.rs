@@ -160,7 +160,7 @@ fn body_suffix(body: &str) -> String {
 }
 
 /// Untrusted text shown back in an error: control characters escaped, length bounded.
-fn printable(s: &str, max: usize) -> String {
+pub fn printable(s: &str, max: usize) -> String {
     let mut out: String = s.chars().take(max).flat_map(char::escape_default).collect();
     if s.chars().count() > max {
         out.push_str("...");

@@ -9,6 +9,10 @@
 //!   quota the guest kernel enforces and `ControllerExpandVolume` raises; the keys (the
 //!   provisioner's admin key, the pod's user key) appear in no record, log, state or output.
 
+mod common;
+
+use common::{shim_on_path, text};
+
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -47,15 +51,6 @@ fn csi_binary() -> PathBuf {
         assert!(st.success(), "building cnfs-csi");
     });
     shim.with_file_name("cnfs-csi")
-}
-
-fn shim_on_path() {
-    let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-cnfs-v2"));
-    let dir = shim.parent().map(Path::to_path_buf).unwrap_or_default();
-    let path = std::env::var("PATH").unwrap_or_default();
-    if !path.split(':').any(|p| Path::new(p) == dir) {
-        std::env::set_var("PATH", format!("{}:{path}", dir.display()));
-    }
 }
 
 /// `cnfs-csi all` in the test's network namespace (the controller reaches the NFS server
@@ -281,10 +276,6 @@ fn ctr(ctd: &Containerd, runtime: Option<&str>, args: &[&str]) -> Output {
         }
     }
     c.stdin(Stdio::null()).output().expect("ctr runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn cri(kind: &str, sandbox: &str, name: &str) -> Vec<String> {

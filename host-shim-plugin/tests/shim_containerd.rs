@@ -3,8 +3,12 @@
 //! without the wrapper; with a test guest behind a stand-in Kata management socket (the only
 //! simulated part of Kata), pod annotations become guest kernel mounts.
 
+mod common;
+
+use common::{shim_on_path, text};
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,16 +18,6 @@ use cnfs_testbed::{rootfs, TempDir, TestBed};
 
 const RUNC: &str = "io.containerd.runc.v2";
 const CNFS: &str = "io.containerd.cnfs.v2";
-
-/// containerd finds `containerd-shim-cnfs-v2` on its PATH; put the built binary there.
-fn shim_on_path() {
-    let shim = PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-cnfs-v2"));
-    let dir = shim.parent().map(Path::to_path_buf).unwrap_or_default();
-    let path = std::env::var("PATH").unwrap_or_default();
-    if !path.split(':').any(|p| Path::new(p) == dir) {
-        std::env::set_var("PATH", format!("{}:{path}", dir.display()));
-    }
-}
 
 struct Ctr<'a> {
     ctd: &'a Containerd,
@@ -48,10 +42,6 @@ impl Ctr<'_> {
             .output()
             .expect("ctr runs")
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// Writes the wrapper's config and points containerd (and so its shims) at it. Each test
