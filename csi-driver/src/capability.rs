@@ -3,6 +3,7 @@
 
 use tonic::Status;
 
+use crate::bounds;
 use crate::csi::volume_capability::access_mode::Mode;
 use crate::csi::volume_capability::AccessType;
 use crate::csi::VolumeCapability;
@@ -49,9 +50,13 @@ pub fn check(field: &str, cap: Option<&VolumeCapability>) -> Result<Access, Stat
     ) {
         return Err(invalid(
             &format!("{field}.mount.fs_type"),
-            format!("{:?} is not a CNFS file system (nfs, ceph)", mount.fs_type),
+            format!(
+                "{} is not a CNFS file system (nfs, ceph)",
+                bounds::echo(&mount.fs_type)
+            ),
         ));
     }
+    bounds::flags(&format!("{field}.mount.mount_flags"), &mount.mount_flags)?;
     if !mount.volume_mount_group.is_empty() {
         return Err(invalid(
             &format!("{field}.mount.volume_mount_group"),
@@ -128,5 +133,38 @@ mod tests {
         );
         let e = check("volume_capability", Some(&xfs)).unwrap_err();
         assert!(e.message().contains("fs_type"), "{e:?}");
+    }
+
+    #[test]
+    fn a_huge_fs_type_or_flag_is_refused_and_echoed_only_in_bounded_form() {
+        let huge = cap(
+            AccessType::Mount(MountVolume {
+                fs_type: "x".repeat(4 << 20),
+                ..Default::default()
+            }),
+            Mode::SingleNodeWriter,
+        );
+        let e = check("volume_capability", Some(&huge)).unwrap_err();
+        assert!(
+            e.message().starts_with("volume_capability.mount.fs_type")
+                && e.message().contains("(4194304 bytes)")
+                && e.message().len() < 300,
+            "{}",
+            &e.message()[..300.min(e.message().len())]
+        );
+        let flags = cap(
+            AccessType::Mount(MountVolume {
+                mount_flags: vec!["ro".into(), format!("nconnect={}", "4".repeat(200))],
+                ..Default::default()
+            }),
+            Mode::SingleNodeWriter,
+        );
+        let e = check("volume_capability", Some(&flags)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message()
+                .starts_with("volume_capability.mount.mount_flags[1]: is 209 bytes"),
+            "{e:?}"
+        );
     }
 }

@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status};
 use crate::backend::cephfs::{CephCluster, CephCredentials, Subvolumes};
 use crate::backend::nfs::NfsShare;
 use crate::backend::{BackendError, OnDelete};
+use crate::bounds::{self, echo, MAX_STRING};
 use crate::capability::{self, invalid, required};
 use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
@@ -147,6 +148,41 @@ fn backend_name(name: &str) -> String {
     )
 }
 
+/// CreateVolume's `name`: required, within CSI's string limit and free of the control
+/// characters the spec bans (U+0000-U+0008, U+000B, U+000C, U+000E-U+001F, U+007F-U+009F).
+fn check_name(name: &str) -> Result<(), Status> {
+    required("name", name)?;
+    if name.len() > MAX_STRING {
+        return bounds::string("name", name);
+    }
+    let banned = |c: char| matches!(c, '\u{0}'..='\u{8}' | '\u{b}' | '\u{c}' | '\u{e}'..='\u{1f}' | '\u{7f}'..='\u{9f}');
+    if name.chars().any(banned) {
+        return Err(invalid(
+            "name",
+            "must not contain control characters other than white space",
+        ));
+    }
+    Ok(())
+}
+
+/// The id of a volume about to be made, refused before anything is made if it would break
+/// CSI's string limit (the limits bind what a plugin sends as well); `from` names the
+/// parameters that make it long.
+fn fitting_id(id: &VolumeId, from: &str) -> Result<String, Status> {
+    let encoded = id.encode();
+    if encoded.len() > MAX_STRING {
+        return Err(invalid(
+            "parameters",
+            format!(
+                "the volume id would be {} bytes, longer than the CSI limit of {MAX_STRING} \
+                 bytes: shorten {from}",
+                encoded.len()
+            ),
+        ));
+    }
+    Ok(encoded)
+}
+
 pub struct ControllerService {
     cfg: ControllerConfig,
     timeout: Duration,
@@ -221,7 +257,8 @@ impl ControllerService {
     fn cluster(&self, id: &str) -> Result<CephCluster, Status> {
         let c = self.cfg.clusters.get(id).ok_or_else(|| {
             Status::failed_precondition(format!(
-                "clusterID {id:?} is not in the controller's config (clusters.<id> with monitors)"
+                "clusterID {} is not in the controller's config (clusters.<id> with monitors)",
+                echo(id)
             ))
         })?;
         Ok(CephCluster {
@@ -242,7 +279,9 @@ impl ControllerService {
     }
 
     async fn create(&self, req: &CreateVolumeRequest) -> Result<Volume, Status> {
-        required("name", &req.name)?;
+        check_name(&req.name)?;
+        bounds::map("parameters", &req.parameters)?;
+        bounds::map("secrets", &req.secrets)?;
         if req.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities", "at least one is required"));
         }
@@ -265,7 +304,7 @@ impl ControllerService {
             other => {
                 return Err(invalid(
                     "parameters.fs",
-                    format!("{other:?} is not supported (nfs, cephfs)"),
+                    format!("{} is not supported (nfs, cephfs)", echo(other)),
                 ))
             }
         };
@@ -276,7 +315,8 @@ impl ControllerService {
             return Err(invalid(
                 "parameters",
                 format!(
-                    "unknown key {k:?} for fs {} (known: {})",
+                    "unknown key {} for fs {} (known: {})",
+                    echo(k),
                     get("fs"),
                     allowed.join(", ")
                 ),
@@ -298,7 +338,7 @@ impl ControllerService {
             Some(v) => OnDelete::parse(v).ok_or_else(|| {
                 invalid(
                     "parameters.onDelete",
-                    format!("{v:?} is not retain, delete or archive"),
+                    format!("{} is not retain, delete or archive", echo(v)),
                 )
             })?,
         };
@@ -315,6 +355,14 @@ impl ControllerService {
                 "server and share must not contain '#'",
             ));
         }
+        let volume_id = fitting_id(
+            &VolumeId::Nfs {
+                on_delete,
+                share: share.clone(),
+                dir: dir.to_string(),
+            },
+            "server and share",
+        )?;
         share.validate().map_err(|e| invalid("parameters", e))?;
         let host = if share.server.contains(':') {
             format!("[{}]", share.server)
@@ -330,16 +378,16 @@ impl ControllerService {
         cnfs_protocols::volume_url::parse("check", &source)
             .ok()
             .and_then(|u| cnfs_protocols::spec::VolumeSpec::from_wire_unresolved(&u.wire).ok())
-            .ok_or_else(|| invalid("parameters", format!("{source} is not a valid CNFS volume")))?;
+            .ok_or_else(|| {
+                invalid(
+                    "parameters",
+                    format!("{} is not a valid CNFS volume", echo(&source)),
+                )
+            })?;
         share.create_dir(dir, self.timeout).await.map_err(status)?;
-        let id = VolumeId::Nfs {
-            on_delete,
-            share,
-            dir: dir.to_string(),
-        };
         Ok(Volume {
             capacity_bytes: 0,
-            volume_id: id.encode(),
+            volume_id,
             volume_context: HashMap::from([("source".to_string(), source)]),
             ..Default::default()
         })
@@ -369,6 +417,13 @@ impl ControllerService {
         {
             return Err(invalid("parameters", "names must not contain '#'"));
         }
+        let id = VolumeId::CephFs {
+            cluster: cluster_id.clone(),
+            fs: fs.to_string(),
+            group: group.to_string(),
+            subvolume: name.to_string(),
+        };
+        let volume_id = fitting_id(&id, "clusterID, fsName and subvolumeGroup")?;
         let cluster = self.cluster(cluster_id)?;
         let creds = Self::admin(secrets)?;
         let sub = Subvolumes::new(&cluster, &creds, fs, group)
@@ -388,22 +443,17 @@ impl ControllerService {
         if let Some(fsid) = &cluster.fsid {
             source.push_str(&format!("&fsid={fsid}"));
         }
-        let id = VolumeId::CephFs {
-            cluster: cluster_id.clone(),
-            fs: fs.to_string(),
-            group: group.to_string(),
-            subvolume: name.to_string(),
-        };
         Ok(Volume {
             capacity_bytes: info.bytes_quota.map(|b| b as i64).unwrap_or(0),
-            volume_id: id.encode(),
+            volume_id,
             volume_context: HashMap::from([("source".to_string(), source)]),
             ..Default::default()
         })
     }
 
     async fn delete(&self, req: &DeleteVolumeRequest) -> Result<(), Status> {
-        required("volume_id", &req.volume_id)?;
+        bounds::required_string("volume_id", &req.volume_id)?;
+        bounds::map("secrets", &req.secrets)?;
         // An id this driver never made names nothing to delete (CSI: success).
         let Some(id) = VolumeId::parse(&req.volume_id) else {
             warn!(self.log, "DeleteVolume of an id CNFS did not make; nothing to do";
@@ -443,7 +493,7 @@ impl ControllerService {
         volume_id: &str,
         secrets: &HashMap<String, String>,
     ) -> Result<(), Status> {
-        let missing = || Status::not_found(format!("volume {volume_id:?} does not exist"));
+        let missing = || Status::not_found(format!("volume {} does not exist", echo(volume_id)));
         let id = VolumeId::parse(volume_id).ok_or_else(missing)?;
         let found = match id {
             VolumeId::Nfs { share, dir, .. } => {
@@ -477,7 +527,10 @@ impl ControllerService {
         &self,
         req: &ValidateVolumeCapabilitiesRequest,
     ) -> Result<ValidateVolumeCapabilitiesResponse, Status> {
-        required("volume_id", &req.volume_id)?;
+        bounds::required_string("volume_id", &req.volume_id)?;
+        bounds::map("volume_context", &req.volume_context)?;
+        bounds::map("parameters", &req.parameters)?;
+        bounds::map("secrets", &req.secrets)?;
         if req.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities", "at least one is required"));
         }
@@ -504,11 +557,12 @@ impl ControllerService {
         &self,
         req: &ControllerExpandVolumeRequest,
     ) -> Result<ControllerExpandVolumeResponse, Status> {
-        required("volume_id", &req.volume_id)?;
+        bounds::required_string("volume_id", &req.volume_id)?;
+        bounds::map("secrets", &req.secrets)?;
         let size = requested_size(req.capacity_range.as_ref())?
             .ok_or_else(|| invalid("capacity_range", "is required"))?;
         let id = VolumeId::parse(&req.volume_id).ok_or_else(|| {
-            Status::not_found(format!("volume {:?} does not exist", req.volume_id))
+            Status::not_found(format!("volume {} does not exist", echo(&req.volume_id)))
         })?;
         match id {
             VolumeId::Nfs { .. } => Err(Status::failed_precondition(
@@ -526,7 +580,7 @@ impl ControllerService {
                     .map_err(status)?
                     .with_timeout(self.timeout);
                 let current = sub.info(&subvolume).await.map_err(status)?.ok_or_else(|| {
-                    Status::not_found(format!("volume {:?} does not exist", req.volume_id))
+                    Status::not_found(format!("volume {} does not exist", echo(&req.volume_id)))
                 })?;
                 // Never shrink, and never put a quota on a volume that has none (CSI: a
                 // volume already as big as asked is a success).
@@ -553,12 +607,16 @@ impl Controller for ControllerService {
     ) -> Result<Response<CreateVolumeResponse>, Status> {
         let start = Instant::now();
         let req = req.into_inner();
-        let lock = self.lock_for(&req.name);
-        let _held = lock.lock().await;
-        let r = self
-            .create(&req)
-            .await
-            .map(|v| CreateVolumeResponse { volume: Some(v) });
+        // Only a name within the limits is locked on.
+        let r = match check_name(&req.name) {
+            Ok(()) => {
+                let lock = self.lock_for(&req.name);
+                let _held = lock.lock().await;
+                self.create(&req).await
+            }
+            Err(e) => Err(e),
+        };
+        let r = r.map(|v| CreateVolumeResponse { volume: Some(v) });
         logged(&self.log, "CreateVolume", &req.name, start, r)
     }
 
@@ -568,9 +626,15 @@ impl Controller for ControllerService {
     ) -> Result<Response<DeleteVolumeResponse>, Status> {
         let start = Instant::now();
         let req = req.into_inner();
-        let lock = self.lock_for(&req.volume_id);
-        let _held = lock.lock().await;
-        let r = self.delete(&req).await.map(|_| DeleteVolumeResponse {});
+        let r = match bounds::required_string("volume_id", &req.volume_id) {
+            Ok(()) => {
+                let lock = self.lock_for(&req.volume_id);
+                let _held = lock.lock().await;
+                self.delete(&req).await
+            }
+            Err(e) => Err(e),
+        };
+        let r = r.map(|_| DeleteVolumeResponse {});
         logged(&self.log, "DeleteVolume", &req.volume_id, start, r)
     }
 
@@ -608,9 +672,14 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
         let start = Instant::now();
         let req = req.into_inner();
-        let lock = self.lock_for(&req.volume_id);
-        let _held = lock.lock().await;
-        let r = self.expand(&req).await;
+        let r = match bounds::required_string("volume_id", &req.volume_id) {
+            Ok(()) => {
+                let lock = self.lock_for(&req.volume_id);
+                let _held = lock.lock().await;
+                self.expand(&req).await
+            }
+            Err(e) => Err(e),
+        };
         logged(
             &self.log,
             "ControllerExpandVolume",
@@ -650,6 +719,41 @@ mod tests {
         for foreign in ["", "reallyfakevolumeid", "nfs#bogus#h#/e#d", "cephfs#a#b"] {
             assert_eq!(VolumeId::parse(foreign), None, "{foreign}");
         }
+    }
+
+    #[test]
+    fn names_follow_the_csi_limit_and_banned_characters() {
+        assert!(check_name(&"n".repeat(128)).is_ok());
+        // The spec allows common white space in a name, and any other Unicode.
+        assert!(check_name("my volume\tof\r\nlines ✓").is_ok());
+        for bad in ["a\u{0}b", "\u{1b}[31m", "a\u{7f}", "a\u{85}", "a\u{b}"] {
+            let e = check_name(bad).unwrap_err();
+            assert!(
+                e.message().starts_with("name: must not contain"),
+                "{bad:?}: {e:?}"
+            );
+        }
+        let e = check_name(&"n".repeat(129)).unwrap_err();
+        assert!(e.message().starts_with("name: is 129 bytes"), "{e:?}");
+    }
+
+    #[test]
+    fn a_volume_id_over_128_bytes_is_refused_before_anything_is_made() {
+        let id = |dir: usize| VolumeId::CephFs {
+            cluster: "c".into(),
+            fs: "f".into(),
+            group: "g".into(),
+            subvolume: "s".repeat(dir),
+        };
+        // "cephfs#c#f#g#" is 13 bytes.
+        assert_eq!(fitting_id(&id(115), "x").unwrap().len(), 128);
+        let e = fitting_id(&id(116), "clusterID").unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("parameters: the volume id would be 129 bytes")
+                && e.message().contains("shorten clusterID"),
+            "{e:?}"
+        );
     }
 
     #[test]

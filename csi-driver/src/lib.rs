@@ -2,6 +2,7 @@
 //! mounts on the host: it records a hand-off the CNFS shim turns into a guest mount.
 
 pub mod backend;
+pub mod bounds;
 pub mod capability;
 pub mod client;
 pub mod controller;

@@ -79,6 +79,13 @@ enum Mode {
 
 fn node_service(a: NodeArgs, log: &slog::Logger) -> anyhow::Result<NodeService> {
     anyhow::ensure!(!a.node_id.is_empty(), "--node-id: is required");
+    // NodeGetInfo's node_id: the CSI spec's own limit for it.
+    anyhow::ensure!(
+        a.node_id.len() <= cnfs_csi::bounds::MAX_NODE_ID,
+        "--node-id: is {} bytes, longer than the CSI limit of {} bytes",
+        a.node_id.len(),
+        cnfs_csi::bounds::MAX_NODE_ID
+    );
     let kata = if a.kata_roots.is_empty() {
         MonitorPaths::default()
     } else {

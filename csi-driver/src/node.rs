@@ -6,7 +6,7 @@
 //! landing in an empty host directory.
 
 use std::collections::HashMap;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
@@ -20,7 +20,8 @@ use slog::Logger;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use crate::capability::{self, invalid, required};
+use crate::bounds::{self, echo};
+use crate::capability::{self, invalid};
 use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::volume_usage::Unit;
@@ -34,6 +35,8 @@ const POD_NAME: &str = "csi.storage.k8s.io/pod.name";
 const POD_UID: &str = "csi.storage.k8s.io/pod.uid";
 const EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
+/// Set by external-provisioner on every PV it makes (its identity), so kubelet passes it on.
+const PROVISIONER_IDENTITY: &str = "storage.kubernetes.io/csiProvisionerIdentity";
 
 /// The first line of every target file: how the node plugin recognises its own.
 pub const TARGET_MARKER: &str = "CNFS volume hand-off";
@@ -76,50 +79,12 @@ impl NodeService {
         locks.entry(target.to_string()).or_default().clone()
     }
 
-    fn publish(&self, req: &NodePublishVolumeRequest) -> Result<(), Status> {
-        required("volume_id", &req.volume_id)?;
-        let target = absolute_target("target_path", &req.target_path)?;
-        let access = capability::check("volume_capability", req.volume_capability.as_ref())?;
-        let ctx = &req.volume_context;
-        if let Some(k) = ctx
-            .keys()
-            .find(|k| *k != SOURCE && !k.starts_with(KUBERNETES_PREFIX))
-        {
-            return Err(invalid(
-                "volume_context",
-                format!("unknown key {k:?} (CNFS reads \"source\" and csi.storage.k8s.io/*)"),
-            ));
-        }
-        let source = ctx.get(SOURCE).ok_or_else(|| {
-            invalid(
-                "volume_context.source",
-                "is required (a volume URL such as nfs://server/export?vers=4.1)",
-            )
-        })?;
-        let get = |k: &str| ctx.get(k).cloned().unwrap_or_default();
-        let secret = node_secret(&req.secrets)?;
-        let record = Record {
-            version: RECORD_VERSION,
-            volume_id: req.volume_id.clone(),
-            target_path: target.clone(),
-            source: source.clone(),
-            read_only: req.readonly || access.read_only,
-            pod_namespace: get(POD_NAMESPACE),
-            pod_name: get(POD_NAME),
-            pod_uid: get(POD_UID),
-            ephemeral: get(EPHEMERAL) == "true",
-            has_secret: false,
-            mount_flags: access.mount_flags,
-        };
-        // The same validation the shim and the agent run; the key is checked, never echoed.
-        let (spec, _) = record
-            .volume_spec(secret.as_ref())
-            .map_err(|e| invalid(&e.field, e.reason))?;
-        let record = Record {
-            has_secret: matches!(spec.source, Source::CephFs(_)),
-            ..record
-        };
-
+    fn publish(&self, p: Publish) -> Result<(), Status> {
+        let Publish {
+            target,
+            record,
+            secret,
+        } = p;
         if let Some(existing) = self.handoff.read_record(&target).map_err(internal)? {
             if existing == record {
                 // The same publish again (a retry, or kubelet after a restart): the target
@@ -132,8 +97,9 @@ impl NodeService {
                 return Ok(());
             }
             return Err(Status::already_exists(format!(
-                "target_path: {target} is already published for volume {:?} with another source, mode or capability",
-                existing.volume_id
+                "target_path: {} is already published for volume {} with another source, mode or capability",
+                echo(&target),
+                echo(&existing.volume_id)
             )));
         }
         if record.has_secret {
@@ -161,7 +127,10 @@ impl NodeService {
                 let _ = self.handoff.remove(path);
             }
             let _ = std::fs::remove_file(&target);
-            return Err(internal(format!("writing the hand-off for {target}: {e}")));
+            return Err(internal(format!(
+                "writing the hand-off for {}: {e}",
+                echo(&target)
+            )));
         }
         Ok(())
     }
@@ -175,19 +144,21 @@ impl NodeService {
         if !parent.is_dir() {
             return Err(Status::failed_precondition(format!(
                 "target_path: parent directory {} does not exist",
-                parent.display()
+                echo(&parent.to_string_lossy())
             )));
         }
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.is_dir() => std::fs::remove_dir(path).map_err(|e| {
                 Status::failed_precondition(format!(
-                    "target_path: {target} is a directory that cannot be replaced ({e}); it must be empty"
+                    "target_path: {} is a directory that cannot be replaced ({e}); it must be empty",
+                    echo(target)
                 ))
             })?,
             Ok(m) if m.is_file() && is_our_target(path) => std::fs::remove_file(path).map_err(internal)?,
             Ok(_) => {
                 return Err(Status::failed_precondition(format!(
-                    "target_path: {target} exists and is not a CNFS target"
+                    "target_path: {} exists and is not a CNFS target",
+                    echo(target)
                 )))
             }
             Err(_) => {}
@@ -199,22 +170,19 @@ impl NodeService {
              Run the pod with the CNFS RuntimeClass (runtimeClassName).\n",
             record.volume_id, record.source
         );
-        let tmp = parent.join(format!(".cnfs-target-{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
+        // A temp file of its own (O_EXCL, random name) per call: publishes into one parent
+        // directory run concurrently. It is removed if anything fails before the rename.
         let write = || -> std::io::Result<()> {
             use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o444)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            std::fs::rename(&tmp, path)
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".cnfs-target-")
+                .permissions(std::fs::Permissions::from_mode(0o444))
+                .tempfile_in(parent)?;
+            tmp.write_all(text.as_bytes())?;
+            tmp.persist(path).map(drop).map_err(|e| e.error)
         };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Status::internal(format!("target_path: creating {target}: {e}"))
-        })
+        write()
+            .map_err(|e| Status::internal(format!("target_path: creating {}: {e}", echo(target))))
     }
 
     fn check_tmpfs(&self) -> Result<(), Status> {
@@ -230,14 +198,14 @@ impl NodeService {
         Ok(())
     }
 
-    fn unpublish(&self, req: &NodeUnpublishVolumeRequest) -> Result<(), Status> {
-        required("volume_id", &req.volume_id)?;
-        let target = absolute_target("target_path", &req.target_path)?;
+    fn unpublish(&self, volume_id: &str, target: &str) -> Result<(), Status> {
+        let target = target.to_string();
         if let Some(r) = self.handoff.read_record(&target).map_err(internal)? {
-            if r.volume_id != req.volume_id {
+            if r.volume_id != volume_id {
                 return Err(Status::not_found(format!(
-                    "target_path: {target} is published for another volume, not {:?}",
-                    req.volume_id
+                    "target_path: {} is published for another volume, not {}",
+                    echo(&target),
+                    echo(volume_id)
                 )));
             }
         }
@@ -262,8 +230,8 @@ impl NodeService {
         &self,
         req: &NodeGetVolumeStatsRequest,
     ) -> Result<NodeGetVolumeStatsResponse, Status> {
-        required("volume_id", &req.volume_id)?;
-        let target = absolute_target("volume_path", &req.volume_path)?;
+        bounds::required_string("volume_id", &req.volume_id)?;
+        let target = bounds::path("volume_path", &req.volume_path)?;
         let record = self
             .handoff
             .read_record(&target)
@@ -271,8 +239,9 @@ impl NodeService {
             .filter(|r| r.volume_id == req.volume_id)
             .ok_or_else(|| {
                 Status::not_found(format!(
-                    "volume {:?} is not published at {target}",
-                    req.volume_id
+                    "volume {} is not published at {}",
+                    echo(&req.volume_id),
+                    echo(&target)
                 ))
             })?;
         let abnormal = |message: String| NodeGetVolumeStatsResponse {
@@ -292,8 +261,8 @@ impl NodeService {
         }
         let Some(guest) = guest else {
             return Ok(abnormal(format!(
-                "volume {:?} is published but no guest has mounted it: the pod must run with the CNFS runtime class",
-                record.volume_id
+                "volume {} is published but no guest has mounted it: the pod must run with the CNFS runtime class",
+                echo(&record.volume_id)
             )));
         };
         let t = self.cfg.stats_timeout;
@@ -375,16 +344,120 @@ impl NodeService {
     }
 }
 
-/// A target path: absolute, no `..`, no NUL; kept exactly as given (the record's key).
-fn absolute_target(field: &str, path: &str) -> Result<String, Status> {
-    required(field, path)?;
-    if !path.starts_with('/') || path.contains('\0') || path.split('/').any(|c| c == "..") {
-        return Err(invalid(field, "must be an absolute path without \"..\""));
+/// A validated `NodePublishVolume`: what is written, and for which target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// The target path exactly as the CO gave it.
+    pub target: String,
+    /// The hand-off record (no secret in it).
+    pub record: Record,
+    /// The node-publish secret, when the volume needs one (CephFS).
+    pub secret: Option<NodeSecret>,
+}
+
+/// Validates a `NodePublishVolume` request without touching the file system: the CSI size
+/// limits (see [`bounds`]), the capability, `volume_context` (the source URL, kubelet's pod
+/// information) and secrets, and finally the volume itself with the same code the shim and
+/// the agent run. Errors are `INVALID_ARGUMENT` naming the field; a key is never echoed.
+pub fn validate_publish(req: &NodePublishVolumeRequest) -> Result<Publish, Status> {
+    bounds::required_string("volume_id", &req.volume_id)?;
+    let target = bounds::path("target_path", &req.target_path)?;
+    let access = capability::check("volume_capability", req.volume_capability.as_ref())?;
+    let ctx = &req.volume_context;
+    bounds::map("volume_context", ctx)?;
+    if let Some(k) = ctx
+        .keys()
+        .find(|k| *k != SOURCE && *k != PROVISIONER_IDENTITY && !k.starts_with(KUBERNETES_PREFIX))
+    {
+        return Err(invalid(
+            "volume_context",
+            format!(
+                "unknown key {} (CNFS reads \"source\", csi.storage.k8s.io/* and {PROVISIONER_IDENTITY})",
+                echo(k)
+            ),
+        ));
     }
-    if path.len() > 4096 {
-        return Err(invalid(field, "is longer than 4096 bytes"));
-    }
-    Ok(path.to_string())
+    let source = ctx.get(SOURCE).ok_or_else(|| {
+        invalid(
+            "volume_context.source",
+            "is required (a volume URL such as nfs://server/export?vers=4.1)",
+        )
+    })?;
+    let get = |k: &str| ctx.get(k).cloned().unwrap_or_default();
+    let pod = |k: &str, ok: fn(&str) -> bool, what: &str| -> Result<String, Status> {
+        let v = get(k);
+        if v.is_empty() || ok(&v) {
+            Ok(v)
+        } else {
+            Err(invalid(
+                &format!("volume_context.{k}"),
+                format!("must be {what}"),
+            ))
+        }
+    };
+    let pod_namespace = pod(
+        POD_NAMESPACE,
+        is_dns_label,
+        "a Kubernetes namespace (a DNS label)",
+    )?;
+    let pod_name = pod(
+        POD_NAME,
+        is_dns_subdomain,
+        "a Kubernetes pod name (a DNS subdomain)",
+    )?;
+    let pod_uid = pod(POD_UID, is_uid, "a Kubernetes UID (letters, digits, '-')")?;
+    let ephemeral = match get(EPHEMERAL).as_str() {
+        "true" => true,
+        "false" | "" => false,
+        _ => {
+            return Err(invalid(
+                &format!("volume_context.{EPHEMERAL}"),
+                "must be \"true\" or \"false\"",
+            ))
+        }
+    };
+    let secret = node_secret(&req.secrets)?;
+    let record = Record {
+        version: RECORD_VERSION,
+        volume_id: req.volume_id.clone(),
+        target_path: target.clone(),
+        source: source.clone(),
+        read_only: req.readonly || access.read_only,
+        pod_namespace,
+        pod_name,
+        pod_uid,
+        ephemeral,
+        has_secret: false,
+        mount_flags: access.mount_flags,
+    };
+    // The same validation the shim and the agent run; the key is checked, never echoed.
+    let (spec, _) = record
+        .volume_spec(secret.as_ref())
+        .map_err(|e| invalid(&e.field, e.reason))?;
+    let record = Record {
+        has_secret: matches!(spec.source, Source::CephFs(_)),
+        ..record
+    };
+    Ok(Publish {
+        target,
+        record,
+        secret,
+    })
+}
+
+/// A Kubernetes namespace: an RFC 1123 DNS label (the rule volume names follow too).
+fn is_dns_label(s: &str) -> bool {
+    cnfs_protocols::spec::validate_name("", s).is_ok()
+}
+
+/// A Kubernetes object name such as a pod's: an RFC 1123 DNS subdomain.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(|l| !l.is_empty() && is_dns_label(l))
+}
+
+/// A Kubernetes UID (a UUID in practice).
+fn is_uid(s: &str) -> bool {
+    s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// The target path as kubelet names it and, if different, with symlinks resolved: containerd
@@ -415,10 +488,11 @@ fn is_our_target(path: &Path) -> bool {
 
 /// The node-publish secret: `userKey` (and `userID`). Other keys are refused by name only.
 fn node_secret(secrets: &HashMap<String, String>) -> Result<Option<NodeSecret>, Status> {
+    bounds::map("secrets", secrets)?;
     if let Some(k) = secrets.keys().find(|k| *k != "userKey" && *k != "userID") {
         return Err(invalid(
             "secrets",
-            format!("unknown key {k:?} (CNFS reads userID and userKey)"),
+            format!("unknown key {} (CNFS reads userID and userKey)", echo(k)),
         ));
     }
     Ok(secrets.get("userKey").map(|key| NodeSecret {
@@ -445,9 +519,16 @@ impl Node for NodeService {
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let start = Instant::now();
         let req = req.into_inner();
-        let lock = self.lock_for(&req.target_path);
-        let _held = lock.lock().await;
-        let r = self.publish(&req).map(|_| NodePublishVolumeResponse {});
+        // Validated before anything else, so only bounded, well-formed paths are locked on.
+        let r = match validate_publish(&req) {
+            Ok(p) => {
+                let lock = self.lock_for(&p.target);
+                let _held = lock.lock().await;
+                self.publish(p)
+            }
+            Err(e) => Err(e),
+        };
+        let r = r.map(|_| NodePublishVolumeResponse {});
         logged(&self.log, "NodePublishVolume", &req.volume_id, start, r)
     }
 
@@ -457,9 +538,17 @@ impl Node for NodeService {
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let start = Instant::now();
         let req = req.into_inner();
-        let lock = self.lock_for(&req.target_path);
-        let _held = lock.lock().await;
-        let r = self.unpublish(&req).map(|_| NodeUnpublishVolumeResponse {});
+        let checked = bounds::required_string("volume_id", &req.volume_id)
+            .and_then(|_| bounds::path("target_path", &req.target_path));
+        let r = match checked {
+            Ok(target) => {
+                let lock = self.lock_for(&target);
+                let _held = lock.lock().await;
+                self.unpublish(&req.volume_id, &target)
+            }
+            Err(e) => Err(e),
+        };
+        let r = r.map(|_| NodeUnpublishVolumeResponse {});
         logged(&self.log, "NodeUnpublishVolume", &req.volume_id, start, r)
     }
 

@@ -56,6 +56,8 @@ pub async fn shutdown_signal() {
 }
 
 /// Logs one call (method, volume, outcome, duration; never a secrets map) and answers it.
+/// The volume is caller text: a long one is logged in bounded form (the error message is
+/// already bounded where it is made).
 pub fn logged<T>(
     log: &Logger,
     method: &str,
@@ -64,6 +66,7 @@ pub fn logged<T>(
     r: Result<T, Status>,
 ) -> Result<Response<T>, Status> {
     let ms = start.elapsed().as_millis() as u64;
+    let volume = crate::bounds::log_value(volume).into_owned();
     match &r {
         Ok(_) => info!(log, "request"; "method" => method, "volume" => volume, "code" => "OK",
             "duration_ms" => ms),

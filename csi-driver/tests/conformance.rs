@@ -7,96 +7,16 @@ mod common;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use cnfs_csi::csi::node_service_capability::rpc::Type as NodeCap;
 use cnfs_csi::csi::node_service_capability::Type as NodeCapType;
 use cnfs_csi::csi::volume_capability::access_mode::Mode;
-use cnfs_csi::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use cnfs_csi::csi::volume_capability::{AccessMode, AccessType, BlockVolume};
 use cnfs_csi::csi::*;
 use cnfs_protocols::handoff::{self, HandoffDir};
-use common::Plugin;
+use common::{code, mount_cap, publish, Node, Plugin, KEY};
 use tonic::Code;
-
-const KEY: &str = "AQBSdFhlAAAAABAAWmDqDUUxmRX4fcLsaFk2tg==";
-
-fn mount_cap(mode: Mode) -> VolumeCapability {
-    VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume::default())),
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-    }
-}
-
-struct Node {
-    plugin: Plugin,
-    handoff: PathBuf,
-    pods: PathBuf,
-}
-
-impl Node {
-    fn start(tag: &str) -> anyhow::Result<Self> {
-        let handoff = common::tmpfs_dir(tag);
-        let plugin = Plugin::start(
-            tag,
-            "node",
-            &[
-                "--node-id".into(),
-                "node-a".into(),
-                "--handoff-dir".into(),
-                handoff.display().to_string(),
-                "--kata-sandbox-root".into(),
-                "/nonexistent/kata".into(),
-                "--stats-timeout".into(),
-                "1".into(),
-            ],
-        )?;
-        let pods = plugin.dir.join("pods");
-        Ok(Node {
-            plugin,
-            handoff,
-            pods,
-        })
-    }
-
-    /// A target path as kubelet makes it: its parent exists, the target does not.
-    fn target(&self, pod: &str, pv: &str) -> String {
-        let parent = self
-            .pods
-            .join(pod)
-            .join("volumes/kubernetes.io~csi")
-            .join(pv);
-        std::fs::create_dir_all(&parent).expect("parent");
-        parent.join("mount").display().to_string()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.handoff);
-    }
-}
-
-fn publish(target: &str, source: &str) -> NodePublishVolumeRequest {
-    NodePublishVolumeRequest {
-        volume_id: "vol-1".into(),
-        target_path: target.into(),
-        volume_capability: Some(mount_cap(Mode::MultiNodeMultiWriter)),
-        volume_context: HashMap::from([
-            ("source".to_string(), source.to_string()),
-            (
-                "csi.storage.k8s.io/pod.namespace".to_string(),
-                "team-a".to_string(),
-            ),
-            ("csi.storage.k8s.io/pod.name".to_string(), "app".to_string()),
-        ]),
-        ..Default::default()
-    }
-}
-
-fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (Code, String) {
-    let e = r.expect_err("the call must fail");
-    (e.code(), e.message().to_string())
-}
 
 #[tokio::test]
 async fn identity_answers_like_csi_sanity_expects() -> anyhow::Result<()> {

@@ -22,6 +22,8 @@ pub enum AgentError {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -35,6 +37,7 @@ impl AgentError {
             AgentError::Unavailable(_) => Code::UNAVAILABLE,
             AgentError::PermissionDenied(_) => Code::PERMISSION_DENIED,
             AgentError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            AgentError::Busy(_) => Code::RESOURCE_EXHAUSTED,
             AgentError::Internal(_) => Code::INTERNAL,
         }
     }
@@ -61,7 +64,10 @@ impl AgentError {
             Errno::ENODEV => {
                 AgentError::FailedPrecondition(m("the guest kernel lacks this file system"))
             }
-            Errno::EINVAL => AgentError::Internal(m("the kernel rejected the mount options")),
+            Errno::EINVAL => AgentError::Invalid(SpecError {
+                field: "volume.options".into(),
+                reason: m("the guest kernel rejected the mount options"),
+            }),
             Errno::EPROTONOSUPPORT => AgentError::FailedPrecondition(m(
                 "the server or kernel does not support this protocol version",
             )),

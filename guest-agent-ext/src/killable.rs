@@ -3,6 +3,13 @@
 //! in a child, the caller stops waiting at the deadline and SIGKILL ends the call (the
 //! network file systems wait killably), so no thread of the agent is ever stuck and no late
 //! success can appear after the caller was told "timed out".
+//!
+//! The child keeps only what the call needs: every descriptor but its answer pipe is closed
+//! (a hung child must not hold the agent's listening sockets or its callers' connections,
+//! or a restarted agent could not bind its port and callers would see no EOF), every signal
+//! is back to its default disposition and unblocked, and it dies with the agent
+//! (`PR_SET_PDEATHSIG`), so an agent that is killed or stopped leaves no mount behind that
+//! could complete after it is gone.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
@@ -37,12 +44,14 @@ where
         Ok(p) => p,
         Err(e) => return Outcome::Failed(e),
     };
-    // SAFETY: the child only calls `op` (system calls only, per the contract above),
-    // write(2) and _exit(2), all async-signal-safe.
+    let parent = nix::unistd::getpid().as_raw();
+    // SAFETY: the child only runs `child_hygiene`, `op` (system calls only, per the contract
+    // above), write(2) and _exit(2), all async-signal-safe.
     let child = match unsafe { fork() } {
         Err(e) => return Outcome::Failed(e),
         Ok(ForkResult::Child) => {
             drop(rx);
+            let tx = child_hygiene(tx.as_raw_fd(), parent);
             let mut msg = [0u8; MSG_LEN];
             match op() {
                 Ok(p) => {
@@ -57,13 +66,16 @@ where
             }
             // SAFETY: plain write(2) of a stack buffer and _exit(2).
             unsafe {
-                libc::write(tx.as_raw_fd(), msg.as_ptr().cast(), MSG_LEN);
+                libc::write(tx, msg.as_ptr().cast(), MSG_LEN);
                 libc::_exit(0)
             }
         }
         Ok(ForkResult::Parent { child }) => child,
     };
     drop(tx);
+    // If this future is dropped before the answer (its caller went away), the guard kills
+    // and reaps the child: no call outlives the bound it was started with.
+    let mut guard = ChildGuard(Some(child));
     let outcome = match tokio::time::timeout(timeout, read_answer(rx)).await {
         Ok(Some(msg)) => decode(&msg),
         // The child died without answering (killed from outside).
@@ -73,8 +85,102 @@ where
             Outcome::TimedOut
         }
     };
+    guard.0 = None;
     reap(child).await;
     outcome
+}
+
+/// Kills and reaps a child whose waiter was dropped.
+struct ChildGuard(Option<Pid>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            let _ = kill(child, Signal::SIGKILL);
+            // waitpid may block until the kernel lets the killed call go; not on this thread.
+            let _ = std::thread::Builder::new()
+                .name("reap".into())
+                .spawn(move || waitpid(child, None));
+        }
+    }
+}
+
+/// In the child, before the call: keep only the answer pipe (moved to fd 3), restore default
+/// signal dispositions and an empty mask, and die with the agent. Only async-signal-safe
+/// system calls. Returns the answer pipe's descriptor.
+fn child_hygiene(tx: libc::c_int, parent: libc::pid_t) -> libc::c_int {
+    const ANSWER_FD: libc::c_int = 3;
+    // SAFETY: plain system calls on integers and stack memory, async-signal-safe; the child
+    // owns its copy of every descriptor.
+    unsafe {
+        let fd = if tx == ANSWER_FD {
+            tx
+        } else if libc::dup2(tx, ANSWER_FD) == ANSWER_FD {
+            ANSWER_FD
+        } else {
+            tx
+        };
+        close_from(fd + 1, fd);
+        if fd != ANSWER_FD {
+            close_below(fd);
+        }
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &act, std::ptr::null_mut());
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        // The agent may have died between fork and prctl: then nobody would ever kill us.
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+        fd
+    }
+}
+
+/// Closes every descriptor from `first` up (close_range(2); a loop on kernels before 5.9).
+///
+/// # Safety
+/// Only for a freshly forked child that owns its descriptor table.
+unsafe fn close_from(first: libc::c_int, keep: libc::c_int) {
+    // SAFETY: per the function contract.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, u32::MAX, 0) };
+    if rc != 0 {
+        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: getrlimit into stack memory.
+        let max = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
+            0 => lim.rlim_cur.min(65_536) as libc::c_int,
+            _ => 4096,
+        };
+        for fd in first..max {
+            if fd != keep {
+                // SAFETY: per the function contract.
+                unsafe { libc::close(fd) };
+            }
+        }
+    }
+}
+
+/// Closes descriptors 3..`keep` (used when the answer pipe could not be moved to fd 3).
+///
+/// # Safety
+/// Only for a freshly forked child that owns its descriptor table.
+unsafe fn close_below(keep: libc::c_int) {
+    for fd in 3..keep {
+        // SAFETY: per the function contract.
+        unsafe { libc::close(fd) };
+    }
 }
 
 async fn read_answer(rx: OwnedFd) -> Option<[u8; MSG_LEN]> {
@@ -121,6 +227,64 @@ mod tests {
         assert_eq!(
             run(Duration::from_secs(5), || Err(Errno::EACCES)).await,
             Outcome::Failed(Errno::EACCES)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_child_holds_no_descriptor_of_the_agent_and_default_signal_dispositions() {
+        // A listening socket of the "agent": a hung child holding it would keep the port.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let fd = listener.as_raw_fd();
+        // SAFETY: setting SIGUSR2 to ignored in this test process; nothing else uses it.
+        unsafe { libc::signal(libc::SIGUSR2, libc::SIG_IGN) };
+        let outcome = run(Duration::from_secs(5), move || {
+            // SAFETY: fcntl on an integer descriptor; sigaction query into stack memory.
+            let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
+            let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+            unsafe { libc::sigaction(libc::SIGUSR2, std::ptr::null(), &mut old) };
+            Ok([u64::from(open), old.sa_sigaction as u64, 0, 0, 0, 0])
+        })
+        .await;
+        assert_eq!(
+            outcome,
+            Outcome::Done([0, libc::SIG_DFL as u64, 0, 0, 0, 0]),
+            "the child kept fd {fd} open or SIGUSR2 ignored"
+        );
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn a_child_whose_waiter_is_dropped_is_killed_and_reaped() {
+        let pidfile = std::env::temp_dir().join(format!("cnfs-killable-{}", std::process::id()));
+        let _ = std::fs::remove_file(&pidfile);
+        let path = std::ffi::CString::new(pidfile.to_string_lossy().as_bytes()).expect("path");
+        // The caller gives up after 200 ms on a call bounded at 60 s.
+        let waited = tokio::time::timeout(
+            Duration::from_millis(200),
+            run(Duration::from_secs(60), move || {
+                // SAFETY: open/write/close with a valid path and a stack buffer, then pause.
+                unsafe {
+                    let f = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o600);
+                    let pid = libc::getpid().to_le_bytes();
+                    libc::write(f, pid.as_ptr().cast(), pid.len());
+                    libc::close(f);
+                    libc::pause();
+                }
+                Ok([0; 6])
+            }),
+        )
+        .await;
+        assert!(waited.is_err(), "the call cannot have finished");
+        let bytes = std::fs::read(&pidfile).expect("the child wrote its pid");
+        let _ = std::fs::remove_file(&pidfile);
+        let pid = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
+        let until = Instant::now() + Duration::from_secs(5);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "child {pid} outlived its dropped waiter"
         );
     }
 

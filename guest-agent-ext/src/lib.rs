@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod fs;
+pub mod gate;
 pub mod init;
 pub mod killable;
 pub mod kmod;
@@ -11,5 +12,6 @@ pub mod listen;
 pub mod logging;
 pub mod mountinfo;
 pub mod privileges;
+pub mod seccomp;
 pub mod service;
 pub mod volumes;

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use cnfs_agent::gate::{Gate, Limits};
 use cnfs_agent::volumes::{Config, Volumes};
-use cnfs_agent::{listen, logging, privileges, service::Service};
-use cnfs_protocols::{agent_ttrpc, spec, transport::DEFAULT_AGENT_PORT};
+use cnfs_agent::{listen, logging, privileges, service, service::Service};
+use cnfs_protocols::{spec, transport::DEFAULT_AGENT_PORT};
 use slog::{error, info};
 
 #[derive(Parser, Debug)]
@@ -42,6 +43,9 @@ struct Args {
     /// Default bound for the Stats health probe, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     probe_timeout_ms: u64,
+    /// Run without the system call allowlist (for diagnosing a call the filter refuses).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Log level: error, warning, info, debug.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -117,11 +121,18 @@ async fn serve(args: Args, log: slog::Logger) -> anyhow::Result<()> {
         .relearn()
         .context("re-learning mounts from mountinfo")?;
     info!(log, "volumes re-learnt"; "count" => found.len(), "names" => found.join(","));
+    if args.no_seccomp {
+        info!(log, "system call filter disabled (--no-seccomp)");
+    } else {
+        let n = cnfs_agent::seccomp::install().context("installing the system call filter")?;
+        info!(log, "system call filter installed"; "allowed_calls" => n);
+    }
 
     let service = Arc::new(Service::new(volumes, log.clone(), kept));
+    let gate = Arc::new(Gate::new(Limits::default(), service::screen(), log.clone()));
     let mut server = ttrpc::r#async::Server::new()
-        .add_listener(listen::merge(vsock, unix))
-        .register_service(agent_ttrpc::create_agent(service));
+        .add_listener(listen::merge(vsock, unix, gate, log.clone()))
+        .register_service(service::services(service));
     server.start().await.context("starting the ttrpc server")?;
     info!(log, "cnfs-agent serving"; "vsock_port" => args.vsock_port,
         "unix_socket" => args.unix_socket.display().to_string());
@@ -132,6 +143,8 @@ async fn serve(args: Args, log: slog::Logger) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     info!(log, "cnfs-agent stopping; volumes stay mounted");
-    let _ = server.shutdown().await;
+    // Requests still running are not waited for long: mounts in flight die with the agent
+    // (their children get SIGKILL from the kernel) and a successor re-learns what is mounted.
+    let _ = tokio::time::timeout(Duration::from_secs(1), server.shutdown()).await;
     Ok(())
 }

@@ -11,6 +11,19 @@ pub struct MountEntry {
     pub options: String,
 }
 
+impl MountEntry {
+    /// The value of `key=` in the super options (`None` if absent; `Some("")` for a flag).
+    pub fn option(&self, key: &str) -> Option<&str> {
+        self.options
+            .split(',')
+            .find_map(|o| match o.split_once('=') {
+                Some((k, v)) if k == key => Some(v),
+                None if o == key => Some(""),
+                _ => None,
+            })
+    }
+}
+
 /// Parses mountinfo text (see proc(5)): fields 5 (mount point) and, after the ` - `
 /// separator, type, source and super options. Octal escapes (`\040`) are decoded.
 pub fn parse(text: &str) -> Vec<MountEntry> {
@@ -83,5 +96,8 @@ mod tests {
         );
         assert!(find(&e, Path::new("/run/cnfs/volumes/data")).is_some());
         assert!(find(&e, Path::new("/run/cnfs/volumes/none")).is_none());
+        assert_eq!(e[1].option("vers"), Some("4.1"));
+        assert_eq!(e[1].option("rw"), Some(""));
+        assert_eq!(e[1].option("ver"), None);
     }
 }

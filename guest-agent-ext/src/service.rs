@@ -1,19 +1,33 @@
 //! The ttrpc edge, kept thin: decode, validate once, call the volume table, map the error to
 //! its status code, and log one line per request (id, method, volume, duration, outcome).
+//!
+//! Each request's work runs in its own task, bounded by the agent's own deadlines, not the
+//! caller's: ttrpc drops a handler when the caller's deadline passes, and work dropped
+//! half-way (a forked mount whose kill, reap and undo steps never run) would leave the guest
+//! in a state the agent does not know. The handler only waits for the task; a caller that
+//! gave up changes nothing but who reads the answer, and the log line says so.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cnfs_protocols::agent;
 use cnfs_protocols::agent_ttrpc;
-use cnfs_protocols::spec::{self, VolumeSpec};
+use cnfs_protocols::spec::{self, printable, VolumeSpec};
+use protobuf::Message;
 use slog::{info, warn, Logger};
+use tokio::sync::Semaphore;
 use ttrpc::r#async::TtrpcContext;
 
 use crate::error::AgentError;
+use crate::gate::{self, BodyCheck, Screen};
 use crate::volumes::Volumes;
+
+/// Requests that fork a child (Mount, Unmount, Stats) at once, agent-wide; more are refused
+/// with RESOURCE_EXHAUSTED. Ping and List are not counted: the host can always ask.
+pub const MAX_WORK_IN_FLIGHT: usize = 64;
 
 pub struct Service {
     pub volumes: Arc<Volumes>,
@@ -21,6 +35,16 @@ pub struct Service {
     pub started: Instant,
     pub capabilities: Vec<String>,
     next_id: AtomicU64,
+    work: Arc<Semaphore>,
+}
+
+/// Marks the caller as gone when the handler is dropped before the work ended.
+struct Waiting(Arc<AtomicBool>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Service {
@@ -31,35 +55,76 @@ impl Service {
             started: Instant::now(),
             capabilities,
             next_id: AtomicU64::new(1),
+            work: Arc::new(Semaphore::new(MAX_WORK_IN_FLIGHT)),
         }
     }
 
-    /// Runs one request and logs its outcome. Errors carry no secrets: specs are formatted
-    /// through their redacting types only.
-    async fn handle<T, F>(&self, method: &str, volume: &str, f: F) -> ttrpc::Result<T>
+    /// Runs one request in its own task and logs its outcome there, also when the caller
+    /// left first. `volume` is caller text: it is logged bounded. Errors carry no secrets:
+    /// specs are formatted through their redacting types only.
+    async fn handle<T, F>(
+        &self,
+        method: &'static str,
+        volume: &str,
+        forks: bool,
+        work: F,
+    ) -> ttrpc::Result<T>
     where
-        F: std::future::Future<Output = Result<T, AgentError>>,
+        F: std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+        T: Send + 'static,
     {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let start = Instant::now();
-        let result = f.await;
-        let ms = start.elapsed().as_millis() as u64;
-        match &result {
-            Ok(_) => info!(self.log, "request done";
-                "request_id" => id, "method" => method, "volume" => volume, "duration_ms" => ms),
-            Err(e) => warn!(self.log, "request failed";
-                "request_id" => id, "method" => method, "volume" => volume, "duration_ms" => ms,
-                "code" => format!("{:?}", e.code()), "error" => e.to_string()),
+        let volume = printable(volume);
+        let permit = match forks {
+            false => None,
+            true => match self.work.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let e = AgentError::Busy(format!(
+                        "{MAX_WORK_IN_FLIGHT} mount, unmount and stats requests are in flight; retry later"
+                    ));
+                    warn!(self.log, "request refused"; "request_id" => id, "method" => method,
+                        "volume" => &volume, "code" => format!("{:?}", e.code()));
+                    return Err(e.into());
+                }
+            },
+        };
+        let waiting = Arc::new(AtomicBool::new(true));
+        let (log, still) = (self.log.clone(), waiting.clone());
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            let result = work.await;
+            drop(permit);
+            let ms = start.elapsed().as_millis() as u64;
+            let caller_gone = !still.load(Ordering::SeqCst);
+            match &result {
+                Ok(_) => info!(log, "request done";
+                    "request_id" => id, "method" => method, "volume" => &volume,
+                    "duration_ms" => ms, "caller_gone" => caller_gone),
+                Err(e) => warn!(log, "request failed";
+                    "request_id" => id, "method" => method, "volume" => &volume,
+                    "duration_ms" => ms, "caller_gone" => caller_gone,
+                    "code" => format!("{:?}", e.code()), "error" => e.to_string()),
+            }
+            result
+        });
+        let _waiting = Waiting(waiting);
+        match task.await {
+            Ok(result) => result.map_err(Into::into),
+            Err(e) => Err(AgentError::Internal(format!("request task ended: {e}")).into()),
         }
-        result.map_err(Into::into)
     }
 }
 
-/// The caller's ttrpc deadline, if it sent one, also bounds the work.
-fn with_ctx_deadline(ctx: &TtrpcContext, d: Duration) -> Duration {
+/// How long a Stats caller waits for the probe: its own deadline (less a margin to answer in)
+/// if shorter than the probe's bound. The probe itself always runs to its own bound.
+fn caller_wait(ctx: &TtrpcContext, bound: Duration) -> Duration {
     match u64::try_from(ctx.timeout_nano) {
-        Ok(n) if n > 0 => d.min(Duration::from_nanos(n)),
-        _ => d,
+        Ok(n) if n > 0 => {
+            let d = Duration::from_nanos(n);
+            bound.min(d.saturating_sub(d / 10))
+        }
+        _ => bound,
     }
 }
 
@@ -70,14 +135,19 @@ impl agent_ttrpc::Agent for Service {
         _ctx: &TtrpcContext,
         _req: agent::PingRequest,
     ) -> ttrpc::Result<agent::PingResponse> {
-        self.handle("Ping", "", async {
+        let (volumes, caps, started) = (
+            self.volumes.clone(),
+            self.capabilities.clone(),
+            self.started,
+        );
+        self.handle("Ping", "", false, async move {
             Ok(agent::PingResponse {
                 version: env!("CARGO_PKG_VERSION").to_string(),
-                sandbox_id: self.volumes.sandbox_id(),
-                filesystems: self.volumes.filesystems(),
-                capabilities: self.capabilities.clone(),
-                uptime_ms: self.started.elapsed().as_millis() as u64,
-                volumes: self.volumes.count() as u32,
+                sandbox_id: volumes.sandbox_id(),
+                filesystems: volumes.filesystems(),
+                capabilities: caps,
+                uptime_ms: started.elapsed().as_millis() as u64,
+                volumes: volumes.count() as u32,
                 ..Default::default()
             })
         })
@@ -86,7 +156,7 @@ impl agent_ttrpc::Agent for Service {
 
     async fn mount(
         &self,
-        ctx: &TtrpcContext,
+        _ctx: &TtrpcContext,
         req: agent::MountRequest,
     ) -> ttrpc::Result<agent::MountResponse> {
         let name = req
@@ -94,7 +164,8 @@ impl agent_ttrpc::Agent for Service {
             .as_ref()
             .map(|v| v.name.clone())
             .unwrap_or_default();
-        self.handle("Mount", &name, async {
+        let volumes = self.volumes.clone();
+        self.handle("Mount", &name, true, async move {
             let wire = req.volume.as_ref().ok_or_else(|| spec::SpecError {
                 field: "volume".into(),
                 reason: "is required".into(),
@@ -107,9 +178,9 @@ impl agent_ttrpc::Agent for Service {
                     Some(id)
                 }
             };
-            let timeout = with_ctx_deadline(ctx, self.volumes.mount_timeout(req.timeout_ms));
+            let timeout = volumes.mount_timeout(req.timeout_ms);
             let start = Instant::now();
-            let done = self.volumes.mount(spec, sandbox, timeout).await?;
+            let done = volumes.mount(spec, sandbox, timeout).await?;
             Ok(agent::MountResponse {
                 mount_point: done.mount_point.display().to_string(),
                 already_mounted: done.already_mounted,
@@ -122,13 +193,16 @@ impl agent_ttrpc::Agent for Service {
 
     async fn unmount(
         &self,
-        ctx: &TtrpcContext,
+        _ctx: &TtrpcContext,
         req: agent::UnmountRequest,
     ) -> ttrpc::Result<agent::UnmountResponse> {
-        self.handle("Unmount", &req.name, async {
-            let timeout = with_ctx_deadline(ctx, self.volumes.unmount_timeout(req.timeout_ms));
+        let volumes = self.volumes.clone();
+        let name = req.name.clone();
+        self.handle("Unmount", &name, true, async move {
+            spec::validate_name("name", &req.name)?;
+            let timeout = volumes.unmount_timeout(req.timeout_ms);
             let start = Instant::now();
-            let done = self.volumes.unmount(&req.name, timeout).await?;
+            let done = volumes.unmount(&req.name, timeout).await?;
             Ok(agent::UnmountResponse {
                 method: done.method.to_string(),
                 duration_ms: start.elapsed().as_millis() as u64,
@@ -144,9 +218,10 @@ impl agent_ttrpc::Agent for Service {
         _ctx: &TtrpcContext,
         _req: agent::ListRequest,
     ) -> ttrpc::Result<agent::ListResponse> {
-        self.handle("List", "", async {
+        let volumes = self.volumes.clone();
+        self.handle("List", "", false, async move {
             Ok(agent::ListResponse {
-                volumes: self.volumes.list(),
+                volumes: volumes.list(),
                 ..Default::default()
             })
         })
@@ -158,9 +233,13 @@ impl agent_ttrpc::Agent for Service {
         ctx: &TtrpcContext,
         req: agent::StatsRequest,
     ) -> ttrpc::Result<agent::StatsResponse> {
-        self.handle("Stats", &req.name, async {
-            let timeout = with_ctx_deadline(ctx, self.volumes.probe_timeout(req.timeout_ms));
-            let s = self.volumes.stats(&req.name, timeout).await?;
+        let volumes = self.volumes.clone();
+        let bound = volumes.probe_timeout(req.timeout_ms);
+        let wait = caller_wait(ctx, bound);
+        let name = req.name.clone();
+        self.handle("Stats", &name, true, async move {
+            spec::validate_name("name", &req.name)?;
+            let s = volumes.stats(&req.name, bound, wait).await?;
             Ok(agent::StatsResponse {
                 total_bytes: s.total_bytes,
                 free_bytes: s.free_bytes,
@@ -174,5 +253,75 @@ impl agent_ttrpc::Agent for Service {
             })
         })
         .await
+    }
+}
+
+fn check<M: Message>(body: &[u8]) -> Result<(), String> {
+    M::parse_from_bytes(body)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// What the gate lets through: the agent's service and one body check per method.
+pub fn screen() -> Screen {
+    let methods: [(&str, BodyCheck); 5] = [
+        ("Ping", check::<agent::PingRequest>),
+        ("Mount", check::<agent::MountRequest>),
+        ("Unmount", check::<agent::UnmountRequest>),
+        ("List", check::<agent::ListRequest>),
+        ("Stats", check::<agent::StatsRequest>),
+    ];
+    Screen {
+        service: AGENT_SERVICE.to_string(),
+        methods: methods
+            .into_iter()
+            .map(|(m, c)| (m.to_string(), c))
+            .collect(),
+    }
+}
+
+/// The ttrpc service name of `agent.proto`.
+pub const AGENT_SERVICE: &str = "cnfs.v1.Agent";
+
+/// The services to register: the agent's, plus the gate's hidden refusal method.
+pub fn services(service: Arc<Service>) -> HashMap<String, ttrpc::r#async::Service> {
+    let mut services = agent_ttrpc::create_agent(service);
+    if let Some(s) = services.get_mut(AGENT_SERVICE) {
+        s.methods
+            .insert(gate::REFUSE_METHOD.to_string(), Box::new(gate::Refuse));
+    }
+    services
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_screen_knows_exactly_the_generated_methods() {
+        let log = Logger::root(slog::Discard, slog::o!());
+        let volumes = Arc::new(Volumes::new(
+            crate::volumes::Config {
+                modules_dir: "/nonexistent".into(),
+                state_dir: "/nonexistent".into(),
+                sandbox_id: None,
+                default_mount_timeout: Duration::from_secs(1),
+                max_timeout: Duration::from_secs(1),
+                default_unmount_timeout: Duration::from_secs(1),
+                default_probe_timeout: Duration::from_secs(1),
+            },
+            log.clone(),
+        ));
+        let services = agent_ttrpc::create_agent(Arc::new(Service::new(volumes, log, vec![])));
+        let generated = services
+            .get(AGENT_SERVICE)
+            .expect("the agent's service name");
+        let mut have: Vec<&String> = generated.methods.keys().collect();
+        have.sort();
+        let s = screen();
+        let mut screened: Vec<&String> = s.methods.keys().collect();
+        screened.sort();
+        assert_eq!(have, screened);
+        assert_eq!(services.len(), 1);
     }
 }

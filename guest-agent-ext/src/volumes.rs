@@ -2,17 +2,22 @@
 //! Operations on one volume are serialised by a per-name lock; different volumes proceed in
 //! parallel. `List` and `Stats` never wait behind a slow mount. The kernel's mountinfo is
 //! the truth; a small state file per volume (the spec without secrets) lets a restarted agent
-//! answer `List` with the full spec.
+//! answer `List` with the full spec. A mount under the volume root that no operation of this
+//! agent is making and that it does not know (made by a previous agent's child that
+//! finished late) is adopted when next seen, so every mount there is one the agent lists.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
+use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use cnfs_protocols::agent;
-use cnfs_protocols::spec::{self, Source, VolumeSpec, VOLUME_ROOT};
+use cnfs_protocols::spec::{self, VolumeSpec, VOLUME_ROOT};
+use futures::future::{FutureExt, Shared};
 use nix::errno::Errno;
 use protobuf::Message;
 use slog::{info, warn, Logger};
@@ -60,13 +65,48 @@ pub struct Stats {
     pub probe: Duration,
 }
 
+type Locks = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+type ProbeResult = Shared<Pin<Box<dyn Future<Output = Outcome> + Send>>>;
+
+/// The one statfs probe of a volume in flight: callers join it instead of forking another.
+struct Probe {
+    id: u64,
+    started: Instant,
+    result: ProbeResult,
+}
+
 pub struct Volumes {
     cfg: Config,
     registry: Registry,
     log: Logger,
     client_id: OnceLock<String>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Entries exist only while an operation holds or waits for a volume's lock.
+    locks: Locks,
     known: RwLock<BTreeMap<String, Known>>,
+    probes: Arc<Mutex<HashMap<String, Probe>>>,
+    next_probe: std::sync::atomic::AtomicU64,
+}
+
+/// A held volume lock. Dropping it forgets the lock's entry when no other operation holds
+/// or waits for it, so the table never grows with the names callers have used.
+struct VolumeLock<'a> {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    name: String,
+    locks: &'a Locks,
+}
+
+impl Drop for VolumeLock<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        prune_lock(self.locks, &self.name);
+    }
+}
+
+fn prune_lock(locks: &Locks, name: &str) {
+    let mut l = locks.lock().unwrap_or_else(|p| p.into_inner());
+    if l.get(name).is_some_and(|a| Arc::strong_count(a) == 1) {
+        l.remove(name);
+    }
 }
 
 impl Volumes {
@@ -78,7 +118,14 @@ impl Volumes {
             client_id: OnceLock::new(),
             locks: Mutex::new(HashMap::new()),
             known: RwLock::new(BTreeMap::new()),
+            probes: Arc::new(Mutex::new(HashMap::new())),
+            next_probe: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Per-volume lock entries right now (for tests and the bench).
+    pub fn lock_entries(&self) -> usize {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     pub fn filesystems(&self) -> Vec<String> {
@@ -133,14 +180,52 @@ impl Volumes {
         name: &str,
         deadline: tokio::time::Instant,
         timeout: Duration,
-    ) -> Result<tokio::sync::OwnedMutexGuard<()>, AgentError> {
-        tokio::time::timeout_at(deadline, self.lock_for(name).lock_owned())
-            .await
-            .map_err(|_| {
-                AgentError::Deadline(format!(
+    ) -> Result<VolumeLock<'_>, AgentError> {
+        let waited = tokio::time::timeout_at(deadline, self.lock_for(name).lock_owned()).await;
+        match waited {
+            Ok(guard) => Ok(VolumeLock {
+                guard: Some(guard),
+                name: name.to_string(),
+                locks: &self.locks,
+            }),
+            Err(_) => {
+                prune_lock(&self.locks, name);
+                Err(AgentError::Deadline(format!(
                     "volume {name}: another operation on it did not finish within {timeout:?}"
-                ))
-            })
+                )))
+            }
+        }
+    }
+
+    /// True while some operation holds or waits for the volume's lock.
+    fn busy(&self, name: &str) -> bool {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+
+    /// Adopts mounts under the volume root that the agent does not know and no operation of
+    /// its own is making: a previous agent's mount that completed after it was gone.
+    fn reconcile(&self, entries: &[mountinfo::MountEntry]) {
+        let root = Path::new(VOLUME_ROOT);
+        let found: Vec<String> = entries
+            .iter()
+            .filter(|e| e.mount_point.parent() == Some(root))
+            .filter_map(|e| e.mount_point.file_name()?.to_str().map(str::to_string))
+            .filter(|n| spec::validate_name("name", n).is_ok())
+            .filter(|n| !self.read_known().contains_key(n))
+            .collect();
+        for name in found {
+            if self.busy(&name) {
+                continue;
+            }
+            warn!(self.log, "found a volume mount the agent did not record; adopting it";
+                "volume" => &name);
+            self.write_known()
+                .entry(name)
+                .or_insert(Known { spec: None });
+        }
     }
 
     fn state_file(&self, name: &str) -> PathBuf {
@@ -200,6 +285,16 @@ impl Volumes {
                 }
             }
         }
+        // Directories of mounts that never completed (the agent was killed mid-mount): only
+        // empty ones go, so nothing a mount could hide is touched.
+        if let Ok(dir) = std::fs::read_dir(root) {
+            for d in dir.flatten() {
+                let name = d.file_name();
+                if !found.contains_key(name.to_string_lossy().as_ref()) {
+                    let _ = std::fs::remove_dir(d.path());
+                }
+            }
+        }
         let names: Vec<String> = found.keys().cloned().collect();
         *self.write_known() = found;
         Ok(names)
@@ -217,26 +312,28 @@ impl Volumes {
         let mount_point = spec.mount_point();
         let wanted = spec.to_wire(false);
 
+        let entries = mountinfo::read().unwrap_or_default();
+        let present = mountinfo::find(&entries, &mount_point).is_some();
         let existing = self.read_known().get(&name).cloned();
-        if let Some(known) = existing {
-            return match known.spec {
-                Some(have) if have == wanted => Ok(MountDone {
-                    mount_point,
-                    already_mounted: true,
-                }),
-                Some(_) => Err(AgentError::AlreadyExists(format!(
-                    "volume {name} is already mounted with a different spec; unmount it first"
-                ))),
-                None => self.adopt_if_same(&spec, mount_point),
-            };
-        }
-        if let Some(e) = mountinfo::find(&mountinfo::read().unwrap_or_default(), &mount_point) {
-            return Err(AgentError::AlreadyExists(format!(
-                "{} is already a mount point ({} from {}) that cnfs-agent does not manage",
-                mount_point.display(),
-                e.fs_type,
-                e.source
-            )));
+        match existing {
+            Some(known) if present => {
+                return match known.spec {
+                    Some(have) if have == wanted => Ok(MountDone {
+                        mount_point,
+                        already_mounted: true,
+                    }),
+                    Some(_) => Err(AgentError::AlreadyExists(format!(
+                        "volume {name} is already mounted with a different spec; unmount it first"
+                    ))),
+                    None => self.adopt_if_same(&spec, mount_point, &entries),
+                };
+            }
+            // Known, but unmounted behind the agent's back: forget it and mount afresh.
+            Some(_) => self.forget(&name),
+            // Mounted, but not by this agent (a late mount of a previous one): the same
+            // request claims it; another is a conflict.
+            None if present => return self.adopt_if_same(&spec, mount_point, &entries),
+            None => {}
         }
 
         let handler = self.registry.get(spec.fs_name()).ok_or_else(|| {
@@ -322,33 +419,33 @@ impl Volumes {
         })
     }
 
+    fn forget(&self, name: &str) {
+        let _ = std::fs::remove_file(self.state_file(name));
+        self.write_known().remove(name);
+    }
+
     /// A volume found in mountinfo without a state file: the same request is recognised by
-    /// the kernel's view of it (type and source) and adopted; anything else is a conflict.
+    /// its handler from the kernel's parsed view of it and adopted; anything else is a
+    /// conflict.
     fn adopt_if_same(
         &self,
         spec: &VolumeSpec,
         mount_point: PathBuf,
+        entries: &[mountinfo::MountEntry],
     ) -> Result<MountDone, AgentError> {
-        let entries = mountinfo::read().unwrap_or_default();
-        let matches = match (&spec.source, mountinfo::find(&entries, &mount_point)) {
-            (Source::Nfs(n), Some(e)) => {
-                e.source == format!("{}:{}", n.server, n.export)
-                    && e.options
-                        .split(',')
-                        .any(|o| o == format!("vers={}", n.version.as_str()))
-                    && self
-                        .registry
-                        .get("nfs")
-                        .is_some_and(|h| h.kernel_types().contains(&e.fs_type.as_str()))
-            }
-            (Source::CephFs(c), Some(e)) => {
-                e.fs_type == "ceph" && e.source.contains(&c.client) && e.source.ends_with(&c.path)
-            }
+        let matches = match (
+            self.registry.get(spec.fs_name()),
+            mountinfo::find(entries, &mount_point),
+        ) {
+            (Some(handler), Some(e)) => handler.recognises(spec, e),
             _ => false,
         };
         if !matches {
+            let shown = mountinfo::find(entries, &mount_point)
+                .map(|e| format!(" ({} from {})", e.fs_type, spec::printable(&e.source)))
+                .unwrap_or_default();
             return Err(AgentError::AlreadyExists(format!(
-                "volume {} is already mounted from another source; unmount it first",
+                "volume {} is already mounted from another source{shown}; unmount it first",
                 spec.name
             )));
         }
@@ -442,6 +539,7 @@ impl Volumes {
     /// Every known volume with the kernel's view of it.
     pub fn list(&self) -> Vec<agent::VolumeStatus> {
         let entries = mountinfo::read().unwrap_or_default();
+        self.reconcile(&entries);
         self.read_known()
             .iter()
             .map(|(name, k)| {
@@ -470,41 +568,23 @@ impl Volumes {
     }
 
     /// statfs of the volume, bounded: a dead server gives an `UNRESPONSIVE` verdict, not a
-    /// hung call.
-    pub async fn stats(&self, name: &str, timeout: Duration) -> Result<Stats, AgentError> {
+    /// hung call. One probe per volume runs at a time, to its own `bound`, whoever waits for
+    /// it; a caller waits at most `wait` and then hears that the probe has not answered yet.
+    pub async fn stats(
+        &self,
+        name: &str,
+        bound: Duration,
+        wait: Duration,
+    ) -> Result<Stats, AgentError> {
         spec::validate_name("name", name)?;
+        let entries = mountinfo::read().unwrap_or_default();
+        self.reconcile(&entries);
         if !self.read_known().contains_key(name) {
             return Err(AgentError::NotFound(format!(
                 "volume {name} is not mounted"
             )));
         }
-        let target = CString::new(spec::mount_point(name).as_os_str().as_bytes())
-            .map_err(|_| AgentError::Internal("mount point has a NUL byte".into()))?;
-        let start = Instant::now();
-        let outcome = killable::run(timeout, || {
-            // SAFETY: statfs into a zeroed struct on the stack, with a valid path.
-            let mut s: libc::statfs = unsafe { std::mem::zeroed() };
-            match unsafe { libc::statfs(target.as_ptr(), &mut s) } {
-                0 => {
-                    let frsize = if s.f_frsize > 0 {
-                        s.f_frsize
-                    } else {
-                        s.f_bsize
-                    } as u64;
-                    Ok([
-                        s.f_blocks * frsize,
-                        s.f_bfree * frsize,
-                        s.f_bavail * frsize,
-                        s.f_files,
-                        s.f_ffree,
-                        0,
-                    ])
-                }
-                _ => Err(Errno::last()),
-            }
-        })
-        .await;
-        let probe = start.elapsed();
+        let mount_point = spec::mount_point(name);
         let mut st = Stats {
             total_bytes: 0,
             free_bytes: 0,
@@ -513,10 +593,22 @@ impl Volumes {
             free_inodes: 0,
             health: agent::Health::HEALTHY,
             detail: String::new(),
-            probe,
+            probe: Duration::ZERO,
         };
+        if mountinfo::find(&entries, &mount_point).is_none() {
+            st.health = agent::Health::NOT_MOUNTED;
+            st.detail = format!(
+                "nothing is mounted at {} (unmounted outside the agent); Mount it again or Unmount it",
+                mount_point.display()
+            );
+            return Ok(st);
+        }
+        let (result, started) = self.probe(name, &mount_point, bound)?;
+        let outcome = tokio::time::timeout(wait, result).await;
+        let probe = started.elapsed();
+        st.probe = probe;
         match outcome {
-            Outcome::Done([total, free, avail, files, ffree, _]) => {
+            Ok(Outcome::Done([total, free, avail, files, ffree, _])) => {
                 st.total_bytes = total;
                 st.free_bytes = free;
                 st.available_bytes = avail;
@@ -524,17 +616,92 @@ impl Volumes {
                 st.free_inodes = ffree;
                 st.detail = format!("statfs answered in {probe:?}");
             }
-            Outcome::Failed(e) => {
+            Ok(Outcome::Failed(e)) => {
                 st.health = agent::Health::ERROR;
                 st.detail = format!("statfs failed: {}", e.desc());
             }
-            Outcome::TimedOut => {
+            Ok(Outcome::TimedOut) => {
                 st.health = agent::Health::UNRESPONSIVE;
                 st.detail =
-                    format!("statfs did not answer within {timeout:?}; the server may be down");
+                    format!("statfs did not answer within {bound:?}; the server may be down");
+            }
+            Err(_) => {
+                st.health = agent::Health::UNRESPONSIVE;
+                st.detail =
+                    format!("statfs has not answered for {probe:?}; the server may be down");
             }
         }
         Ok(st)
+    }
+
+    /// The volume's probe in flight, or a new one: a statfs in a child, run in its own task
+    /// to `bound` whatever its waiters do, and forgotten when it ends.
+    fn probe(
+        &self,
+        name: &str,
+        mount_point: &Path,
+        bound: Duration,
+    ) -> Result<(ProbeResult, Instant), AgentError> {
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = probes.get(name) {
+            return Ok((p.result.clone(), p.started));
+        }
+        let target = CString::new(mount_point.as_os_str().as_bytes())
+            .map_err(|_| AgentError::Internal("mount point has a NUL byte".into()))?;
+        let id = self
+            .next_probe
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (table, key) = (self.probes.clone(), name.to_string());
+        let task = tokio::spawn(async move {
+            let outcome = killable::run(bound, move || statfs(&target)).await;
+            let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+            if t.get(&key).is_some_and(|p| p.id == id) {
+                t.remove(&key);
+            }
+            outcome
+        });
+        let result: Pin<Box<dyn Future<Output = Outcome> + Send>> =
+            Box::pin(task.map(|r| r.unwrap_or(Outcome::Failed(Errno::EIO))));
+        let result = result.shared();
+        let started = Instant::now();
+        probes.insert(
+            name.to_string(),
+            Probe {
+                id,
+                started,
+                result: result.clone(),
+            },
+        );
+        Ok((result, started))
+    }
+
+    /// Probes in flight right now (for tests).
+    pub fn probes_in_flight(&self) -> usize {
+        self.probes.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// statfs(2) for a forked child: figures in the payload, nothing allocated.
+fn statfs(target: &CString) -> Result<killable::Payload, Errno> {
+    // SAFETY: statfs into a zeroed struct on the stack, with a valid path.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    match unsafe { libc::statfs(target.as_ptr(), &mut s) } {
+        0 => {
+            let frsize = if s.f_frsize > 0 {
+                s.f_frsize
+            } else {
+                s.f_bsize
+            } as u64;
+            Ok([
+                s.f_blocks * frsize,
+                s.f_bfree * frsize,
+                s.f_bavail * frsize,
+                s.f_files,
+                s.f_ffree,
+                0,
+            ])
+        }
+        _ => Err(Errno::last()),
     }
 }
 
@@ -545,4 +712,78 @@ fn wipe(mut bytes: Vec<u8>) {
         unsafe { std::ptr::write_volatile(b, 0) };
     }
     std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volumes() -> Volumes {
+        Volumes::new(
+            Config {
+                modules_dir: "/nonexistent".into(),
+                state_dir: std::env::temp_dir().join("cnfs-volumes-unit-state"),
+                sandbox_id: None,
+                default_mount_timeout: Duration::from_secs(5),
+                max_timeout: Duration::from_secs(5),
+                default_unmount_timeout: Duration::from_secs(5),
+                default_probe_timeout: Duration::from_secs(5),
+            },
+            Logger::root(slog::Discard, slog::o!()),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_lock_table_forgets_names_once_their_operations_end() {
+        let v = volumes();
+        for i in 0..20_000 {
+            let e = v
+                .unmount(&format!("never-mounted-{i}"), Duration::from_secs(5))
+                .await
+                .err()
+                .map(|e| e.code());
+            assert_eq!(e, Some(ttrpc::Code::NOT_FOUND));
+        }
+        assert_eq!(v.lock_entries(), 0, "the lock table kept the names");
+        // An entry lives exactly while an operation holds or waits for it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let held = v
+            .lock_volume("busy", deadline, Duration::from_secs(5))
+            .await
+            .expect("free");
+        assert!(v.busy("busy"));
+        let short = tokio::time::Instant::now() + Duration::from_millis(50);
+        let waited = v
+            .lock_volume("busy", short, Duration::from_millis(50))
+            .await;
+        assert_eq!(
+            waited.err().map(|e| e.code()),
+            Some(ttrpc::Code::DEADLINE_EXCEEDED)
+        );
+        assert_eq!(v.lock_entries(), 1);
+        drop(held);
+        assert_eq!(v.lock_entries(), 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_probes_of_one_volume_share_one_child() {
+        let v = Arc::new(volumes());
+        // A known volume whose "mount point" is a directory that exists on any machine.
+        let dir = std::env::temp_dir();
+        let mut joined = Vec::new();
+        for _ in 0..8 {
+            let (result, _) = v.probe("tmp", &dir, Duration::from_secs(5)).expect("probe");
+            joined.push(result);
+        }
+        assert_eq!(v.probes_in_flight(), 1);
+        for r in joined {
+            assert!(matches!(r.await, Outcome::Done(_)));
+        }
+        // The probe forgets itself when it ends.
+        let until = Instant::now() + Duration::from_secs(5);
+        while v.probes_in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(v.probes_in_flight(), 0);
+    }
 }

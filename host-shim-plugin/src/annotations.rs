@@ -25,6 +25,9 @@ pub const CRI_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 
 const MAX_VOLUMES: usize = 16;
 const MAX_VALUE: usize = 2048;
+/// Kubernetes' own limit on an annotation key (a 253-byte prefix, '/', a 63-byte name); a
+/// longer key (possible outside Kubernetes, e.g. `ctr --annotation`) is refused unechoed.
+const MAX_KEY: usize = 317;
 
 /// A refused annotation: names the annotation key and says why (never a secret value).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +84,17 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<Vec<PodVolume>, An
         .collect();
     ours.sort();
     for (key, value) in ours {
+        if key.len() > MAX_KEY {
+            // Named by its first bytes only: the error becomes a pod event and a log line.
+            let mut end = 64;
+            while !key.is_char_boundary(end) {
+                end -= 1;
+            }
+            return err(
+                &format!("{}...", &key[..end]),
+                format!("key is {} bytes, longer than {MAX_KEY} bytes", key.len()),
+            );
+        }
         if value.len() > MAX_VALUE {
             return err(key, format!("value is longer than {MAX_VALUE} bytes"));
         }
@@ -389,5 +403,31 @@ mod tests {
                 "{e} should mention {needle}"
             );
         }
+    }
+
+    #[test]
+    fn oversized_keys_and_values_are_refused_without_being_echoed_whole() {
+        let huge = "x".repeat(4 << 20);
+        let key = format!("cnfs.io/volume.{huge}");
+        let e = parse(&ann(&[(key.as_str(), "nfs://10.0.0.1/x")])).expect_err("huge key");
+        assert!(e.annotation.starts_with("cnfs.io/volume.xxx") && e.annotation.len() < 80);
+        assert!(e.reason.contains(&format!("{} bytes", key.len())), "{e}");
+        assert!(
+            e.to_string().len() < 300,
+            "{} byte error",
+            e.to_string().len()
+        );
+        let e = parse(&ann(&[("cnfs.io/volume.d", huge.as_str())])).expect_err("huge value");
+        assert_eq!(e.annotation, "cnfs.io/volume.d");
+        assert!(
+            e.to_string().len() < 300 && e.reason.contains("2048"),
+            "{e}"
+        );
+        // A key at Kubernetes' limit is read (and refused for its name, not its size).
+        let key = format!("cnfs.io/mount.{}", "a".repeat(MAX_KEY - 14));
+        assert_eq!(key.len(), MAX_KEY);
+        let e = parse(&ann(&[(key.as_str(), "/d")])).expect_err("name too long");
+        assert_eq!(e.annotation, key);
+        assert!(e.reason.contains("63"), "{e}");
     }
 }

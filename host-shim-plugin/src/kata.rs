@@ -159,13 +159,9 @@ fn body_suffix(body: &str) -> String {
     }
 }
 
-/// Untrusted text shown back in an error: control characters escaped, length bounded.
+/// Untrusted (guest) text shown back in an error: control characters escaped, length bounded.
 pub fn printable(s: &str, max: usize) -> String {
-    let mut out: String = s.chars().take(max).flat_map(char::escape_default).collect();
-    if s.chars().count() > max {
-        out.push_str("...");
-    }
-    out
+    cnfs_protocols::spec::printable_within(s, max)
 }
 
 /// Where to look for a sandbox's management socket.

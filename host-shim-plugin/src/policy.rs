@@ -11,36 +11,76 @@
 //! export_prefixes = ["/exports/team-a"]        # path-segment prefixes
 //! options = ["nconnect", "rsize", "wsize"]     # option keys a pod may set
 //! ```
+//!
+//! Loading is strict, because a typo would otherwise load silently and never match: an
+//! unknown file system, a server that is neither a CIDR, an address nor a host name, a prefix
+//! that is not an absolute clean path, a namespace that is not a Kubernetes name, an option key
+//! that is not a key, an empty list (an entry that can never match) or an unknown key refuse
+//! the whole file, naming the line and the key.
 
 use std::net::IpAddr;
+use std::ops::Range;
 use std::path::Path;
 
-use cnfs_protocols::spec::{Server, Source, VolumeSpec};
+use cnfs_protocols::spec::{self, Server, Source, VolumeSpec};
 use ipnet::IpNet;
 use serde::Deserialize;
+use toml::Spanned;
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The file systems CNFS mounts, as [`VolumeSpec::fs_name`] names them.
+pub const FILESYSTEMS: &[&str] = &["nfs", "cephfs"];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
-    #[serde(default)]
     pub allow: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rule {
     pub namespaces: Vec<String>,
     pub filesystems: Vec<String>,
     pub servers: Vec<String>,
     pub export_prefixes: Vec<String>,
-    #[serde(default)]
     pub options: Vec<String>,
+}
+
+/// The file as written, with the places of its values for error messages.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    allow: Vec<RawRule>,
+}
+
+type List = Spanned<Vec<Spanned<String>>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    namespaces: List,
+    filesystems: List,
+    servers: List,
+    export_prefixes: List,
+    #[serde(default)]
+    options: Option<List>,
+}
+
+/// Why a policy text does not load: where (line, from 1) and which key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {key}: {reason}")]
+pub struct ParseError {
+    pub line: usize,
+    /// `allow[<entry>].<key>`, or what TOML itself names (`toml` for a syntax error).
+    pub key: String,
+    pub reason: String,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("policy file {path}: {reason}")]
     Load { path: String, reason: String },
+    #[error("policy file {path}, {error}")]
+    Invalid { path: String, error: ParseError },
     #[error("policy denies volume {volume} for namespace {namespace}: {reason}")]
     Denied {
         volume: String,
@@ -49,31 +89,62 @@ pub enum PolicyError {
     },
 }
 
+fn line_of(text: &str, at: usize) -> usize {
+    text.get(..at).unwrap_or(text).matches('\n').count() + 1
+}
+
 impl Policy {
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let load_err = |reason: String| PolicyError::Load {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Load {
             path: path.display().to_string(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| load_err(e.to_string()))?;
-        Self::parse(&text).map_err(load_err)
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text).map_err(|error| PolicyError::Invalid {
+            path: path.display().to_string(),
+            error,
+        })
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let policy: Policy = toml::from_str(text).map_err(|e| e.to_string())?;
-        for (i, rule) in policy.allow.iter().enumerate() {
-            for s in &rule.servers {
-                if s.contains('/') && s.parse::<IpNet>().is_err() {
-                    return Err(format!("allow[{i}].servers: {s:?} is not a CIDR"));
-                }
-            }
-            for p in &rule.export_prefixes {
-                if !p.starts_with('/') {
-                    return Err(format!(
-                        "allow[{i}].export_prefixes: {p:?} must be absolute"
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        let mut policy = Policy::default();
+        for (i, r) in raw.allow.into_iter().enumerate() {
+            let at = |span: Range<usize>, key: &str, reason: String| ParseError {
+                line: line_of(text, span.start),
+                key: format!("allow[{i}].{key}"),
+                reason,
+            };
+            let list = |l: List, key: &str, check: fn(&str) -> Result<(), String>| {
+                let span = l.span();
+                let values = l.into_inner();
+                if values.is_empty() && key != "options" {
+                    return Err(at(
+                        span,
+                        key,
+                        "is empty, so this entry could never match".into(),
                     ));
                 }
-            }
+                values
+                    .into_iter()
+                    .map(|v| {
+                        let span = v.span();
+                        let v = v.into_inner();
+                        check(&v)
+                            .map(|()| v)
+                            .map_err(|reason| at(span, key, reason))
+                    })
+                    .collect::<Result<Vec<String>, ParseError>>()
+            };
+            policy.allow.push(Rule {
+                namespaces: list(r.namespaces, "namespaces", check_namespace)?,
+                filesystems: list(r.filesystems, "filesystems", check_filesystem)?,
+                servers: list(r.servers, "servers", check_server)?,
+                export_prefixes: list(r.export_prefixes, "export_prefixes", check_prefix)?,
+                options: match r.options {
+                    Some(o) => list(o, "options", check_option)?,
+                    None => Vec::new(),
+                },
+            });
         }
         Ok(policy)
     }
@@ -144,6 +215,138 @@ impl Rule {
             // nothing about where it will point.
             Server::Host(h) => allowed.eq_ignore_ascii_case(h),
         })
+    }
+}
+
+/// A TOML error with its line; the key is the text at its place when that is a key.
+fn toml_error(text: &str, e: &toml::de::Error) -> ParseError {
+    let span = e.span().unwrap_or(0..0);
+    let word = text.get(span.clone()).unwrap_or_default().trim();
+    let is_key = !word.is_empty()
+        && word.len() <= 64
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'[' | b']'));
+    let line_start = text
+        .get(..span.start)
+        .and_then(|t| t.rfind('\n'))
+        .map_or(0, |i| i + 1);
+    let column = text
+        .get(line_start..span.start)
+        .map_or(1, |t| t.chars().count() + 1);
+    let words: Vec<&str> = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let message = if words.is_empty() {
+        // toml gives no words for a stray character: name it.
+        match text.get(span.start..).and_then(|t| t.chars().next()) {
+            Some(c) => format!("unexpected character {c:?}"),
+            None => "unexpected end of file".to_string(),
+        }
+    } else {
+        words.join("; ")
+    };
+    ParseError {
+        line: line_of(text, span.start),
+        key: if is_key {
+            word.to_string()
+        } else {
+            "toml".into()
+        },
+        reason: format!("{message} (column {column})"),
+    }
+}
+
+fn check_namespace(ns: &str) -> Result<(), String> {
+    // A Kubernetes namespace is a DNS label (RFC 1123): anything else never matches a pod.
+    let label = !ns.is_empty()
+        && ns.len() <= 63
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !ns.starts_with('-')
+        && !ns.ends_with('-');
+    if ns == "*" || label {
+        Ok(())
+    } else {
+        Err(format!(
+            "\"{}\" is not a Kubernetes namespace name (lower-case letters, digits and '-', at most 63) or \"*\"",
+            spec::printable(ns)
+        ))
+    }
+}
+
+fn check_filesystem(fs: &str) -> Result<(), String> {
+    if FILESYSTEMS.contains(&fs) {
+        Ok(())
+    } else {
+        Err(format!(
+            "\"{}\" is not a file system CNFS mounts ({})",
+            spec::printable(fs),
+            FILESYSTEMS.join(", ")
+        ))
+    }
+}
+
+fn check_server(s: &str) -> Result<(), String> {
+    if s.contains('/') {
+        return s.parse::<IpNet>().map(drop).map_err(|_| {
+            format!(
+                "\"{}\" is not a CIDR (such as 10.0.0.0/8)",
+                spec::printable(s)
+            )
+        });
+    }
+    if s.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if s.starts_with('[') {
+        return Err(format!(
+            "\"{}\": write an IPv6 address without brackets",
+            spec::printable(s)
+        ));
+    }
+    let labels_ok = s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    // An all-numeric dotted name that is not an address is a typo (10.0.0.256), not a host.
+    let numeric = s.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit()));
+    if labels_ok && !numeric {
+        Ok(())
+    } else {
+        Err(format!(
+            "\"{}\" is neither a CIDR, an IP address nor a host name",
+            spec::printable(s)
+        ))
+    }
+}
+
+fn check_prefix(p: &str) -> Result<(), String> {
+    spec::validate_path("export_prefixes", p)
+        .map(drop)
+        .map_err(|e| format!("\"{}\" {}", spec::printable(p), e.reason))
+}
+
+fn check_option(o: &str) -> Result<(), String> {
+    let key = !o.is_empty()
+        && o.len() <= 32
+        && o.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if key {
+        Ok(())
+    } else {
+        Err(format!(
+            "\"{}\" is not an option key (lower-case letters, digits and '_')",
+            spec::printable(o)
+        ))
     }
 }
 
@@ -247,14 +450,182 @@ export_prefixes = ["/public"]
             .contains("no policy rule allows this namespace"));
     }
 
+    /// An entry that is valid except for `key`, which is written on line 4 of the text.
+    fn entry_with(key: &str, value: &str) -> String {
+        let mut lines = vec![
+            "namespaces = [\"team-a\"]".to_string(),
+            "filesystems = [\"nfs\"]".to_string(),
+            "servers = [\"10.0.0.0/8\"]".to_string(),
+            "export_prefixes = [\"/exports\"]".to_string(),
+            "options = [\"nconnect\"]".to_string(),
+        ];
+        lines.retain(|l| !l.starts_with(&format!("{key} ")));
+        lines.insert(1, format!("{key} = {value}"));
+        format!("# team A\n[[allow]]\n{}\n", lines.join("\n"))
+    }
+
     #[test]
-    fn malformed_policies_are_refused() {
-        assert!(Policy::parse("[[allow]]\nnamespaces=[\"a\"]\n").is_err());
-        assert!(Policy::parse("[[allow]]\nnamespaces=[]\nfilesystems=[]\nservers=[\"10.0.0.0/99\"]\nexport_prefixes=[]\n").is_err());
-        assert!(Policy::parse(
-            "[[allow]]\nnamespaces=[]\nfilesystems=[]\nservers=[]\nexport_prefixes=[\"rel\"]\n"
-        )
-        .is_err());
-        assert!(Policy::parse("[[allows]]\n").is_err());
+    fn typos_refuse_the_policy_naming_line_and_key() {
+        // (key, value as written, words the reason must contain)
+        let rows = [
+            (
+                "filesystems",
+                r#"["nfs", "nsf"]"#,
+                "\"nsf\" is not a file system CNFS mounts (nfs, cephfs)",
+            ),
+            ("filesystems", r#"["NFS"]"#, "\"NFS\" is not a file system"),
+            ("filesystems", "[]", "is empty"),
+            ("servers", r#"["10.0.0.0/99"]"#, "is not a CIDR"),
+            (
+                "servers",
+                r#"["10.0.0.256"]"#,
+                "neither a CIDR, an IP address nor a host name",
+            ),
+            ("servers", r#"["nfs_server.example.com"]"#, "neither a CIDR"),
+            ("servers", r#"["nfs.example.com:2049"]"#, "neither a CIDR"),
+            ("servers", r#"["[fd00::5]"]"#, "without brackets"),
+            ("servers", r#"[""]"#, "neither a CIDR"),
+            (
+                "export_prefixes",
+                r#"["/x/../y"]"#,
+                "\"/x/../y\" must be a clean path",
+            ),
+            ("export_prefixes", r#"["/x//y"]"#, "must be a clean path"),
+            ("export_prefixes", r#"["/x/./y"]"#, "must be a clean path"),
+            (
+                "export_prefixes",
+                r#"["exports"]"#,
+                "must be an absolute path",
+            ),
+            ("export_prefixes", r#"["/ex ports"]"#, "is not allowed"),
+            (
+                "namespaces",
+                r#"["Team-A"]"#,
+                "is not a Kubernetes namespace name",
+            ),
+            (
+                "namespaces",
+                r#"["team a"]"#,
+                "is not a Kubernetes namespace name",
+            ),
+            ("namespaces", "[]", "is empty"),
+            ("options", r#"["nconnect=4"]"#, "is not an option key"),
+        ];
+        for (key, value, reason) in rows {
+            let text = entry_with(key, value);
+            let e = Policy::parse(&text).expect_err(&text);
+            assert_eq!(e.line, 4, "{text}\n{e}");
+            assert_eq!(e.key, format!("allow[0].{key}"), "{text}\n{e}");
+            assert!(e.reason.contains(reason), "{text}\n{e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("line 4: allow[0].{key}: ")),
+                "{e}"
+            );
+        }
+        // The same entry without the typo loads.
+        for key in [
+            "filesystems",
+            "servers",
+            "export_prefixes",
+            "namespaces",
+            "options",
+        ] {
+            let good = entry_with(
+                key,
+                &format!(
+                    "{:?}",
+                    match key {
+                        "filesystems" => vec!["nfs", "cephfs"],
+                        "servers" => vec![
+                            "10.0.0.0/8",
+                            "192.168.1.10",
+                            "fd00::/8",
+                            "nfs.example.com",
+                            "NFS-1.example.com"
+                        ],
+                        "export_prefixes" => vec!["/exports", "/exports/team-a/", "/"],
+                        "namespaces" => vec!["team-a", "*", "a1"],
+                        _ => vec!["nconnect", "ms_mode"],
+                    }
+                ),
+            );
+            Policy::parse(&good).unwrap_or_else(|e| panic!("{good}\n{e}"));
+        }
+    }
+
+    #[test]
+    fn the_second_entry_is_named_by_its_index_and_line() {
+        let text = format!(
+            "{}\n{}",
+            entry_with("options", "[]"),
+            entry_with("filesystems", r#"["smb"]"#)
+        );
+        let e = Policy::parse(&text).expect_err("smb");
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (12, "allow[1].filesystems"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn toml_errors_name_their_line_and_key() {
+        let e = Policy::parse("[[allow]]\nnamespaces = [\"a\"]\nfilesystem = [\"nfs\"]\n")
+            .expect_err("unknown key");
+        assert_eq!((e.line, e.key.as_str()), (3, "filesystem"), "{e}");
+        assert!(e.reason.contains("unknown field"), "{e}");
+        let e = Policy::parse("\n\n[[allows]]\n").expect_err("unknown table");
+        assert_eq!((e.line, e.key.as_str()), (3, "allows"), "{e}");
+        let e = Policy::parse("[[allow]]\nnamespaces = [\"a\" \"b\"]\nfilesystems = []\n")
+            .expect_err("syntax");
+        assert_eq!((e.line, e.key.as_str()), (2, "toml"), "{e}");
+        let e = Policy::parse("[[allow]]\nnamespaces = [\"a\"]\n").expect_err("missing keys");
+        assert!(e.reason.contains("missing field"), "{e}");
+    }
+
+    #[test]
+    fn a_file_with_a_typo_fails_to_load_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("cnfs-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("policy.toml");
+        std::fs::write(&path, entry_with("filesystems", r#"["nsf"]"#)).expect("write");
+        let e = Policy::load(&path).expect_err("typo").to_string();
+        assert!(
+            e.starts_with(&format!(
+                "policy file {}, line 4: allow[0].filesystems: ",
+                path.display()
+            )),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_shipped_example_policy_loads() {
+        let p = Policy::parse(include_str!("../../configs/cnfs/policy.toml")).expect("example");
+        assert_eq!(p.allow.len(), 2);
+        assert_eq!(p.allow[1].filesystems, ["nfs", "cephfs"]);
+    }
+
+    #[test]
+    fn every_file_system_a_volume_can_have_is_known_to_the_policy() {
+        let cephfs = {
+            let mut w = agent::VolumeSpec {
+                name: "c".into(),
+                ..Default::default()
+            };
+            w.set_cephfs(agent::CephFsSource {
+                monitors: vec!["10.0.0.1:6789".into()],
+                fs_name: "fs".into(),
+                client: "c".into(),
+                path: "/".into(),
+                ..Default::default()
+            });
+            VolumeSpec::from_wire_unresolved(&w).expect("cephfs spec")
+        };
+        for v in [nfs("10.0.0.1", "/e", &[]), cephfs] {
+            assert!(FILESYSTEMS.contains(&v.fs_name()), "{}", v.fs_name());
+        }
     }
 }

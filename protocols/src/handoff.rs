@@ -12,8 +12,8 @@
 //!   `Stats` only), so the node plugin reaches no guest socket itself.
 
 use std::fmt;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -21,12 +21,15 @@ use sha2::{Digest, Sha256};
 
 use crate::agent;
 use crate::spec::{SpecError, VolumeSpec};
-use crate::volume_url;
+use crate::volume_url::{self, echo};
 
 /// Where the node plugin and the shim meet, unless configured otherwise.
 pub const DEFAULT_ROOT: &str = "/run/cnfs/csi";
 /// Written into a record; a reader refuses other versions.
 pub const RECORD_VERSION: u32 = 1;
+/// The largest hand-off file read. A record holds CSI-bounded fields (ids of 128 bytes, a
+/// 4 KiB context, 4 KiB of mount flags, a target path of at most 4 KiB): far below this.
+pub const MAX_FILE: u64 = 64 * 1024;
 
 /// One published volume, as the node plugin validated it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,7 +87,10 @@ impl Record {
             {
                 return Err(err(
                     "mount_flags",
-                    format!("option {k:?} is given both in the source and as a mount flag"),
+                    format!(
+                        "option {} is given more than once (source and mount flags together)",
+                        echo(k)
+                    ),
                 ));
             }
         }
@@ -199,7 +205,8 @@ impl HandoffDir {
         };
         if r.version != RECORD_VERSION {
             return Err(invalid(format!(
-                "hand-off record for {target} has version {}, expected {RECORD_VERSION}",
+                "hand-off record for {} has version {}, expected {RECORD_VERSION}",
+                echo(target),
                 r.version
             )));
         }
@@ -248,17 +255,28 @@ fn invalid(msg: String) -> std::io::Error {
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            // serde's message names the field, never echoes a value.
-            .map_err(|e| invalid(format!("{}: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // Read one byte past the bound to tell a full file from an oversized one.
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(invalid(format!(
+            "{}: longer than {MAX_FILE} bytes",
+            path.display()
+        )));
     }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        // serde's message names the field or the position, never a value.
+        .map_err(|e| invalid(format!("{}: {e}", path.display())))
 }
 
-/// Writes `value` as `path` atomically (temp file + rename), 0600, in a 0700 directory.
+/// Writes `value` as `path` atomically (temp file + rename), 0600, in a 0700 directory. The
+/// temp file's name is unique (O_EXCL, random suffix), so concurrent writers never share one.
 fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let dir = path
         .parent()
@@ -268,23 +286,21 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     let bytes = serde_json::to_vec(value).map_err(|e| invalid(e.to_string()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+    let prefix = format!(
+        ".{}.",
         path.file_name()
             .and_then(|n| n.to_str())
-            .unwrap_or("record"),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+            .unwrap_or("record")
+    );
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)?;
+    tmp.write_all(&bytes)?;
+    tmp.as_file().sync_all()?;
+    // On failure the temp file is removed when `e` drops.
+    tmp.persist(path).map(drop).map_err(|e| e.error)
 }
 
 #[cfg(test)]
@@ -382,6 +398,48 @@ mod tests {
         h.remove(t).unwrap();
         assert_eq!(h.read_record(t).unwrap(), None);
         assert_eq!(h.read_secret(t).unwrap(), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_file_never_share_a_temp_file() {
+        // Two publishes of one target through different paths (a symlinked kubelet root)
+        // write the same record concurrently; each write must land whole.
+        let dir = std::env::temp_dir().join(format!("cnfs-handoff-race-{}", std::process::id()));
+        let h = HandoffDir::new(&dir);
+        let t = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv/mount";
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let writers: Vec<_> = (0..16)
+                .map(|i| {
+                    let h = &h;
+                    s.spawn(move || {
+                        (0..20)
+                            .filter_map(|j| {
+                                let mut r = record(t);
+                                r.volume_id = format!("v{i}-{j}");
+                                h.write_record(&r).err().map(|e| e.to_string())
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .flat_map(|w| w.join().expect("writer"))
+                .collect()
+        });
+        assert!(
+            errors.is_empty(),
+            "{} of 320 writes failed, e.g. {:?}",
+            errors.len(),
+            &errors[..errors.len().min(3)]
+        );
+        assert!(h.read_record(t).unwrap().is_some());
+        let names: Vec<_> = std::fs::read_dir(dir.join("records"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "temp files left: {names:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -156,7 +156,7 @@ const NFS_OPTIONS: &[(&str, Kind)] = &[
     ("proto", Kind::OneOf(&["tcp", "tcp6"])),
     ("port", Kind::Uint(1, 65535)),
     ("mountport", Kind::Uint(1, 65535)),
-    ("mountproto", Kind::OneOf(&["tcp", "udp"])),
+    ("mountproto", Kind::OneOf(&["tcp", "udp", "tcp6", "udp6"])),
     ("mountvers", Kind::OneOf(&["3"])),
     ("rsize", Kind::Uint(4096, 1_048_576)),
     ("wsize", Kind::Uint(4096, 1_048_576)),
@@ -182,7 +182,7 @@ const NFS_OPTIONS: &[(&str, Kind)] = &[
         "local_lock",
         Kind::OneOf(&["none", "all", "flock", "posix"]),
     ),
-    ("sec", Kind::OneOf(&["sys", "krb5", "krb5i", "krb5p"])),
+    ("sec", Kind::OneOf(&["sys"])),
     ("cto", Kind::Flag),
     ("nocto", Kind::Flag),
     ("sharecache", Kind::Flag),
@@ -265,7 +265,7 @@ impl VolumeSpec {
             Some(agent::volume_spec::Source::Cephfs(_)) => (CEPHFS_OPTIONS, "cephfs"),
             None => return err("volume.source", "one of nfs or cephfs is required"),
         };
-        let mut vers_option = None;
+        let mut vers_option: Option<(String, String)> = None;
         // Sorted order, so that the first error reported is stable.
         let sorted: BTreeMap<&String, &String> = w.options.iter().collect();
         for (key, value) in sorted {
@@ -281,8 +281,21 @@ impl VolumeSpec {
                 continue;
             }
             if fs_field == "nfs" && (key == "vers" || key == "nfsvers") {
+                // Both spellings may be given, but must agree (sorted: nfsvers before vers).
+                let v = NfsVersion::parse(&field, value)?;
+                if let Some((first, other)) = &vers_option {
+                    if NfsVersion::parse(first, other)? != v {
+                        return err(field.clone(), format!("contradicts {first}"));
+                    }
+                }
                 vers_option = Some((field, value.clone()));
                 continue;
+            }
+            if fs_field == "nfs" && key == "sec" && value.starts_with("krb5") {
+                return err(
+                    field,
+                    "Kerberos needs rpc.gssd and a keytab in the guest, which CNFS guests do not run: use sec=sys",
+                );
             }
             if let Some((_, why)) = RESERVED.iter().find(|(k, _)| k == key) {
                 return err(field, *why);
@@ -318,8 +331,12 @@ impl VolumeSpec {
                     }
                     version = from_option;
                 }
+                let server = parse_server("volume.nfs.server", &n.server)?;
+                if let Server::Ip(ip) = &server {
+                    check_address_family(&options, *ip)?;
+                }
                 Source::Nfs(NfsSource {
-                    server: parse_server("volume.nfs.server", &n.server)?,
+                    server,
                     export: validate_path("volume.nfs.export", &n.export)?,
                     version,
                 })
@@ -385,6 +402,35 @@ impl VolumeSpec {
             Source::CephFs(_) => "cephfs",
         }
     }
+}
+
+/// `proto=` and `mountproto=` name an address family (`tcp` IPv4, `tcp6` IPv6) that must be
+/// the server's: the kernel refuses a mismatch with a bare EINVAL. Run again in the guest
+/// once a host name is resolved.
+pub fn check_address_family(
+    options: &BTreeMap<String, String>,
+    server: IpAddr,
+) -> Result<(), SpecError> {
+    for key in ["proto", "mountproto"] {
+        let Some(value) = options.get(key) else {
+            continue;
+        };
+        let v6 = value.ends_with('6');
+        if v6 != server.is_ipv6() {
+            let family = if server.is_ipv6() { "IPv6" } else { "IPv4" };
+            let want = match (key, server.is_ipv6()) {
+                ("proto", true) => "tcp6",
+                ("proto", false) => "tcp",
+                (_, true) => "tcp6 or udp6",
+                (_, false) => "tcp or udp",
+            };
+            return err(
+                format!("volume.options.{key}"),
+                format!("{value} does not match the server's {family} address {server}: use {want}, or leave it out"),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `/run/cnfs/volumes/<name>` for a name that passed [`validate_name`].
@@ -465,7 +511,8 @@ fn parse_server(field: &str, server: &str) -> Result<Server, SpecError> {
         .and_then(|s| s.strip_suffix(']'))
         .unwrap_or(server);
     if let Ok(ip) = bare.parse::<IpAddr>() {
-        if ip.is_unspecified() || ip.is_multicast() {
+        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_unspecified() || ip.is_multicast() || broadcast {
             return err(field, "must be a unicast address");
         }
         return Ok(Server::Ip(ip));
@@ -620,13 +667,31 @@ fn parse_cephfs(c: &agent::CephFsSource, require_secret: bool) -> Result<CephFsS
     })
 }
 
-/// Caller text shown back in an error: control characters escaped, length bounded.
-fn printable(s: &str) -> String {
-    let mut out: String = s.chars().take(80).flat_map(char::escape_default).collect();
-    if s.chars().count() > 80 {
-        out.push_str("...");
+/// The first `max` bytes of `s` (cut back to a character boundary), and whether it was cut:
+/// the one place caller or guest text is shortened before it is echoed.
+pub fn cut(s: &str, max: usize) -> (&str, bool) {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&s[..end], end < s.len())
+}
+
+/// Untrusted text shown back in an error or a log line: control characters escaped, cut at
+/// `max` bytes with the full size named, so that no echo is ever much larger than `max`
+/// whatever was sent, and none can forge a log line.
+pub fn printable_within(s: &str, max: usize) -> String {
+    let (shown, was_cut) = cut(s, max);
+    let mut out: String = shown.escape_debug().collect();
+    if was_cut {
+        out.push_str(&format!("... ({} bytes)", s.len()));
     }
     out
+}
+
+/// [`printable_within`] 80 bytes: for names and values in spec errors.
+pub fn printable(s: &str) -> String {
+    printable_within(s, 80)
 }
 
 #[cfg(test)]
@@ -710,11 +775,62 @@ mod tests {
                 with_opt(with_opt(nfs("10.0.0.1", "/x", ""), "hard", ""), "soft", ""),
                 "volume.options.soft",
             ),
+            // Issue 10 item 5: each of these used to pass validation.
+            (
+                with_opt(
+                    with_opt(nfs("10.0.0.1", "/x", ""), "vers", "4.1"),
+                    "nfsvers",
+                    "3",
+                ),
+                "volume.options.vers",
+            ),
+            (
+                with_opt(nfs("10.0.0.1", "/x", ""), "sec", "krb5p"),
+                "volume.options.sec",
+            ),
+            (
+                with_opt(nfs("10.0.0.1", "/x", ""), "proto", "tcp6"),
+                "volume.options.proto",
+            ),
+            (
+                with_opt(nfs("fd00::5", "/x", ""), "proto", "tcp"),
+                "volume.options.proto",
+            ),
+            (
+                with_opt(nfs("[fd00::5]", "/x", "3"), "mountproto", "udp"),
+                "volume.options.mountproto",
+            ),
+            (nfs("255.255.255.255", "/x", ""), "volume.nfs.server"),
+            (nfs("224.0.0.1", "/x", ""), "volume.nfs.server"),
         ];
         for (w, field) in cases {
             let e = VolumeSpec::from_wire(&w).expect_err(field);
             assert_eq!(e.field, field, "{e}");
         }
+    }
+
+    #[test]
+    fn agreeing_version_spellings_and_matching_families_pass() {
+        let w = with_opt(nfs("10.0.0.1", "/x", ""), "vers", "4.1");
+        let w = with_opt(with_opt(w, "nfsvers", "4.1"), "proto", "tcp");
+        assert!(VolumeSpec::from_wire(&w).is_ok());
+        let w = with_opt(nfs("fd00::5", "/x", "3"), "proto", "tcp6");
+        let w = with_opt(w, "mountproto", "udp6");
+        assert!(VolumeSpec::from_wire(&w).is_ok());
+        // A host name is checked in the guest once resolved.
+        let w = with_opt(nfs("nfs.example.com", "/x", ""), "proto", "tcp6");
+        assert!(VolumeSpec::from_wire(&w).is_ok());
+    }
+
+    #[test]
+    fn echoed_caller_text_is_bounded() {
+        let huge = "x".repeat(4 << 20);
+        let shown = printable(&huge);
+        assert!(shown.len() < 120, "{}", shown.len());
+        assert!(shown.ends_with("... (4194304 bytes)"), "{shown}");
+        let e = validate_name("volume.name", &format!("A{huge}")).expect_err("too long");
+        assert!(e.to_string().len() < 200);
+        assert_eq!(printable("a\nb"), "a\\nb");
     }
 
     #[test]

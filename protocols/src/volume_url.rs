@@ -8,8 +8,30 @@
 //! CephFS client and key from a CSI secret) and then validate with [`crate::spec`].
 
 use std::collections::BTreeMap;
+use std::net::Ipv6Addr;
 
 use crate::agent;
+
+/// The longest volume URL read: a CSI `volume_context` map is at most 4 KiB in all (CSI spec,
+/// "Size Limits"), and an annotation value at most 2 KiB.
+pub const MAX_URL: usize = 4096;
+
+/// At most this many bytes of caller text are shown back in an error or a log line (CSI's
+/// general string limit, so any string CSI allows is shown whole).
+pub const ECHO_MAX: usize = 128;
+
+/// Caller text as shown in an error or a log line: quoted, control and other non-printable
+/// characters escaped, cut after [`ECHO_MAX`] bytes with its full length said, so that a
+/// huge or hostile value can neither flood a log nor forge a line in it.
+pub fn echo(text: &str) -> String {
+    let (shown, was_cut) = crate::spec::cut(text, ECHO_MAX);
+    let shown = shown.escape_debug();
+    if was_cut {
+        format!("\"{shown}\"... ({} bytes)", text.len())
+    } else {
+        format!("\"{shown}\"")
+    }
+}
 
 /// A parsed volume URL.
 #[derive(Debug, Clone)]
@@ -28,11 +50,24 @@ impl VolumeUrl {
 
 /// Parses `url` as volume `name`. The error is a reason to show next to the field.
 pub fn parse(name: &str, url: &str) -> Result<VolumeUrl, String> {
+    if url.len() > MAX_URL {
+        return Err(format!(
+            "is {} bytes, longer than {MAX_URL} bytes",
+            url.len()
+        ));
+    }
     let (scheme, rest) = url
         .split_once("://")
         .ok_or("must be a URL like nfs://server/export or cephfs://monitor/path")?;
-    if rest.contains(['#', '@', '%', ' ', '\t', '\n']) {
-        return Err("must not contain '#', '@', '%' or white space".into());
+    if rest
+        .chars()
+        .any(|c| matches!(c, '#' | '@' | '%') || c.is_whitespace() || c.is_control())
+    {
+        return Err(
+            "must not contain '#', '@', '%', white space or control characters (no user \
+             info, fragment or percent-encoding)"
+                .into(),
+        );
     }
     let (authority_path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (authority, path) = match authority_path.find('/') {
@@ -43,7 +78,7 @@ pub fn parse(name: &str, url: &str) -> Result<VolumeUrl, String> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if options.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(format!("option {k:?} is given twice"));
+            return Err(format!("option {} is given twice", echo(k)));
         }
     }
     let mut wire = agent::VolumeSpec {
@@ -85,7 +120,12 @@ pub fn parse(name: &str, url: &str) -> Result<VolumeUrl, String> {
                 ..Default::default()
             });
         }
-        other => return Err(format!("scheme {other:?} is not supported (nfs, cephfs)")),
+        other => {
+            return Err(format!(
+                "scheme {} is not supported (nfs, cephfs)",
+                echo(other)
+            ))
+        }
     }
     wire.options = options.into_iter().collect();
     Ok(VolumeUrl { wire, secret_ref })
@@ -100,6 +140,10 @@ fn split_host_port(authority: &str) -> Result<(String, Option<String>), String> 
         let (host, after) = rest
             .split_once(']')
             .ok_or("unclosed '[' in the server address")?;
+        // Brackets hold an IPv6 address and nothing else (no host name, no zone).
+        if host.parse::<Ipv6Addr>().is_err() {
+            return Err("the server in '[...]' must be an IPv6 address".into());
+        }
         let port = match after.strip_prefix(':') {
             Some(p) => Some(p.to_string()),
             None if after.is_empty() => None,
@@ -157,9 +201,55 @@ mod tests {
             ("nfs://h/x?vers=3&vers=4", "twice"),
             ("smb://h/x", "not supported"),
             ("nfs://[fd00::1/x", "unclosed"),
+            ("nfs://[nfs.example.com]/x", "IPv6"),
+            ("nfs://[fe80::1%25eth0]/x", "must not contain"),
+            ("nfs://h/x\r", "control"),
+            ("nfs://h/x\u{0}", "control"),
+            ("nfs://h/x\u{85}", "must not contain"),
+            ("nfs://h/\u{2028}x", "must not contain"),
         ] {
             let e = parse("v", url).unwrap_err();
-            assert!(e.contains(why), "{url}: {e}");
+            assert!(e.contains(why), "{url:?}: {e}");
         }
+    }
+
+    #[test]
+    fn huge_urls_are_refused_by_length_before_anything_is_read() {
+        let huge = format!("nfs://h/{}", "e".repeat(4 << 20));
+        let e = parse("v", &huge).unwrap_err();
+        assert_eq!(
+            e,
+            format!("is {} bytes, longer than 4096 bytes", huge.len())
+        );
+        // One option name repeated a million times is refused the same way, without a map
+        // of a million entries being built.
+        let many = format!("nfs://h/x?{}", "a&".repeat(1 << 20));
+        assert!(parse("v", &many).unwrap_err().contains("longer than 4096"));
+        let at_limit = format!("nfs://h/{}", "e".repeat(MAX_URL - 8));
+        assert_eq!(at_limit.len(), MAX_URL);
+        assert!(parse("v", &at_limit).is_ok());
+    }
+
+    #[test]
+    fn echoed_option_names_and_schemes_are_bounded() {
+        let key = "k".repeat(2000);
+        let e = parse("v", &format!("nfs://h/x?{key}&{key}")).unwrap_err();
+        assert!(
+            e.contains("given twice") && e.contains("(2000 bytes)"),
+            "{e}"
+        );
+        assert!(e.len() < 300, "{}", e.len());
+        let e = parse("v", &format!("{}\u{1b}[2J://h/x", "s".repeat(3000))).unwrap_err();
+        assert!(e.contains("not supported") && e.len() < 300, "{e}");
+        assert!(!e.contains('\u{1b}'), "{e:?}");
+    }
+
+    #[test]
+    fn echo_quotes_escapes_and_cuts_with_the_full_length() {
+        assert_eq!(echo("nfs"), "\"nfs\"");
+        assert_eq!(echo("a\u{1b}b"), "\"a\\u{1b}b\"");
+        let e = echo(&"é".repeat(ECHO_MAX));
+        assert!(e.ends_with(&format!("... ({} bytes)", 2 * ECHO_MAX)), "{e}");
+        assert_eq!(e.matches('é').count(), ECHO_MAX / 2);
     }
 }

@@ -13,6 +13,12 @@ pub const EXEC_PORT: u32 = 17231;
 /// The test-only raw echo service in test guests (transport baseline for benchmarks).
 pub const ECHO_PORT: u32 = 17232;
 
+/// Shell that sets `$a` to the agent's pid: its forked children (mount, unmount, statfs)
+/// carry the same name, and the agent is the one whose parent is not an agent.
+pub const AGENT_PID_SH: &str = "all=\" $(pidof cnfs-agent) \"; a=; for p in $all; do \
+     pp=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status); \
+     case \"$all\" in *\" $pp \"*) ;; *) a=$p;; esac; done";
+
 #[derive(Debug, Deserialize)]
 pub struct Output {
     pub code: i32,

@@ -11,6 +11,7 @@ pub mod guest;
 pub mod kata_monitor;
 pub mod netns;
 pub mod process;
+pub mod raw;
 pub mod rootfs;
 pub mod vm;
 

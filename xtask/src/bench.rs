@@ -129,6 +129,43 @@ pub async fn run() -> anyhow::Result<()> {
         size.trim()
     );
 
+    // 3b. Floods: the agent's memory and the host's Ping while 300 connections sit idle and
+    //     100 more announce 4 MiB frames they never finish (the gate bounds both).
+    let rss_of = |out: String| {
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let rss_cmd = format!(
+        "{}; grep VmRSS /proc/$a/status",
+        cnfs_testbed::guest::AGENT_PID_SH
+    );
+    let idle_rss = rss_of(g.ok(&rss_cmd).await?);
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        if let Ok(c) = cnfs_testbed::raw::RawConn::connect(&bed.vm.hvsock).await {
+            conns.push(c);
+        }
+    }
+    for i in 0..100u32 {
+        let c = cnfs_testbed::raw::RawConn::half_sent_huge_frame(&bed.vm.hvsock, 2 * i + 1).await?;
+        conns.push(c);
+    }
+    let flood = bed.vm.agent().await?;
+    let mut flooded = Vec::with_capacity(50);
+    for _ in 0..50 {
+        let t = Instant::now();
+        flood.ping(ctx(T), &agent::PingRequest::new()).await?;
+        flooded.push(t.elapsed());
+    }
+    let flood_rss = rss_of(g.ok(&rss_cmd).await?);
+    drop(conns);
+    println!(
+        "agent RSS idle {idle_rss} kB; with 300 idle + 100 half-sent 4 MiB frames {flood_rss} kB"
+    );
+    println!("Ping during that flood        {}", summary(flooded));
+
     // 4. List and Stats with 200 volumes mounted.
     let volumes = 200;
     let t = Instant::now();

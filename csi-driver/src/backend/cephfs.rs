@@ -657,7 +657,10 @@ fn check_name(field: &str, name: &str) -> Result<(), BackendError> {
     } else {
         return Ok(());
     };
-    Err(BackendError::Invalid(format!("{field} {name:?} {why}")))
+    Err(BackendError::Invalid(format!(
+        "{field} {} {why}",
+        crate::bounds::echo(name)
+    )))
 }
 
 /// Monitors go into `-m` (comma-joined) and the fsid is compared: check both.

@@ -165,8 +165,8 @@ impl NfsShare {
         }
         if !self.export.starts_with('/') {
             return Err(BackendError::Invalid(format!(
-                "export: must be an absolute path, got {:?}",
-                self.export
+                "export: must be an absolute path, got {}",
+                crate::bounds::echo(&self.export)
             )));
         }
         if self.export.len() > EXPORT_MAX {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +12,11 @@ use std::time::{Duration, Instant};
 use cnfs_csi::csi::controller_client::ControllerClient;
 use cnfs_csi::csi::identity_client::IdentityClient;
 use cnfs_csi::csi::node_client::NodeClient;
+use cnfs_csi::csi::volume_capability::access_mode::Mode;
+use cnfs_csi::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use cnfs_csi::csi::{NodePublishVolumeRequest, VolumeCapability};
 use tonic::transport::Channel;
+use tonic::Code;
 
 /// Every system call that can mount, unmount or move a mount.
 pub const MOUNT_SYSCALLS: &str =
@@ -208,4 +213,89 @@ pub fn assert_no_mount_calls(strace: &str) {
             .any(|l| l.contains("execve(") && l.contains("/cnfs-csi\"")),
         "strace did not see the plugin start: {strace:?}"
     );
+}
+
+/// A well-formed CephFS key (test only).
+pub const KEY: &str = "AQBSdFhlAAAAABAAWmDqDUUxmRX4fcLsaFk2tg==";
+
+/// File-system access in `mode`.
+pub fn mount_cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+/// A node plugin (`cnfs-csi node`) with its hand-off directory on tmpfs.
+pub struct Node {
+    pub plugin: Plugin,
+    pub handoff: PathBuf,
+    pub pods: PathBuf,
+}
+
+impl Node {
+    pub fn start(tag: &str) -> anyhow::Result<Self> {
+        let handoff = tmpfs_dir(tag);
+        let plugin = Plugin::start(
+            tag,
+            "node",
+            &[
+                "--node-id".into(),
+                "node-a".into(),
+                "--handoff-dir".into(),
+                handoff.display().to_string(),
+                "--kata-sandbox-root".into(),
+                "/nonexistent/kata".into(),
+                "--stats-timeout".into(),
+                "1".into(),
+            ],
+        )?;
+        let pods = plugin.dir.join("pods");
+        Ok(Node {
+            plugin,
+            handoff,
+            pods,
+        })
+    }
+
+    /// A target path as kubelet makes it: its parent exists, the target does not.
+    pub fn target(&self, pod: &str, pv: &str) -> String {
+        let parent = self
+            .pods
+            .join(pod)
+            .join("volumes/kubernetes.io~csi")
+            .join(pv);
+        std::fs::create_dir_all(&parent).expect("parent");
+        parent.join("mount").display().to_string()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.handoff);
+    }
+}
+
+/// A valid publish of `source` at `target` (volume `vol-1`, pod `team-a/app`).
+pub fn publish(target: &str, source: &str) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: "vol-1".into(),
+        target_path: target.into(),
+        volume_capability: Some(mount_cap(Mode::MultiNodeMultiWriter)),
+        volume_context: HashMap::from([
+            ("source".to_string(), source.to_string()),
+            (
+                "csi.storage.k8s.io/pod.namespace".to_string(),
+                "team-a".to_string(),
+            ),
+            ("csi.storage.k8s.io/pod.name".to_string(), "app".to_string()),
+        ]),
+        ..Default::default()
+    }
+}
+
+/// The code and message of a call that must fail.
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (Code, String) {
+    let e = r.expect_err("the call must fail");
+    (e.code(), e.message().to_string())
 }

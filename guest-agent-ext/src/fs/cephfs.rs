@@ -27,10 +27,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cnfs_protocols::spec::{Source, VolumeSpec};
 
-use super::{fs_options, vfs_flags, Context, MountHandler, MountPlan};
+use super::{fs_options, same_path, vfs_flags, Context, MountHandler, MountPlan};
 use crate::error::AgentError;
 use crate::kmod;
 use crate::kmsg;
+use crate::mountinfo::MountEntry;
 
 pub struct CephFs;
 
@@ -42,6 +43,46 @@ impl MountHandler for CephFs {
 
     fn kernel_types(&self) -> &'static [&'static str] {
         &["ceph"]
+    }
+
+    fn recognises(&self, spec: &VolumeSpec, e: &MountEntry) -> bool {
+        let Source::CephFs(c) = &spec.source else {
+            return false;
+        };
+        if e.fs_type != "ceph" {
+            return false;
+        }
+        // New syntax: `<client>@<fsid>.<fs>=<path>` (the fsid is a UUID: no dots).
+        if let Some((client, rest)) = e.source.split_once('@') {
+            let Some((fsid, rest)) = rest.split_once('.') else {
+                return false;
+            };
+            let Some((fs, path)) = rest.split_once('=') else {
+                return false;
+            };
+            return client == c.client
+                && c.fsid.as_deref() == Some(fsid)
+                && fs == c.fs_name
+                && same_path(path, &c.path);
+        }
+        // Legacy: `<mon>[,<mon>]:<path>` with `name=` and `mds_namespace=` in the options.
+        let Some(i) = e.source.find(":/") else {
+            return false;
+        };
+        let (mons, path) = (&e.source[..i], &e.source[i + 1..]);
+        let mut have: Vec<std::net::SocketAddr> = match mons.split(',').map(|m| m.parse()).collect()
+        {
+            Ok(v) => v,
+            Err(_) => return false,
+        };
+        let mut want = c.monitors.clone();
+        have.sort();
+        want.sort();
+        c.fsid.is_none()
+            && have == want
+            && same_path(path, &c.path)
+            && e.option("name") == Some(c.client.as_str())
+            && e.option("mds_namespace") == Some(c.fs_name.as_str())
     }
 
     fn mount_error(&self, what: &str, errno: nix::errno::Errno) -> Option<AgentError> {
@@ -246,6 +287,71 @@ mod tests {
             messages: lines.iter().map(|l| l.to_string()).collect(),
             complete: true,
         }
+    }
+
+    fn ceph_spec(client: &str, path: &str, fsid: &str) -> VolumeSpec {
+        let w = cnfs_protocols::agent::VolumeSpec {
+            name: "c".into(),
+            source: Some(cnfs_protocols::agent::volume_spec::Source::Cephfs(
+                cnfs_protocols::agent::CephFsSource {
+                    monitors: vec!["10.0.0.1:6789".into(), "10.0.0.2:3300".into()],
+                    fs_name: "cephfs".into(),
+                    path: path.into(),
+                    client: client.into(),
+                    secret: "AQBZmhVnAAAAABAAnSPfp0VLPtO2ZUbWjaTYbA==".into(),
+                    fsid: fsid.into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        VolumeSpec::from_wire(&w).expect("valid")
+    }
+
+    fn ceph_entry(source: &str, options: &str) -> MountEntry {
+        MountEntry {
+            mount_point: "/run/cnfs/volumes/c".into(),
+            fs_type: "ceph".into(),
+            source: source.into(),
+            options: options.into(),
+        }
+    }
+
+    #[test]
+    fn adoption_compares_parsed_ceph_fields_not_substrings() {
+        const FSID: &str = "cd4760a4-e4d0-41bd-a77e-8c6cc50fcd5f";
+        let legacy = ceph_spec("1", "/", "");
+        let opts = "rw,name=1,secret=<hidden>,acl,mds_namespace=cephfs";
+        let e = ceph_entry("10.0.0.2:3300,10.0.0.1:6789:/", opts);
+        assert!(
+            CephFs.recognises(&legacy, &e),
+            "the legacy syntax never matched before"
+        );
+        // Client `1` is a substring of monitor 10.0.0.1; `/` a suffix of every path.
+        let other_client = ceph_entry(
+            "10.0.0.1:6789,10.0.0.2:3300:/sub",
+            "name=admin,mds_namespace=cephfs",
+        );
+        assert!(!CephFs.recognises(&legacy, &other_client));
+        let other_path = ceph_entry("10.0.0.1:6789,10.0.0.2:3300:/sub", opts);
+        assert!(!CephFs.recognises(&legacy, &other_path));
+        let other_fs = ceph_entry("10.0.0.1:6789,10.0.0.2:3300:/", "name=1,mds_namespace=fs2");
+        assert!(!CephFs.recognises(&legacy, &other_fs));
+        let other_mons = ceph_entry("10.0.0.9:6789:/", opts);
+        assert!(!CephFs.recognises(&legacy, &other_mons));
+
+        let new = ceph_spec("team", "/volumes/a", FSID);
+        let e = ceph_entry(&format!("team@{FSID}.cephfs=/volumes/a"), "rw,name=team");
+        assert!(CephFs.recognises(&new, &e));
+        for src in [
+            format!("tea@{FSID}.cephfs=/volumes/a"),
+            format!("team@{FSID}.cephfs=/volumes"),
+            format!("team@{FSID}.cephfs2=/volumes/a"),
+            "team@00000000-e4d0-41bd-a77e-8c6cc50fcd5f.cephfs=/volumes/a".to_string(),
+        ] {
+            assert!(!CephFs.recognises(&new, &ceph_entry(&src, "")), "{src}");
+        }
+        assert!(!CephFs.recognises(&legacy, &e));
     }
 
     // Guest kernel lines as Linux 6.12 logged them in the e2e test bed.

@@ -11,6 +11,7 @@ use cnfs_protocols::spec::{VolumeSpec, VFS_FLAGS};
 use nix::mount::MsFlags;
 
 use crate::error::AgentError;
+use crate::mountinfo::MountEntry;
 
 /// What the agent needs to call mount(2) for a volume. `data` may carry a secret: it is
 /// never logged and is dropped as soon as the mount call returns.
@@ -46,6 +47,9 @@ pub trait MountHandler: Send + Sync {
     fn name(&self) -> &'static str;
     /// Kernel file system types a mount of this handler shows in mountinfo.
     fn kernel_types(&self) -> &'static [&'static str];
+    /// True when `entry` (the kernel's view of a mount) is a mount of `spec`, compared field
+    /// by field: how a mount found without a record is recognised and adopted.
+    fn recognises(&self, spec: &VolumeSpec, entry: &MountEntry) -> bool;
     /// Turns a validated spec into a mount call, loading modules and resolving names.
     async fn plan(&self, spec: &VolumeSpec, ctx: &Context<'_>) -> Result<MountPlan, AgentError>;
 
@@ -79,6 +83,17 @@ impl Registry {
     pub fn names(&self) -> Vec<String> {
         self.handlers.iter().map(|h| h.name().to_string()).collect()
     }
+}
+
+/// Two absolute paths name the same directory (a trailing `/` aside).
+pub fn same_path(a: &str, b: &str) -> bool {
+    let trim = |p: &str| -> String {
+        match p.trim_end_matches('/') {
+            "" => "/".to_string(),
+            t => t.to_string(),
+        }
+    };
+    trim(a) == trim(b)
 }
 
 /// Generic VFS flags from the spec: always nosuid and nodev (a network share must not bring

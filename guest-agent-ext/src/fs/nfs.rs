@@ -9,9 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cnfs_protocols::spec::{NfsVersion, Server, Source, VolumeSpec};
 
-use super::{fs_options, vfs_flags, Context, MountHandler, MountPlan};
+use super::{fs_options, same_path, vfs_flags, Context, MountHandler, MountPlan};
 use crate::error::AgentError;
 use crate::kmod;
+use crate::mountinfo::MountEntry;
 
 pub struct Nfs;
 
@@ -23,6 +24,23 @@ impl MountHandler for Nfs {
 
     fn kernel_types(&self) -> &'static [&'static str] {
         &["nfs", "nfs4"]
+    }
+
+    fn recognises(&self, spec: &VolumeSpec, e: &MountEntry) -> bool {
+        let Source::Nfs(n) = &spec.source else {
+            return false;
+        };
+        let Some((host, export)) = split_source(&e.source) else {
+            return false;
+        };
+        let server = match &n.server {
+            Server::Ip(ip) => host.parse::<IpAddr>().is_ok_and(|h| h == *ip),
+            Server::Host(name) => host.eq_ignore_ascii_case(name),
+        };
+        self.kernel_types().contains(&e.fs_type.as_str())
+            && server
+            && same_path(export, &n.export)
+            && e.option("vers") == Some(n.version.as_str())
     }
 
     async fn plan(&self, spec: &VolumeSpec, ctx: &Context<'_>) -> Result<MountPlan, AgentError> {
@@ -46,6 +64,9 @@ impl MountHandler for Nfs {
         .map_err(|e| AgentError::Internal(format!("module loading task: {e}")))??;
 
         let addr = resolve(&nfs.server, ctx.budget).await?;
+        // A host name's family is known only now; `proto=tcp6` to an IPv4 address would be
+        // a bare EINVAL from the kernel.
+        cnfs_protocols::spec::check_address_family(&spec.options, addr)?;
         let mut opts = vec![
             format!("vers={}", nfs.version.as_str()),
             format!("addr={addr}"),
@@ -74,6 +95,15 @@ impl MountHandler for Nfs {
             data: opts.join(","),
         })
     }
+}
+
+/// Splits an NFS device (`host:/export`, `[v6]:/export`) into host and export.
+fn split_source(source: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = source.strip_prefix('[') {
+        let (host, export) = rest.split_once("]:")?;
+        return Some((host, export));
+    }
+    source.split_once(':')
 }
 
 /// Gives this guest's NFSv4 client a unique identity before its first mount: identical
@@ -141,6 +171,60 @@ pub fn source_address(server: IpAddr) -> Result<IpAddr, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(fs_type: &str, source: &str, options: &str) -> MountEntry {
+        MountEntry {
+            mount_point: "/run/cnfs/volumes/v".into(),
+            fs_type: fs_type.into(),
+            source: source.into(),
+            options: options.into(),
+        }
+    }
+
+    fn spec(server: &str, export: &str, version: &str) -> VolumeSpec {
+        let w = cnfs_protocols::agent::VolumeSpec {
+            name: "v".into(),
+            source: Some(cnfs_protocols::agent::volume_spec::Source::Nfs(
+                cnfs_protocols::agent::NfsSource {
+                    server: server.into(),
+                    export: export.into(),
+                    version: version.into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        VolumeSpec::from_wire(&w).expect("valid")
+    }
+
+    #[test]
+    fn adoption_compares_parsed_fields_including_ipv6() {
+        let v6 = spec("fd00::5", "/exports/a", "4.1");
+        let e = entry("nfs4", "[fd00::5]:/exports/a", "rw,vers=4.1,addr=fd00::5");
+        assert!(
+            Nfs.recognises(&v6, &e),
+            "an IPv6 mount was never adopted before"
+        );
+        let e = entry("nfs4", "[fd00:0::5]:/exports/a/", "rw,vers=4.1");
+        assert!(Nfs.recognises(&v6, &e), "same address, other spelling");
+        let v4 = spec("10.0.0.5", "/exports/a", "3");
+        assert!(Nfs.recognises(&v4, &entry("nfs", "10.0.0.5:/exports/a", "vers=3")));
+        for (t, src, opts) in [
+            ("nfs", "10.0.0.5:/exports/a", "vers=4.1"),
+            ("nfs", "10.0.0.50:/exports/a", "vers=3"),
+            ("nfs", "10.0.0.5:/exports/ab", "vers=3"),
+            ("nfs", "10.0.0.5:/exports", "vers=3"),
+            ("ceph", "10.0.0.5:/exports/a", "vers=3"),
+            ("nfs", "10.0.0.5:/exports/a", "xvers=3"),
+        ] {
+            assert!(
+                !Nfs.recognises(&v4, &entry(t, src, opts)),
+                "{t} {src} {opts}"
+            );
+        }
+        let host = spec("NFS.example.com", "/x", "4.2");
+        assert!(Nfs.recognises(&host, &entry("nfs4", "nfs.example.com:/x", "vers=4.2")));
+    }
 
     #[test]
     fn source_address_follows_the_route() {

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use cnfs_host_shim::policy::Policy;
 use cnfs_host_shim::shim::config::{self, ShimConfig};
+use cnfs_host_shim::shim::delegate::Delegate;
 use cnfs_host_shim::shim::{self, proxy, sandbox::Sandbox, Args};
 use slog::{o, Drain};
 
@@ -45,6 +47,11 @@ fn start(args: &Args) -> anyhow::Result<()> {
         .context("reading runtime options")?;
     let cfg_path = config_path();
     let cfg = ShimConfig::load(&cfg_path)?;
+    // A broken policy fails the sandbox here, loudly: containerd reports this error (naming
+    // the file, line and key) as the pod's, instead of a server that never listens.
+    if let Some(policy) = &cfg.policy {
+        Policy::load(policy)?;
+    }
     let group = shim::group_id(&bundle, &args.id);
     let dir = Path::new(shim::SOCKET_DIR);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -184,6 +191,7 @@ fn serve(args: &Args) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&socket);
         let listener = tokio::net::UnixListener::bind(&socket)
             .with_context(|| format!("binding {}", socket.display()))?;
+        let delegate = Arc::new(Delegate::new(delegate, args.id.clone()));
         proxy::serve(listener, delegate, sandbox, log).await;
         let _ = std::fs::remove_file(&socket);
         anyhow::Ok(())

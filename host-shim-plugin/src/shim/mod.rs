@@ -5,6 +5,7 @@
 //! containerd's address, the namespace and the CRI sandbox id, as containerd's own shims do.
 
 pub mod config;
+pub mod delegate;
 pub mod frames;
 pub mod proxy;
 pub mod relay;

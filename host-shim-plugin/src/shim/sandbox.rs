@@ -28,6 +28,7 @@ use crate::kata::{self, MonitorPaths};
 use crate::policy::Policy;
 use crate::secrets::SecretStore;
 use crate::shim::config::ShimConfig;
+use crate::shim::proxy::Hooks;
 use crate::shim::relay::Relay;
 
 /// A refusal to show containerd (it becomes the pod's event): code and message.
@@ -482,6 +483,21 @@ impl Sandbox {
                 }
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Hooks for Sandbox {
+    async fn before_create(&self, id: &str, bundle: &Path) -> Result<Option<After>, Refusal> {
+        Sandbox::before_create(self, id, bundle).await
+    }
+
+    async fn after_ok(&self, after: After) -> Result<(), Refusal> {
+        Sandbox::after_ok(self, after).await
+    }
+
+    async fn before_delete(&self, id: &str) {
+        Sandbox::before_delete(self, id).await
     }
 }
 
