@@ -4,6 +4,7 @@
 pub mod error;
 pub mod fs;
 pub mod gate;
+pub mod idmap;
 pub mod init;
 pub mod killable;
 pub mod kmod;

@@ -55,6 +55,12 @@ fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().collect();
     if argv
         .first()
+        .is_some_and(|a| cnfs_agent::idmap::invoked_as_request_key(a))
+    {
+        std::process::exit(cnfs_agent::idmap::run(&argv));
+    }
+    if argv
+        .first()
         .is_some_and(|a| cnfs_agent::init::invoked_as_init(a))
     {
         // Only returns on failure; the guest's real init could not be started.

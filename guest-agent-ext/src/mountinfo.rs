@@ -47,11 +47,13 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+        let octal = (b[i] == b'\\' && i + 3 < b.len())
+            .then(|| &b[i + 1..i + 4])
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')))
+            .and_then(|v| u8::try_from(v).ok());
+        // `\777` is not a byte: kept as written (the kernel never writes it; found by proptest).
+        if let Some(v) = octal {
             out.push(v);
             i += 4;
         } else {
@@ -99,5 +101,7 @@ mod tests {
         assert_eq!(e[1].option("vers"), Some("4.1"));
         assert_eq!(e[1].option("rw"), Some(""));
         assert_eq!(e[1].option("ver"), None);
+        // Not an octal byte: kept as written, no overflow.
+        assert_eq!(unescape("a\\777b\\040"), "a\\777b ");
     }
 }

@@ -249,6 +249,7 @@ impl agent_ttrpc::Agent for Service {
                 health: s.health.into(),
                 health_detail: s.detail,
                 probe_ms: s.probe.as_millis() as u64,
+                warnings: s.warnings,
                 ..Default::default()
             })
         })

@@ -63,6 +63,7 @@ pub struct Stats {
     pub health: agent::Health,
     pub detail: String,
     pub probe: Duration,
+    pub warnings: Vec<String>,
 }
 
 type Locks = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
@@ -594,6 +595,7 @@ impl Volumes {
             health: agent::Health::HEALTHY,
             detail: String::new(),
             probe: Duration::ZERO,
+            warnings: Vec::new(),
         };
         if mountinfo::find(&entries, &mount_point).is_none() {
             st.health = agent::Health::NOT_MOUNTED;
@@ -608,13 +610,22 @@ impl Volumes {
         let probe = started.elapsed();
         st.probe = probe;
         match outcome {
-            Ok(Outcome::Done([total, free, avail, files, ffree, _])) => {
+            Ok(Outcome::Done([total, free, avail, files, ffree, owner])) => {
                 st.total_bytes = total;
                 st.free_bytes = free;
                 st.available_bytes = avail;
                 st.total_inodes = files;
                 st.free_inodes = ffree;
                 st.detail = format!("statfs answered in {probe:?}");
+                let (uid, gid) = (owner >> 32, owner & 0xffff_ffff);
+                if uid == crate::idmap::UNMAPPED_ID || gid == crate::idmap::UNMAPPED_ID {
+                    st.warnings.push(format!(
+                        "the volume's root shows owner {uid}:{gid}: the server names owners the \
+                         guest cannot map (4294967294 = unmapped); have it send numeric ids \
+                         (nfs-ganesha: NFSv4 {{ Only_Numeric_Owners = true; }}; Linux knfsd does \
+                         for sec=sys by default)"
+                    ));
+                }
             }
             Ok(Outcome::Failed(e)) => {
                 st.health = agent::Health::ERROR;
@@ -681,10 +692,16 @@ impl Volumes {
     }
 }
 
-/// statfs(2) for a forked child: figures in the payload, nothing allocated.
+/// statfs(2) for a forked child: figures in the payload, nothing allocated. The last slot
+/// holds the owner of the volume's root (`uid << 32 | gid`), to tell unmapped NFSv4 owners.
 fn statfs(target: &CString) -> Result<killable::Payload, Errno> {
-    // SAFETY: statfs into a zeroed struct on the stack, with a valid path.
+    // SAFETY: statfs and stat into zeroed structs on the stack, with a valid path.
     let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let owner = match unsafe { libc::stat(target.as_ptr(), &mut st) } {
+        0 => (u64::from(st.st_uid) << 32) | u64::from(st.st_gid),
+        _ => 0,
+    };
     match unsafe { libc::statfs(target.as_ptr(), &mut s) } {
         0 => {
             let frsize = if s.f_frsize > 0 {
@@ -698,7 +715,7 @@ fn statfs(target: &CString) -> Result<killable::Payload, Errno> {
                 s.f_bavail * frsize,
                 s.f_files,
                 s.f_ffree,
-                0,
+                owner,
             ])
         }
         _ => Err(Errno::last()),

@@ -25,8 +25,12 @@ pub fn passthrough_source(volume: &str) -> String {
     format!("/proc/1/root{VOLUME_ROOT}/{volume}")
 }
 
-/// The mounts a container (by CRI container name) gets. Type `bind` exactly: kata-agent's
-/// rustjail canonicalizes the source only for that type.
+/// The mounts a container (by CRI container name) gets. Type `bind`: kata-agent's rustjail
+/// canonicalizes the source of a bind mount (type `bind`, or no type with a `bind`/`rbind`
+/// option; type `none` with `rbind` would not be) in the container's new mount namespace,
+/// where `/proc/1/root` reads as `/`. So the source resolves in a copy of the guest's root
+/// mount namespace, which cnfs-agent and kata-agent share: it reaches the volume there and
+/// nothing in any other namespace.
 pub fn container_mounts(volumes: &[PodVolume], container: Option<&str>) -> Vec<Mount> {
     volumes
         .iter()

@@ -12,6 +12,7 @@ use flate2::{Compression, GzBuilder};
 const S_IFREG: u32 = 0o100_000;
 const S_IFDIR: u32 = 0o040_000;
 const S_IFCHR: u32 = 0o020_000;
+const S_IFLNK: u32 = 0o120_000;
 
 /// What a path in the archive is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +20,7 @@ pub enum Node {
     Dir { mode: u32 },
     File { mode: u32, data: Vec<u8> },
     CharDev { mode: u32, major: u32, minor: u32 },
+    Symlink { target: String },
 }
 
 /// Paths (relative, `/`-separated, no `.` or `..`) and what they are. A `BTreeMap` keeps
@@ -69,6 +71,16 @@ impl Tree {
         self.insert(path, Node::CharDev { mode, major, minor })
     }
 
+    /// A symbolic link (cpio stores the target as the entry's data).
+    pub fn symlink(&mut self, path: &str, target: &str) -> Result<()> {
+        self.insert(
+            path,
+            Node::Symlink {
+                target: target.to_string(),
+            },
+        )
+    }
+
     #[cfg(test)]
     pub fn get(&self, path: &str) -> Option<&Node> {
         self.nodes.get(path)
@@ -103,13 +115,27 @@ impl Tree {
 
     /// The tree as an uncompressed newc archive with its trailer.
     pub fn to_newc(&self) -> Result<Vec<u8>> {
+        self.to_newc_over(&[])
+    }
+
+    /// The archive to append over an existing root: directories in `base_dirs` are left out.
+    /// The kernel replaces an entry whose type differs from the archive's (clean_path in
+    /// init/initramfs.c), so a `lib` directory entry would delete a merged-/usr root's
+    /// `lib -> usr/lib` link (and `sbin` its `/sbin/init`); files beneath them unpack through
+    /// the link or the directory alike.
+    pub fn to_newc_over(&self, base_dirs: &[&str]) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        for (index, (path, node)) in self.nodes.iter().enumerate() {
+        let kept = self
+            .nodes
+            .iter()
+            .filter(|(p, n)| !(matches!(n, Node::Dir { .. }) && base_dirs.contains(&p.as_str())));
+        for (index, (path, node)) in kept.enumerate() {
             let ino = u32::try_from(index + 1).context("too many archive entries")?;
             let (mode, nlink, data, rdev): (u32, u32, &[u8], (u32, u32)) = match node {
                 Node::Dir { mode } => (S_IFDIR | mode, 2, &[], (0, 0)),
                 Node::File { mode, data } => (S_IFREG | mode, 1, data, (0, 0)),
                 Node::CharDev { mode, major, minor } => (S_IFCHR | mode, 1, &[], (*major, *minor)),
+                Node::Symlink { target } => (S_IFLNK | 0o777, 1, target.as_bytes(), (0, 0)),
             };
             let size = u32::try_from(data.len())
                 .with_context(|| format!("{path}: {} bytes is too big for cpio", data.len()))?;

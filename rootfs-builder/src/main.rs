@@ -1,7 +1,9 @@
 //! cnfs-rootfs-builder: puts cnfs-agent into guests — a bootable busybox test initrd, a Kata
-//! rootfs directory booted by systemd, or an overlay cpio for an agent-as-init Kata initrd.
+//! rootfs directory booted by systemd, or an overlay cpio for an agent-as-init Kata initrd —
+//! and turns a distribution kernel into the forms Kata's hypervisors boot.
 
 mod archive;
+mod kata_kernel;
 mod kata_rootfs;
 mod modules;
 mod overlay;
@@ -30,6 +32,8 @@ enum Command {
     KataRootfs(kata_rootfs::Args),
     /// A cpio to append to a Kata initrd whose /init is kata-agent.
     InitrdOverlay(overlay::Args),
+    /// A distribution kernel in the forms Kata's hypervisors boot (ELF with PVH, bzImage).
+    KataKernel(kata_kernel::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +41,7 @@ fn main() -> ExitCode {
         Command::TestInitrd(a) => test_initrd::run(&a),
         Command::KataRootfs(a) => kata_rootfs::run(&a),
         Command::InitrdOverlay(a) => overlay::run(&a),
+        Command::KataKernel(a) => kata_kernel::run(&a),
     };
     // One line with the whole context chain; a build tool's user needs no backtrace.
     match result {

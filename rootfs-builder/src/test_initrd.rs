@@ -113,6 +113,8 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
         0o755,
         read_input(&args.agent, "--agent")?,
     )?;
+    // The NFSv4 owner upcall helper, as in the Kata overlay.
+    t.symlink("sbin/request-key", &format!("/usr/bin/{AGENT}"))?;
     for s in &args.service {
         if s.name == AGENT {
             bail!("--service {AGENT}: the agent is always installed, from --agent");

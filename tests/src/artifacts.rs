@@ -37,3 +37,38 @@ impl Artifacts {
         Ok(a)
     }
 }
+
+/// The parts the Kata-layout tests assemble guests from (copied by `cargo xtask guest`): the
+/// static agent, test helpers, the kata-agent stand-in, the rootfs builder, and the extracted
+/// Debian kernel tree with its release.
+pub struct Parts {
+    pub dir: PathBuf,
+    pub kernel_tree: PathBuf,
+    pub kernel_release: String,
+    pub vmlinuz: PathBuf,
+}
+
+impl Parts {
+    pub fn locate() -> anyhow::Result<Self> {
+        let dir = Artifacts::dir().join("parts");
+        let text = std::fs::read_to_string(dir.join("kernel-tree")).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e}: run `cargo xtask guest` (or `cargo xtask test`) first",
+                dir.join("kernel-tree").display()
+            )
+        })?;
+        let mut lines = text.lines();
+        let kernel_tree = PathBuf::from(lines.next().unwrap_or_default());
+        let kernel_release = lines.next().unwrap_or_default().to_string();
+        Ok(Parts {
+            vmlinuz: Artifacts::dir().join("vmlinuz"),
+            dir,
+            kernel_tree,
+            kernel_release,
+        })
+    }
+
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}

@@ -57,6 +57,15 @@ impl GuestExec {
             .map_err(|_| anyhow::anyhow!("guest exec of {cmd:?}: no reply"))?
     }
 
+    /// Waits until the helper answers (guests whose init starts it after the agent).
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        crate::process::wait_for(timeout, "the guest exec helper", || async {
+            self.run("true", Duration::from_secs(10)).await.ok()
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Runs `cmd` and fails unless it exits 0; returns stdout.
     pub async fn ok(&self, cmd: &str) -> anyhow::Result<String> {
         let out = self.run(cmd, Duration::from_secs(60)).await?;

@@ -19,6 +19,25 @@ use crate::process::{wait_for, Guarded};
 /// The NFS server's name inside test guests (their /etc/hosts), for name resolution tests.
 pub const NFS_HOST_NAME: &str = "nfs.cnfs.test";
 
+/// What a guest boots: kernel, initrd and command line.
+pub struct Boot {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+}
+
+impl Boot {
+    /// The test guests' command line (console, no reboot on panic, the network for the test
+    /// init or stand-in) with `extra` appended.
+    pub fn test_append(ns: &NetNs, extra: &str) -> String {
+        format!(
+            "console=ttyS0 panic=-1 loglevel=4 cnfs.ip={}/24 cnfs.hostname=cnfs-guest \
+             cnfs.hosts={NFS_HOST_NAME}/{} {extra}",
+            ns.guest_ip, ns.host_ip
+        )
+    }
+}
+
 pub struct Vm {
     // Drop order: QEMU before its vsock backend.
     qemu: Guarded,
@@ -34,18 +53,38 @@ impl Vm {
     /// serving, the host's CONNECTs never reached it) is booted once more, fresh, rather than
     /// failing the test on an emulator hiccup; the first attempt's logs are kept beside.
     pub async fn boot(art: &Artifacts, ns: &NetNs, dir: &Path) -> anyhow::Result<Self> {
-        match Self::boot_once(art, ns, &dir.join("vm")).await {
+        let boot = Boot {
+            kernel: art.kernel.clone(),
+            initrd: art.initrd.clone(),
+            append: Boot::test_append(ns, ""),
+        };
+        Self::boot_with(&boot, ns, dir).await
+    }
+
+    /// Boots `boot` and waits for its agent, once more if its hybrid vsock never came up.
+    pub async fn boot_with(boot: &Boot, ns: &NetNs, dir: &Path) -> anyhow::Result<Self> {
+        match Self::boot_once(boot, ns, &dir.join("vm"), true).await {
             Ok(vm) => Ok(vm),
             Err(first) => {
                 eprintln!("testbed: guest did not come up, booting it again: {first:#}");
-                Self::boot_once(art, ns, &dir.join("vm-retry"))
+                Self::boot_once(boot, ns, &dir.join("vm-retry"), true)
                     .await
                     .map_err(|e| anyhow::anyhow!("{e:#}\n(first attempt: {first:#})"))
             }
         }
     }
 
-    async fn boot_once(art: &Artifacts, ns: &NetNs, vmdir: &Path) -> anyhow::Result<Self> {
+    /// Starts `boot` without waiting for anything (for guests expected not to come up).
+    pub async fn start(boot: &Boot, ns: &NetNs, dir: &Path) -> anyhow::Result<Self> {
+        Self::boot_once(boot, ns, &dir.join("vm"), false).await
+    }
+
+    /// True while QEMU runs (a guest whose kernel panicked exits: `-no-reboot`).
+    pub fn running(&mut self) -> bool {
+        self.qemu.alive()
+    }
+
+    async fn boot_once(boot: &Boot, ns: &NetNs, vmdir: &Path, wait: bool) -> anyhow::Result<Self> {
         let vmdir = vmdir.to_path_buf();
         std::fs::create_dir_all(&vmdir)?;
         let vhost_sock = vmdir.join("vhost-user.sock");
@@ -66,19 +105,15 @@ impl Vm {
         .await?;
 
         let mem = "512M";
-        let append = format!(
-            "console=ttyS0 panic=-1 loglevel=4 cnfs.ip={}/24 cnfs.hostname=cnfs-guest \
-             cnfs.hosts={NFS_HOST_NAME}/{}",
-            ns.guest_ip, ns.host_ip
-        );
+        let append = &boot.append;
         let mut q = ns.command("qemu-system-x86_64");
         q.args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", mem])
             .args(["-display", "none", "-no-reboot", "-nodefaults"])
             .arg("-kernel")
-            .arg(&art.kernel)
+            .arg(&boot.kernel)
             .arg("-initrd")
-            .arg(&art.initrd)
-            .args(["-append", &append])
+            .arg(&boot.initrd)
+            .args(["-append", append])
             .args(["-serial", &format!("file:{}", console.display())])
             .args([
                 "-object",
@@ -106,7 +141,9 @@ impl Vm {
             hvsock,
             console,
         };
-        vm.wait_for_agent(Duration::from_secs(60)).await?;
+        if wait {
+            vm.wait_for_agent(Duration::from_secs(60)).await?;
+        }
         Ok(vm)
     }
 

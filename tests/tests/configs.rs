@@ -310,7 +310,7 @@ fn v3_fragment_declares_the_same_runtime_as_the_v2_fragment() -> anyhow::Result<
 // Kata drop-ins
 // ---------------------------------------------------------------------------------------
 
-const KATA_KERNEL: &str = "/opt/cnfs/share/kata/vmlinux-cnfs";
+const KATA_KERNEL: &str = "/opt/cnfs/share/kata/vmlinux-cnfs.container";
 const KATA_INITRD: &str = "/opt/cnfs/share/kata/kata-cnfs-initrd.img";
 
 /// A CNFS Kata drop-in: one hypervisor table (the Go runtime picks a random one when a
@@ -335,11 +335,26 @@ fn check_kata_dropin(text: &str) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow!("hypervisor.{name} is not a table"))?;
     for k in h.keys() {
         ensure!(
-            ["kernel", "initrd", "image"].contains(&k.as_str()),
-            "hypervisor.{name}.{k}: CNFS changes only kernel, initrd and image"
+            ["kernel", "initrd", "image", "kernel_params"].contains(&k.as_str()),
+            "hypervisor.{name}.{k}: CNFS changes only kernel, initrd, image and kernel_params"
         );
     }
     let get = |k: &str| h.get(k).and_then(|v| v.as_str());
+    // A drop-in's kernel_params replaces Kata's default: it must keep the cgroup v2 switches
+    // (kata-agent powers a Debian 6.12 guest off without them) and must not bypass /init.
+    let params: Vec<&str> = get("kernel_params")
+        .ok_or_else(|| anyhow!("hypervisor.{name}.kernel_params is required"))?
+        .split_whitespace()
+        .collect();
+    for p in ["cgroup_no_v1=all", "systemd.unified_cgroup_hierarchy=1"] {
+        ensure!(params.contains(&p), "kernel_params lacks {p}");
+    }
+    ensure!(
+        !params
+            .iter()
+            .any(|p| p.starts_with("init=") || p.starts_with("rdinit=")),
+        "kernel_params must not name init= or rdinit=: the overlay's /init starts cnfs-agent"
+    );
     ensure!(
         get("kernel") == Some(KATA_KERNEL),
         "kernel must be {KATA_KERNEL}"
@@ -372,9 +387,19 @@ fn kata_dropins_change_only_the_guest_artefacts() -> anyhow::Result<()> {
         read("kata/qemu/config.d/50-cnfs.toml")
     );
     check_kata_dropin(&both).expect_err("two hypervisor tables must fail");
-    let no_image =
-        format!("[hypervisor.qemu]\nkernel = \"{KATA_KERNEL}\"\ninitrd = \"{KATA_INITRD}\"\n");
+    let no_image = format!(
+        "[hypervisor.qemu]\nkernel = \"{KATA_KERNEL}\"\ninitrd = \"{KATA_INITRD}\"\n\
+         kernel_params = \"cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1\"\n"
+    );
     check_kata_dropin(&no_image).expect_err("initrd without image = \"\" must fail");
+    let qemu = read("kata/qemu/config.d/50-cnfs.toml");
+    let no_cgroup = qemu.replace("cgroup_no_v1=all ", "");
+    check_kata_dropin(&no_cgroup).expect_err("kernel_params without cgroup_no_v1=all");
+    let rdinit = qemu.replace(
+        "systemd.unified_cgroup_hierarchy=1\"",
+        "systemd.unified_cgroup_hierarchy=1 rdinit=/sbin/init\"",
+    );
+    check_kata_dropin(&rdinit).expect_err("kernel_params with rdinit=");
     Ok(())
 }
 

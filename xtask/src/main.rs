@@ -124,12 +124,28 @@ fn guest(kernel: Kernel) -> anyhow::Result<()> {
         .args(["build", "--release", "--target", triple])
         .args(["-p", "cnfs-agent", "-p", "cnfs-testbed"])
         .args(["--bin", "cnfs-agent", "--bin", "cnfs-test-exec"])
+        .args(["--bin", "kata-agent-standin"])
         .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
     sh(cargo().args(["build", "--release", "-p", "cnfs-rootfs-builder"]))?;
     let bin = root().join("target").join(triple).join("release");
     let out = cnfs_testbed::Artifacts::dir();
     std::fs::create_dir_all(&out)?;
     std::fs::copy(&k.vmlinuz, out.join("vmlinuz")).context("copying the kernel")?;
+    // What the Kata-layout tests assemble guests from, the way the README tells admins to.
+    let parts = out.join("parts");
+    std::fs::create_dir_all(&parts)?;
+    for b in ["cnfs-agent", "cnfs-test-exec", "kata-agent-standin"] {
+        std::fs::copy(bin.join(b), parts.join(b)).with_context(|| format!("copying {b}"))?;
+    }
+    std::fs::copy(
+        root().join("target/release/cnfs-rootfs-builder"),
+        parts.join("cnfs-rootfs-builder"),
+    )
+    .context("copying cnfs-rootfs-builder")?;
+    std::fs::write(
+        parts.join("kernel-tree"),
+        format!("{}\n{}\n", k.tree.display(), k.release),
+    )?;
     sh(
         Command::new(root().join("target/release/cnfs-rootfs-builder"))
             .arg("test-initrd")

@@ -13,7 +13,8 @@ use crate::{root, sh};
 /// for the test guest and container root file systems, iproute2 for namespaces, kmod for
 /// depmod, containerd and runc for the shim tests, Ceph (mon, mgr, osd, mds, CLI, libcephfs
 /// bindings for host-side file access) for CephFS, strace to show the CSI node plugin never
-/// calls mount(2). (QEMU comes from backports, below.)
+/// calls mount(2), cpio to build initrds exactly as Kata's osbuilder does. (QEMU comes from
+/// backports, below.)
 const PACKAGES: &[&str] = &[
     "containerd",
     "runc",
@@ -31,6 +32,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "kmod",
     "strace",
+    "cpio",
 ];
 
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/cnfs-bookworm-backports.sources";
