@@ -97,8 +97,8 @@ pub fn redirect(bundle: &Path, redirects: &[Redirect]) -> Result<usize, HandoffE
         else {
             continue;
         };
-        // Type `bind` exactly (kata-agent canonicalizes only that type); the runtime's own
-        // options stay (rbind, propagation), hardened, read-only when published so.
+        // Type `bind` (see `container_mounts`); the runtime's own options stay (rbind,
+        // propagation), hardened, read-only when published so.
         let mut options: Vec<String> = m.options().clone().unwrap_or_default();
         options.retain(|o| o != "rw" || !r.read_only);
         for o in ["nosuid", "nodev"]
@@ -220,6 +220,91 @@ mod tests {
         let e = inject(&dir, container_mounts(&volumes(), Some("app"))).expect_err("conflict");
         assert!(e.to_string().contains("/data"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The Kata agent-policy entries shipped in configs/kata/policy/cnfs-mounts.json must be
+    /// exactly what the wrapper sends (rules.rego compares options as ordered arrays).
+    #[test]
+    fn the_shipped_agent_policy_entries_match_the_mounts_the_wrapper_sends() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/kata/policy/cnfs-mounts.json");
+        let policy: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        let options = |key: &str| -> Vec<String> {
+            serde_json::from_value(policy[key]["options"].clone()).expect(key)
+        };
+        let matches = |key: &str, source: &str| {
+            let re = policy[key]["source"].as_str().expect("source");
+            let re = re.trim_start_matches('^').trim_end_matches('$');
+            // The entries use only `NAME` and `[0-9a-f]{20}` as placeholders.
+            let re = re
+                .replace("NAME", "data")
+                .replace("[0-9a-f]{20}", "0123456789abcdef0123");
+            assert_eq!(re, source, "{key}");
+            assert_eq!(policy[key]["type_"], "bind", "{key}");
+        };
+        // Annotation volumes, read-write and read-only.
+        let rw: HashMap<String, String> = [
+            ("cnfs.io/volume.data", "nfs://10.0.0.5/exports/data"),
+            ("cnfs.io/mount.data", "/data"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let m = container_mounts(&annotations::parse(&rw).expect("valid"), Some("app"));
+        assert_eq!(
+            m[0].options().clone().unwrap_or_default(),
+            options("annotation_volume")
+        );
+        matches(
+            "annotation_volume",
+            &m[0].source().as_deref().expect("src").display().to_string(),
+        );
+        let ro = container_mounts(&volumes(), Some("app"));
+        assert_eq!(
+            ro[0].options().clone().unwrap_or_default(),
+            options("annotation_volume_read_only")
+        );
+        // CSI volumes: containerd's CRI options for a PVC, re-pointed by `redirect`.
+        for (read_only, key) in [(false, "csi_volume"), (true, "csi_volume_read_only")] {
+            let dir = std::env::temp_dir()
+                .join(format!("cnfs-policy-{}-{read_only}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("dir");
+            let target = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv/mount";
+            let mut spec = Spec::default();
+            spec.set_mounts(Some(vec![MountBuilder::default()
+                .destination("/data")
+                .typ("bind")
+                .source(target)
+                .options(vec!["rbind".into(), "rprivate".into(), "rw".into()])
+                .build()
+                .expect("mount")]));
+            spec.save(dir.join("config.json")).expect("spec");
+            let r = Redirect {
+                source: target.into(),
+                volume: "csi-0123456789abcdef0123".into(),
+                read_only,
+            };
+            redirect(&dir, &[r]).expect("redirect");
+            let mounts = Spec::load(dir.join("config.json"))
+                .expect("load")
+                .mounts()
+                .clone()
+                .unwrap_or_default();
+            assert_eq!(
+                mounts[0].options().clone().unwrap_or_default(),
+                options(key)
+            );
+            let src = mounts[0]
+                .source()
+                .as_deref()
+                .expect("src")
+                .display()
+                .to_string();
+            matches(key, &src);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     #[test]
