@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The mount's id, unique across all mount namespaces.
+    pub id: u64,
+    /// `major:minor` of the file system: the same for every mount (bind) of one superblock.
+    pub dev: String,
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub source: String,
@@ -30,9 +34,14 @@ pub fn parse(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
-            let mount_point = pre.split(' ').nth(4)?;
+            let mut fields = pre.split(' ');
+            let id = fields.next()?.parse().ok()?;
+            let dev = fields.nth(1)?.to_string();
+            let mount_point = fields.nth(1)?;
             let mut post = post.split(' ');
             Some(MountEntry {
+                id,
+                dev,
                 mount_point: PathBuf::from(unescape(mount_point)),
                 fs_type: post.next()?.to_string(),
                 source: unescape(post.next()?),
@@ -69,6 +78,71 @@ pub fn read() -> std::io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
 
+/// A mount of the same file system in another mount namespace (a container's bind).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub command: String,
+    pub mount_point: PathBuf,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} ({}) at {}",
+            self.pid,
+            self.command,
+            self.mount_point.display()
+        )
+    }
+}
+
+/// Mounts of `dev` (a superblock's `major:minor`) in other processes' mount namespaces that
+/// are not mounts of this namespace: the containers holding their own copy of a volume.
+/// /proc/<pid>/mountinfo is readable for every process. At most `max`, one per mount.
+pub fn holders(dev: &str, max: usize) -> Vec<Holder> {
+    let own: std::collections::HashSet<u64> =
+        read().unwrap_or_default().iter().map(|e| e.id).collect();
+    let me = std::process::id();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path().join("mountinfo")) else {
+            continue;
+        };
+        for e in parse(&text) {
+            if e.dev == dev && !own.contains(&e.id) && seen.insert(e.id) {
+                let command = std::fs::read_to_string(entry.path().join("comm"))
+                    .map(|c| c.trim().to_string())
+                    .unwrap_or_default();
+                out.push(Holder {
+                    pid,
+                    command,
+                    mount_point: e.mount_point,
+                });
+                if out.len() >= max {
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The top-most mount at `path` (the last one listed wins, as the kernel stacks them).
 pub fn find<'a>(entries: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
     entries.iter().rev().find(|e| e.mount_point == path)
@@ -99,6 +173,7 @@ mod tests {
         assert!(find(&e, Path::new("/run/cnfs/volumes/data")).is_some());
         assert!(find(&e, Path::new("/run/cnfs/volumes/none")).is_none());
         assert_eq!(e[1].option("vers"), Some("4.1"));
+        assert_eq!((e[1].id, e[1].dev.as_str()), (40, "0:34"));
         assert_eq!(e[1].option("rw"), Some(""));
         assert_eq!(e[1].option("ver"), None);
         // Not an octal byte: kept as written, no overflow.

@@ -202,11 +202,12 @@ impl agent_ttrpc::Agent for Service {
             spec::validate_name("name", &req.name)?;
             let timeout = volumes.unmount_timeout(req.timeout_ms);
             let start = Instant::now();
-            let done = volumes.unmount(&req.name, timeout).await?;
+            let done = volumes.unmount(&req.name, timeout, req.force).await?;
             Ok(agent::UnmountResponse {
                 method: done.method.to_string(),
                 duration_ms: start.elapsed().as_millis() as u64,
                 attempts: done.attempts,
+                held_by: done.held_by,
                 ..Default::default()
             })
         })

@@ -52,7 +52,12 @@ pub struct MountDone {
 pub struct UnmountDone {
     pub method: &'static str,
     pub attempts: Vec<String>,
+    /// With `force`: the containers still holding their copy.
+    pub held_by: Vec<String>,
 }
+
+/// How many holders an error or a response names.
+const MAX_HOLDERS: usize = 8;
 
 pub struct Stats {
     pub total_bytes: u64,
@@ -476,13 +481,42 @@ impl Volumes {
 
     /// Unmounts, escalating: plain umount, then MNT_FORCE (aborts outstanding NFS requests),
     /// then MNT_DETACH (always detaches; the kernel cleans up when the last user leaves).
-    pub async fn unmount(&self, name: &str, timeout: Duration) -> Result<UnmountDone, AgentError> {
+    ///
+    /// A container's bind of the volume is its own mount in its own namespace: unmounting the
+    /// agent's mount cannot take it away, and the container would keep reading and writing
+    /// while the agent reported the volume gone. So, unless `force`, an Unmount while
+    /// containers hold the volume is refused, naming them; with `force` it goes ahead and
+    /// names them in the answer.
+    pub async fn unmount(
+        &self,
+        name: &str,
+        timeout: Duration,
+        force: bool,
+    ) -> Result<UnmountDone, AgentError> {
         spec::validate_name("name", name)?;
         let deadline = tokio::time::Instant::now() + timeout;
         let _guard = self.lock_volume(name, deadline, timeout).await?;
         let mount_point = spec::mount_point(name);
-        let present =
-            mountinfo::find(&mountinfo::read().unwrap_or_default(), &mount_point).is_some();
+        let entries = mountinfo::read().unwrap_or_default();
+        let dev = mountinfo::find(&entries, &mount_point).map(|e| e.dev.clone());
+        let present = dev.is_some();
+        let held_by: Vec<String> = match dev {
+            Some(dev) => tokio::task::spawn_blocking(move || mountinfo::holders(&dev, MAX_HOLDERS))
+                .await
+                .unwrap_or_default()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            None => Vec::new(),
+        };
+        if !held_by.is_empty() && !force {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {name} is still mounted in {} container mount(s): {}; stop them first, \
+                 or unmount with force (they keep their copy until they end)",
+                held_by.len(),
+                held_by.join(", ")
+            )));
+        }
         let known = self.read_known().contains_key(name);
         if !present && !known {
             return Err(AgentError::NotFound(format!(
@@ -533,8 +567,13 @@ impl Volumes {
         let _ = std::fs::remove_dir(&mount_point);
         let _ = std::fs::remove_file(self.state_file(name));
         self.write_known().remove(name);
-        info!(self.log, "volume unmounted"; "volume" => name, "method" => method);
-        Ok(UnmountDone { method, attempts })
+        info!(self.log, "volume unmounted"; "volume" => name, "method" => method,
+            "still_held_by" => held_by.join(", "));
+        Ok(UnmountDone {
+            method,
+            attempts,
+            held_by,
+        })
     }
 
     /// Every known volume with the kernel's view of it.
@@ -755,7 +794,7 @@ mod tests {
         let v = volumes();
         for i in 0..20_000 {
             let e = v
-                .unmount(&format!("never-mounted-{i}"), Duration::from_secs(5))
+                .unmount(&format!("never-mounted-{i}"), Duration::from_secs(5), false)
                 .await
                 .err()
                 .map(|e| e.code());

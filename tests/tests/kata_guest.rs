@@ -267,7 +267,7 @@ async fn the_readme_recipe_boots_an_osbuilder_initrd_with_debians_kernel_and_a_s
     // A container set up as rustjail does, with the bind mount the shim injects.
     g.ok(
         "mkdir -p /run/ctr/rootfs/bin && cp /bin/busybox /run/ctr/rootfs/bin/ && \
-          for a in sh cat echo; do ln -s busybox /run/ctr/rootfs/bin/$a; done",
+          for a in sh cat echo sleep; do ln -s busybox /run/ctr/rootfs/bin/$a; done",
     )
     .await?;
     let out = g
@@ -294,6 +294,47 @@ async fn the_readme_recipe_boots_an_osbuilder_initrd_with_debians_kernel_and_a_s
     assert!(vm
         .console_text()
         .contains("cnfs-agent was killed by SIGKILL; restarting"));
+
+    // A running container holds its own copy of the volume (a bind in its namespace): an
+    // Unmount would leave it reading and writing while reporting the volume gone, so it is
+    // refused naming the container; forced, it goes ahead and names who still holds it.
+    g.ok("(/sbin/init container --rootfs /run/ctr/rootfs \
+          --bind /proc/1/root/run/cnfs/volumes/data:/data:bind,nosuid,nodev \
+          -- /bin/sleep 600 </dev/null >/dev/null 2>&1 &); sleep 1")
+        .await?;
+    let a = vm.agent().await?;
+    let unmount = |force: bool| agent::UnmountRequest {
+        name: "data".into(),
+        force,
+        ..Default::default()
+    };
+    let e = a.unmount(ctx(T), &unmount(false)).await.expect_err("held");
+    assert_eq!(
+        cnfs_testbed::code_of(&e),
+        ttrpc::Code::FAILED_PRECONDITION,
+        "{e:?}"
+    );
+    let msg = cnfs_testbed::message_of(&e);
+    assert!(
+        msg.contains("(sleep) at /data") && msg.contains("force"),
+        "{msg}"
+    );
+    assert!(
+        g.ok("grep -c /run/cnfs/volumes/data /proc/mounts")
+            .await?
+            .trim()
+            == "1"
+    );
+    let r = a.unmount(ctx(T), &unmount(true)).await?;
+    assert!(
+        r.held_by.iter().any(|h| h.contains("(sleep) at /data")),
+        "{:?}",
+        r.held_by
+    );
+    assert!(!g
+        .ok("cat /proc/mounts")
+        .await?
+        .contains("/run/cnfs/volumes/data"));
     drop(nfs);
     Ok(())
 }

@@ -310,6 +310,8 @@ mod tests {
 
     fn ceph_entry(source: &str, options: &str) -> MountEntry {
         MountEntry {
+            id: 40,
+            dev: "0:52".into(),
             mount_point: "/run/cnfs/volumes/c".into(),
             fs_type: "ceph".into(),
             source: source.into(),

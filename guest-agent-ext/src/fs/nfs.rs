@@ -174,6 +174,8 @@ mod tests {
 
     fn entry(fs_type: &str, source: &str, options: &str) -> MountEntry {
         MountEntry {
+            id: 40,
+            dev: "0:52".into(),
             mount_point: "/run/cnfs/volumes/v".into(),
             fs_type: fs_type.into(),
             source: source.into(),

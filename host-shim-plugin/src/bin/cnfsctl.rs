@@ -69,11 +69,11 @@ JSON output (--json), one object per command; keys are stable:
   list     {volumes: [{name, fs, fs_type, state, source, device, mount_point, read_only,
             options{}, nfs{server, export, version} | null,
             cephfs{monitors[], fs_name, path, client, fsid} | null}]}
-  stats    {name, health (healthy|unresponsive|error|unknown), health_detail, total_bytes,
-            used_bytes, free_bytes, available_bytes, total_inodes, used_inodes,
-            free_inodes, probe_ms}
+  stats    {name, health (healthy|unresponsive|error|not mounted|unknown), health_detail,
+            total_bytes, used_bytes, free_bytes, available_bytes, total_inodes, used_inodes,
+            free_inodes, probe_ms, warnings[]}
   mount    {name, mount_point, already_mounted, duration_ms}
-  unmount  {name, method (umount|force|detach), duration_ms, attempts[]}
+  unmount  {name, method (umount|force|detach), duration_ms, attempts[], held_by[]}
 
 Examples:
   cnfsctl --sandbox 3f2a... ping
@@ -137,10 +137,14 @@ enum Command {
     },
     /// Mount an NFS volume at /run/cnfs/volumes/<NAME> in the guest.
     Mount(MountArgs),
-    /// Unmount a volume (escalating to a forced, then lazy unmount if needed).
+    /// Unmount a volume (escalating to a forced, then lazy unmount if needed). Refused while
+    /// containers hold a copy of it, unless --force.
     Unmount {
         /// Volume name.
         name: String,
+        /// Unmount even while containers hold their copy (they keep it until they end).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -304,10 +308,11 @@ async fn run(cli: &Cli) -> anyhow::Result<String> {
             .with_context(|| format!("mount {}", m.name))?;
             Ok(render_mount(&m.name, &r, json))
         }
-        Command::Unmount { name } => {
+        Command::Unmount { name, force } => {
             let req = agent::UnmountRequest {
                 name: name.clone(),
                 timeout_ms: 0,
+                force: *force,
                 ..Default::default()
             };
             let r = call(timeout, |ctx| {
@@ -686,8 +691,18 @@ fn render_stats(name: &str, s: &agent::StatsResponse, json: bool) -> String {
             "used_inodes": used_inodes,
             "free_inodes": s.free_inodes,
             "probe_ms": s.probe_ms,
+            "warnings": s.warnings,
         }));
     }
+    let warnings = if s.warnings.is_empty() {
+        "none".to_string()
+    } else {
+        s.warnings
+            .iter()
+            .map(|w| clean(w))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
     let health_text = if s.health_detail.is_empty() {
         health
     } else {
@@ -712,6 +727,7 @@ fn render_stats(name: &str, s: &agent::StatsResponse, json: bool) -> String {
             ),
         ),
         ("probe", format!("{} ms", s.probe_ms)),
+        ("warnings", warnings),
     ])
 }
 
@@ -745,10 +761,21 @@ fn render_unmount(name: &str, r: &agent::UnmountResponse, json: bool) -> String 
             "method": r.method,
             "duration_ms": r.duration_ms,
             "attempts": r.attempts,
+            "held_by": r.held_by,
         }));
     }
+    let held = if r.held_by.is_empty() {
+        "none".to_string()
+    } else {
+        r.held_by
+            .iter()
+            .map(|a| clean(a))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
     fields(&[
         ("unmounted", clean(name)),
+        ("still held by", held),
         ("method", or_dash(&r.method)),
         ("duration", format!("{} ms", r.duration_ms)),
         (

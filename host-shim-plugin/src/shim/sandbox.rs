@@ -466,9 +466,11 @@ impl Sandbox {
 
     async fn unmount_all(&self, client: &AgentClient, names: &[String]) {
         for name in names.iter().rev() {
+            // The sandbox is going away: never blocked by a container still holding a copy.
             let req = agent::UnmountRequest {
                 name: name.clone(),
                 timeout_ms: self.cfg.unmount_timeout().as_millis() as u32,
+                force: true,
                 ..Default::default()
             };
             let ctx = ttrpc::context::with_timeout(
