@@ -196,6 +196,33 @@ pub fn select(kernel_tree: &Path, release: &str, names: &[String]) -> Result<Sel
     })
 }
 
+/// Puts the closure of `names` (from an extracted, depmod'ed kernel tree) into `t` under
+/// `lib/modules/<release>/`, with a `modules.dep` restricted to it and `modules.builtin`.
+pub fn add_to_tree(
+    t: &mut crate::archive::Tree,
+    kernel_tree: &Path,
+    release: &str,
+    names: &[String],
+) -> Result<()> {
+    if release.is_empty() || release.contains('/') || release == "." || release == ".." {
+        bail!("--kernel-release {release:?} must be a single directory name");
+    }
+    let sel = select(kernel_tree, release, names)?;
+    let base = format!("lib/modules/{release}");
+    for (path, data) in sel.modules {
+        t.file(&format!("{base}/{path}"), 0o644, data)?;
+    }
+    t.file(
+        &format!("{base}/modules.dep"),
+        0o644,
+        sel.modules_dep.into_bytes(),
+    )?;
+    if let Some(builtin) = sel.modules_builtin {
+        t.file(&format!("{base}/modules.builtin"), 0o644, builtin)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,28 +75,13 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
     t.symlink("sbin/request-key", "/usr/bin/cnfs-agent")?;
     let mut conf = format!("then={}\nargs=--vsock-port {}\n", args.then, args.port);
     if let (Some(tree), Some(rel)) = (&args.kernel_tree, &args.kernel_release) {
-        if rel.is_empty() || rel.contains('/') || rel == "." || rel == ".." {
-            bail!("--kernel-release {rel:?} must be a single directory name");
-        }
         let names: Vec<String> = args
             .boot_module
             .iter()
             .chain(&args.module)
             .cloned()
             .collect();
-        let sel = modules::select(tree, rel, &names)?;
-        let base = format!("lib/modules/{rel}");
-        for (path, data) in sel.modules {
-            t.file(&format!("{base}/{path}"), 0o644, data)?;
-        }
-        t.file(
-            &format!("{base}/modules.dep"),
-            0o644,
-            sel.modules_dep.into_bytes(),
-        )?;
-        if let Some(builtin) = sel.modules_builtin {
-            t.file(&format!("{base}/modules.builtin"), 0o644, builtin)?;
-        }
+        modules::add_to_tree(&mut t, tree, rel, &names)?;
         if !args.boot_module.is_empty() {
             conf.push_str(&format!("modules={}\n", args.boot_module.join(" ")));
         }

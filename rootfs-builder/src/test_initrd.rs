@@ -77,9 +77,6 @@ fn lines<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
 /// The uncompressed archive.
 pub fn build_tree(args: &Args) -> Result<Tree> {
     let rel = &args.kernel_release;
-    if rel.is_empty() || rel.contains('/') || rel == "." || rel == ".." {
-        bail!("--kernel-release {rel:?} must be a single directory name");
-    }
     let mut t = Tree::new();
     for d in [
         "bin",
@@ -137,19 +134,7 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
         .chain(&args.module)
         .cloned()
         .collect();
-    let sel = modules::select(&args.kernel_tree, rel, &names)?;
-    let base = format!("lib/modules/{rel}");
-    for (path, data) in sel.modules {
-        t.file(&format!("{base}/{path}"), 0o644, data)?;
-    }
-    t.file(
-        &format!("{base}/modules.dep"),
-        0o644,
-        sel.modules_dep.into_bytes(),
-    )?;
-    if let Some(builtin) = sel.modules_builtin {
-        t.file(&format!("{base}/modules.builtin"), 0o644, builtin)?;
-    }
+    modules::add_to_tree(&mut t, &args.kernel_tree, rel, &names)?;
     Ok(t)
 }
 
