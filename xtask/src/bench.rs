@@ -165,6 +165,8 @@ pub async fn run() -> anyhow::Result<()> {
         "agent RSS idle {idle_rss} kB; with 300 idle + 100 half-sent 4 MiB frames {flood_rss} kB"
     );
     println!("Ping during that flood        {}", summary(flooded));
+    // The flood evicted the idle connection this bench started with: a fresh one.
+    let agent = bed.vm.agent().await?;
 
     // 4. List and Stats with 200 volumes mounted.
     let volumes = 200;
