@@ -91,10 +91,12 @@ pub fn parse(data: &[u8]) -> Vec<String> {
         .filter(|l| !l.starts_with(' '))
         .filter_map(|l| {
             let (header, text) = l.split_once(';')?;
-            let numeric = header
-                .split(',')
-                .take(3)
-                .all(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()));
+            // prio, seq and usec: three numbers (found by a property test: one was enough).
+            let fields: Vec<&str> = header.split(',').take(3).collect();
+            let numeric = fields.len() == 3
+                && fields
+                    .iter()
+                    .all(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()));
             numeric.then(|| text.to_string())
         })
         .collect()
