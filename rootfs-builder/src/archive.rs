@@ -81,6 +81,14 @@ impl Tree {
         )
     }
 
+    /// The regular files, in path order.
+    pub fn files(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.nodes.iter().filter_map(|(p, n)| match n {
+            Node::File { data, .. } => Some((p.as_str(), data.as_slice())),
+            _ => None,
+        })
+    }
+
     #[cfg(test)]
     pub fn get(&self, path: &str) -> Option<&Node> {
         self.nodes.get(path)

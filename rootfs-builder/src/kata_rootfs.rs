@@ -30,6 +30,16 @@ pub struct Args {
     /// Modules for systemd-modules-load, comma separated ("" writes no drop-in).
     #[arg(long, value_name = "NAME,...", default_value = DEFAULT_MODULES)]
     pub modules_load: String,
+    /// Extracted distribution kernel package on which `depmod -b DIR REL` has been run: the
+    /// closure of `--modules-load` and `--module` goes into the rootfs's /lib/modules.
+    #[arg(long, value_name = "DIR", requires = "kernel_release")]
+    pub kernel_tree: Option<PathBuf>,
+    /// Kernel release (the directory name under lib/modules).
+    #[arg(long, value_name = "REL", requires = "kernel_tree")]
+    pub kernel_release: Option<String>,
+    /// A module only installed, for cnfs-agent to load on demand (repeatable).
+    #[arg(long, value_name = "NAME", requires = "kernel_tree")]
+    pub module: Vec<String>,
 }
 
 /// The systemd unit. No mount namespace isolation may be added to it.
@@ -108,6 +118,19 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         let text: String = modules.iter().map(|m| format!("{m}\n")).collect();
         install_file(root, dir, name, text.as_bytes(), 0o644)?;
+    }
+    if let (Some(tree), Some(rel)) = (&args.kernel_tree, &args.kernel_release) {
+        let mut t = crate::archive::Tree::new();
+        let names: Vec<String> = modules
+            .iter()
+            .map(|m| m.to_string())
+            .chain(args.module.iter().cloned())
+            .collect();
+        modules::add_to_tree(&mut t, tree, rel, &names)?;
+        for (path, data) in t.files() {
+            let (dir, name) = path.rsplit_once('/').context("module path")?;
+            install_file(root, dir, name, data, 0o644)?;
+        }
     }
     Ok(())
 }
@@ -205,6 +228,9 @@ mod tests {
             agent,
             port: 4242,
             modules_load: DEFAULT_MODULES.into(),
+            kernel_tree: None,
+            kernel_release: None,
+            module: vec![],
         }
     }
 

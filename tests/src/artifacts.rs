@@ -71,4 +71,10 @@ impl Parts {
     pub fn bin(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// The cached tarball of a minimal Debian root with systemd (mmdebstrap).
+    pub fn systemd_rootfs(&self) -> anyhow::Result<PathBuf> {
+        let text = std::fs::read_to_string(self.dir.join("systemd-rootfs"))?;
+        Ok(PathBuf::from(text.trim()))
+    }
 }

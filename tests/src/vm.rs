@@ -24,6 +24,8 @@ pub struct Boot {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub append: String,
+    /// Guest memory (QEMU's `-m`), e.g. "512M".
+    pub memory: String,
 }
 
 impl Boot {
@@ -57,6 +59,7 @@ impl Vm {
             kernel: art.kernel.clone(),
             initrd: art.initrd.clone(),
             append: Boot::test_append(ns, ""),
+            memory: "512M".into(),
         };
         Self::boot_with(&boot, ns, dir).await
     }
@@ -104,7 +107,7 @@ impl Vm {
         })
         .await?;
 
-        let mem = "512M";
+        let mem = boot.memory.as_str();
         let append = &boot.append;
         let mut q = ns.command("qemu-system-x86_64");
         q.args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", mem])

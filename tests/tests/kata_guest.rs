@@ -158,6 +158,7 @@ async fn the_readme_recipe_boots_an_osbuilder_initrd_with_debians_kernel_and_a_s
         kernel: vmlinux,
         initrd,
         append: Boot::test_append(&ns, KATA_PARAMS),
+        memory: "512M".into(),
     };
     let vm = Vm::boot_with(&boot, &ns, dir.path()).await?;
     let g = &vm.exec;
@@ -362,6 +363,7 @@ async fn a_missing_then_falls_back_to_osbuilders_init_and_no_init_at_all_is_one_
         kernel: vmlinux.clone(),
         initrd,
         append: Boot::test_append(&ns, KATA_PARAMS),
+        memory: "512M".into(),
     };
     let vm = Vm::boot_with(&boot, &ns, dir.path()).await?;
     let console = vm.console_text();
@@ -391,6 +393,7 @@ async fn a_missing_then_falls_back_to_osbuilders_init_and_no_init_at_all_is_one_
         kernel: vmlinux,
         initrd,
         append: Boot::test_append(&ns, KATA_PARAMS),
+        memory: "512M".into(),
     };
     let dir2 = TempDir::new("kata-noinit")?;
     let mut vm = Vm::start(&boot, &ns, dir2.path()).await?;

@@ -146,6 +146,10 @@ fn guest(kernel: Kernel) -> anyhow::Result<()> {
         parts.join("kernel-tree"),
         format!("{}\n{}\n", k.tree.display(), k.release),
     )?;
+    std::fs::write(
+        parts.join("systemd-rootfs"),
+        format!("{}\n", setup::systemd_rootfs()?.display()),
+    )?;
     sh(
         Command::new(root().join("target/release/cnfs-rootfs-builder"))
             .arg("test-initrd")

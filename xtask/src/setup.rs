@@ -13,7 +13,8 @@ use crate::{root, sh};
 /// for the test guest and container root file systems, iproute2 for namespaces, kmod for
 /// depmod, containerd and runc for the shim tests, Ceph (mon, mgr, osd, mds, CLI, libcephfs
 /// bindings for host-side file access) for CephFS, strace to show the CSI node plugin never
-/// calls mount(2), cpio to build initrds exactly as Kata's osbuilder does. (QEMU comes from
+/// calls mount(2), cpio to build initrds exactly as Kata's osbuilder does, mmdebstrap for a
+/// systemd guest root built the way osbuilder builds its image roots. (QEMU comes from
 /// backports, below.)
 const PACKAGES: &[&str] = &[
     "containerd",
@@ -33,6 +34,7 @@ const PACKAGES: &[&str] = &[
     "kmod",
     "strace",
     "cpio",
+    "mmdebstrap",
 ];
 
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/cnfs-bookworm-backports.sources";
@@ -249,4 +251,28 @@ fn release_of(tree: &Path) -> anyhow::Result<String> {
     releases
         .pop()
         .context("no kernel release under lib/modules")
+}
+
+/// A minimal Debian root with systemd (what osbuilder's image roots are: mmdebstrap, variant
+/// minbase plus init), as a tarball, built once and cached.
+pub fn systemd_rootfs() -> anyhow::Result<PathBuf> {
+    let cache = root().join("target").join("cnfs-cache");
+    let tar = cache.join("systemd-rootfs.tar");
+    if tar.exists() {
+        return Ok(tar);
+    }
+    std::fs::create_dir_all(&cache)?;
+    // mmdebstrap picks the output format from the name unless told: `--format=tar`.
+    let tmp = cache.join("systemd-rootfs.part.tar");
+    eprintln!("xtask: building a systemd guest root with mmdebstrap (bookworm, minbase)");
+    sh(Command::new("mmdebstrap")
+        .args(["--variant=minbase", "--format=tar"])
+        .args(["--include=systemd,systemd-sysv,kmod"])
+        .args(["--dpkgopt=path-exclude=/usr/share/man/*"])
+        .args(["--dpkgopt=path-exclude=/usr/share/doc/*"])
+        .args(["--dpkgopt=path-exclude=/usr/share/locale/*"])
+        .arg("bookworm")
+        .arg(&tmp))?;
+    std::fs::rename(&tmp, &tar)?;
+    Ok(tar)
 }

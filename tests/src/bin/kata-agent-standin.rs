@@ -19,6 +19,9 @@
 //!   `MS_BIND|MS_REC`, remounted for `ro`/`nosuid`/`nodev`, its propagation option applied,
 //!   then `MS_MOVE` of the rootfs onto `/` and `chroot` (an initrd has no pivot_root).
 //!
+//! - as a systemd service (systemd images: `kata-agent.service`, no arguments): the same minus
+//!   the early mounts and cgroups, which systemd has done.
+//!
 //! Test-only additions, not kata-agent's: the network comes from the kernel command line
 //! (`cnfs.ip=`; the runtime would send it over ttrpc) and `/usr/bin/cnfs-test-exec` is started
 //! so the host can look inside the guest.
@@ -165,6 +168,12 @@ fn as_pid1() -> ! {
     let _ = nix::unistd::setsid();
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "localhost".into());
     let _ = nix::unistd::sethostname(host.trim());
+    serve()
+}
+
+/// The part shared with the systemd image (`kata-agent.service`, not PID 1): subreaper,
+/// network, the exec helper, port 1024, reaping.
+fn serve() -> ! {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     network();
@@ -321,6 +330,11 @@ fn main() {
     let argv: Vec<String> = std::env::args().collect();
     if std::process::id() == 1 {
         as_pid1();
+    }
+    // As systemd images run it: `kata-agent.service`, `ExecStart=/usr/bin/kata-agent`.
+    if argv.len() == 1 {
+        log("kata-agent stand-in started by systemd");
+        serve();
     }
     // kata-agent-standin container --rootfs DIR [--bind SRC:DEST:opts]... -- CMD...
     if argv.get(1).map(String::as_str) == Some("container") {
