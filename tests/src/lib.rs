@@ -10,6 +10,7 @@ pub mod ganesha;
 pub mod guest;
 pub mod kata_monitor;
 pub mod netns;
+pub mod osbuilder;
 pub mod process;
 pub mod raw;
 pub mod rootfs;

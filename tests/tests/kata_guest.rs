@@ -76,15 +76,9 @@ fn osbuilder_rootfs(dir: &Path, parts: &Parts) -> anyhow::Result<PathBuf> {
     Ok(root)
 }
 
-/// `( cd ROOT && find . | cpio -H newc -o | gzip -9 ) > OUT`, as initrd_builder.sh does.
+/// osbuilder's initrd command, with its gzip level.
 fn osbuilder_initrd(root: &Path, out: &Path) -> anyhow::Result<()> {
-    let script = format!(
-        "cd {} && find . | cpio --quiet -H newc -o | gzip -9 > {}",
-        root.display(),
-        out.display()
-    );
-    run(Command::new("sh").args(["-c", &script]))?;
-    Ok(())
+    cnfs_testbed::osbuilder::initrd(root, out, 9)
 }
 
 /// The README's recipe: `cnfs-rootfs-builder initrd-overlay ... --gzip`, appended with `cat`.
@@ -123,16 +117,7 @@ fn with_cnfs_overlay(
     Ok(out)
 }
 
-/// `cnfs-rootfs-builder kata-kernel`: the ELF Kata's configurations name.
-fn kata_kernel(parts: &Parts, dir: &Path) -> anyhow::Result<(PathBuf, String)> {
-    let out = run(Command::new(parts.bin("cnfs-rootfs-builder"))
-        .arg("kata-kernel")
-        .arg("--vmlinuz")
-        .arg(&parts.vmlinuz)
-        .arg("--out-dir")
-        .arg(dir))?;
-    Ok((dir.join("vmlinux-cnfs.container"), out))
-}
+use cnfs_testbed::osbuilder::kata_kernel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_recipe_boots_an_osbuilder_initrd_with_debians_kernel_and_a_supervised_agent(
