@@ -22,6 +22,15 @@ fn main() {
     let result = Args::parse(&argv)
         .map_err(anyhow::Error::msg)
         .and_then(|args| match args.action.as_deref() {
+            _ if args.version => {
+                println!(
+                    "containerd-shim-cnfs-v2:\n  Version: {}\n  (wraps the delegate shim named in {})",
+                    env!("CARGO_PKG_VERSION"),
+                    config_path().display()
+                );
+                Ok(())
+            }
+            _ if args.info => info(&args),
             Some("start") => start(&args),
             Some("delete") => delete(&args),
             None => serve(&args),
@@ -139,6 +148,36 @@ fn log_target(bundle: &Path) -> Stdio {
         .unwrap_or_else(|_| Stdio::null())
 }
 
+/// `-info` (containerd 2.x asks every shim for its RuntimeInfo): the delegate's answer,
+/// byte for byte, for the same options on stdin; its exit status and stderr too. The wrapper
+/// adds nothing to the runtime's features.
+fn info(args: &Args) -> anyhow::Result<()> {
+    let mut options = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut options)
+        .context("reading runtime options")?;
+    let cfg = ShimConfig::load(&config_path())?;
+    let mut child = Command::new(&cfg.delegate)
+        .args(&args.passthrough)
+        .arg("-info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting the delegate shim {:?}", cfg.delegate))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(&options)
+            .context("passing runtime options to the delegate")?;
+    }
+    let out = child
+        .wait_with_output()
+        .context("waiting for the delegate's -info")?;
+    std::io::stdout().write_all(&out.stdout)?;
+    std::io::stderr().write_all(&out.stderr)?;
+    std::process::exit(out.status.code().unwrap_or(1));
+}
+
 /// `delete`: the delegate cleans up its own state; its answer goes back unchanged.
 fn delete(args: &Args) -> anyhow::Result<()> {
     let bundle = args
@@ -178,8 +217,14 @@ fn serve(args: &Args) -> anyhow::Result<()> {
     let drain = slog_json::Json::new(std::io::stderr())
         .add_default_keys()
         .build();
+    // `-debug` (containerd's shim flag) lets debug lines through; info and up otherwise.
+    let level = if args.debug {
+        slog::Level::Debug
+    } else {
+        slog::Level::Info
+    };
     let log = slog::Logger::root(
-        Mutex::new(drain).map(slog::Fuse).fuse(),
+        slog::LevelFilter::new(Mutex::new(drain).map(slog::Fuse), level).fuse(),
         o!("name" => "containerd-shim-cnfs-v2", "id" => args.id.clone(), "pid" => std::process::id()),
     );
     let sandbox = Arc::new(Sandbox::new(cfg, log.clone())?);

@@ -29,6 +29,10 @@ pub struct Args {
     pub id: String,
     pub bundle: Option<String>,
     pub debug: bool,
+    /// `-v` / `-version`: print the version and exit (containerd's shim convention).
+    pub version: bool,
+    /// `-info`: RuntimeInfo for the options on stdin, printed as protobuf (containerd 2.x).
+    pub info: bool,
     /// Our own flags for the server process.
     pub socket: Option<String>,
     pub delegate_address: Option<String>,
@@ -56,11 +60,25 @@ impl Args {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (flag, None),
             };
-            if name == "debug" || name == "v" {
-                a.debug = true;
-                a.passthrough.push(arg.clone());
-                i += 1;
-                continue;
+            // Boolean flags (Go's flag package: no separate value).
+            match name {
+                "debug" => {
+                    a.debug = true;
+                    a.passthrough.push(arg.clone());
+                    i += 1;
+                    continue;
+                }
+                "v" | "version" => {
+                    a.version = true;
+                    i += 1;
+                    continue;
+                }
+                "info" => {
+                    a.info = true;
+                    i += 1;
+                    continue;
+                }
+                _ => {}
             }
             let value = match inline {
                 Some(v) => v,
@@ -140,9 +158,13 @@ pub fn parse_shim_address(out: &str) -> Result<PathBuf, String> {
     } else {
         out.to_string()
     };
-    let path = addr
-        .strip_prefix("unix://")
-        .ok_or_else(|| format!("delegate shim address {addr:?} is not unix://"))?;
+    // The plain form is `unix:///path`; the JSON bootstrap's address may be a bare path
+    // (containerd's runtime v2 README shows "/address/of/task/service").
+    let path = match addr.strip_prefix("unix://") {
+        Some(p) => p,
+        None if out.starts_with('{') && addr.starts_with('/') => addr.as_str(),
+        None => return Err(format!("delegate shim address {addr:?} is not unix://")),
+    };
     if !path.starts_with('/') {
         return Err(format!("delegate shim address {addr:?} is not absolute"));
     }
@@ -177,6 +199,14 @@ mod tests {
         assert_eq!(b.socket.as_deref(), Some("/s"));
         assert_eq!(b.passthrough, argv("-id x -bundle /b"));
         assert!(Args::parse(&argv("-id")).is_err());
+        // containerd's command-like flags: -v/-version and -info take no value; -v is not
+        // -debug.
+        let v = Args::parse(&argv("-v")).expect("args");
+        assert!(v.version && !v.debug && v.passthrough.is_empty());
+        assert!(Args::parse(&argv("--version")).expect("args").version);
+        let i = Args::parse(&argv("-namespace k8s.io -info")).expect("args");
+        assert!(i.info && i.action.is_none());
+        assert_eq!(i.passthrough, argv("-namespace k8s.io"));
         assert!(Args::parse(&argv("start delete")).is_err());
     }
 
@@ -209,6 +239,12 @@ mod tests {
             PathBuf::from("/run/y.sock")
         );
         assert!(parse_shim_address("tcp://1.2.3.4:5").is_err());
+        assert_eq!(
+            parse_shim_address(r#"{"version":2,"address":"/run/z.sock","protocol":"ttrpc"}"#)
+                .expect("bare path in JSON"),
+            PathBuf::from("/run/z.sock")
+        );
+        assert!(parse_shim_address("/run/plain-without-scheme.sock").is_err());
         assert!(
             parse_shim_address(r#"{"version":2,"address":"unix:///g","protocol":"grpc"}"#).is_err()
         );
