@@ -1,0 +1,284 @@
+//! OCI images of CNFS's static binaries, built offline and reproducibly (issue 11): an OCI
+//! image layout (image-spec v1.1: `oci-layout`, `index.json`, `blobs/sha256/...`) in one tar,
+//! which `ctr images import` and registries (`skopeo copy oci-archive:...`) take. Everything
+//! that could vary is fixed: file order, times (0), owners (0:0), gzip header, JSON key
+//! order; so the same inputs give the same digest.
+//!
+//! Written by hand rather than with buildah: it needs no daemon, storage driver or root, and
+//! the whole format is four small JSON documents and two tars (serde_json, tar, flate2, sha2,
+//! all well-kept crates already in the dependency tree).
+
+use std::io::Write;
+
+use anyhow::Context;
+use flate2::{Compression, GzBuilder};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+/// One file in the image's single layer.
+pub struct File {
+    pub path: String,
+    pub mode: u32,
+    pub data: Vec<u8>,
+}
+
+pub struct Image {
+    /// Repository and tag, e.g. `registry.example.com/cnfs/cnfs-csi:0.1.0`.
+    pub reference: String,
+    pub version: String,
+    /// The source revision (git commit) the binaries were built from.
+    pub revision: String,
+    pub source: String,
+    pub licenses: String,
+    pub entrypoint: Vec<String>,
+    /// `uid:gid` the container runs as unless the pod says otherwise.
+    pub user: String,
+    pub files: Vec<File>,
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A path in a tar: a directory (`None`) or a file's mode and bytes.
+type Entry<'a> = (String, Option<(u32, &'a [u8])>);
+
+/// A tar with fixed metadata; directories for every parent, all sorted.
+fn tar(entries: &[(String, u32, Vec<u8>)]) -> anyhow::Result<Vec<u8>> {
+    let mut paths: Vec<Entry<'_>> = Vec::new();
+    for (p, mode, data) in entries {
+        let mut acc = String::new();
+        let parents = p.rsplit_once('/').map_or("", |(d, _)| d);
+        for comp in parents.split('/').filter(|c| !c.is_empty()) {
+            acc.push_str(comp);
+            acc.push('/');
+            if !paths.iter().any(|(q, _)| q == &acc) {
+                paths.push((acc.clone(), None));
+            }
+        }
+        paths.push((p.clone(), Some((*mode, data.as_slice()))));
+    }
+    paths.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut b = tar::Builder::new(Vec::new());
+    for (p, file) in paths {
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        match file {
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                h.set_cksum();
+                b.append_data(&mut h, &p, std::io::empty())?;
+            }
+            Some((mode, data)) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(mode);
+                h.set_size(data.len() as u64);
+                h.set_cksum();
+                b.append_data(&mut h, &p, data)?;
+            }
+        }
+    }
+    Ok(b.into_inner()?)
+}
+
+fn gzip(data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut enc = GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .write(Vec::new(), Compression::best());
+    enc.write_all(data)?;
+    Ok(enc.finish()?)
+}
+
+/// The image as an OCI layout archive, and the digest of its manifest.
+pub fn oci_archive(img: &Image) -> anyhow::Result<(Vec<u8>, String)> {
+    let layer_tar = tar(&img
+        .files
+        .iter()
+        .map(|f| {
+            (
+                f.path.trim_start_matches('/').to_string(),
+                f.mode,
+                f.data.clone(),
+            )
+        })
+        .collect::<Vec<_>>())
+    .context("layer")?;
+    let diff_id = format!("sha256:{}", sha256_hex(&layer_tar));
+    let layer = gzip(&layer_tar)?;
+    let layer_digest = format!("sha256:{}", sha256_hex(&layer));
+    let labels = json!({
+        "org.opencontainers.image.licenses": img.licenses,
+        "org.opencontainers.image.revision": img.revision,
+        "org.opencontainers.image.source": img.source,
+        "org.opencontainers.image.version": img.version,
+    });
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "config": {
+            "Entrypoint": img.entrypoint,
+            "Labels": labels,
+            "User": img.user,
+        },
+        "created": "1970-01-01T00:00:00Z",
+        "os": "linux",
+        "rootfs": {"diff_ids": [diff_id], "type": "layers"},
+    }))?;
+    let config_digest = format!("sha256:{}", sha256_hex(&config));
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": layer_digest,
+            "size": layer.len(),
+        }],
+        "annotations": labels,
+    }))?;
+    let manifest_digest = format!("sha256:{}", sha256_hex(&manifest));
+    let tag = img.reference.rsplit_once(':').map_or("latest", |(_, t)| t);
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest.len(),
+            "annotations": {
+                "io.containerd.image.name": img.reference,
+                "org.opencontainers.image.ref.name": tag,
+            },
+            "platform": {"architecture": "amd64", "os": "linux"},
+        }],
+    }))?;
+    let blob = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+    let archive = tar(&[
+        (
+            "oci-layout".into(),
+            0o644,
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+        ),
+        ("index.json".into(), 0o644, index),
+        (blob(&manifest_digest), 0o644, manifest),
+        (blob(&config_digest), 0o644, config),
+        (blob(&layer_digest), 0o644, layer),
+    ])?;
+    Ok((archive, manifest_digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(data: &[u8]) -> Image {
+        Image {
+            reference: "registry.example.com/cnfs/test:0.1.0".into(),
+            version: "0.1.0".into(),
+            revision: "abc".into(),
+            source: "https://example.com/cnfs".into(),
+            licenses: "Apache-2.0".into(),
+            entrypoint: vec!["/usr/bin/x".into()],
+            user: "65532:65532".into(),
+            files: vec![File {
+                path: "/usr/bin/x".into(),
+                mode: 0o755,
+                data: data.to_vec(),
+            }],
+        }
+    }
+
+    #[test]
+    fn the_same_inputs_give_the_same_bytes_and_digest() {
+        let (a, da) = oci_archive(&image(b"binary")).expect("a");
+        let (b, db) = oci_archive(&image(b"binary")).expect("b");
+        assert_eq!((a, da.clone()), (b, db));
+        let (_, dc) = oci_archive(&image(b"other")).expect("c");
+        assert_ne!(da, dc);
+    }
+
+    /// The format against a real peer: containerd imports the archive (by the name in the
+    /// index), unpacks the layer and runs its entrypoint as the image's user.
+    #[test]
+    fn containerd_imports_the_archive_and_runs_its_entrypoint_as_its_user() {
+        use cnfs_testbed::containerd::{Containerd, MINIMAL};
+        let img = Image {
+            reference: "registry.example.com/cnfs/busybox-test:0.1.0".into(),
+            entrypoint: vec!["/bin/busybox".into(), "id".into()],
+            files: vec![File {
+                path: "/bin/busybox".into(),
+                mode: 0o755,
+                data: std::fs::read("/bin/busybox").expect("static busybox (busybox-static)"),
+            }],
+            ..image(b"")
+        };
+        let (archive, digest) = oci_archive(&img).expect("build");
+        let ctd = Containerd::start(MINIMAL).expect("containerd");
+        let path = ctd.dir().join("image.oci.tar");
+        std::fs::write(&path, archive).expect("write");
+        let path = path.display().to_string();
+        ctd.ctr(&["images", "import", "--snapshotter", "native", &path])
+            .expect("import");
+        let list = ctd.ctr(&["images", "ls"]).expect("ls");
+        assert!(
+            list.contains("registry.example.com/cnfs/busybox-test:0.1.0") && list.contains(&digest),
+            "{list}"
+        );
+        let out = ctd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "native",
+                "registry.example.com/cnfs/busybox-test:0.1.0",
+                "cnfs-image-test",
+            ])
+            .expect("run");
+        assert!(out.starts_with("uid=65532 gid=65532"), "{out}");
+    }
+
+    #[test]
+    fn the_layout_holds_what_the_index_and_manifest_name() {
+        let (archive, digest) = oci_archive(&image(b"binary")).expect("build");
+        let mut ar = tar::Archive::new(&archive[..]);
+        let mut files = std::collections::BTreeMap::new();
+        for e in ar.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            let path = e.path().expect("path").display().to_string();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).expect("read");
+            assert_eq!(e.header().mtime().expect("mtime"), 0);
+            files.insert(path, data);
+        }
+        let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).expect("index");
+        assert_eq!(index["manifests"][0]["digest"], digest);
+        let m = &files[&format!("blobs/sha256/{}", &digest[7..])];
+        assert_eq!(
+            format!("sha256:{}", sha256_hex(m)),
+            digest,
+            "blobs are content-addressed"
+        );
+        let manifest: serde_json::Value = serde_json::from_slice(m).expect("manifest");
+        let layer_digest = manifest["layers"][0]["digest"].as_str().expect("layer");
+        assert!(files.contains_key(&format!("blobs/sha256/{}", &layer_digest[7..])));
+        assert_eq!(
+            manifest["annotations"]["org.opencontainers.image.version"],
+            "0.1.0"
+        );
+        assert_eq!(
+            index["manifests"][0]["annotations"]["io.containerd.image.name"],
+            "registry.example.com/cnfs/test:0.1.0"
+        );
+    }
+}
