@@ -74,23 +74,13 @@ fn start(args: &Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
 
     // The delegate's own `start`, with the same flags, stdin and environment.
-    let mut child = Command::new(&cfg.delegate)
-        .args(&args.passthrough)
-        .arg("start")
-        .current_dir(&bundle)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting the delegate shim {:?}", cfg.delegate))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(&options)
-            .context("passing runtime options to the delegate")?;
-    }
-    let out = child
-        .wait_with_output()
-        .context("waiting for the delegate's start")?;
+    let out = run_delegate(
+        &cfg.delegate,
+        &args.passthrough,
+        "start",
+        &options,
+        Some(&bundle),
+    )?;
     if !out.status.success() {
         bail!(
             "delegate shim {} start failed: {}",
@@ -148,6 +138,37 @@ fn log_target(bundle: &Path) -> Stdio {
         .unwrap_or_else(|_| Stdio::null())
 }
 
+/// Runs the delegate shim with containerd's flags and `action`, `options` on its stdin (the
+/// runtime options containerd passed us), and collects its output.
+fn run_delegate(
+    delegate: &str,
+    flags: &[String],
+    action: &str,
+    options: &[u8],
+    cwd: Option<&Path>,
+) -> anyhow::Result<std::process::Output> {
+    let mut cmd = Command::new(delegate);
+    cmd.args(flags)
+        .arg(action)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting the delegate shim {delegate:?}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(options)
+            .context("passing runtime options to the delegate")?;
+    }
+    child
+        .wait_with_output()
+        .with_context(|| format!("waiting for the delegate's {action}"))
+}
+
 /// `-info` (containerd 2.x asks every shim for its RuntimeInfo): the delegate's answer,
 /// byte for byte, for the same options on stdin; its exit status and stderr too. The wrapper
 /// adds nothing to the runtime's features.
@@ -157,22 +178,7 @@ fn info(args: &Args) -> anyhow::Result<()> {
         .read_to_end(&mut options)
         .context("reading runtime options")?;
     let cfg = ShimConfig::load(&config_path())?;
-    let mut child = Command::new(&cfg.delegate)
-        .args(&args.passthrough)
-        .arg("-info")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting the delegate shim {:?}", cfg.delegate))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(&options)
-            .context("passing runtime options to the delegate")?;
-    }
-    let out = child
-        .wait_with_output()
-        .context("waiting for the delegate's -info")?;
+    let out = run_delegate(&cfg.delegate, &args.passthrough, "-info", &options, None)?;
     std::io::stdout().write_all(&out.stdout)?;
     std::io::stderr().write_all(&out.stderr)?;
     std::process::exit(out.status.code().unwrap_or(1));
