@@ -12,7 +12,7 @@ use cnfs_csi::csi::node_server::NodeServer;
 use cnfs_csi::identity::IdentityService;
 use cnfs_csi::node::{NodeConfig, NodeService};
 use cnfs_csi::server;
-use cnfs_host_shim::kata::MonitorPaths;
+use cnfs_host::kata::MonitorPaths;
 use cnfs_protocols::handoff::DEFAULT_ROOT;
 use cnfs_protocols::transport::DEFAULT_AGENT_PORT;
 use slog::{info, o, Drain};

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use cnfs_host_shim::kata::{self, MonitorPaths};
+use cnfs_host::kata::{self, MonitorPaths};
 use cnfs_protocols::agent;
 use cnfs_protocols::handoff::{HandoffDir, NodeSecret, Record, RECORD_VERSION};
 use cnfs_protocols::spec::Source;

@@ -8,6 +8,7 @@ pub mod ceph;
 pub mod containerd;
 pub mod ganesha;
 pub mod guest;
+pub mod images;
 pub mod kata_monitor;
 pub mod netns;
 pub mod osbuilder;

@@ -9,6 +9,8 @@
 //! all well-kept crates already in the dependency tree).
 
 use std::io::Write;
+use std::path::Path;
+use std::process::Command;
 
 use anyhow::Context;
 use flate2::{Compression, GzBuilder};
@@ -92,7 +94,7 @@ fn gzip(data: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut enc = GzBuilder::new()
         .mtime(0)
         .operating_system(255)
-        .write(Vec::new(), Compression::best());
+        .write(Vec::new(), Compression::default());
     enc.write_all(data)?;
     Ok(enc.finish()?)
 }
@@ -176,6 +178,160 @@ pub fn oci_archive(img: &Image) -> anyhow::Result<(Vec<u8>, String)> {
         (blob(&layer_digest), 0o644, layer),
     ])?;
     Ok((archive, manifest_digest))
+}
+
+/// Where the project's images are published: the one place their name is set in code
+/// (configs/deploy/kustomization.yaml sets the same for the manifests; a unit test there
+/// checks they agree).
+pub const IMAGE_REPOSITORY: &str = "registry.example.com/cnfs";
+
+/// The guest modules the installed initrd carries (Debian's kernel has these as modules;
+/// Kata's own kernel with configs/kernel/cnfs.conf has them built in).
+const BOOT_MODULES: &[&str] = &[
+    "virtio_net",
+    "vmw_vsock_virtio_transport",
+    "virtio_blk",
+    "overlay",
+];
+const VOLUME_MODULES: &[&str] = &[
+    "nfsv3",
+    "nfsv4",
+    "ceph",
+    "gcm",
+    "ghash_generic",
+    "cifs",
+    "cmac",
+    "ccm",
+];
+
+fn git_revision() -> String {
+    Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(crate::root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn read(p: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+}
+
+/// `cargo xtask images`: `cnfs-csi` (node and controller) and `cnfs-deploy` (the installer,
+/// with its payload: the shim, cnfsctl, the guest kernel and the initrd overlay, the
+/// configuration templates) as OCI archives in target/images/.
+pub fn build_all(k: &crate::setup::KernelTree) -> anyhow::Result<()> {
+    let triple = "x86_64-unknown-linux-gnu";
+    crate::sh(
+        crate::cargo()
+            .args(["build", "--release", "--target", triple])
+            .args([
+                "-p",
+                "cnfs-csi",
+                "-p",
+                "cnfs-deploy",
+                "-p",
+                "cnfs-host-shim",
+            ])
+            .args(["--bin", "cnfs-csi", "--bin", "cnfs-deploy"])
+            .args(["--bin", "containerd-shim-cnfs-v2", "--bin", "cnfsctl"])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+    )?;
+    let root = crate::root();
+    let bin = root.join("target").join(triple).join("release");
+    let out = root.join("target").join("images");
+    std::fs::create_dir_all(&out)?;
+
+    // Guest assets, made the way configs/README.md tells admins to make them.
+    let work = out.join("payload-work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let builder = root.join("target/release/cnfs-rootfs-builder");
+    crate::sh(
+        Command::new(&builder)
+            .arg("kata-kernel")
+            .arg("--vmlinuz")
+            .arg(&k.vmlinuz)
+            .arg("--out-dir")
+            .arg(&work),
+    )?;
+    let mut overlay = Command::new(&builder);
+    overlay
+        .arg("initrd-overlay")
+        .arg("--agent")
+        .arg(bin.join("cnfs-agent"))
+        .arg("--gzip")
+        .arg("--kernel-tree")
+        .arg(&k.tree)
+        .args(["--kernel-release", &k.release]);
+    for m in BOOT_MODULES {
+        overlay.args(["--boot-module", m]);
+    }
+    for m in VOLUME_MODULES {
+        overlay.args(["--module", m]);
+    }
+    crate::sh(overlay.arg("--out").arg(work.join("cnfs-overlay.cpio.gz")))?;
+
+    let version = env!("CARGO_PKG_VERSION").to_string();
+    let image = |name: &str, entrypoint: &str, user: &str, files: Vec<File>| Image {
+        reference: format!("{IMAGE_REPOSITORY}/{name}:{version}"),
+        version: version.clone(),
+        revision: git_revision(),
+        source: "https://github.com/cnfs/cnfs".into(),
+        licenses: "Apache-2.0".into(),
+        entrypoint: vec![entrypoint.into()],
+        user: user.into(),
+        files,
+    };
+    let csi = image(
+        "cnfs-csi",
+        "/usr/bin/cnfs-csi",
+        "65532:65532",
+        vec![File {
+            path: "/usr/bin/cnfs-csi".into(),
+            mode: 0o755,
+            data: read(&bin.join("cnfs-csi"))?,
+        }],
+    );
+    // The installer's payload, in the layout cnfs-deploy reads (one list, in its crate).
+    let mut files = vec![File {
+        path: "/usr/bin/cnfs-deploy".into(),
+        mode: 0o755,
+        data: read(&bin.join("cnfs-deploy"))?,
+    }];
+    for rel in cnfs_deploy::install::payload_layout() {
+        let (src, mode) = if let Some(c) = rel.strip_prefix("configs/") {
+            (root.join("configs").join(c), 0o644)
+        } else if let Some(b) = rel.strip_prefix("bin/") {
+            (bin.join(b), 0o755)
+        } else if let Some(f) = rel.strip_prefix("share/kata/") {
+            (work.join(f), 0o644)
+        } else {
+            anyhow::bail!("payload entry {rel} has no source");
+        };
+        files.push(File {
+            path: format!("/payload/{rel}"),
+            mode,
+            data: read(&src)?,
+        });
+    }
+    // Runs as root: it installs host software (privileged DaemonSet, configs/deploy/).
+    let deploy = image("cnfs-deploy", "/usr/bin/cnfs-deploy", "0:0", files);
+    for img in [csi, deploy] {
+        let (archive, digest) = oci_archive(&img)?;
+        let name = img
+            .reference
+            .rsplit_once('/')
+            .map_or(img.reference.as_str(), |(_, n)| n)
+            .replace(':', "-");
+        let path = out.join(format!("{name}.oci.tar"));
+        std::fs::write(&path, archive)?;
+        println!("{} {digest} {}", img.reference, path.display());
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -51,8 +51,11 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// OCI image archives of the static binaries (reproducible), into target/images/.
-    Images,
+    /// OCI image archives (reproducible), into target/images/: cnfs-csi and the installer.
+    Images {
+        #[arg(long, value_enum, default_value = "6.12")]
+        kernel: Kernel,
+    },
     /// Print performance figures from one run on the test bed.
     Bench {
         #[arg(long, value_enum, default_value = "6.12")]
@@ -68,13 +71,16 @@ fn main() -> anyhow::Result<()> {
             setup::kernel(&mut apt, kernel)?;
             Ok(())
         }
-        Task::Guest { kernel } => guest(kernel),
+        Task::Guest { kernel } => guest(kernel).map(|_| ()),
         Task::Demo { kernel, cephfs } => {
             guest(kernel)?;
             runtime()?.block_on(demo::run(cephfs))
         }
         Task::Test { kernel, args } => test(kernel, &args),
-        Task::Images => build_images(),
+        Task::Images { kernel } => {
+            let k = guest(kernel)?;
+            images::build_all(&k)
+        }
         Task::Bench { kernel } => {
             guest(kernel)?;
             runtime()?.block_on(bench::run())
@@ -112,14 +118,14 @@ pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
 }
 
 /// The static guest binaries (no libc needed in the guest), the kernel and the test initrd.
-fn guest(kernel: Kernel) -> anyhow::Result<()> {
+fn guest(kernel: Kernel) -> anyhow::Result<setup::KernelTree> {
     let mut apt = setup::Apt::new();
     setup::tools(&mut apt)?;
     let k = setup::kernel(&mut apt, kernel)?;
@@ -176,63 +182,19 @@ fn guest(kernel: Kernel) -> anyhow::Result<()> {
             .args(["--boot-module", "vsock_loopback"])
             .args(["--module", "nfsv3", "--module", "nfsv4", "--module", "ceph"])
             .args(["--module", "gcm", "--module", "ghash_generic"])
+            // SMB: the client and the algorithms SMB3 signing and `seal` ask for.
+            .args(["--module", "cifs", "--module", "cmac", "--module", "ccm"])
             .arg("--out")
             .arg(out.join("initrd-test.img")),
     )?;
     eprintln!("xtask: test guest ready in {}", out.display());
-    Ok(())
-}
-
-/// Where the project's images are published: the one place their name is set (the
-/// manifests in configs/ use the same).
-pub const IMAGE_REPOSITORY: &str = "registry.example.com/cnfs";
-
-/// `cargo xtask images`: the static `cnfs-csi` (node and controller) as an OCI archive.
-fn build_images() -> anyhow::Result<()> {
-    let triple = "x86_64-unknown-linux-gnu";
-    sh(cargo()
-        .args(["build", "--release", "--target", triple])
-        .args(["-p", "cnfs-csi", "--bin", "cnfs-csi"])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
-    let bin = root()
-        .join("target")
-        .join(triple)
-        .join("release")
-        .join("cnfs-csi");
-    let version = env!("CARGO_PKG_VERSION").to_string();
-    let revision = Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .current_dir(root())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let img = images::Image {
-        reference: format!("{IMAGE_REPOSITORY}/cnfs-csi:{version}"),
-        version: version.clone(),
-        revision,
-        source: "https://github.com/cnfs/cnfs".into(),
-        licenses: "Apache-2.0".into(),
-        entrypoint: vec!["/usr/bin/cnfs-csi".into()],
-        user: "65532:65532".into(),
-        files: vec![images::File {
-            path: "/usr/bin/cnfs-csi".into(),
-            mode: 0o755,
-            data: std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?,
-        }],
-    };
-    let (archive, digest) = images::oci_archive(&img)?;
-    let out = root().join("target").join("images");
-    std::fs::create_dir_all(&out)?;
-    let path = out.join(format!("cnfs-csi-{version}.oci.tar"));
-    std::fs::write(&path, archive)?;
-    println!("{} {digest} {}", img.reference, path.display());
-    Ok(())
+    Ok(k)
 }
 
 fn test(kernel: Kernel, args: &[String]) -> anyhow::Result<()> {
-    guest(kernel)?;
+    let k = guest(kernel)?;
+    // The image tests run the real images (tests/tests/csi_image.rs, deploy.rs).
+    images::build_all(&k)?;
     sh(cargo().args(["fmt", "--all", "--check"]))?;
     sh(cargo().args([
         "clippy",

@@ -14,8 +14,8 @@ use crate::{root, sh};
 /// depmod, containerd and runc for the shim tests, Ceph (mon, mgr, osd, mds, CLI, libcephfs
 /// bindings for host-side file access) for CephFS, strace to show the CSI node plugin never
 /// calls mount(2), cpio to build initrds exactly as Kata's osbuilder does, mmdebstrap for a
-/// systemd guest root built the way osbuilder builds its image roots. (QEMU comes from
-/// backports, below.)
+/// systemd guest root built the way osbuilder builds its image roots, Samba (server and
+/// smbclient) for SMB volumes. (QEMU comes from backports, below.)
 const PACKAGES: &[&str] = &[
     "containerd",
     "runc",
@@ -35,6 +35,8 @@ const PACKAGES: &[&str] = &[
     "strace",
     "cpio",
     "mmdebstrap",
+    "samba",
+    "smbclient",
 ];
 
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/cnfs-bookworm-backports.sources";

@@ -377,7 +377,12 @@ impl<'a> Subvolumes<'a> {
         key.inherit_into(&mut cmd);
         let child = cmd.spawn().map_err(|e| Failure {
             kind: Kind::Failed,
-            text: format!("cannot run {program} (is ceph-common installed?): {e}"),
+            // The cnfs-csi image carries no Ceph CLI: say what is missing and where the fix is.
+            text: format!(
+                "cannot run {program} ({e}): the CephFS backend needs Ceph's `ceph` CLI \
+                 (Debian's ceph-common), which the cnfs-csi image does not carry; run the \
+                 controller from an image that has it (configs/csi/README.md, \"CephFS\")"
+            ),
         })?;
         // The child has its own copy of the key file; ours goes now.
         drop(key);

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use clap::{ArgGroup, Parser, Subcommand};
-use cnfs_host_shim::kata::{self, KataError, MonitorPaths};
+use cnfs_host::kata::{self, KataError, MonitorPaths};
 use cnfs_protocols::agent::{self, Health};
 use cnfs_protocols::spec::{SpecError, VolumeSpec};
 use cnfs_protocols::transport::{AgentAddress, DEFAULT_AGENT_PORT};

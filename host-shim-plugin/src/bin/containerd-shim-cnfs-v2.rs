@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use cnfs_host_shim::policy::Policy;
+use cnfs_host::policy::Policy;
 use cnfs_host_shim::shim::config::{self, ShimConfig};
 use cnfs_host_shim::shim::delegate::Delegate;
 use cnfs_host_shim::shim::{self, proxy, sandbox::Sandbox, Args};

@@ -15,7 +15,7 @@ use cnfs_protocols::transport::{self, AgentAddress};
 use ttrpc::r#async::transport::Listener;
 use ttrpc::r#async::TtrpcContext;
 
-use crate::kata;
+use cnfs_host::kata;
 
 /// A running relay; stopped (socket removed) by [`Relay::stop`].
 pub struct Relay {

@@ -18,14 +18,14 @@ use cnfs_protocols::transport::AgentAddress;
 use slog::{info, warn, Logger};
 use tokio::sync::Mutex;
 
+use cnfs_host::kata::{self, MonitorPaths};
+use cnfs_host::policy::Policy;
 use cnfs_protocols::handoff::{GuestUse, HandoffDir};
 
 use crate::annotations::{
     self, PodVolume, CRI_CONTAINER_NAME, CRI_CONTAINER_TYPE, CRI_SANDBOX_ID, CRI_SANDBOX_NAMESPACE,
 };
 use crate::handoff;
-use crate::kata::{self, MonitorPaths};
-use crate::policy::Policy;
 use crate::secrets::SecretStore;
 use crate::shim::config::ShimConfig;
 use crate::shim::proxy::Hooks;

@@ -4,7 +4,7 @@
 //! refuses the whole file, naming that entry's key and line. The inputs behind issue 10's item
 //! 13 are kept as regression cases.
 
-use cnfs_host_shim::policy::{Policy, Rule, FILESYSTEMS};
+use cnfs_host::policy::{Policy, Rule, FILESYSTEMS};
 use proptest::prelude::*;
 
 fn namespace() -> impl Strategy<Value = String> {

@@ -27,9 +27,9 @@
 //!   which is what [`find_agent`] does with CNFS's port. Before the VM is up, runtime-rs
 //!   answers `:<port>` (an empty socket address): treated as "not ready yet" and retried.
 //!
-//! The answer is untrusted input: the client reads at most [`MAX_RESPONSE`] bytes, accepts
-//! only `vsock://` and `hvsock://` URLs, and reports every problem as a [`KataError`] naming
-//! the socket; it never panics.
+//! The answer is untrusted input: hyper's HTTP/1.1 client (over a tokio `UnixStream`) reads
+//! at most [`MAX_RESPONSE`] bytes of head and as much of body, only `vsock://` and `hvsock://`
+//! URLs are accepted, and every problem is a [`KataError`] naming the socket; it never panics.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,7 +38,12 @@ use cnfs_protocols::agent;
 use cnfs_protocols::agent_ttrpc::AgentClient;
 use cnfs_protocols::spec::{self, SpecError};
 use cnfs_protocols::transport::{self, AgentAddress};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures::future::{self, Either};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper::body::{Body, Bytes};
+use hyper::header::{CONNECTION, HOST, TRANSFER_ENCODING};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
@@ -50,7 +55,7 @@ pub const RS_SANDBOX_ROOT: &str = "/run/kata";
 pub const MONITOR_SOCKET_NAME: &str = "shim-monitor.sock";
 /// Kata's management endpoint for the agent URL.
 pub const AGENT_URL_PATH: &str = "/agent-url";
-/// The most the client reads of a management answer (headers and body).
+/// The most the client reads of a management answer's head, and of its body.
 pub const MAX_RESPONSE: usize = 64 * 1024;
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
@@ -348,52 +353,162 @@ fn deadline_at(start: Instant, deadline: Duration) -> Instant {
         .unwrap_or_else(|| start + Duration::from_secs(365 * 86_400))
 }
 
-/// `GET <path>` over the unix socket; returns the body of a 200 answer.
+/// What an answer cut short by the end of the connection is called, wherever hyper notices it.
+const INCOMPLETE: &str = "connection closed before the answer was complete";
+
+/// `GET <path>` over the unix socket with hyper's HTTP/1.1 client; returns the body of a 200
+/// answer. The head and the body are each bounded by [`MAX_RESPONSE`].
 async fn http_get(socket: &Path, path: &str) -> Result<Vec<u8>, KataError> {
-    let io = |error| KataError::Io {
-        socket: socket.to_path_buf(),
-        error,
-    };
     let http = |detail: String| KataError::Http {
         socket: socket.to_path_buf(),
         detail,
     };
-    let mut s = UnixStream::connect(socket).await.map_err(io)?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.map_err(io)?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let resp = loop {
-        let n = s.read(&mut chunk).await.map_err(io)?;
-        let eof = n == 0;
-        if buf.len() + n > MAX_RESPONSE {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|error| KataError::Io {
+            socket: socket.to_path_buf(),
+            error,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        // Header names as Go's clients write them (`Host:`); the servers do not care.
+        .title_case_headers(true)
+        .max_buf_size(MAX_RESPONSE)
+        .max_header_size(MAX_RESPONSE)
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| hyper_error(socket, &e))?;
+    let request = Request::get(path)
+        .header(HOST, "localhost")
+        .header(CONNECTION, "close")
+        .body(Empty::new())
+        .map_err(|e| http(format!("cannot build the request for {path:?}: {e}")))?;
+    let exchange = async move {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| hyper_error(socket, &e))?;
+        let status = response.status();
+        // hyper hands over a body whose last transfer coding is not `chunked` still coded
+        // (read to the end of the connection); nothing here can decode it.
+        for te in response.headers().get_all(TRANSFER_ENCODING) {
+            let value = String::from_utf8_lossy(te.as_bytes());
+            let last = value.rsplit(',').next().unwrap_or_default().trim();
+            if !last.eq_ignore_ascii_case("chunked") {
+                return Err(http(format!(
+                    "unsupported Transfer-Encoding {:?}",
+                    printable(&value, 40)
+                )));
+            }
+        }
+        let body = response.into_body();
+        // A declared length over the bound is refused before reading any of it.
+        let declared = body.size_hint().lower();
+        if declared > MAX_RESPONSE as u64 {
             return Err(http(format!(
-                "answer is larger than {} KiB",
+                "Content-Length {declared} is larger than {} KiB",
                 MAX_RESPONSE / 1024
             )));
         }
-        buf.extend_from_slice(&chunk[..n]);
-        match parse_response(&buf, eof).map_err(http)? {
-            Some(r) => break r,
-            None if eof => {
-                return Err(http(if buf.is_empty() {
-                    "connection closed without an answer".to_string()
-                } else {
-                    "connection closed before the answer was complete".to_string()
-                }))
-            }
-            None => {}
+        let body = Limited::new(body, MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| body_error(socket, e))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(KataError::HttpStatus {
+                socket: socket.to_path_buf(),
+                status: status.as_u16(),
+                body: printable(String::from_utf8_lossy(&body).trim(), 200),
+            });
         }
+        Ok(body.to_vec())
     };
-    if resp.status != 200 {
-        let body = String::from_utf8_lossy(&resp.body);
-        return Err(KataError::HttpStatus {
-            socket: socket.to_path_buf(),
-            status: resp.status,
-            body: printable(body.trim(), 200),
-        });
+    // The connection does the reading and writing; it is polled alongside the exchange and
+    // dropped with it, so the caller's timeout cancels both.
+    let drive = async move {
+        // Its failures also reach the exchange (the pending response or the body), which
+        // reports them.
+        let _ = conn.await;
+    };
+    let exchange = std::pin::pin!(exchange);
+    let drive = std::pin::pin!(drive);
+    match future::select(exchange, drive).await {
+        Either::Left((result, _)) => result,
+        // The connection is done and dropped: the exchange now has its answer or an error.
+        Either::Right(((), exchange)) => exchange.await,
     }
-    Ok(resp.body)
+}
+
+/// Sorts hyper's errors into what a caller can act on: I/O failures (transient) apart from
+/// answers that are not usable HTTP (permanent).
+fn hyper_error(socket: &Path, e: &hyper::Error) -> KataError {
+    let http = |detail: String| KataError::Http {
+        socket: socket.to_path_buf(),
+        detail,
+    };
+    if e.is_parse_status() {
+        return http(format!("bad status code ({})", error_chain(e)));
+    }
+    if e.is_parse() {
+        let detail = error_chain(e);
+        // `is_parse_too_large` is server-only; the client's message for it is documented at
+        // `max_header_size`.
+        if detail == "message head is too large" {
+            return http(format!(
+                "answer head is larger than {} KiB or has too many header fields",
+                MAX_RESPONSE / 1024
+            ));
+        }
+        return http(format!("not a valid HTTP/1.x answer ({detail})"));
+    }
+    if e.is_incomplete_message() {
+        return http(INCOMPLETE.into());
+    }
+    let io = std::error::Error::source(e).and_then(|c| c.downcast_ref::<std::io::Error>());
+    match io.map(|io| (io, io.kind())) {
+        Some((_, std::io::ErrorKind::UnexpectedEof)) => http(INCOMPLETE.into()),
+        // hyper's body decoder reports bad framing (a malformed chunk size line) this way.
+        Some((_, std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData)) => {
+            http(error_chain(e))
+        }
+        Some((io, kind)) => KataError::Io {
+            socket: socket.to_path_buf(),
+            error: match io.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(kind, error_chain(e)),
+            },
+        },
+        None => http(error_chain(e)),
+    }
+}
+
+/// The error of reading a body through [`Limited`]: the bound, or hyper's own.
+fn body_error(socket: &Path, e: Box<dyn std::error::Error + Send + Sync>) -> KataError {
+    if e.is::<LengthLimitError>() {
+        return KataError::Http {
+            socket: socket.to_path_buf(),
+            detail: format!("answer is larger than {} KiB", MAX_RESPONSE / 1024),
+        };
+    }
+    match e.downcast_ref::<hyper::Error>() {
+        Some(h) => hyper_error(socket, h),
+        None => KataError::Http {
+            socket: socket.to_path_buf(),
+            detail: error_chain(&*e),
+        },
+    }
+}
+
+/// An error and its causes, `: `-separated (hyper's own message leaves out the cause).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    printable(&text, 200)
 }
 
 fn parse_agent_url(socket: &Path, body: &[u8]) -> Result<AgentAddress, KataError> {
@@ -434,152 +549,11 @@ fn parse_agent_url(socket: &Path, body: &[u8]) -> Result<AgentAddress, KataError
     })
 }
 
-/// A complete HTTP response.
-#[derive(Debug, PartialEq, Eq)]
-struct Response {
-    status: u16,
-    body: Vec<u8>,
-}
-
-/// Parses what has been read so far. `Ok(None)`: more bytes are needed (and may come, unless
-/// `eof`). Errors are short descriptions of what is wrong.
-fn parse_response(buf: &[u8], eof: bool) -> Result<Option<Response>, String> {
-    let Some(head_len) = find(buf, b"\r\n\r\n") else {
-        if !buf.is_empty() && !buf.starts_with(&b"HTTP/1."[..buf.len().min(7)]) {
-            return Err(format!(
-                "not an HTTP/1.x answer: {:?}",
-                printable(&String::from_utf8_lossy(&buf[..buf.len().min(40)]), 40)
-            ));
-        }
-        return Ok(None);
-    };
-    let head = std::str::from_utf8(&buf[..head_len]).map_err(|_| "header is not text")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let code = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!(
-            "not an HTTP/1.x status line: {:?}",
-            printable(status_line, 80)
-        ));
-    }
-    let status: u16 = match code.parse() {
-        Ok(n) if code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) => n,
-        _ => {
-            return Err(format!(
-                "bad status code in {:?}",
-                printable(status_line, 80)
-            ))
-        }
-    };
-    let mut content_length: Option<usize> = None;
-    let mut chunked = false;
-    for line in lines {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| format!("malformed header line {:?}", printable(line, 80)))?;
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            let n = value
-                .parse::<usize>()
-                .ok()
-                .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
-                .ok_or_else(|| format!("bad Content-Length {:?}", printable(value, 40)))?;
-            if content_length.is_some_and(|m| m != n) {
-                return Err("conflicting Content-Length headers".into());
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = value.rsplit(',').next().unwrap_or_default().trim();
-            if !last.eq_ignore_ascii_case("chunked") {
-                return Err(format!(
-                    "unsupported Transfer-Encoding {:?}",
-                    printable(value, 40)
-                ));
-            }
-            chunked = true;
-        }
-    }
-    let rest = &buf[head_len + 4..];
-    // No body for 1xx, 204 and 304.
-    if status < 200 || status == 204 || status == 304 {
-        return Ok(Some(Response {
-            status,
-            body: Vec::new(),
-        }));
-    }
-    let body = if chunked {
-        decode_chunked(rest)?
-    } else if let Some(n) = content_length {
-        if n > MAX_RESPONSE {
-            return Err(format!(
-                "Content-Length {n} is larger than {} KiB",
-                MAX_RESPONSE / 1024
-            ));
-        }
-        (rest.len() >= n).then(|| rest[..n].to_vec())
-    } else {
-        // Delimited by the end of the connection.
-        eof.then(|| rest.to_vec())
-    };
-    Ok(body.map(|body| Response { status, body }))
-}
-
-/// Decodes a chunked body; `Ok(None)` while incomplete.
-fn decode_chunked(mut rest: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let mut body = Vec::new();
-    loop {
-        let Some(eol) = find(rest, b"\r\n") else {
-            if rest.len() > 80 {
-                return Err("chunk size line too long".into());
-            }
-            return Ok(None);
-        };
-        let line = std::str::from_utf8(&rest[..eol]).map_err(|_| "chunk size is not text")?;
-        let size_text = line.split(';').next().unwrap_or_default().trim();
-        let size = (!size_text.is_empty()
-            && size_text.len() <= 8
-            && size_text.bytes().all(|b| b.is_ascii_hexdigit()))
-        .then(|| usize::from_str_radix(size_text, 16).ok())
-        .flatten()
-        .ok_or_else(|| format!("bad chunk size {:?}", printable(line, 40)))?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            // Trailer fields, then an empty line.
-            loop {
-                let Some(eol) = find(rest, b"\r\n") else {
-                    return Ok(None);
-                };
-                if eol == 0 {
-                    return Ok(Some(body));
-                }
-                rest = &rest[eol + 2..];
-            }
-        }
-        if size > MAX_RESPONSE {
-            return Err(format!("chunk of {size} bytes is too large"));
-        }
-        if rest.len() < size + 2 {
-            return Ok(None);
-        }
-        if &rest[size..size + 2] != b"\r\n" {
-            return Err("chunk data is not followed by CRLF".into());
-        }
-        body.extend_from_slice(&rest[..size]);
-        rest = &rest[size + 2..];
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixListener;
 
     /// A scratch directory, removed on drop.
@@ -618,7 +592,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut req = Vec::new();
                     let mut b = [0u8; 512];
-                    while find(&req, b"\r\n\r\n").is_none() {
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
                         match s.read(&mut b).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => req.extend_from_slice(&b[..n]),
@@ -734,19 +708,22 @@ mod tests {
     async fn garbage_and_bad_urls_are_refused_with_a_reason() {
         let d = Scratch::new();
         let cases: Vec<(Vec<u8>, &str)> = vec![
-            (b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(), "not an HTTP/1.x"),
+            (
+                b"SSH-2.0-OpenSSH_9.2\r\n".to_vec(),
+                "not a valid HTTP/1.x answer",
+            ),
             (
                 b"\x00\x01\x02\x03garbage\r\n\r\n".to_vec(),
-                "not an HTTP/1.x",
+                "not a valid HTTP/1.x answer",
             ),
             (b"HTTP/1.1 2000 OK\r\n\r\n".to_vec(), "bad status code"),
             (
                 b"HTTP/1.1 200 OK\r\nContent-Length: 1x\r\n\r\n".to_vec(),
-                "bad Content-Length",
+                "invalid content-length",
             ),
             (
                 b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_vec(),
-                "conflicting Content-Length",
+                "invalid content-length",
             ),
             (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n".to_vec(),
@@ -755,13 +732,13 @@ mod tests {
             (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n"
                     .to_vec(),
-                "bad chunk size",
+                "chunk size",
             ),
             (
                 b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nvsock".to_vec(),
                 "before the answer was complete",
             ),
-            (Vec::new(), "without an answer"),
+            (Vec::new(), "closed before the answer was complete"),
             (ok_reply("tcp://1.2.3.4:1024"), "vsock://<cid>:<port>"),
             (ok_reply("unix:///run/evil.sock"), "vsock://<cid>:<port>"),
             (ok_reply("vsock://x:1024"), "cid is not a number"),
@@ -821,7 +798,7 @@ mod tests {
         }
         let _srv3 = serve(&sock3, reply, Duration::ZERO);
         let e = agent_url(&sock3, T).await.expect_err("too big");
-        assert!(e.to_string().contains("larger than 64 KiB"), "{e}");
+        assert!(e.to_string().contains("head is larger than 64 KiB"), "{e}");
     }
 
     #[tokio::test]
@@ -1033,33 +1010,42 @@ mod tests {
         assert!(e.to_string().contains("tried for"), "{e}");
     }
 
-    #[test]
-    fn parser_waits_for_more_bytes() {
-        let full = b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\nvsock://3:1024";
-        for cut in 0..full.len() {
-            assert_eq!(parse_response(&full[..cut], false), Ok(None), "cut {cut}");
-        }
+    /// Like [`serve`], but writes the answer a few bytes at a time.
+    fn serve_in_pieces(path: &Path, reply: Vec<u8>) -> tokio::task::JoinHandle<()> {
+        let listener = UnixListener::bind(path).expect("bind");
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut b = [0u8; 512];
+            let _ = s.read(&mut b).await;
+            for piece in reply.chunks(3) {
+                s.write_all(piece).await.expect("write");
+                s.flush().await.expect("flush");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // Keep the connection open: the framing alone must end the answer.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+    }
+
+    #[tokio::test]
+    async fn answers_arriving_in_small_pieces_are_read_whole() {
+        let d = Scratch::new();
+        let sock = d.0.join("len.sock");
+        let _srv = serve_in_pieces(&sock, ok_reply("vsock://3:1024"));
         assert_eq!(
-            parse_response(full, false),
-            Ok(Some(Response {
-                status: 200,
-                body: b"vsock://3:1024".to_vec()
-            }))
+            agent_url(&sock, T).await.expect("url"),
+            AgentAddress::Vsock { cid: 3, port: 1024 }
         );
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
-        for cut in 0..chunked.len() {
-            assert_eq!(
-                parse_response(&chunked[..cut], false),
-                Ok(None),
-                "cut {cut}"
-            );
-        }
+        let sock2 = d.0.join("chunked.sock");
+        let _srv2 = serve_in_pieces(
+            &sock2,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+              8\r\nvsock://\r\n6\r\n9:1024\r\n0\r\n\r\n"
+                .to_vec(),
+        );
         assert_eq!(
-            parse_response(chunked, false)
-                .expect("ok")
-                .expect("done")
-                .body,
-            b"abc"
+            agent_url(&sock2, T).await.expect("url"),
+            AgentAddress::Vsock { cid: 9, port: 1024 }
         );
     }
 }
