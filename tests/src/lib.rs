@@ -15,6 +15,7 @@ pub mod osbuilder;
 pub mod process;
 pub mod raw;
 pub mod rootfs;
+pub mod samba;
 pub mod vm;
 
 use std::path::PathBuf;
