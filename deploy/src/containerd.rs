@@ -73,21 +73,34 @@ pub fn schema(path: &str, text: &str) -> anyhow::Result<Schema> {
                 Some(v) => bail!("{path}: `imports` must be an array of paths, is {v}"),
             };
             Ok(Schema::V3 {
-                imports_drop_in: imports.iter().any(|i| import_covers(i, DROP_IN)),
+                imports_drop_in: imports.iter().any(|i| import_covers(path, i, DROP_IN)),
             })
         }
         v => bail!("{path}: `version = {v}` is not a schema cnfs-deploy knows (2, or 3 and later)"),
     }
 }
 
-/// Whether one `imports` entry (a path or glob; relative ones are relative to config.toml's
-/// directory, as containerd resolves them) includes `file`.
-fn import_covers(entry: &str, file: &str) -> bool {
+/// Whether one `imports` entry of the config file `config` (a path or glob; relative ones
+/// are relative to the config file's directory, as containerd resolves them) includes `file`.
+fn import_covers(config: &str, entry: &str, file: &str) -> bool {
     let full = if entry.starts_with('/') {
         entry.to_string()
     } else {
-        format!("/etc/containerd/{entry}")
+        let dir = config.rsplit_once('/').map_or("", |(d, _)| d);
+        format!("{dir}/{entry}")
     };
+    // Go's filepath.Join cleans the joined path: `.` and `..` taken out lexically.
+    let mut parts: Vec<&str> = Vec::new();
+    for c in full.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    let full = format!("/{}", parts.join("/"));
     let opts = glob::MatchOptions {
         case_sensitive: true,
         require_literal_separator: true,
@@ -162,20 +175,34 @@ fn quote(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
+/// Where the installer's block is in `text`: from the start of a line that is exactly
+/// [`BEGIN`] to the end of the next line that is exactly [`END`] (either may end in CRLF).
+/// Whole lines only: an admin's comment that quotes a marker is not the block.
+fn block_range(text: &str) -> Option<(usize, usize)> {
+    let mut start = None;
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches('\n').trim_end_matches('\r');
+        match start {
+            None if bare == BEGIN => start = Some(pos),
+            Some(s) if bare == END => return Some((s, pos + line.len())),
+            _ => {}
+        }
+        pos += line.len();
+    }
+    None
+}
+
 /// `text` with the installer's block taken out (and the blank line put before it).
 pub fn without_block(text: &str) -> String {
-    let Some(start) = text.find(BEGIN) else {
+    let Some((start, end)) = block_range(text) else {
         return text.to_string();
     };
-    let Some(end_rel) = text[start..].find(END) else {
-        return text.to_string();
-    };
-    let mut end = start + end_rel + END.len();
-    if text[end..].starts_with('\n') {
-        end += 1;
-    }
     let mut head = &text[..start];
-    if head.ends_with("\n\n") {
+    // The blank line with_block put before it (CRLF if an editor converted the file).
+    if head.ends_with("\r\n\r\n") {
+        head = &head[..head.len() - 2];
+    } else if head.ends_with("\n\n") {
         head = &head[..head.len() - 1];
     }
     format!("{head}{}", &text[end..])
@@ -191,15 +218,9 @@ pub fn with_block(path: &str, text: &str, fragment: &str) -> anyhow::Result<Stri
         );
     }
     let block = format!("{BEGIN}\n{}\n{END}\n", fragment.trim_end());
-    let out = match (text.find(BEGIN), text.find(END)) {
-        (Some(s), Some(e)) if e > s => {
-            let mut end = e + END.len();
-            if text[end..].starts_with('\n') {
-                end += 1;
-            }
-            format!("{}{block}{}", &text[..s], &text[end..])
-        }
-        _ => {
+    let out = match block_range(text) {
+        Some((s, e)) => format!("{}{block}{}", &text[..s], &text[e..]),
+        None => {
             let mut out = base;
             if !out.is_empty() && !out.ends_with('\n') {
                 out.push('\n');
@@ -242,9 +263,14 @@ pub fn without_import(path: &str, text: &str) -> anyhow::Result<String> {
     let mut doc: toml_edit::DocumentMut = text
         .parse()
         .map_err(|e| anyhow::anyhow!("{path} is not valid TOML ({e})"))?;
-    if let Some(imports) = doc.get_mut("imports").and_then(|i| i.as_array_mut()) {
-        imports.retain(|v| v.as_str() != Some(DROP_IN));
+    let Some(imports) = doc.get_mut("imports").and_then(|i| i.as_array_mut()) else {
+        return Ok(text.to_string());
+    };
+    if !imports.iter().any(|v| v.as_str() == Some(DROP_IN)) {
+        // Written back, the document would lose CRLF line ends: nothing to take out.
+        return Ok(text.to_string());
     }
+    imports.retain(|v| v.as_str() != Some(DROP_IN));
     Ok(doc.to_string())
 }
 
@@ -359,6 +385,60 @@ root = "/var/lib/containerd"
         let manual = format!("{SITE_V2}\n{V2_TEMPLATE}");
         let e = with_block(CONFIG, &manual, &frag).expect_err("manual");
         assert!(e.to_string().contains("outside cnfs-deploy's block"), "{e}");
+    }
+
+    #[test]
+    fn a_block_an_editor_turned_crlf_is_taken_out_whole() {
+        let frag = fragment(V2_TEMPLATE, &Schema::V2, SHIM, KATA).expect("fragment");
+        let crlf = with_block(CONFIG, SITE_V2, &frag)
+            .expect("append")
+            .replace('\n', "\r\n");
+        assert_eq!(without_block(&crlf), SITE_V2.replace('\n', "\r\n"));
+        let again = with_block(CONFIG, &crlf, &frag).expect("again");
+        assert_eq!(again.matches(BEGIN).count(), 1, "{again}");
+    }
+
+    #[test]
+    fn a_marker_quoted_inside_a_line_is_not_the_block() {
+        let site = format!("# the installer writes after {BEGIN}\n{SITE_V2}# and ends at {END}\n");
+        assert_eq!(without_block(&site), site);
+        let frag = fragment(V2_TEMPLATE, &Schema::V2, SHIM, KATA).expect("fragment");
+        let once = with_block(CONFIG, &site, &frag).expect("append");
+        assert!(once.starts_with(&site), "{once}");
+        assert_eq!(with_block(CONFIG, &once, &frag).expect("again"), once);
+        assert_eq!(without_block(&once), site);
+    }
+
+    #[test]
+    fn taking_out_an_import_that_is_not_there_changes_no_byte() {
+        // toml_edit writes a document back with LF line ends: only rewrite when needed.
+        let crlf = SITE_V2.replace('\n', "\r\n");
+        assert_eq!(without_import(CONFIG, &crlf).expect("v2"), crlf);
+        let v3 = "version = 3\r\nimports = [\"/etc/other.toml\"]\r\n";
+        assert_eq!(without_import(CONFIG, v3).expect("v3"), v3);
+    }
+
+    #[test]
+    fn a_relative_import_is_relative_to_the_config_files_own_directory() {
+        // containerd joins it with the directory of the config it was given (--config).
+        let k3s = "/var/lib/rancher/k3s/agent/etc/containerd/config.toml";
+        assert_eq!(
+            schema(k3s, "version = 3\nimports = [\"conf.d/*.toml\"]\n").expect("schema"),
+            Schema::V3 {
+                imports_drop_in: false
+            }
+        );
+        assert_eq!(
+            schema(
+                k3s,
+                "version = 3\nimports = [\"../../../../../../../etc/containerd/./conf.d/*.toml\"]\n"
+            )
+            .expect("schema"),
+            Schema::V3 {
+                imports_drop_in: true
+            },
+            "cleaned as Go's filepath.Join cleans it"
+        );
     }
 
     #[test]

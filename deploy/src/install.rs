@@ -5,12 +5,13 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use cnfs_protocols::spec::printable_within;
 
 use crate::containerd::{self, Schema};
 use crate::host::Host;
 use crate::kata;
 use crate::label;
-use crate::ledger::{sha256, Kind, Ledger};
+use crate::ledger::{Kind, Ledger};
 
 pub const SHIM: &str = "/opt/cnfs/bin/containerd-shim-cnfs-v2";
 pub const CNFSCTL: &str = "/opt/cnfs/bin/cnfsctl";
@@ -27,9 +28,6 @@ pub const DENY_ALL_POLICY: &str = "\
 # Deny by default: a volume is mounted only when one [[allow]] entry matches all of it.
 # The keys are explained, with examples, in /opt/cnfs/share/doc/policy.example.toml.
 ";
-
-/// Test hook: abort (as kill -9 would stop it) after this many file writes.
-const ABORT_AFTER: &str = "CNFS_DEPLOY_ABORT_AFTER_WRITES";
 
 pub struct Options {
     pub host_root: PathBuf,
@@ -66,34 +64,33 @@ struct Writer<'a> {
     host: &'a Host,
     ledger: Ledger,
     report: Report,
-    writes: usize,
-    abort_after: Option<usize>,
-}
-
-#[derive(PartialEq, Eq)]
-enum Outcome {
-    Unchanged,
-    Written,
-    Kept,
 }
 
 impl Writer<'_> {
     fn dirs(&mut self, path: &str, mode: u32) -> anyhow::Result<()> {
-        let created = self.host.create_dirs(path, mode)?;
-        self.ledger.add_dirs(self.host, created)
+        let missing = self.host.missing_dirs(path)?;
+        self.ledger.add_dirs(self.host, missing)?;
+        self.host.create_dirs(path, mode)?;
+        Ok(())
     }
 
-    fn put(&mut self, path: &str, data: &[u8], mode: u32, kind: Kind) -> anyhow::Result<Outcome> {
+    fn put(&mut self, path: &str, data: &[u8], mode: u32, kind: Kind) -> anyhow::Result<()> {
         let current = self.host.read(path)?;
         if current.as_deref() == Some(data) {
             self.report.say("unchanged", path);
-            return Ok(Outcome::Unchanged);
+            return Ok(());
         }
-        if kind == Kind::CreateOnly && current.is_some() {
+        // Anything there, a dangling link included, is the admin's.
+        if kind == Kind::CreateOnly && self.host.exists(path) {
             self.report
                 .say("kept", &format!("{path} (exists; never overwritten)"));
-            return Ok(Outcome::Kept);
+            return Ok(());
         }
+        // A file edited in place keeps its mode (config.toml may hold registry credentials).
+        let mode = match kind {
+            Kind::Edited => self.host.mode(path).unwrap_or(mode),
+            _ => mode,
+        };
         if let Some(parent) = path
             .rsplit_once('/')
             .map(|(d, _)| d)
@@ -101,7 +98,9 @@ impl Writer<'_> {
         {
             self.dirs(parent, 0o755)?;
         }
+        self.ledger.note_edit(self.host, path, current.as_deref())?;
         self.ledger.remember(self.host, path, kind)?;
+        self.ledger.set_pending(self.host, path, data)?;
         self.host.write(path, data, mode)?;
         self.ledger.set_written(self.host, path, data)?;
         self.report.say(
@@ -113,21 +112,13 @@ impl Writer<'_> {
             path,
         );
         self.report.changed += 1;
-        self.writes += 1;
-        if self.abort_after == Some(self.writes) {
-            std::process::abort();
-        }
-        Ok(Outcome::Written)
+        Ok(())
     }
 }
 
 fn payload_file(o: &Options, rel: &str) -> anyhow::Result<Vec<u8>> {
     let p = o.payload.join(rel);
     std::fs::read(&p).with_context(|| format!("the installer's payload has no {}", p.display()))
-}
-
-fn abort_after() -> Option<usize> {
-    std::env::var(ABORT_AFTER).ok().and_then(|v| v.parse().ok())
 }
 
 /// What containerd's configuration becomes: (path, new bytes) for each file to write.
@@ -192,7 +183,7 @@ fn shim_config(o: &Options, host: &Host) -> anyhow::Result<Vec<u8>> {
     Ok(doc.to_string().into_bytes())
 }
 
-fn restart(o: &Options, report: &mut Report) -> anyhow::Result<()> {
+fn restart(o: &Options, host: &Host, report: &mut Report) -> anyhow::Result<()> {
     let Some((program, args)) = o.restart.split_first() else {
         report.say("not restarting", "containerd (no --restart-command)");
         return Ok(());
@@ -220,7 +211,8 @@ fn restart(o: &Options, report: &mut Report) -> anyhow::Result<()> {
             "`{}` failed ({}): {}",
             o.restart.join(" "),
             out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            // systemctl's message; bounded like every echo of another program's output.
+            printable_within(String::from_utf8_lossy(&out.stderr).trim(), 512)
         );
     }
     report.say(
@@ -228,11 +220,20 @@ fn restart(o: &Options, report: &mut Report) -> anyhow::Result<()> {
         &format!("containerd ({})", o.restart.join(" ")),
     );
     report.restarted = true;
+    host.changed();
     Ok(())
+}
+
+fn parent(path: &str) -> &str {
+    path.rsplit_once('/').map_or("/", |(d, _)| d)
 }
 
 pub fn install(o: &Options) -> anyhow::Result<Report> {
     let host = Host::new(&o.host_root);
+    if let Some((_, node)) = &o.label {
+        label::check_node_name(node)?;
+    }
+    let _lock = host.lock()?;
     // Plan: everything read and checked before anything is written.
     let containerd_files = containerd_plan(&host, o)?;
     let shim_toml = shim_config(o, &host)?;
@@ -255,13 +256,35 @@ pub fn install(o: &Options) -> anyhow::Result<Report> {
     ];
     let kernel = payload_file(o, "share/kata/vmlinux-cnfs.container")?;
     let policy_example = payload_file(o, "configs/cnfs/policy.toml")?;
+    // Every file the install may write: checked (and cleared of a killed run's temporary
+    // files) before the first write.
+    let targets: Vec<&str> = [
+        SHIM,
+        CNFSCTL,
+        kata::KERNEL,
+        kata::INITRD,
+        kata::CONFIG,
+        POLICY_EXAMPLE,
+        SHIM_CONFIG,
+        crate::ledger::LEDGER_FILE,
+    ]
+    .into_iter()
+    .chain(containerd_files.iter().map(|(p, _)| p.as_str()))
+    .collect();
+    // An existing policy is kept as it is (a link, even a dangling one); only a directory
+    // in its place is refused.
+    let policy_kept = host.exists(POLICY) && !host.is_dir(POLICY);
+    for t in targets.iter().chain((!policy_kept).then_some(&POLICY)) {
+        host.check_target(t)?;
+    }
+    for t in targets.iter().chain([&POLICY]) {
+        host.remove_temporaries(parent(t))?;
+    }
 
     let mut w = Writer {
         host: &host,
         ledger: Ledger::open(&host)?,
         report: Report::default(),
-        writes: 0,
-        abort_after: abort_after(),
     };
     for (path, data) in &bins {
         w.put(path, data, 0o755, Kind::Owned)?;
@@ -273,15 +296,22 @@ pub fn install(o: &Options) -> anyhow::Result<Report> {
     w.put(SHIM_CONFIG, &shim_toml, 0o644, Kind::Owned)?;
     w.put(POLICY, DENY_ALL_POLICY.as_bytes(), 0o644, Kind::CreateOnly)?;
     w.dirs(SECRETS, 0o700)?;
-    let mut containerd_changed = false;
+    // Recorded before containerd's files change: a run killed before the restart (or whose
+    // restart failed) leaves it set, and the next run restarts containerd.
+    for (path, data) in &containerd_files {
+        if host.read(path)?.as_deref() != Some(data.as_slice()) {
+            w.ledger.set_restart_pending(&host, true)?;
+        }
+    }
     for (path, data) in &containerd_files {
         let kind = if path == &o.containerd_config {
             Kind::Edited
         } else {
             Kind::Owned
         };
-        containerd_changed |= w.put(path, data, 0o644, kind)? == Outcome::Written;
+        w.put(path, data, 0o644, kind)?;
     }
+    let mut ledger = w.ledger;
     let mut report = w.report;
     report.say(
         "configured",
@@ -293,8 +323,9 @@ pub fn install(o: &Options) -> anyhow::Result<Report> {
             kata.kata_initrd
         ),
     );
-    if containerd_changed {
-        restart(o, &mut report)?;
+    if ledger.restart_pending {
+        restart(o, &host, &mut report)?;
+        ledger.set_restart_pending(&host, false)?;
     } else {
         report.say(
             "not restarting",
@@ -322,67 +353,108 @@ fn set_label(o: &Options, report: &mut Report, value: Option<&str>) -> anyhow::R
     Ok(())
 }
 
+/// What uninstall makes of one file.
+enum Undo {
+    /// Its original bytes and mode, or its absence.
+    Restore(Option<Vec<u8>>, u32),
+    /// The current file with only the installer's block or `imports` entry taken out.
+    TakeOut(Vec<u8>),
+    /// Left as it is, for this reason.
+    Keep(&'static str),
+}
+
 pub fn uninstall(o: &Options) -> anyhow::Result<Report> {
     let host = Host::new(&o.host_root);
+    let _lock = host.lock()?;
     let mut report = Report::default();
     // First: no new CNFS pod is scheduled here while the files go.
     set_label(o, &mut report, None)?;
     let Some(mut ledger) = Ledger::load(&host)? else {
+        if Ledger::remove_leftover(&host)? {
+            report.say("removed", "/opt/cnfs/ (left empty by a killed run)");
+        }
         report.say(
             "nothing to do",
             "(cnfs-deploy installed nothing on this node)",
         );
         return Ok(report);
     };
-    let mut containerd_changed = false;
     let entries: Vec<_> = ledger.entries.iter().rev().cloned().collect();
+    for e in &entries {
+        host.remove_temporaries(parent(&e.path))?;
+    }
     for e in entries {
         let current = host.read(&e.path)?;
+        // Ok(None): the file did not exist; Err: its saved copy is gone.
         let original = match &e.original {
-            None => None,
-            Some(saved) => Some(host.read(saved)?.with_context(|| {
-                format!("the saved original of {} ({saved}) is missing", e.path)
-            })?),
+            None => Ok(None),
+            Some(saved) => host.read(saved)?.map(Some).ok_or(saved),
         };
-        let untouched = match &current {
-            None => e.written.is_none(),
-            Some(c) => {
-                e.written.as_deref() == Some(sha256(c).as_str()) || Some(c) == original.as_ref()
+        let untouched = !e.edited_since
+            && match (&current, &original) {
+                (None, _) => e.written.is_none(),
+                (Some(c), Ok(orig)) => e.is_installers(c) || Some(c) == orig.as_ref(),
+                (Some(c), Err(_)) => e.is_installers(c),
+            };
+        let mode = e.original_mode.unwrap_or(0o644);
+        let undo = match (e.kind, untouched, original) {
+            (Kind::Edited, _, Err(_)) | (Kind::Edited, false, Ok(_)) => match &current {
+                // The admin deleted it: it stays deleted.
+                None => Undo::Keep("deleted since it was installed"),
+                Some(c) => {
+                    let text = std::str::from_utf8(c)
+                        .map_err(|_| anyhow::anyhow!("{} is not UTF-8", e.path))?;
+                    let out =
+                        containerd::without_import(&e.path, &containerd::without_block(text))?;
+                    Undo::TakeOut(out.into_bytes())
+                }
+            },
+            (_, _, Err(saved)) => bail!(
+                "the saved original of {} ({saved}) is missing: put it back, or restore {} \
+                 yourself and remove {saved}'s entry from the ledger",
+                e.path,
+                e.path
+            ),
+            (Kind::CreateOnly, false, Ok(_)) => Undo::Keep("edited since it was installed"),
+            (_, _, Ok(orig)) => Undo::Restore(orig, mode),
+        };
+        let is_containerd = e.kind == Kind::Edited || e.path == containerd::DROP_IN;
+        let after = match &undo {
+            Undo::Restore(b, _) => b.clone(),
+            Undo::TakeOut(b) => Some(b.clone()),
+            Undo::Keep(_) => current.clone(),
+        };
+        if after != current && is_containerd {
+            ledger.set_restart_pending(&host, true)?;
+        }
+        match undo {
+            Undo::Keep(why) => {
+                if current.is_some() {
+                    report.say("kept", &format!("{} ({why})", e.path));
+                }
             }
-        };
-        let is_containerd = e.path == o.containerd_config || e.path == containerd::DROP_IN;
-        match (untouched, e.kind) {
-            (true, _) | (false, Kind::Owned) => {
-                match &original {
+            Undo::Restore(orig, mode) if after != current => {
+                match &orig {
                     None => host.remove(&e.path)?,
-                    Some(bytes) => host.write(&e.path, bytes, e.original_mode.unwrap_or(0o644))?,
+                    Some(bytes) => host.write(&e.path, bytes, mode)?,
                 }
-                if current != original {
-                    report.changed += 1;
-                    containerd_changed |= is_containerd;
-                    report.say(
-                        if original.is_some() {
-                            "restored"
-                        } else {
-                            "removed"
-                        },
-                        &e.path,
-                    );
-                }
-            }
-            (false, Kind::CreateOnly) => {
+                report.changed += 1;
                 report.say(
-                    "kept",
-                    &format!("{} (edited since it was installed)", e.path),
+                    if orig.is_some() {
+                        "restored"
+                    } else {
+                        "removed"
+                    },
+                    &e.path,
                 );
             }
-            (false, Kind::Edited) => {
-                let text = String::from_utf8(current.unwrap_or_default())
-                    .map_err(|_| anyhow::anyhow!("{} is not UTF-8", e.path))?;
-                let out = containerd::without_import(&e.path, &containerd::without_block(&text))?;
-                host.write(&e.path, out.as_bytes(), host.mode(&e.path).unwrap_or(0o644))?;
-                report.changed += 1;
-                containerd_changed = true;
+            Undo::Restore(..) => {}
+            Undo::TakeOut(out) => {
+                if after != current {
+                    let mode = host.mode(&e.path).unwrap_or(0o644);
+                    host.write(&e.path, &out, mode)?;
+                    report.changed += 1;
+                }
                 report.say(
                     "edited",
                     &format!(
@@ -394,10 +466,17 @@ pub fn uninstall(o: &Options) -> anyhow::Result<Report> {
         }
         ledger.drop_entry(&host, &e.path)?;
     }
-    if containerd_changed {
-        restart(o, &mut report)?;
+    if ledger.restart_pending {
+        restart(o, &host, &mut report)?;
     }
+    // Directories before the ledger (a kill in between leaves a ledger that knows them);
+    // those holding the ledger after it.
     let dirs = ledger.dirs.clone();
+    for d in dirs.iter().rev() {
+        if host.remove_dir_if_empty(d) {
+            report.say("removed", &format!("{d}/"));
+        }
+    }
     Ledger::forget(&host)?;
     for d in dirs.iter().rev() {
         if host.remove_dir_if_empty(d) {

@@ -94,6 +94,12 @@ pub fn plan(
     overlay_cpio: &[u8],
 ) -> anyhow::Result<Plan> {
     let resolved = host.resolve(base)?;
+    if resolved == host.resolve(CONFIG)? {
+        bail!(
+            "{base} is CNFS's own configuration ({CONFIG}): name Kata's with --kata-config \
+             (default {DEFAULT_BASE})"
+        );
+    }
     let bytes = host.read(&resolved)?.with_context(|| {
         format!(
             "Kata's configuration {base} is not on this node: install Kata first (kata-deploy \
@@ -104,14 +110,13 @@ pub fn plan(
     // Kata's own drop-ins for that configuration, in name order.
     let dir = resolved.rsplit_once('/').map_or("/", |(d, _)| d);
     let drop_dir = format!("{dir}/config.d");
-    let mut names: Vec<String> = match std::fs::read_dir(host.path(&drop_dir)) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".toml") && !n.starts_with('.'))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
+    // Listed through the host's links (config.d itself may be one).
+    let mut names: Vec<String> = host
+        .list(&drop_dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.ends_with(".toml") && !n.starts_with('.'))
+        .collect();
     names.sort();
     for n in &names {
         let p = format!("{drop_dir}/{n}");
@@ -155,6 +160,16 @@ pub fn plan(
     let config = format!("{header}{doc}").into_bytes();
 
     let kata_initrd_path = host.resolve(&kata_initrd)?;
+    // A CNFS drop-in in Kata's own config.d (the manual install) names CNFS's initrd:
+    // building from it would append the overlay to the last run's output, every run.
+    if kata_initrd_path == host.resolve(INITRD)? {
+        bail!(
+            "Kata's configuration {resolved} (with its config.d) names CNFS's own initrd \
+             {INITRD}, so Kata's initrd is unknown (a CNFS drop-in installed by hand in Kata's \
+             config.d? remove it); name Kata's initrd with --kata-initrd (kata-deploy's: \
+             {DEFAULT_INITRD})"
+        );
+    }
     let mut initrd = host.read(&kata_initrd_path)?.with_context(|| {
         format!(
             "Kata's initrd {kata_initrd} is not on this node: CNFS adds its agent to Kata's \
@@ -289,6 +304,29 @@ mod tests {
             .err()
             .expect("initrd");
         assert!(e.to_string().contains("--kata-initrd"), "{e}");
+    }
+
+    #[test]
+    fn a_config_d_that_is_an_absolute_link_is_read_on_the_host() {
+        let (_d, host) = kata_deploy_node(BASE);
+        let rt = "/opt/kata/share/defaults/kata-containers/runtimes/qemu";
+        std::fs::rename(
+            host.path(&format!("{rt}/config.d")),
+            host.path("/opt/kata-config.d"),
+        )
+        .expect("move");
+        std::os::unix::fs::symlink("/opt/kata-config.d", host.path(&format!("{rt}/config.d")))
+            .expect("link");
+        let p = plan(&host, DEFAULT_BASE, None, drop_in, b"").expect("plan");
+        let t: toml::Table = String::from_utf8(p.config)
+            .expect("utf8")
+            .parse()
+            .expect("toml");
+        assert_eq!(
+            t["hypervisor"]["qemu"]["kernel_params"].as_str(),
+            Some("agent.log=debug cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1"),
+            "Kata's drop-in behind the link applied"
+        );
     }
 
     #[test]

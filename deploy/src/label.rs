@@ -14,6 +14,23 @@ pub const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount
 /// The most of an error answer that is echoed.
 const MAX_ECHO: usize = 512;
 
+/// Refuses a NODE_NAME that is not a Kubernetes node name (checked before the install
+/// writes anything: the label is its last step).
+pub fn check_node_name(node: &str) -> anyhow::Result<()> {
+    if node.is_empty()
+        || node.len() > 253
+        || !node
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        bail!(
+            "NODE_NAME {} is not a Kubernetes node name",
+            printable_within(node, 80)
+        );
+    }
+    Ok(())
+}
+
 pub struct Api {
     /// `https://host:port` (in-cluster) or what `--api-server` says.
     pub server: String,
@@ -70,17 +87,7 @@ impl Api {
 
     /// Sets (`Some`) or removes (`None`) the label on `node`.
     pub fn label(&self, node: &str, value: Option<&str>) -> anyhow::Result<()> {
-        if node.is_empty()
-            || node.len() > 253
-            || !node
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        {
-            bail!(
-                "NODE_NAME {} is not a Kubernetes node name",
-                printable_within(node, 80)
-            );
-        }
+        check_node_name(node)?;
         let body = serde_json::json!({ "metadata": { "labels": { KEY: value } } }).to_string();
         let url = format!("{}/api/v1/nodes/{node}", self.server.trim_end_matches('/'));
         let mut resp = self

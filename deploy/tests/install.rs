@@ -33,7 +33,15 @@ struct Node {
 impl Node {
     /// A node with Kata installed by kata-deploy and containerd's config.toml.
     fn new(containerd: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tmp");
+        // On tmpfs where there is one: the installer fsyncs every write, and the kill tests
+        // run it hundreds of times.
+        let shm = Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .expect("tmp");
         let n = Node { dir };
         let rt = "opt/kata/share/defaults/kata-containers/runtimes/qemu";
         n.write(
@@ -112,20 +120,52 @@ impl Node {
         self.read("restart.log").lines().count()
     }
 
-    fn run(&self, cmd: &str, env: &[(&str, &str)]) -> Output {
-        let payload = payload();
-        let restart = format!(
-            "{} {}",
-            restart_script().display(),
-            self.root().join("restart.log").display()
+    /// containerd's configuration as it reads it: config.toml, then the 2.x drop-in.
+    fn containerd_config(&self) -> Vec<u8> {
+        let mut all =
+            std::fs::read(self.root().join("etc/containerd/config.toml")).unwrap_or_default();
+        all.extend(
+            std::fs::read(self.root().join("etc/containerd/conf.d/cnfs.toml")).unwrap_or_default(),
         );
+        all
+    }
+
+    /// Whether containerd runs the configuration on disk: restarted after its last change,
+    /// or never restarted and the configuration is the node's own (`site`).
+    fn containerd_runs_what_is_on_disk(&self, site: &str) -> bool {
+        let now = self.containerd_config();
+        match self.read("restart.log").lines().last() {
+            Some(seen) => seen == cnfs_deploy::ledger::sha256(&now),
+            None => now == site.as_bytes(),
+        }
+    }
+
+    fn command(&self, cmd: &str) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cnfs-deploy"));
         c.arg(cmd)
             .arg("--host-root")
             .arg(self.root())
             .arg("--payload")
-            .arg(payload)
-            .args(["--restart-here", "--restart-command", &restart]);
+            .arg(payload());
+        c
+    }
+
+    fn restart_command(&self) -> String {
+        format!(
+            "{} {} {}",
+            restart_script().display(),
+            self.root().join("restart.log").display(),
+            self.root().display()
+        )
+    }
+
+    fn run(&self, cmd: &str, env: &[(&str, &str)]) -> Output {
+        let mut c = self.command(cmd);
+        c.args([
+            "--restart-here",
+            "--restart-command",
+            &self.restart_command(),
+        ]);
         for (k, v) in env {
             c.env(k, v);
         }
@@ -169,7 +209,13 @@ fn restart_script() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let p = std::env::temp_dir().join(format!("cnfs-deploy-restart-{}.sh", std::process::id()));
-        std::fs::write(&p, "#!/bin/sh\necho restart >> \"$1\"\n").expect("script");
+        // Logs which configuration containerd was restarted with (its hash).
+        std::fs::write(
+            &p,
+            "#!/bin/sh\ncat \"$2/etc/containerd/config.toml\" \"$2/etc/containerd/conf.d/cnfs.toml\" \
+             2>/dev/null | sha256sum | cut -d' ' -f1 >> \"$1\"\n",
+        )
+        .expect("script");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         p
     })
@@ -363,50 +409,111 @@ fn the_admins_policy_and_later_edits_are_kept() {
     assert!(config.starts_with(V2_SITE), "{config}");
 }
 
-#[test]
-fn a_kill_at_any_write_is_finished_by_install_and_undone_by_uninstall() {
-    let reference = Node::new(V2_SITE);
+/// Runs `cmd` killed after its `n`th change to the node; `true` if it was killed (`false`:
+/// it has fewer changes and finished).
+fn killed_at(node: &Node, cmd: &str, n: usize) -> bool {
+    let out = node.run(cmd, &[("CNFS_DEPLOY_ABORT_AFTER_WRITES", &n.to_string())]);
+    if out.status.signal() == Some(libc_sigabrt()) {
+        return true;
+    }
+    assert!(
+        out.status.success(),
+        "{cmd} with abort after {n}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
+}
+
+fn without_ledger(mut s: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    s.retain(|k, _| !k.starts_with("opt/cnfs/.deploy"));
+    s
+}
+
+/// Kills install, then uninstall, after every single change each makes (directories,
+/// temporary files before their rename, files, ledger saves, the restart), and checks that
+/// the next run finishes the job: the same files as an uninterrupted run, byte for byte, and
+/// containerd restarted after the last change of its configuration.
+fn kill_anywhere(site: &str) {
+    let reference = Node::new(site);
     reference.ok("install");
-    let mut installed = reference.snapshot();
-    installed.retain(|k, _| !k.starts_with("opt/cnfs/.deploy"));
-    let writes = installed.len();
+    let installed = without_ledger(reference.snapshot());
     let mut killed = 0;
-    for n in 1..=writes {
-        let n = n.to_string();
-        let node = Node::new(V2_SITE);
+    for n in 1.. {
+        let node = Node::new(site);
         let before = node.snapshot();
-        let out = node.run("install", &[("CNFS_DEPLOY_ABORT_AFTER_WRITES", &n)]);
-        if out.status.signal() != Some(libc_sigabrt()) {
-            // Fewer writes than n: the run finished.
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            continue;
+        if !killed_at(&node, "install", n) {
+            break;
         }
         killed += 1;
         node.ok("uninstall");
         assert_eq!(
             node.snapshot(),
             before,
-            "killed after write {n}, then uninstalled"
+            "install killed after change {n}, then uninstalled"
+        );
+        assert!(
+            node.containerd_runs_what_is_on_disk(site),
+            "install killed after change {n}, then uninstalled: containerd not restarted"
         );
 
-        let node = Node::new(V2_SITE);
-        let _ = node.run("install", &[("CNFS_DEPLOY_ABORT_AFTER_WRITES", &n)]);
+        let node = Node::new(site);
+        let before = node.snapshot();
+        killed_at(&node, "install", n);
         node.ok("install");
-        let mut now = node.snapshot();
-        now.retain(|k, _| !k.starts_with("opt/cnfs/.deploy"));
         assert_eq!(
-            now, installed,
-            "killed after write {n}, then installed again"
+            without_ledger(node.snapshot()),
+            installed,
+            "install killed after change {n}, then installed again"
+        );
+        assert!(
+            node.containerd_runs_what_is_on_disk(site),
+            "install killed after change {n}, then installed again: containerd not restarted"
+        );
+        node.ok("uninstall");
+        assert_eq!(
+            node.snapshot(),
+            before,
+            "install killed after change {n}, installed again, uninstalled"
         );
     }
     assert!(
-        killed >= 8,
-        "the install has at least 8 writes, killed {killed} times"
+        killed >= 20,
+        "the install makes at least 20 changes, killed {killed} times"
     );
+    let mut killed = 0;
+    for n in 1.. {
+        let node = Node::new(site);
+        let before = node.snapshot();
+        node.ok("install");
+        if !killed_at(&node, "uninstall", n) {
+            break;
+        }
+        killed += 1;
+        node.ok("uninstall");
+        assert_eq!(
+            node.snapshot(),
+            before,
+            "uninstall killed after change {n}, then uninstalled again"
+        );
+        assert!(
+            node.containerd_runs_what_is_on_disk(site),
+            "uninstall killed after change {n}: containerd not restarted"
+        );
+    }
+    assert!(
+        killed >= 10,
+        "the uninstall makes at least 10 changes, killed {killed} times"
+    );
+}
+
+#[test]
+fn a_kill_at_any_point_of_a_1x_install_or_uninstall_is_finished_by_the_next_run() {
+    kill_anywhere(V2_SITE);
+}
+
+#[test]
+fn a_kill_at_any_point_of_a_2x_install_or_uninstall_is_finished_by_the_next_run() {
+    kill_anywhere(V3_SITE);
 }
 
 fn libc_sigabrt() -> i32 {
@@ -553,4 +660,487 @@ fn a_refused_label_fails_the_run_with_a_bounded_message_and_a_retry_finishes() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 file(s) changed"));
     assert_eq!(server.join().expect("server").len(), 2);
+}
+
+fn failed(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "expected a refusal: {err}");
+    err
+}
+
+#[test]
+fn a_config_toml_that_is_a_link_stays_a_link_and_its_target_is_edited_and_restored() {
+    // Absolute (a host path: the installer must not follow it inside its own container)
+    // and relative links, as distributions and k3s-style layouts have them.
+    for target in [
+        "/etc/containerd-site/config.toml",
+        "../containerd-site/config.toml",
+    ] {
+        let node = Node::new(V2_SITE);
+        let link = node.root().join("etc/containerd/config.toml");
+        std::fs::remove_file(&link).expect("rm");
+        node.write("etc/containerd-site/config.toml", V2_SITE.as_bytes(), 0o644);
+        std::os::unix::fs::symlink(target, &link).expect("link");
+        let before = node.snapshot();
+        let out = node.ok("install");
+        assert_eq!(
+            std::fs::read_link(&link).expect("still a link").to_str(),
+            Some(target),
+            "{out}"
+        );
+        let edited = node.read("etc/containerd-site/config.toml");
+        assert!(
+            edited.starts_with(V2_SITE) && edited.contains("runtimes.kata-cnfs]"),
+            "the link's target got the runtime: {edited}"
+        );
+        assert!(node.ok("install").contains("0 file(s) changed"));
+        let out = node.ok("uninstall");
+        assert_eq!(node.snapshot(), before, "link {target}: {out}");
+    }
+}
+
+#[test]
+fn a_comment_quoting_the_begin_marker_is_not_taken_for_the_block() {
+    let site = V2_SITE.replace(
+        "root = ",
+        &format!(
+            "# cnfs-deploy writes its runtime after \"{}\"\nroot = ",
+            cnfs_deploy::containerd::BEGIN
+        ),
+    );
+    let node = Node::new(&site);
+    let before = node.snapshot();
+    node.ok("install");
+    let once = node.read("etc/containerd/config.toml");
+    assert!(once.starts_with(&site), "{once}");
+    let again = node.ok("install");
+    assert!(again.contains("0 file(s) changed"), "{again}");
+    assert_eq!(node.read("etc/containerd/config.toml"), once);
+    // Uninstall after an admin's edit takes out the block only, not what follows the quote.
+    node.write(
+        "etc/containerd/config.toml",
+        format!("{once}# admin\n").as_bytes(),
+        0o644,
+    );
+    node.ok("uninstall");
+    assert_eq!(
+        node.read("etc/containerd/config.toml"),
+        format!("{site}# admin\n")
+    );
+    node.write("etc/containerd/config.toml", site.as_bytes(), 0o644);
+    assert_eq!(node.snapshot(), before);
+}
+
+#[test]
+fn an_admins_edit_made_before_a_later_install_survives_uninstall() {
+    // The admin edits outside and inside the block; the next install (a restarted pod, an
+    // upgrade) rewrites the block; uninstall must keep the admin's own edit.
+    let node = Node::new(V2_SITE);
+    node.ok("install");
+    let config = node.read("etc/containerd/config.toml");
+    let registry = "\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n";
+    node.write(
+        "etc/containerd/config.toml",
+        format!("{config}{registry}")
+            .replace(
+                "privileged_without_host_devices = true",
+                "privileged_without_host_devices = false",
+            )
+            .as_bytes(),
+        0o644,
+    );
+    let out = node.ok("install");
+    assert!(
+        out.contains("1 file(s) changed"),
+        "the block rewritten: {out}"
+    );
+    let out = node.ok("uninstall");
+    assert_eq!(
+        node.read("etc/containerd/config.toml"),
+        format!("{V2_SITE}{registry}"),
+        "{out}"
+    );
+
+    // containerd upgraded to 2.x between two installs (config migrated to version 3):
+    // uninstall must not put the 1.x config back.
+    let node = Node::new(V2_SITE);
+    node.ok("install");
+    node.write("etc/containerd/config.toml", V3_SITE.as_bytes(), 0o644);
+    node.ok("install");
+    let out = node.ok("uninstall");
+    let config: toml::Table = node
+        .read("etc/containerd/config.toml")
+        .parse()
+        .expect("toml");
+    assert_eq!(config["version"].as_integer(), Some(3), "{out}");
+    assert_eq!(
+        config["imports"].as_array().map(Vec::len),
+        Some(0),
+        "the drop-in's import taken out: {config:?}"
+    );
+    assert!(!node.root().join("etc/containerd/conf.d/cnfs.toml").exists());
+}
+
+#[test]
+fn a_private_config_toml_keeps_its_mode() {
+    // config.toml may hold registry credentials: the install must not make it readable.
+    let node = Node::new(V2_SITE);
+    let config = node.root().join("etc/containerd/config.toml");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    node.ok("install");
+    let mode = config.metadata().expect("meta").permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "mode after install: {mode:o}");
+}
+
+#[test]
+fn a_failed_restart_is_retried_by_the_next_run() {
+    let node = Node::new(V2_SITE);
+    let out = node
+        .command("install")
+        .args(["--restart-here", "--restart-command", "false"])
+        .output()
+        .expect("run");
+    let err = failed(&out);
+    assert!(err.contains("`false` failed"), "{err}");
+    let out = node.ok("install");
+    assert_eq!(node.restarts(), 1, "restarted by the second run: {out}");
+    assert!(node.containerd_runs_what_is_on_disk(V2_SITE), "{out}");
+    node.ok("install");
+    assert_eq!(node.restarts(), 1, "and only once");
+}
+
+#[test]
+fn a_directory_in_place_of_policy_toml_is_refused_before_any_write() {
+    let node = Node::new(V2_SITE);
+    std::fs::create_dir_all(node.root().join("etc/cnfs/policy.toml")).expect("mkdir");
+    let before = node.snapshot();
+    let err = failed(&node.run("install", &[]));
+    assert!(
+        err.contains("/etc/cnfs/policy.toml is a directory"),
+        "{err}"
+    );
+    assert_eq!(node.snapshot(), before, "nothing written");
+}
+
+#[test]
+fn a_dangling_policy_link_is_the_admins_and_outlives_install_and_uninstall() {
+    let node = Node::new(V2_SITE);
+    std::fs::create_dir_all(node.root().join("etc/cnfs")).expect("mkdir");
+    let link = node.root().join("etc/cnfs/policy.toml");
+    std::os::unix::fs::symlink("/etc/site/cnfs-policy.toml", &link).expect("link");
+    let before = node.snapshot();
+    let out = node.ok("install");
+    assert!(out.contains("kept /etc/cnfs/policy.toml"), "{out}");
+    assert!(link
+        .symlink_metadata()
+        .expect("link")
+        .file_type()
+        .is_symlink());
+    assert!(
+        !node.root().join("etc/site").exists(),
+        "nothing written through it"
+    );
+    node.ok("uninstall");
+    assert_eq!(node.snapshot(), before);
+}
+
+#[test]
+fn an_invalid_node_name_is_refused_before_any_write() {
+    let node = Node::new(V2_SITE);
+    let account = node.dir.path().join("sa");
+    std::fs::create_dir_all(&account).expect("sa");
+    std::fs::write(account.join("token"), "tok").expect("token");
+    let before = node.snapshot();
+    let out = node
+        .command("install")
+        .args(["--restart-command", ""])
+        // Never contacted: the name is refused first.
+        .args(["--api-server", "http://127.0.0.1:9"])
+        .arg("--service-account-dir")
+        .arg(&account)
+        .env("NODE_NAME", "Node_1/../x")
+        .output()
+        .expect("run");
+    let err = failed(&out);
+    assert!(
+        err.contains("NODE_NAME \"Node_1/../x\" is not a Kubernetes node name")
+            || err.contains("NODE_NAME Node_1/../x is not a Kubernetes node name"),
+        "{err}"
+    );
+    assert_eq!(node.snapshot(), before, "nothing written");
+}
+
+#[test]
+fn uninstall_without_the_saved_original_takes_only_cnfs_part_out_of_config_toml() {
+    let node = Node::new(V2_SITE);
+    let before = node.snapshot();
+    node.ok("install");
+    std::fs::remove_dir_all(node.root().join("opt/cnfs/.deploy/originals")).expect("rm");
+    let out = node.ok("uninstall");
+    assert_eq!(node.snapshot(), before, "{out}");
+}
+
+#[test]
+fn uninstall_leaves_a_config_toml_the_admin_deleted_deleted() {
+    let node = Node::new(V2_SITE);
+    node.ok("install");
+    std::fs::remove_file(node.root().join("etc/containerd/config.toml")).expect("rm");
+    let out = node.ok("uninstall");
+    assert!(
+        !node.root().join("etc/containerd/config.toml").exists(),
+        "uninstall created config.toml again: {out}"
+    );
+}
+
+#[test]
+fn install_and_uninstall_started_together_take_turns() {
+    for round in 0..12 {
+        let node = Node::new(V2_SITE);
+        let before = node.snapshot();
+        let spawn = |cmd: &str| {
+            node.command(cmd)
+                .args([
+                    "--restart-here",
+                    "--restart-command",
+                    &node.restart_command(),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        };
+        // Uninstall first: it finds the ledger the install is writing.
+        let install = spawn("install");
+        std::thread::sleep(std::time::Duration::from_millis(round));
+        let uninstall = spawn("uninstall");
+        for (what, child) in [("install", install), ("uninstall", uninstall)] {
+            let out = child.wait_with_output().expect("wait");
+            assert!(
+                out.status.success(),
+                "round {round}: {what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        node.ok("uninstall");
+        assert_eq!(node.snapshot(), before, "round {round}");
+        assert!(
+            node.containerd_runs_what_is_on_disk(V2_SITE),
+            "round {round}"
+        );
+    }
+}
+
+/// Runs `cnfs-deploy install` with the node's `rel` directory mounted read-only (in a mount
+/// namespace of its own); `None` where this test cannot make mounts (not root).
+fn install_with_read_only(node: &Node, rel: &str) -> Option<Output> {
+    let can = Command::new("unshare")
+        .args(["-m", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !can {
+        return None;
+    }
+    let mut c = Command::new("unshare");
+    c.args([
+        "-m",
+        "sh",
+        "-c",
+        "mount --bind \"$0\" \"$0\" && mount -o remount,ro,bind \"$0\" \"$0\" && exec \"$@\"",
+    ])
+    .arg(node.root().join(rel))
+    .arg(env!("CARGO_BIN_EXE_cnfs-deploy"))
+    .arg("install")
+    .arg("--host-root")
+    .arg(node.root())
+    .arg("--payload")
+    .arg(payload())
+    .args([
+        "--restart-here",
+        "--restart-command",
+        &node.restart_command(),
+    ]);
+    Some(c.output().expect("run"))
+}
+
+#[test]
+fn a_read_only_etc_is_refused_before_any_write() {
+    let node = Node::new(V2_SITE);
+    let before = node.snapshot();
+    let Some(out) = install_with_read_only(&node, "etc") else {
+        eprintln!("skipped: cannot make a read-only mount here (needs root)");
+        return;
+    };
+    let err = failed(&out);
+    assert!(
+        err.contains("/etc/cnfs/shim.toml: cannot write in /etc") && err.contains("read-only"),
+        "{err}"
+    );
+    assert_eq!(node.snapshot(), before, "nothing written");
+}
+
+/// Configs that are unusual but valid, each installed twice and uninstalled: the second
+/// install changes nothing, uninstall restores every byte.
+#[test]
+fn unusual_but_valid_configs_round_trip_byte_for_byte() {
+    let crlf = V2_SITE.replace('\n', "\r\n");
+    let no_newline = V2_SITE.trim_end().to_string();
+    let dotted = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\ncontainerd.default_runtime_name = \"runc\"\ncontainerd.runtimes.runc.runtime_type = \"io.containerd.runc.v2\"\n".to_string();
+    let v3_duplicates =
+        "version = 3\nimports = [\"/etc/containerd/site.toml\", \"/etc/containerd/site.toml\"]\n"
+            .to_string();
+    for site in [crlf, no_newline, dotted, v3_duplicates] {
+        let node = Node::new(&site);
+        let before = node.snapshot();
+        node.ok("install");
+        let again = node.ok("install");
+        assert!(again.contains("0 file(s) changed"), "{site:?}: {again}");
+        node.ok("uninstall");
+        assert_eq!(node.snapshot(), before, "{site:?}");
+    }
+    // A relative `imports` glob that covers conf.d: config.toml is not touched.
+    let site = "version = 3\nimports = [\"conf.d/*.toml\"]\n";
+    let node = Node::new(site);
+    node.ok("install");
+    assert_eq!(node.read("etc/containerd/config.toml"), site);
+}
+
+#[test]
+fn what_the_installer_cannot_safely_change_is_refused_before_any_write() {
+    let inline = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  runtimes = { runc = { runtime_type = \"io.containerd.runc.v2\" } }\n";
+    let node = Node::new(inline);
+    let before = node.snapshot();
+    let err = failed(&node.run("install", &[]));
+    assert!(
+        err.contains("/etc/containerd/config.toml with the runtime appended"),
+        "{err}"
+    );
+    assert_eq!(node.snapshot(), before, "inline tables");
+
+    // Kata's configuration a link loop.
+    let node = Node::new(V2_SITE);
+    let defaults = node.root().join("opt/kata/share/defaults/kata-containers");
+    std::fs::remove_file(defaults.join("configuration-qemu.toml")).expect("rm");
+    std::os::unix::fs::symlink("loop.toml", defaults.join("configuration-qemu.toml")).expect("a");
+    std::os::unix::fs::symlink("configuration-qemu.toml", defaults.join("loop.toml")).expect("b");
+    let before = node.snapshot();
+    let err = failed(&node.run("install", &[]));
+    assert!(
+        err.contains("configuration-qemu.toml: more than 16 symbolic links"),
+        "{err}"
+    );
+    assert_eq!(node.snapshot(), before, "Kata's link loop");
+
+    // A ledger that is not one (truncated): neither install nor uninstall touches anything.
+    let node = Node::new(V2_SITE);
+    node.ok("install");
+    let ledger = node.root().join("opt/cnfs/.deploy/ledger.json");
+    let text = std::fs::read(&ledger).expect("ledger");
+    std::fs::write(&ledger, &text[..text.len() / 2]).expect("truncate");
+    let before = node.snapshot();
+    for cmd in ["install", "uninstall"] {
+        let err = failed(&node.run(cmd, &[]));
+        assert!(
+            err.contains("/opt/cnfs/.deploy/ledger.json is not a cnfs-deploy ledger"),
+            "{cmd}: {err}"
+        );
+        assert_eq!(node.snapshot(), before, "{cmd} with a truncated ledger");
+    }
+}
+
+#[test]
+fn a_node_installed_by_hand_before_is_refused_instead_of_growing_the_initrd_each_run() {
+    // configs/README.md's appendix puts CNFS's drop-in into Kata's own config.d, so Kata's
+    // configuration names CNFS's initrd: deriving from it would append the overlay to the
+    // installer's own output on every run.
+    let node = Node::new(V2_SITE);
+    let drop_in = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/kata/qemu/config.d/50-cnfs.toml"),
+    )
+    .expect("drop-in");
+    node.write(
+        "opt/kata/share/defaults/kata-containers/runtimes/qemu/config.d/50-cnfs.toml",
+        &drop_in,
+        0o644,
+    );
+    node.write(
+        "opt/cnfs/share/kata/kata-cnfs-initrd.img",
+        b"KATA+CNFS",
+        0o644,
+    );
+    let before = node.snapshot();
+    let err = failed(&node.run("install", &[]));
+    assert!(
+        err.contains("/opt/cnfs/share/kata/kata-cnfs-initrd.img") && err.contains("--kata-initrd"),
+        "{err}"
+    );
+    assert_eq!(node.snapshot(), before, "nothing written");
+    // Named explicitly, Kata's initrd is used and a second run changes nothing.
+    let kata_initrd = "/opt/kata/share/kata-containers/kata-containers-initrd.img";
+    let run = || {
+        node.command("install")
+            .args([
+                "--restart-here",
+                "--restart-command",
+                &node.restart_command(),
+            ])
+            .args(["--kata-initrd", kata_initrd])
+            .output()
+            .expect("run")
+    };
+    assert!(run().status.success());
+    let again = String::from_utf8_lossy(&run().stdout).into_owned();
+    assert!(again.contains("0 file(s) changed"), "{again}");
+
+    // Pointed at the CNFS configuration itself: refused too.
+    let node = Node::new(V2_SITE);
+    node.ok("install");
+    let out = node
+        .command("install")
+        .args(["--restart-command", ""])
+        .args([
+            "--kata-config",
+            "/opt/cnfs/share/defaults/kata-containers/configuration-cnfs.toml",
+        ])
+        .output()
+        .expect("run");
+    let err = failed(&out);
+    assert!(err.contains("is CNFS's own"), "{err}");
+}
+
+#[test]
+fn a_failing_restart_commands_output_is_echoed_bounded() {
+    let node = Node::new(V2_SITE);
+    let script = node.dir.path().join("noisy.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nhead -c 100000 /dev/zero | tr '\\0' x >&2\nexit 3\n",
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = node
+        .command("install")
+        .args(["--restart-here", "--restart-command"])
+        .arg(&script)
+        .output()
+        .expect("run");
+    let err = failed(&out);
+    assert!(
+        err.contains("failed (exit status: 3): xxx"),
+        "{}",
+        &err[..err.len().min(300)]
+    );
+    assert!(err.len() < 2048, "echoed bounded: {} bytes", err.len());
+}
+
+#[test]
+fn a_file_in_place_of_etc_cnfs_is_refused_before_any_write() {
+    let node = Node::new(V2_SITE);
+    node.write("etc/cnfs", b"not a directory", 0o644);
+    let before = node.snapshot();
+    let err = failed(&node.run("install", &[]));
+    assert!(
+        err.contains("/etc/cnfs/shim.toml: /etc/cnfs is not a directory"),
+        "{err}"
+    );
+    assert_eq!(node.snapshot(), before, "nothing written");
 }
