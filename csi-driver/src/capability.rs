@@ -1,6 +1,7 @@
 //! Volume capabilities CNFS can honour: file-system access (never block) in any access mode,
 //! since NFS and CephFS are shared file systems.
 
+use cnfs_protocols::spec::FsKind;
 use tonic::Status;
 
 use crate::bounds;
@@ -44,15 +45,22 @@ pub fn check(field: &str, cap: Option<&VolumeCapability>) -> Result<Access, Stat
         }
         None => return Err(invalid(field, "access_type (mount) is required")),
     };
-    if !matches!(
-        mount.fs_type.as_str(),
-        "" | "nfs" | "nfs4" | "ceph" | "cephfs"
-    ) {
+    // The file system comes from the volume's source; a capability may name it as CNFS
+    // does or by a kernel type of it.
+    let fs_type = match mount.fs_type.as_str() {
+        "nfs4" => "nfs",
+        "ceph" => "cephfs",
+        "cifs" | "smb3" => "smb",
+        other => other,
+    };
+    if !fs_type.is_empty() && FsKind::by_name(fs_type).is_none() {
+        let known: Vec<&str> = FsKind::ALL.iter().map(|k| k.name()).collect();
         return Err(invalid(
             &format!("{field}.mount.fs_type"),
             format!(
-                "{} is not a CNFS file system (nfs, ceph)",
-                bounds::echo(&mount.fs_type)
+                "{} is not a CNFS file system ({})",
+                bounds::echo(&mount.fs_type),
+                known.join(", ")
             ),
         ));
     }

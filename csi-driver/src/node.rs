@@ -8,16 +8,14 @@
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use cnfs_host::kata::{self, MonitorPaths};
 use cnfs_protocols::agent;
 use cnfs_protocols::handoff::{HandoffDir, NodeSecret, Record, RECORD_VERSION};
-use cnfs_protocols::spec::Source;
+use cnfs_protocols::keyed_lock::KeyedLocks;
 use cnfs_protocols::transport::AgentAddress;
 use slog::Logger;
-use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
 use crate::bounds::{self, echo};
@@ -59,7 +57,7 @@ pub struct NodeService {
     handoff: HandoffDir,
     log: Logger,
     /// One lock per target path: publish and unpublish of one target never interleave.
-    locks: StdMutex<HashMap<String, Arc<Mutex<()>>>>,
+    locks: KeyedLocks<String>,
 }
 
 impl NodeService {
@@ -68,15 +66,8 @@ impl NodeService {
             handoff: HandoffDir::new(&cfg.handoff_root),
             cfg,
             log,
-            locks: StdMutex::new(HashMap::new()),
+            locks: KeyedLocks::new(),
         }
-    }
-
-    fn lock_for(&self, target: &str) -> Arc<Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget locks nobody holds, so the map does not grow with every pod ever seen.
-        locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks.entry(target.to_string()).or_default().clone()
     }
 
     fn publish(&self, p: Publish) -> Result<(), Status> {
@@ -435,7 +426,7 @@ pub fn validate_publish(req: &NodePublishVolumeRequest) -> Result<Publish, Statu
         .volume_spec(secret.as_ref())
         .map_err(|e| invalid(&e.field, e.reason))?;
     let record = Record {
-        has_secret: matches!(spec.source, Source::CephFs(_)),
+        has_secret: spec.source.kind().needs_secret(),
         ..record
     };
     Ok(Publish {
@@ -486,19 +477,12 @@ fn is_our_target(path: &Path) -> bool {
         && head == TARGET_MARKER.as_bytes()
 }
 
-/// The node-publish secret: `userKey` (and `userID`). Other keys are refused by name only.
+/// The node-publish secret, as given: which keys a file system reads is its own
+/// (`FsKind::secret_keys`), checked with the source in `Record::volume_spec`.
 fn node_secret(secrets: &HashMap<String, String>) -> Result<Option<NodeSecret>, Status> {
     bounds::map("secrets", secrets)?;
-    if let Some(k) = secrets.keys().find(|k| *k != "userKey" && *k != "userID") {
-        return Err(invalid(
-            "secrets",
-            format!("unknown key {} (CNFS reads userID and userKey)", echo(k)),
-        ));
-    }
-    Ok(secrets.get("userKey").map(|key| NodeSecret {
-        client: secrets.get("userID").cloned(),
-        key: key.clone(),
-    }))
+    Ok((!secrets.is_empty())
+        .then(|| NodeSecret::from_pairs(secrets.iter().map(|(k, v)| (k.as_str(), v.as_str())))))
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -522,8 +506,7 @@ impl Node for NodeService {
         // Validated before anything else, so only bounded, well-formed paths are locked on.
         let r = match validate_publish(&req) {
             Ok(p) => {
-                let lock = self.lock_for(&p.target);
-                let _held = lock.lock().await;
+                let _held = self.locks.lock(&p.target).await;
                 self.publish(p)
             }
             Err(e) => Err(e),
@@ -542,8 +525,7 @@ impl Node for NodeService {
             .and_then(|_| bounds::path("target_path", &req.target_path));
         let r = match checked {
             Ok(target) => {
-                let lock = self.lock_for(&target);
-                let _held = lock.lock().await;
+                let _held = self.locks.lock(&target).await;
                 self.unpublish(&req.volume_id, &target)
             }
             Err(e) => Err(e),

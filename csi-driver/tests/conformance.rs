@@ -148,7 +148,8 @@ async fn node_capabilities_info_and_argument_validation() -> anyhow::Result<()> 
             publish(&t, "nfs://10.0.0.5/exports/../etc"),
             "volume.nfs.export",
         ),
-        (publish(&t, "smb://10.0.0.5/share"), "volume_context.source"),
+        (publish(&t, "ftp://10.0.0.5/share"), "volume_context.source"),
+        (publish(&t, "smb://10.0.0.5/share"), "secrets.username"),
         (
             publish(&t, "cephfs://10.0.0.7:6789/sub?fs=a&client=x"),
             "secrets.userKey",
@@ -308,8 +309,11 @@ async fn publish_leaves_a_record_and_a_loud_target_and_unpublish_removes_them() 
     assert!(rec_c.has_secret);
     let secret = h.read_secret(&tc)?.expect("secret");
     assert_eq!(
-        (secret.client.as_deref(), secret.key.as_str()),
-        (Some("app"), KEY)
+        (
+            secret.0.get("userID").map(String::as_str),
+            secret.0.get("userKey").map(String::as_str)
+        ),
+        (Some("app"), Some(KEY))
     );
     assert_eq!(
         std::fs::metadata(h.secret_path(&tc))?.permissions().mode() & 0o777,

@@ -1,11 +1,13 @@
 //! Loads the kernel modules a file system needs when the guest kernel has them as modules
 //! (Debian kernels in test guests); a kernel with them built in (Kata's, with CNFS's config
-//! fragment) needs nothing. Dependencies come from `modules.dep`, loaded deepest first, the
+//! fragment) needs nothing. Dependencies come from `modules.dep` (read by
+//! `cnfs_protocols::modules_dep`, as the image builder reads it), loaded deepest first, the
 //! way modprobe does; compressed modules are handed to the kernel to decompress.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use cnfs_protocols::modules_dep::{self, canonical, module_name, ModulesDep, ModulesDepError};
 use nix::errno::Errno;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,8 @@ pub enum KmodError {
     },
     #[error("reading {0}: {1}")]
     Io(String, std::io::Error),
+    #[error("{0}: {1}")]
+    Parse(String, ModulesDepError),
 }
 
 /// `/lib/modules/<release>` of the running kernel.
@@ -30,40 +34,14 @@ pub fn default_dir() -> PathBuf {
     Path::new("/lib/modules").join(release)
 }
 
-/// Module names use `_` in sysfs and may use `-` in file names.
-fn canonical(name: &str) -> String {
-    name.replace('-', "_")
-}
-
-fn stem(path: &str) -> String {
-    let file = path.rsplit('/').next().unwrap_or(path);
-    let base = file.split(".ko").next().unwrap_or(file);
-    canonical(base)
-}
-
 fn is_loaded(name: &str) -> bool {
     Path::new("/sys/module").join(canonical(name)).exists()
 }
 
 fn is_builtin(dir: &Path, name: &str) -> bool {
     std::fs::read_to_string(dir.join("modules.builtin"))
-        .map(|t| t.lines().any(|l| stem(l) == canonical(name)))
+        .map(|t| modules_dep::lists_builtin(&t, name))
         .unwrap_or(false)
-}
-
-/// The load order for `name`: its dependencies deepest first, then itself, as paths
-/// relative to `dir`. `None` when `modules.dep` does not list it.
-pub fn load_order(modules_dep: &str, name: &str) -> Option<Vec<String>> {
-    let want = canonical(name);
-    modules_dep.lines().find_map(|line| {
-        let (module, deps) = line.split_once(':')?;
-        if stem(module) != want {
-            return None;
-        }
-        let mut order: Vec<String> = deps.split_whitespace().rev().map(str::to_string).collect();
-        order.push(module.trim().to_string());
-        Some(order)
-    })
 }
 
 /// Makes sure `name` is available: already loaded, built in, or loaded now with its
@@ -75,15 +53,17 @@ pub fn ensure(dir: &Path, name: &str) -> Result<(), KmodError> {
     let dep_path = dir.join("modules.dep");
     let deps = std::fs::read_to_string(&dep_path)
         .map_err(|e| KmodError::Io(dep_path.display().to_string(), e))?;
-    let order = load_order(&deps, name)
+    let order = ModulesDep::parse(&deps)
+        .map_err(|e| KmodError::Parse(dep_path.display().to_string(), e))?
+        .load_order(name)
         .ok_or_else(|| KmodError::Missing(name.to_string(), dep_path.display().to_string()))?;
     for rel in order {
-        if is_loaded(&stem(&rel)) {
+        if is_loaded(&module_name(&rel)) {
             continue;
         }
         let path = dir.join(&rel);
         load_file(&path).map_err(|errno| KmodError::Load {
-            module: stem(&rel),
+            module: module_name(&rel),
             path: path.display().to_string(),
             errno,
         })?;
@@ -135,8 +115,9 @@ kernel/drivers/net/virtio-net.ko:
 
     #[test]
     fn dependencies_load_deepest_first() {
+        let dep = ModulesDep::parse(DEP).expect("parse");
         assert_eq!(
-            load_order(DEP, "nfsv4").expect("listed"),
+            dep.load_order("nfsv4").expect("listed"),
             vec![
                 "kernel/net/sunrpc/sunrpc.ko.xz",
                 "kernel/fs/nfs/nfs.ko.xz",
@@ -145,9 +126,27 @@ kernel/drivers/net/virtio-net.ko:
             ]
         );
         assert_eq!(
-            load_order(DEP, "virtio_net").expect("dash and underscore match"),
+            dep.load_order("virtio_net")
+                .expect("dash and underscore match"),
             vec!["kernel/drivers/net/virtio-net.ko"]
         );
-        assert!(load_order(DEP, "ceph").is_none());
+        assert!(dep.load_order("ceph").is_none());
+    }
+
+    #[test]
+    fn a_module_missing_from_modules_dep_or_a_bad_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("cnfs-kmod-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("modules.dep"), DEP).expect("write");
+        // Not a real module name anywhere, so never loaded or built in on the test host.
+        let e = ensure(&dir, "cnfs-no-such-module").expect_err("missing");
+        assert!(
+            matches!(e, KmodError::Missing(ref m, _) if m == "cnfs-no-such-module"),
+            "{e}"
+        );
+        std::fs::write(dir.join("modules.dep"), "kernel/a.ko:\n/abs/b.ko:\n").expect("write");
+        let e = ensure(&dir, "cnfs-no-such-module").expect_err("bad file");
+        assert!(e.to_string().contains("modules.dep line 2"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

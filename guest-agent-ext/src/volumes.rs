@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use cnfs_protocols::agent;
+use cnfs_protocols::keyed_lock::{KeyedGuard, KeyedLocks};
 use cnfs_protocols::spec::{self, VolumeSpec, VOLUME_ROOT};
 use futures::future::{FutureExt, Shared};
 use nix::errno::Errno;
@@ -23,7 +24,7 @@ use protobuf::Message;
 use slog::{info, warn, Logger};
 
 use crate::error::AgentError;
-use crate::fs::{Context, Registry};
+use crate::fs::{Context, MountPlan, Registry};
 use crate::killable::{self, Outcome};
 use crate::mountinfo;
 
@@ -71,7 +72,6 @@ pub struct Stats {
     pub warnings: Vec<String>,
 }
 
-type Locks = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
 type ProbeResult = Shared<Pin<Box<dyn Future<Output = Outcome> + Send>>>;
 
 /// The one statfs probe of a volume in flight: callers join it instead of forking another.
@@ -87,32 +87,10 @@ pub struct Volumes {
     log: Logger,
     client_id: OnceLock<String>,
     /// Entries exist only while an operation holds or waits for a volume's lock.
-    locks: Locks,
+    locks: KeyedLocks<String>,
     known: RwLock<BTreeMap<String, Known>>,
     probes: Arc<Mutex<HashMap<String, Probe>>>,
     next_probe: std::sync::atomic::AtomicU64,
-}
-
-/// A held volume lock. Dropping it forgets the lock's entry when no other operation holds
-/// or waits for it, so the table never grows with the names callers have used.
-struct VolumeLock<'a> {
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-    name: String,
-    locks: &'a Locks,
-}
-
-impl Drop for VolumeLock<'_> {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        prune_lock(self.locks, &self.name);
-    }
-}
-
-fn prune_lock(locks: &Locks, name: &str) {
-    let mut l = locks.lock().unwrap_or_else(|p| p.into_inner());
-    if l.get(name).is_some_and(|a| Arc::strong_count(a) == 1) {
-        l.remove(name);
-    }
 }
 
 impl Volumes {
@@ -122,7 +100,7 @@ impl Volumes {
             registry: Registry::default(),
             log,
             client_id: OnceLock::new(),
-            locks: Mutex::new(HashMap::new()),
+            locks: KeyedLocks::new(),
             known: RwLock::new(BTreeMap::new()),
             probes: Arc::new(Mutex::new(HashMap::new())),
             next_probe: std::sync::atomic::AtomicU64::new(0),
@@ -131,7 +109,7 @@ impl Volumes {
 
     /// Per-volume lock entries right now (for tests and the bench).
     pub fn lock_entries(&self) -> usize {
-        self.locks.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.locks.len()
     }
 
     pub fn filesystems(&self) -> Vec<String> {
@@ -175,40 +153,23 @@ impl Volumes {
         self.known.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(name.to_string()).or_default().clone()
-    }
-
     /// Serialises operations on one volume, waiting at most until `deadline`.
     async fn lock_volume(
         &self,
         name: &str,
         deadline: tokio::time::Instant,
         timeout: Duration,
-    ) -> Result<VolumeLock<'_>, AgentError> {
-        let waited = tokio::time::timeout_at(deadline, self.lock_for(name).lock_owned()).await;
-        match waited {
-            Ok(guard) => Ok(VolumeLock {
-                guard: Some(guard),
-                name: name.to_string(),
-                locks: &self.locks,
-            }),
-            Err(_) => {
-                prune_lock(&self.locks, name);
-                Err(AgentError::Deadline(format!(
-                    "volume {name}: another operation on it did not finish within {timeout:?}"
-                )))
-            }
-        }
+    ) -> Result<KeyedGuard<'_, String>, AgentError> {
+        self.locks.lock_until(name, deadline).await.map_err(|_| {
+            AgentError::Deadline(format!(
+                "volume {name}: another operation on it did not finish within {timeout:?}"
+            ))
+        })
     }
 
     /// True while some operation holds or waits for the volume's lock.
     fn busy(&self, name: &str) -> bool {
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(name)
+        self.locks.is_busy(name)
     }
 
     /// Adopts mounts under the volume root that the agent does not know and no operation of
@@ -361,61 +322,52 @@ impl Volumes {
                 ))
             })??;
 
-        std::fs::create_dir_all(&mount_point).map_err(|e| {
-            AgentError::Internal(format!("creating {}: {e}", mount_point.display()))
-        })?;
-        let what = format!("volume {name} ({})", plan.source);
-        let cstr = |s: &[u8]| {
-            CString::new(s)
-                .map_err(|_| AgentError::Internal(format!("{what}: NUL byte in mount arguments")))
-        };
-        let source = cstr(plan.source.as_bytes())?;
-        let target = cstr(mount_point.as_os_str().as_bytes())?;
-        let fs_type = cstr(plan.fs_type.as_bytes())?;
-        let data = cstr(plan.data.as_bytes())?;
-        let flags = plan.flags.bits();
-        wipe(plan.data.into_bytes());
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let outcome = killable::run(remaining, || {
-            // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-            let rc = unsafe {
-                libc::mount(
-                    source.as_ptr(),
-                    target.as_ptr(),
-                    fs_type.as_ptr(),
-                    flags,
-                    data.as_ptr().cast(),
-                )
-            };
-            if rc == 0 {
-                Ok([0; 6])
-            } else {
-                Err(Errno::last())
-            }
-        })
+        let MountPlan {
+            source,
+            fs_type,
+            flags,
+            data,
+            mut attempt,
+        } = plan;
+        let what = format!("volume {name} ({source})");
+        let outcome = mount_in_child(
+            &what,
+            &mount_point,
+            &source,
+            &fs_type,
+            flags,
+            data,
+            deadline,
+        )
         .await;
-        // The option string may hold a key (CephFS): clear it now, not whenever it is freed.
-        wipe(data.into_bytes_with_nul());
-        match outcome {
-            Outcome::Done(_) => {}
-            Outcome::Failed(e) => {
-                let _ = std::fs::remove_dir(&mount_point);
-                return Err(handler
-                    .mount_error(&what, e)
-                    .unwrap_or_else(|| AgentError::from_mount_errno(&what, e)));
-            }
-            Outcome::TimedOut => {
+        let failed = match outcome {
+            Ok(Outcome::Done(_)) => None,
+            // The attempt reads its own failure first, while its state (a kernel log
+            // window) is what the mount left.
+            Ok(Outcome::Failed(e)) => Some(
+                attempt
+                    .failed(&what, e)
+                    .unwrap_or_else(|| AgentError::from_mount_errno(&what, e)),
+            ),
+            Ok(Outcome::TimedOut) => {
                 // The child was killed; if its mount completed at the last moment, undo it so
                 // that "timed out" really means "nothing mounted".
                 if mountinfo::find(&mountinfo::read().unwrap_or_default(), &mount_point).is_some() {
                     let _ = nix::mount::umount2(&mount_point, nix::mount::MntFlags::MNT_DETACH);
                 }
-                let _ = std::fs::remove_dir(&mount_point);
-                return Err(AgentError::Deadline(format!(
+                Some(AgentError::Deadline(format!(
                     "mounting {what}: the server did not answer within {timeout:?}"
-                )));
+                )))
             }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failed {
+            attempt.undo();
+            let _ = std::fs::remove_dir(&mount_point);
+            return Err(e);
         }
+        // Mounted: the attempt (a kernel log cursor) ends here, with nothing to undo.
+        drop(attempt);
         self.save_state(&name, &wanted);
         self.write_known()
             .insert(name, Known { spec: Some(wanted) });
@@ -636,14 +588,16 @@ impl Volumes {
             probe: Duration::ZERO,
             warnings: Vec::new(),
         };
-        if mountinfo::find(&entries, &mount_point).is_none() {
+        let Some(entry) = mountinfo::find(&entries, &mount_point) else {
             st.health = agent::Health::NOT_MOUNTED;
             st.detail = format!(
                 "nothing is mounted at {} (unmounted outside the agent); Mount it again or Unmount it",
                 mount_point.display()
             );
             return Ok(st);
-        }
+        };
+        // By the kernel's type, so that an adopted volume (no spec) gets its handler too.
+        let handler = self.registry.for_kernel_type(&entry.fs_type);
         let (result, started) = self.probe(name, &mount_point, bound)?;
         let outcome = tokio::time::timeout(wait, result).await;
         let probe = started.elapsed();
@@ -657,13 +611,8 @@ impl Volumes {
                 st.free_inodes = ffree;
                 st.detail = format!("statfs answered in {probe:?}");
                 let (uid, gid) = (owner >> 32, owner & 0xffff_ffff);
-                if uid == crate::idmap::UNMAPPED_ID || gid == crate::idmap::UNMAPPED_ID {
-                    st.warnings.push(format!(
-                        "the volume's root shows owner {uid}:{gid}: the server names owners the \
-                         guest cannot map (4294967294 = unmapped); have it send numeric ids \
-                         (nfs-ganesha: NFSv4 {{ Only_Numeric_Owners = true; }}; Linux knfsd does \
-                         for sec=sys by default)"
-                    ));
+                if let Some(w) = handler.and_then(|h| h.root_owner_warning(uid, gid)) {
+                    st.warnings.push(w);
                 }
             }
             Ok(Outcome::Failed(e)) => {
@@ -728,6 +677,72 @@ impl Volumes {
     /// Probes in flight right now (for tests).
     pub fn probes_in_flight(&self) -> usize {
         self.probes.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// mount(2) at `mount_point` in a killable child, to `deadline`. `data` (it may hold a key)
+/// is wiped once the call is over. An `Err` is a failure before the call.
+async fn mount_in_child(
+    what: &str,
+    mount_point: &Path,
+    source: &str,
+    fs_type: &str,
+    flags: nix::mount::MsFlags,
+    data: String,
+    deadline: tokio::time::Instant,
+) -> Result<Outcome, AgentError> {
+    let cstr = |s: &[u8]| {
+        CString::new(s)
+            .map_err(|_| AgentError::Internal(format!("{what}: NUL byte in mount arguments")))
+    };
+    let copied = cstr(data.as_bytes());
+    wipe(data.into_bytes());
+    let secret = Wiped(Some(copied?));
+    let source = cstr(source.as_bytes())?;
+    let target = cstr(mount_point.as_os_str().as_bytes())?;
+    let fs_type = cstr(fs_type.as_bytes())?;
+    let flags = flags.bits();
+    std::fs::create_dir_all(mount_point)
+        .map_err(|e| AgentError::Internal(format!("creating {}: {e}", mount_point.display())))?;
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let outcome = killable::run(remaining, || {
+        // SAFETY: all pointers are NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                fs_type.as_ptr(),
+                flags,
+                secret.as_ptr().cast(),
+            )
+        };
+        if rc == 0 {
+            Ok([0; 6])
+        } else {
+            Err(Errno::last())
+        }
+    })
+    .await;
+    Ok(outcome)
+}
+
+/// A mount option string that may hold a key: cleared when dropped, on every path out of the
+/// mount call, not whenever the allocator reuses it.
+struct Wiped(Option<CString>);
+
+impl Wiped {
+    fn as_ptr(&self) -> *const libc::c_char {
+        self.0
+            .as_deref()
+            .map_or(std::ptr::null(), std::ffi::CStr::as_ptr)
+    }
+}
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            wipe(c.into_bytes_with_nul());
+        }
     }
 }
 

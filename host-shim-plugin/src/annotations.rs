@@ -47,9 +47,10 @@ fn err<T>(annotation: &str, reason: impl Into<String>) -> Result<T, AnnotationEr
 /// One volume a pod asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodVolume {
-    /// The validated spec; for CephFS its key is still empty (see `secrets`).
+    /// The validated spec; its credentials (CephFS key, SMB user and password) are still
+    /// empty (see `secrets`).
     pub spec: VolumeSpec,
-    /// Name of the host-side secret holding the CephFS key, if any.
+    /// Name of the host-side secret holding the credentials, if the file system needs one.
     pub secret_ref: Option<String>,
     /// Where containers see it.
     pub path: String,
@@ -158,7 +159,7 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<Vec<PodVolume>, An
     Ok(out)
 }
 
-/// `nfs://server[:port]/export?opts` or `cephfs://mons/path?opts` into a validated spec.
+/// A volume URL (`nfs://`, `cephfs://`, `smb://`) into a validated spec.
 fn parse_source(
     key: &str,
     name: &str,
@@ -169,11 +170,17 @@ fn parse_source(
         reason,
     };
     let parsed = volume_url::parse(name, url).map_err(reason)?;
-    if parsed.is_cephfs() && parsed.secret_ref.is_none() {
-        return err(
-            key,
-            "cephfs volumes need secret=<name of a host-side secret>",
-        );
+    // The file system says whether it needs a secret; its URL then names one.
+    if let Some(kind) = parsed.kind().filter(|k| k.needs_secret()) {
+        if parsed.secret_ref.is_none() {
+            return err(
+                key,
+                format!(
+                    "{} volumes need secret=<name of a host-side secret>",
+                    kind.name()
+                ),
+            );
+        }
     }
     let spec = VolumeSpec::from_wire_unresolved(&parsed.wire).map_err(|e| reason(e.to_string()))?;
     Ok((spec, parsed.secret_ref))
@@ -247,7 +254,7 @@ mod tests {
                 assert_eq!(n.version, NfsVersion::V4_2);
                 assert_eq!(n.export, "/exports/data");
             }
-            Source::CephFs(_) => panic!("nfs"),
+            other => panic!("nfs expected, got {other:?}"),
         }
         assert!(v[0].applies_to(Some("anything")) && v[0].applies_to(None));
         assert_eq!(v[1].path, "/var/log/app");
@@ -274,7 +281,7 @@ mod tests {
                 assert_eq!(c.monitors.len(), 2);
                 assert!(c.secret.expose().is_empty());
             }
-            Source::Nfs(_) => panic!("cephfs"),
+            other => panic!("cephfs expected, got {other:?}"),
         }
     }
 
@@ -299,9 +306,28 @@ mod tests {
                 "DNS label",
             ),
             (
-                &[("cnfs.io/volume.d", "smb://a/x"), ("cnfs.io/mount.d", "/d")],
+                &[("cnfs.io/volume.d", "ftp://a/x"), ("cnfs.io/mount.d", "/d")],
                 "cnfs.io/volume.d",
                 "scheme",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.d", "smb://10.0.0.9/data"),
+                    ("cnfs.io/mount.d", "/d"),
+                ],
+                "cnfs.io/volume.d",
+                "smb volumes need secret=",
+            ),
+            (
+                &[
+                    (
+                        "cnfs.io/volume.d",
+                        "smb://10.0.0.9/data?secret=s&username=eve",
+                    ),
+                    ("cnfs.io/mount.d", "/d"),
+                ],
+                "cnfs.io/volume.d",
+                "volume.options.username: pass credentials in the volume's secret",
             ),
             (
                 &[

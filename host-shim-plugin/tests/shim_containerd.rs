@@ -214,8 +214,10 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
         &policy,
         format!(
             "[[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"nfs\", \"cephfs\"]\n\
-             servers = [\"{}/24\"]\nexport_prefixes = [\"{EXPORT}\"]\noptions = [\"nconnect\"]\n",
-            bed.ns.host_ip
+             servers = [\"{}/24\"]\nexport_prefixes = [\"{EXPORT}\"]\noptions = [\"nconnect\"]\n\
+             [[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"smb\"]\n\
+             servers = [\"{}/24\"]\nexport_prefixes = [\"/data\"]\noptions = []\n",
+            bed.ns.host_ip, bed.ns.host_ip
         ),
     )?;
     write_config(
@@ -412,6 +414,89 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
     ] {
         assert!(!haystack.contains(key), "key in {what}");
     }
+
+    // SMB through the shim: a real Samba server in the namespace, the pod names a host-side
+    // secret in mount.cifs's credentials format, the guest kernel mounts the share sealed,
+    // and the password appears in no output, log or file on the host side nor in the guest.
+    const SMB_USER: &str = "cnfsshimsmb";
+    const SMB_PW: &str = "shim,smb=pw 9";
+    let samba = cnfs_testbed::samba::Samba::start(
+        &bed.ns,
+        dir,
+        &cnfs_testbed::samba::SambaSetup::new()
+            .user(SMB_USER, SMB_PW)
+            .share(cnfs_testbed::samba::Share::new("data")),
+    )?;
+    let cred_file = secrets.join("team-a").join("smb-cred");
+    std::fs::write(
+        &cred_file,
+        format!("username={SMB_USER}\npassword={SMB_PW}\n"),
+    )?;
+    std::fs::set_permissions(&cred_file, std::fs::Permissions::from_mode(0o600))?;
+    let id = format!("{sandbox}-smb");
+    std::fs::create_dir_all(monitor_root.join(&id))?;
+    let _smb_monitor = cnfs_testbed::kata_monitor::serve(
+        &monitor_root.join(&id).join("shim-monitor.sock"),
+        &bed.vm.hvsock,
+    )?;
+    let mut a = cri_annotations("sandbox", &id, "team-a", "POD");
+    a.push(format!(
+        "cnfs.io/volume.{vol}=smb://{}/data?secret=smb-cred",
+        samba.server_ip
+    ));
+    a.push(format!("cnfs.io/mount.{vol}=/data"));
+    let args = with_annotations(&a, &["-d", "--rootfs", &root, &id, "/bin/sleep", "600"]);
+    let out = ctr.run(CNFS, &["run"], &args);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(&format!("/run/cnfs/volumes/{vol} cifs")))
+        .unwrap_or_default();
+    assert!(
+        line.contains("seal") && line.contains("vers=3.1.1"),
+        "{mounts}"
+    );
+    bed.vm
+        .exec
+        .ok(&format!(
+            "echo via-shim > /run/cnfs/volumes/{vol}/smb.txt && sync"
+        ))
+        .await?;
+    let share = samba.share_dir("data").expect("share");
+    assert_eq!(std::fs::read(share.join("smb.txt"))?, b"via-shim\n");
+    ctr.plain(&["task", "kill", "-s", "SIGKILL", &id]);
+    wait_task(&ctr, &id, "STOPPED");
+    let del = ctr.plain(&["task", "delete", &id]);
+    assert!(del.status.success(), "{}", text(&del.stderr));
+    assert!(!bed
+        .vm
+        .exec
+        .ok("cat /proc/mounts")
+        .await?
+        .contains(&format!("/run/cnfs/volumes/{vol}")));
+    let grep = Command::new("grep")
+        .args(["-r", "-l", "-a", "-F", SMB_PW])
+        .arg(ctd.dir())
+        .output()?;
+    assert!(
+        grep.stdout.is_empty(),
+        "password found in {}",
+        text(&grep.stdout)
+    );
+    for (what, haystack) in [
+        ("ctr output", format!("{err}{}", text(&out.stdout))),
+        ("containerd log", ctd.log_tail(100_000)),
+        ("guest console", bed.vm.console_text()),
+        ("guest mounts", mounts),
+    ] {
+        assert!(
+            !haystack.contains(SMB_PW) && !haystack.contains("shim,,smb"),
+            "password in {what}"
+        );
+    }
+    drop(samba);
 
     // An unreachable guest: no management socket for this sandbox id.
     let id = format!("{sandbox}-nowhere");

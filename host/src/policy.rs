@@ -22,13 +22,10 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::path::Path;
 
-use cnfs_protocols::spec::{self, Server, Source, VolumeSpec};
+use cnfs_protocols::spec::{self, FsKind, Server, VolumeSpec};
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
-
-/// The file systems CNFS mounts, as [`VolumeSpec::fs_name`] names them.
-pub const FILESYSTEMS: &[&str] = &["nfs", "cephfs"];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
@@ -182,13 +179,10 @@ impl Rule {
         if !self.filesystems.iter().any(|f| f == fs) {
             return Err(format!("file system {fs} is not allowed"));
         }
-        let (servers, path): (Vec<Server>, &str) = match &v.source {
-            Source::Nfs(n) => (vec![n.server.clone()], &n.export),
-            Source::CephFs(c) => (
-                c.monitors.iter().map(|m| Server::Ip(m.ip())).collect(),
-                &c.path,
-            ),
-        };
+        // The source type says what its servers and path are (an SMB share's path is
+        // `/share/dir`).
+        let (servers, path) = v.source.policy_target();
+        let path = path.as_str();
         for s in &servers {
             if !self.allows_server(s) {
                 return Err(format!("server {s} is not allowed"));
@@ -280,13 +274,14 @@ fn check_namespace(ns: &str) -> Result<(), String> {
 }
 
 fn check_filesystem(fs: &str) -> Result<(), String> {
-    if FILESYSTEMS.contains(&fs) {
+    if FsKind::by_name(fs).is_some() {
         Ok(())
     } else {
+        let known: Vec<&str> = FsKind::ALL.iter().map(|k| k.name()).collect();
         Err(format!(
             "\"{}\" is not a file system CNFS mounts ({})",
             spec::printable(fs),
-            FILESYSTEMS.join(", ")
+            known.join(", ")
         ))
     }
 }
@@ -471,7 +466,7 @@ export_prefixes = ["/public"]
             (
                 "filesystems",
                 r#"["nfs", "nsf"]"#,
-                "\"nsf\" is not a file system CNFS mounts (nfs, cephfs)",
+                "\"nsf\" is not a file system CNFS mounts (nfs, cephfs, smb)",
             ),
             ("filesystems", r#"["NFS"]"#, "\"NFS\" is not a file system"),
             ("filesystems", "[]", "is empty"),
@@ -559,9 +554,9 @@ export_prefixes = ["/public"]
         let text = format!(
             "{}\n{}",
             entry_with("options", "[]"),
-            entry_with("filesystems", r#"["smb"]"#)
+            entry_with("filesystems", r#"["afs"]"#)
         );
-        let e = Policy::parse(&text).expect_err("smb");
+        let e = Policy::parse(&text).expect_err("afs");
         assert_eq!(
             (e.line, e.key.as_str()),
             (12, "allow[1].filesystems"),
@@ -604,8 +599,9 @@ export_prefixes = ["/public"]
     #[test]
     fn the_shipped_example_policy_loads() {
         let p = Policy::parse(include_str!("../../configs/cnfs/policy.toml")).expect("example");
-        assert_eq!(p.allow.len(), 2);
+        assert_eq!(p.allow.len(), 3);
         assert_eq!(p.allow[1].filesystems, ["nfs", "cephfs"]);
+        assert_eq!(p.allow[2].filesystems, ["smb"]);
     }
 
     #[test]
@@ -625,7 +621,7 @@ export_prefixes = ["/public"]
             VolumeSpec::from_wire_unresolved(&w).expect("cephfs spec")
         };
         for v in [nfs("10.0.0.1", "/e", &[]), cephfs] {
-            assert!(FILESYSTEMS.contains(&v.fs_name()), "{}", v.fs_name());
+            assert!(FsKind::by_name(v.fs_name()).is_some(), "{}", v.fs_name());
         }
     }
 }

@@ -4,7 +4,8 @@
 //! refuses the whole file, naming that entry's key and line. The inputs behind issue 10's item
 //! 13 are kept as regression cases.
 
-use cnfs_host::policy::{Policy, Rule, FILESYSTEMS};
+use cnfs_host::policy::{Policy, Rule};
+use cnfs_protocols::spec::FsKind;
 use proptest::prelude::*;
 
 fn namespace() -> impl Strategy<Value = String> {
@@ -33,7 +34,10 @@ fn prefix() -> impl Strategy<Value = String> {
 fn rule() -> impl Strategy<Value = Rule> {
     (
         prop::collection::vec(namespace(), 1..4),
-        prop::sample::subsequence(FILESYSTEMS.to_vec(), 1..=FILESYSTEMS.len()),
+        prop::sample::subsequence(
+            FsKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>(),
+            1..=FsKind::ALL.len(),
+        ),
         prop::collection::vec(server(), 1..4),
         prop::collection::vec(prefix(), 1..4),
         prop::collection::vec("[a-z][a-z0-9_]{0,15}", 0..4),
@@ -175,7 +179,7 @@ proptest! {
         rules in prop::collection::vec(rule(), 1..5),
         pick in any::<prop::sample::Index>(),
         typo in prop_oneof![
-            (Just("filesystems"), prop::sample::select(vec!["nsf", "NFS", "smb", "ceph", "nfs4", ""])),
+            (Just("filesystems"), prop::sample::select(vec!["nsf", "NFS", "cifs", "ceph", "nfs4", ""])),
             (Just("servers"), prop::sample::select(vec!["10.0.0.0/33", "10.0.0.256", "[fd00::5]", "nfs server", "a..b", "-x.example", ""])),
             (Just("export_prefixes"), prop::sample::select(vec!["/x/../y", "/x//y", "/x/./y", "exports", "/a b", ""])),
             (Just("namespaces"), prop::sample::select(vec!["Team-A", "team_a", "-a", "a-", ""])),

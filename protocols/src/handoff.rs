@@ -11,6 +11,7 @@
 //! - `relay/<sandbox id>.sock`: the shim's stats relay for that sandbox's guest (the agent's
 //!   `Stats` only), so the node plugin reaches no guest socket itself.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::agent;
-use crate::spec::{SpecError, VolumeSpec};
+use crate::spec::{FsKind, SpecError, VolumeSpec};
 use crate::volume_url::{self, echo};
 
 /// Where the node plugin and the shim meet, unless configured otherwise.
@@ -46,7 +47,7 @@ pub struct Record {
     pub pod_uid: String,
     /// An inline (ephemeral) volume: its source was written by the pod's author.
     pub ephemeral: bool,
-    /// A [`NodeSecret`] file accompanies the record.
+    /// A [`NodeSecret`] file accompanies the record (the file system needs one).
     pub has_secret: bool,
     /// Mount flags from the volume capability (a PV's `mountOptions`): `key` or `key=value`.
     #[serde(default)]
@@ -55,9 +56,10 @@ pub struct Record {
 
 impl Record {
     /// The volume as the agent gets it: the source URL plus the mount flags, read-only if
-    /// published so, and for CephFS the client and key of `secret`; validated by the same
-    /// rules as every other spec. Errors name the field (`volume_context.source`,
-    /// `mount_flags`, `secrets.userKey`, ...) and never carry the key.
+    /// published so, and the credentials of `secret` for a file system that needs them;
+    /// validated by the same rules as every other spec. Errors name the field
+    /// (`volume_context.source`, `mount_flags`, `secrets.userKey`, ...) and never carry a
+    /// secret's value.
     pub fn volume_spec(
         &self,
         secret: Option<&NodeSecret>,
@@ -72,8 +74,8 @@ impl Record {
         if parsed.secret_ref.is_some() {
             return Err(err(
                 "volume_context.source",
-                "secret= names a host-side secret of the annotation API; CSI volumes take the \
-                 CephFS key from the node-publish secret (userKey)"
+                "secret= names a host-side secret of the annotation API; CSI volumes take \
+                 credentials from the node-publish secret"
                     .into(),
             ));
         }
@@ -95,49 +97,58 @@ impl Record {
             }
         }
         parsed.wire.read_only |= self.read_only;
-        if parsed.wire.has_cephfs() {
-            let secret = secret.ok_or_else(|| {
+        let kind = FsKind::of_wire(&parsed.wire)
+            .ok_or_else(|| err("volume_context.source", "names no file system".into()))?;
+        // Keys the file system does not read are refused by name (for NFS: any key).
+        let creds = secret
+            .map(|s| {
+                kind.credentials_from_map(
+                    "secrets",
+                    s.0.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                )
+            })
+            .transpose()?;
+        if kind.needs_secret() {
+            let required = kind.required_secret_keys();
+            let creds = creds.ok_or_else(|| {
                 err(
-                    "secrets.userKey",
-                    "cephfs volumes need a node-publish secret with userKey (and userID unless \
-                     the source names client=)"
-                        .into(),
+                    &format!("secrets.{}", required.first().copied().unwrap_or("secret")),
+                    format!(
+                        "{} volumes need a node-publish secret with {}",
+                        kind.name(),
+                        required.join(", ")
+                    ),
                 )
             })?;
-            let c = parsed.wire.mut_cephfs();
-            match (&secret.client, c.client.is_empty()) {
-                (Some(id), true) => c.client = id.clone(),
-                (Some(id), false) if *id != c.client => {
-                    return Err(err(
-                        "secrets.userID",
-                        "differs from the client= of the source".into(),
-                    ))
-                }
-                _ => {}
-            }
-            c.secret = secret.key.clone();
-            let spec = VolumeSpec::from_wire(&parsed.wire)?;
-            return Ok((spec, parsed.wire));
+            kind.apply_credentials("secrets", &mut parsed.wire, &creds)?;
         }
         let spec = VolumeSpec::from_wire(&parsed.wire)?;
         Ok((spec, parsed.wire))
     }
 }
 
-/// The node-publish secret a volume needs (CephFS): the client and its key.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeSecret {
-    #[serde(rename = "userID", default, skip_serializing_if = "Option::is_none")]
-    pub client: Option<String>,
-    #[serde(rename = "userKey")]
-    pub key: String,
+/// The node-publish secret of a volume whose file system needs one, as the CSI request gave
+/// it (CephFS `userKey`/`userID`, SMB `username`/`password`/`domain`: which keys is the
+/// file system's, [`FsKind::secret_keys`]). Kept beside the record, 0600, on tmpfs.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeSecret(pub BTreeMap<String, String>);
+
+impl NodeSecret {
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        NodeSecret(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
 }
 
 impl fmt::Debug for NodeSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeSecret")
-            .field("client", &self.client)
-            .field("key", &"<redacted>")
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "<redacted>")))
             .finish()
     }
 }
@@ -339,10 +350,7 @@ mod tests {
         r.source = "cephfs://10.0.0.1:6789/sub?fs=a".into();
         let e = r.volume_spec(None).unwrap_err();
         assert_eq!(e.field, "secrets.userKey");
-        let s = NodeSecret {
-            client: Some("x".into()),
-            key: KEY.into(),
-        };
+        let s = NodeSecret::from_pairs([("userID", "x"), ("userKey", KEY)]);
         r.mount_flags.clear();
         let (_, wire) = r.volume_spec(Some(&s)).unwrap();
         assert_eq!(wire.cephfs().client, "x");
@@ -374,11 +382,11 @@ mod tests {
         let h = HandoffDir::new(&dir);
         let t = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv/mount";
         h.write_record(&record(t)).unwrap();
-        let s = NodeSecret {
-            client: Some("x".into()),
-            key: "AQB=".into(),
-        };
+        let s = NodeSecret::from_pairs([("userID", "x"), ("userKey", "AQB=")]);
         h.write_secret(t, &s).unwrap();
+        // The same JSON the first records had: {"userID":...,"userKey":...}.
+        let json = std::fs::read_to_string(h.secret_path(t)).unwrap();
+        assert_eq!(json.trim(), r#"{"userID":"x","userKey":"AQB="}"#);
         assert_eq!(h.read_record(t).unwrap(), Some(record(t)));
         assert_eq!(h.read_secret(t).unwrap(), Some(s.clone()));
         assert!(!format!("{s:?}").contains("AQB="));

@@ -32,6 +32,8 @@ pub mod agent_ttrpc {
 }
 
 pub mod handoff;
+pub mod keyed_lock;
+pub mod modules_dep;
 pub mod spec;
 pub mod transport;
 pub mod volume_url;

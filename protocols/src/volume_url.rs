@@ -3,14 +3,18 @@
 //!
 //! - `nfs://server[:port]/export?vers=4.1&<nfs option>...`
 //! - `cephfs://mon[,mon...]/path?fs=<name>&client=<id>[&fsid=<uuid>][&secret=<ref>][&<option>...]`
+//! - `smb://server[:port]/share[/path]?vers=3.1.1&secret=<ref>[&<option>...]`
 //!
-//! The result is an unvalidated wire spec: callers fill in what comes from elsewhere (a
-//! CephFS client and key from a CSI secret) and then validate with [`crate::spec`].
+//! The scheme is the file system's name ([`FsKind`]); each file system's module reads its
+//! own authority and path. `secret=` names a secret held elsewhere, for file systems that
+//! need one. The result is an unvalidated wire spec: callers fill in what comes from
+//! elsewhere (credentials from a secret) and then validate with [`crate::spec`].
 
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 
 use crate::agent;
+use crate::spec::FsKind;
 
 /// The longest volume URL read: a CSI `volume_context` map is at most 4 KiB in all (CSI spec,
 /// "Size Limits"), and an annotation value at most 2 KiB.
@@ -43,8 +47,9 @@ pub struct VolumeUrl {
 }
 
 impl VolumeUrl {
-    pub fn is_cephfs(&self) -> bool {
-        self.wire.has_cephfs()
+    /// The file system the URL names (every parsed URL has one).
+    pub fn kind(&self) -> Option<FsKind> {
+        FsKind::of_wire(&self.wire)
     }
 }
 
@@ -56,9 +61,9 @@ pub fn parse(name: &str, url: &str) -> Result<VolumeUrl, String> {
             url.len()
         ));
     }
-    let (scheme, rest) = url
-        .split_once("://")
-        .ok_or("must be a URL like nfs://server/export or cephfs://monitor/path")?;
+    let (scheme, rest) = url.split_once("://").ok_or(
+        "must be a URL like nfs://server/export, cephfs://monitor/path or smb://server/share",
+    )?;
     if rest
         .chars()
         .any(|c| matches!(c, '#' | '@' | '%') || c.is_whitespace() || c.is_control())
@@ -81,58 +86,30 @@ pub fn parse(name: &str, url: &str) -> Result<VolumeUrl, String> {
             return Err(format!("option {} is given twice", echo(k)));
         }
     }
+    let Some(kind) = FsKind::by_name(scheme) else {
+        let names: Vec<&str> = FsKind::ALL.iter().map(|k| k.name()).collect();
+        return Err(format!(
+            "scheme {} is not supported ({})",
+            echo(scheme),
+            names.join(", ")
+        ));
+    };
+    let secret_ref = if kind.needs_secret() {
+        options.remove("secret").filter(|s| !s.is_empty())
+    } else {
+        None
+    };
     let mut wire = agent::VolumeSpec {
         name: name.to_string(),
+        source: Some(kind.source_from_url(authority, path, &mut options)?),
         ..Default::default()
     };
-    let mut secret_ref = None;
-    match scheme {
-        "nfs" => {
-            let (server, port) = split_host_port(authority)?;
-            if let Some(port) = port {
-                if options.insert("port".into(), port).is_some() {
-                    return Err("give the port either in the URL or as port=, not both".into());
-                }
-            }
-            let version = options.remove("vers").or_else(|| options.remove("nfsvers"));
-            wire.set_nfs(agent::NfsSource {
-                server,
-                export: path.to_string(),
-                version: version.unwrap_or_default(),
-                ..Default::default()
-            });
-        }
-        "cephfs" => {
-            let mut take = |k: &str| options.remove(k).unwrap_or_default();
-            let fs_name = take("fs");
-            let client = take("client");
-            let fsid = take("fsid");
-            let secret = take("secret");
-            if !secret.is_empty() {
-                secret_ref = Some(secret);
-            }
-            wire.set_cephfs(agent::CephFsSource {
-                monitors: authority.split(',').map(str::to_string).collect(),
-                fs_name,
-                path: path.to_string(),
-                client,
-                fsid,
-                ..Default::default()
-            });
-        }
-        other => {
-            return Err(format!(
-                "scheme {} is not supported (nfs, cephfs)",
-                echo(other)
-            ))
-        }
-    }
     wire.options = options.into_iter().collect();
     Ok(VolumeUrl { wire, secret_ref })
 }
 
 /// `[v6]:port`, `[v6]`, `host:port`, `host`.
-fn split_host_port(authority: &str) -> Result<(String, Option<String>), String> {
+pub(crate) fn split_host_port(authority: &str) -> Result<(String, Option<String>), String> {
     if authority.is_empty() {
         return Err("the URL has no server".into());
     }
@@ -199,7 +176,8 @@ mod tests {
             ("nfs://u@h/x", "must not contain"),
             ("nfs:///x", "no server"),
             ("nfs://h/x?vers=3&vers=4", "twice"),
-            ("smb://h/x", "not supported"),
+            ("ftp://h/x", "not supported"),
+            ("smb://h", "no share"),
             ("nfs://[fd00::1/x", "unclosed"),
             ("nfs://[nfs.example.com]/x", "IPv6"),
             ("nfs://[fe80::1%25eth0]/x", "must not contain"),

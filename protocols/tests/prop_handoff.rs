@@ -181,7 +181,9 @@ proptest! {
         r.target_path = format!("/{}", r.target_path);
         h.write_record(&r)?;
         prop_assert_eq!(h.read_record(&r.target_path)?, Some(r.clone()));
-        let s = NodeSecret { client, key };
+        let s = NodeSecret::from_pairs(
+            client.iter().map(|c| ("userID", c.as_str())).chain([("userKey", key.as_str())]),
+        );
         h.write_secret(&r.target_path, &s)?;
         prop_assert_eq!(h.read_secret(&r.target_path)?, Some(s));
         let g = GuestUse { sandbox_id: sandbox, volume };
@@ -205,7 +207,11 @@ proptest! {
         secret in proptest::option::of((proptest::option::of("[a-z]{1,8}"),
             prop_oneof![any::<String>(), Just("AQBSdFhlAAAAABAAWmDqDUUxmRX4fcLsaFk2tg==".to_string())])),
     ) {
-        let secret = secret.map(|(client, key)| NodeSecret { client, key });
+        let secret = secret.map(|(client, key): (Option<String>, String)| {
+            NodeSecret::from_pairs(
+                client.iter().map(|c| ("userID", c.as_str())).chain([("userKey", key.as_str())]),
+            )
+        });
         match r.volume_spec(secret.as_ref()) {
             Ok((spec, wire)) => {
                 prop_assert_eq!(&spec.name, &handoff::guest_volume_name(&r.target_path));
@@ -218,9 +224,9 @@ proptest! {
                 prop_assert!(known.contains(&e.field.as_str()) || e.field.starts_with("volume."),
                     "unexpected field {:?}", e.field);
                 prop_assert!(e.to_string().len() <= 1024, "{} byte error", e.to_string().len());
-                if let Some(s) = &secret {
-                    if s.key.len() >= 8 {
-                        prop_assert!(!e.to_string().contains(&s.key), "the key is echoed");
+                if let Some(key) = secret.as_ref().and_then(|s| s.0.get("userKey")) {
+                    if key.len() >= 8 {
+                        prop_assert!(!e.to_string().contains(key.as_str()), "the key is echoed");
                     }
                 }
             }

@@ -1,22 +1,13 @@
 //! Picks kernel modules out of an extracted kernel package: the closure of the requested
-//! names over `modules.dep`, decompressed to plain `.ko` (busybox modprobe in the test guest
+//! names over `modules.dep` (read by `cnfs_protocols::modules_dep`, as the agent reads it),
+//! decompressed to plain `.ko` (busybox modprobe in the test guest
 //! cannot be relied on to decompress), and a `modules.dep` that lists only those.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
-
-/// Module names use `_` in the kernel and may use `-` in file names.
-fn canonical(name: &str) -> String {
-    name.replace('-', "_")
-}
-
-/// `kernel/drivers/net/virtio-net.ko.xz` -> `virtio_net`.
-fn stem(path: &str) -> String {
-    let file = path.rsplit('/').next().unwrap_or(path);
-    canonical(file.split(".ko").next().unwrap_or(file))
-}
+use cnfs_protocols::modules_dep::{self, ModulesDep};
 
 /// Names end up in a shell `for` loop and in file lookups: keep them to a plain alphabet.
 pub fn check_name(name: &str) -> Result<()> {
@@ -26,18 +17,6 @@ pub fn check_name(name: &str) -> Result<()> {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
         bail!("kernel module name {name:?}: use letters, digits, `_` and `-` only");
-    }
-    Ok(())
-}
-
-/// Paths from modules.dep are joined to the kernel tree: refuse anything that could leave it.
-fn check_rel(path: &str) -> Result<()> {
-    if path.starts_with('/')
-        || path
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..")
-    {
-        bail!("modules.dep path {path:?} is not a plain relative path");
     }
     Ok(())
 }
@@ -68,79 +47,26 @@ pub fn decompress(path: &str, data: &[u8]) -> Result<Vec<u8>> {
     Ok(data.to_vec())
 }
 
-/// `modules.dep`: each module path with its dependencies, in the file's order (loading them
-/// in reverse, then the module, works).
-#[derive(Debug, Default)]
-pub struct ModulesDep {
-    deps: BTreeMap<String, Vec<String>>,
-    by_name: BTreeMap<String, String>,
-}
-
-impl ModulesDep {
-    pub fn parse(text: &str) -> Result<Self> {
-        let mut dep = ModulesDep::default();
-        for (n, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let (module, deps) = line
-                .split_once(':')
-                .with_context(|| format!("modules.dep line {}: no `:`", n + 1))?;
-            let module = module.trim().to_string();
-            let deps: Vec<String> = deps.split_whitespace().map(str::to_string).collect();
-            for p in std::iter::once(&module).chain(&deps) {
-                check_rel(p).with_context(|| format!("modules.dep line {}", n + 1))?;
-            }
-            // depmod lists each name once; should two files share one, the first wins.
-            dep.by_name.entry(stem(&module)).or_insert(module.clone());
-            dep.deps.insert(module, deps);
+/// A modules.dep for just `modules`, with paths rewritten to `.ko`, lines sorted; each line
+/// keeps its dependencies in the original order (the load order, reversed).
+pub fn restricted(dep: &ModulesDep, modules: &BTreeSet<String>) -> Result<String> {
+    let mut lines = Vec::new();
+    for m in modules {
+        let mut line = format!("{}:", plain_path(m)?);
+        for d in dep.deps_of(m).unwrap_or_default() {
+            line.push(' ');
+            line.push_str(&plain_path(d)?);
         }
-        Ok(dep)
+        lines.push(line);
     }
-
-    pub fn find(&self, name: &str) -> Option<&str> {
-        self.by_name.get(&canonical(name)).map(String::as_str)
-    }
-
-    /// Every module file needed for `paths`: themselves and their dependencies, transitively
-    /// (depmod already lists the full set, but a hand-made file may not).
-    pub fn closure<'a>(&self, paths: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
-        let mut seen = BTreeSet::new();
-        let mut todo: Vec<String> = paths.into_iter().map(str::to_string).collect();
-        while let Some(p) = todo.pop() {
-            if let Some(deps) = self.deps.get(&p) {
-                todo.extend(deps.iter().filter(|d| !seen.contains(*d)).cloned());
-            }
-            seen.insert(p);
-        }
-        seen
-    }
-
-    /// A modules.dep for just `modules`, with paths rewritten to `.ko`, lines sorted.
-    pub fn restricted(&self, modules: &BTreeSet<String>) -> Result<String> {
-        let mut lines = Vec::new();
-        for m in modules {
-            let deps = self.deps.get(m).map(Vec::as_slice).unwrap_or_default();
-            let mut line = format!("{}:", plain_path(m)?);
-            for d in deps {
-                line.push(' ');
-                line.push_str(&plain_path(d)?);
-            }
-            lines.push(line);
-        }
-        lines.sort();
-        Ok(lines.iter().map(|l| format!("{l}\n")).collect())
-    }
+    lines.sort();
+    Ok(lines.iter().map(|l| format!("{l}\n")).collect())
 }
 
 /// `modules.builtin` lists modules compiled into the kernel: asking for one is fine, there is
 /// just nothing to copy.
 fn is_builtin(builtin: Option<&str>, name: &str) -> bool {
-    let want = canonical(name);
-    builtin.is_some_and(|t| {
-        t.lines()
-            .any(|l| !l.trim().is_empty() && stem(l.trim()) == want)
-    })
+    builtin.is_some_and(|t| modules_dep::lists_builtin(t, name))
 }
 
 /// What goes under `lib/modules/<release>/` in the initrd.
@@ -191,7 +117,7 @@ pub fn select(kernel_tree: &Path, release: &str, names: &[String]) -> Result<Sel
     }
     Ok(Selection {
         modules,
-        modules_dep: dep.restricted(&closure)?,
+        modules_dep: restricted(&dep, &closure)?,
         modules_builtin: builtin,
     })
 }
@@ -259,23 +185,29 @@ kernel/drivers/net/virtio-net.ko:
             ["kernel/fs/nfs/nfs.ko.xz", "kernel/net/sunrpc/sunrpc.ko.xz"]
         );
         assert_eq!(
-            dep.restricted(&c).expect("restricted"),
+            restricted(&dep, &c).expect("restricted"),
             "kernel/fs/nfs/nfs.ko: kernel/net/sunrpc/sunrpc.ko\nkernel/net/sunrpc/sunrpc.ko:\n"
         );
         let all = dep.closure(["kernel/fs/nfs/nfsv4.ko.xz"]);
         assert_eq!(all.len(), 4);
         // dependency order is kept: it is the load order, reversed
-        assert!(dep.restricted(&all).expect("restricted").contains(
+        assert!(restricted(&dep, &all).expect("restricted").contains(
             "nfsv4.ko: kernel/net/dns_resolver/dns_resolver.ko kernel/fs/nfs/nfs.ko kernel/net/sunrpc/sunrpc.ko\n"
         ));
     }
 
     #[test]
     fn paths_leaving_the_tree_are_refused() {
-        assert!(ModulesDep::parse("../../etc/shadow.ko:\n").is_err());
-        assert!(ModulesDep::parse("/abs/x.ko:\n").is_err());
-        assert!(ModulesDep::parse("a.ko: b/../../c.ko\n").is_err());
-        assert!(ModulesDep::parse("no colon here\n").is_err());
+        for (text, named) in [
+            ("../../etc/shadow.ko:\n", "\"../../etc/shadow.ko\""),
+            ("/abs/x.ko:\n", "\"/abs/x.ko\""),
+            ("a.ko: b/../../c.ko\n", "\"b/../../c.ko\""),
+            ("no colon here\n", "no `:`"),
+        ] {
+            let e = ModulesDep::parse(text).expect_err(text);
+            assert!(e.to_string().starts_with("modules.dep line 1: "), "{e}");
+            assert!(e.to_string().contains(named), "{e}");
+        }
     }
 
     #[test]

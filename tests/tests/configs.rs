@@ -1167,7 +1167,7 @@ fn check_policy_toml(text: &str) -> anyhow::Result<usize> {
         }
         for fs in strings(rule.get("filesystems"), "filesystems")? {
             ensure!(
-                fs == "nfs" || fs == "cephfs",
+                cnfs_protocols::spec::FsKind::by_name(&fs).is_some(),
                 "allow[{i}]: file system {fs:?}"
             );
         }
@@ -1203,13 +1203,13 @@ fn policy_toml_has_the_documented_keys_and_types() -> anyhow::Result<()> {
     let text = read("cnfs/policy.toml");
     assert_eq!(
         check_policy_toml(&text)?,
-        2,
-        "the example has two [[allow]] entries"
+        3,
+        "the example has three [[allow]] entries"
     );
     check_policy_toml(&text.replace("export_prefixes", "export_prefix"))
         .expect_err("a misspelled key must fail");
-    check_policy_toml(&text.replace("\"nfs\", \"cephfs\"", "\"nfs\", \"smb\""))
-        .expect_err("smb must fail");
+    check_policy_toml(&text.replace("\"nfs\", \"cephfs\"", "\"nfs\", \"afs\""))
+        .expect_err("an unknown file system must fail");
     check_policy_toml(&text.replace("\"10.0.0.0/8\"", "\"10.0.0.0/8/8\""))
         .expect_err("a bad CIDR must fail");
     Ok(())

@@ -801,7 +801,7 @@ fn class_secrets(sc: &StorageClass) -> anyhow::Result<Vec<(String, String, Strin
 /// A volume `source` in the annotations' URL grammar, validated as the host and guest do.
 fn check_source(source: &str) -> anyhow::Result<()> {
     let url = volume_url::parse("csi", source).map_err(|e| anyhow!("source {source:?}: {e}"))?;
-    let spec = if url.is_cephfs() {
+    let spec = if url.kind().is_some_and(|k| k.needs_secret()) {
         VolumeSpec::from_wire_unresolved(&url.wire)
     } else {
         VolumeSpec::from_wire(&url.wire)

@@ -12,8 +12,8 @@
 //! the kernel log keeps the cause: `libceph: auth protocol 'cephx' mauth authentication
 //! failed: -13` (msgr1) or `... msgr authentication failed: -13` (msgr2) when the monitors
 //! rejected the key, `libceph: mon0 <addr> session established` when they accepted it. So
-//! the handler opens a `/dev/kmsg` cursor at the end of `plan`, just before the mount, and
-//! on `EHOSTUNREACH` reads what was logged since (non-blocking, bounded). It concludes
+//! the mount's attempt opens a `/dev/kmsg` cursor at the end of `plan`, just before the
+//! mount, and on `EHOSTUNREACH` reads what was logged since (non-blocking, bounded). It concludes
 //! only from a complete window with one kind of line in it: a rejection and no session
 //! (`PermissionDenied`), or a session and no rejection (`NotFound`, the file system). A
 //! window holding both (another CephFS mount, or a mounted volume re-authenticating, at the
@@ -21,13 +21,12 @@
 //! names all causes.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cnfs_protocols::spec::{Source, VolumeSpec};
+use nix::errno::Errno;
 
-use super::{fs_options, same_path, vfs_flags, Context, MountHandler, MountPlan};
+use super::{fs_options, same_path, vfs_flags, Attempt, Context, MountHandler, MountPlan};
 use crate::error::AgentError;
 use crate::kmod;
 use crate::kmsg;
@@ -85,21 +84,6 @@ impl MountHandler for CephFs {
             && e.option("mds_namespace") == Some(c.fs_name.as_str())
     }
 
-    fn mount_error(&self, what: &str, errno: nix::errno::Errno) -> Option<AgentError> {
-        use nix::errno::Errno;
-        let attempt = take_attempt(what);
-        match errno {
-            // A rejected key or a file system no MDS serves: the kernel log says which.
-            Errno::EHOSTUNREACH => Some(unreachable(what, attempt)),
-            // The kernel could not use the key (not a cephx key) or an option.
-            Errno::EINVAL => Some(AgentError::Invalid(cnfs_protocols::spec::SpecError {
-                field: "volume.cephfs".into(),
-                reason: format!("mounting {what}: the kernel rejected the key or an option (the guest's dmesg says which)"),
-            })),
-            _ => None,
-        }
-    }
-
     async fn plan(&self, spec: &VolumeSpec, ctx: &Context<'_>) -> Result<MountPlan, AgentError> {
         let Source::CephFs(c) = &spec.source else {
             return Err(AgentError::Internal(
@@ -147,70 +131,46 @@ impl MountHandler for CephFs {
         };
         opts.extend(fs_options(spec));
         opts.push(format!("secret={}", c.secret.expose()));
-        // Last, so that the window holds the mount alone (not the module loading).
-        remember_attempt(Attempt {
-            volume: spec.name.clone(),
-            client: c.client.clone(),
-            fs_name: c.fs_name.clone(),
-            log: kmsg::Cursor::at_end(Path::new(kmsg::DEV_KMSG)).ok(),
-            expires: Instant::now() + ctx.budget + ATTEMPT_SLACK,
-        });
         Ok(MountPlan {
             source,
             fs_type: "ceph".into(),
             flags: vfs_flags(spec),
             data: opts.join(","),
+            // Last, so that the log window holds the mount alone (not the module loading).
+            attempt: Box::new(CephAttempt {
+                client: c.client.clone(),
+                fs_name: c.fs_name.clone(),
+                log: kmsg::Cursor::at_end(Path::new(kmsg::DEV_KMSG)).ok(),
+            }),
         })
     }
 }
 
-/// A mount between `plan` and `mount_error`: what the error message needs, and the kernel
-/// log from just before the mount(2).
-struct Attempt {
-    volume: String,
+/// One CephFS mount: what its error message needs, and the kernel log from just before its
+/// mount(2) (closed when the attempt is dropped, at the end of the request).
+struct CephAttempt {
     client: String,
     fs_name: String,
     log: Option<kmsg::Cursor>,
-    /// The mount's deadline and a little: a mount that succeeded or timed out never reaches
-    /// `mount_error`, and its entry (an open /dev/kmsg) is dropped once this passes.
-    expires: Instant,
 }
 
-const ATTEMPT_SLACK: Duration = Duration::from_secs(5);
-/// Bound on the entries kept (each holds a file descriptor).
-const MAX_ATTEMPTS: usize = 64;
+impl Attempt for CephAttempt {
+    fn failed(&mut self, what: &str, errno: Errno) -> Option<AgentError> {
+        match errno {
+            // A rejected key or a file system no MDS serves: the kernel log says which.
+            Errno::EHOSTUNREACH => Some(self.unreachable(what)),
+            // The kernel could not use the key (not a cephx key) or an option.
+            Errno::EINVAL => Some(AgentError::Invalid(cnfs_protocols::spec::SpecError {
+                field: "volume.cephfs".into(),
+                reason: format!("mounting {what}: the kernel rejected the key or an option (the guest's dmesg says which)"),
+            })),
+            _ => None,
+        }
+    }
+}
+
 /// Bound on the kernel log records read to explain one failed mount (~30 are typical).
 const LOG_RECORDS_MAX: usize = 512;
-
-/// Attempts by volume name. The agent serialises requests for one volume, so a name has at
-/// most one mount in flight; a newer attempt replaces an older one's entry.
-static ATTEMPTS: Mutex<Vec<Attempt>> = Mutex::new(Vec::new());
-
-fn attempts() -> MutexGuard<'static, Vec<Attempt>> {
-    ATTEMPTS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn remember_attempt(a: Attempt) {
-    let now = Instant::now();
-    let mut all = attempts();
-    all.retain(|o| o.expires > now && o.volume != a.volume);
-    if all.len() >= MAX_ATTEMPTS {
-        all.remove(0);
-    }
-    all.push(a);
-}
-
-/// The attempt `mount_error` was called for: `what` is `volume <name> (<source>)` and a
-/// volume name holds only `[a-z0-9-]`, so the prefix identifies it.
-fn take_attempt(what: &str) -> Option<Attempt> {
-    let now = Instant::now();
-    let mut all = attempts();
-    all.retain(|o| o.expires > now);
-    let i = all
-        .iter()
-        .position(|a| what.starts_with(&format!("volume {} (", a.volume)))?;
-    Some(all.remove(i))
-}
 
 /// What the kernel logged during the mount.
 #[derive(Debug, PartialEq, Eq)]
@@ -245,26 +205,25 @@ fn classify(w: &kmsg::Window) -> Verdict {
     }
 }
 
-fn unreachable(what: &str, attempt: Option<Attempt>) -> AgentError {
-    let Some(mut a) = attempt else {
-        return ambiguous(what, "no record of this attempt");
-    };
-    let Some(log) = a.log.as_mut() else {
-        return ambiguous(what, "it was not readable");
-    };
-    match classify(&log.read_new(LOG_RECORDS_MAX)) {
-        Verdict::KeyRejected(line) => AgentError::PermissionDenied(format!(
-            "mounting {what}: the Ceph monitors rejected the key of client.{client}: it is \
-             wrong or was revoked, or client.{client} does not exist (guest kernel: \"{line}\")",
-            client = a.client
-        )),
-        Verdict::SessionEstablished => AgentError::NotFound(format!(
-            "mounting {what}: the monitors accepted the key of client.{}, but no MDS serves \
-             file system \"{}\": there is no file system of that name (that this client may \
-             see), or none of its MDS daemons is active",
-            a.client, a.fs_name
-        )),
-        Verdict::Unknown(why) => ambiguous(what, why),
+impl CephAttempt {
+    fn unreachable(&mut self, what: &str) -> AgentError {
+        let Some(log) = self.log.as_mut() else {
+            return ambiguous(what, "it was not readable");
+        };
+        match classify(&log.read_new(LOG_RECORDS_MAX)) {
+            Verdict::KeyRejected(line) => AgentError::PermissionDenied(format!(
+                "mounting {what}: the Ceph monitors rejected the key of client.{client}: it is \
+                 wrong or was revoked, or client.{client} does not exist (guest kernel: \"{line}\")",
+                client = self.client
+            )),
+            Verdict::SessionEstablished => AgentError::NotFound(format!(
+                "mounting {what}: the monitors accepted the key of client.{}, but no MDS serves \
+                 file system \"{}\": there is no file system of that name (that this client may \
+                 see), or none of its MDS daemons is active",
+                self.client, self.fs_name
+            )),
+            Verdict::Unknown(why) => ambiguous(what, why),
+        }
     }
 }
 
@@ -388,42 +347,83 @@ mod tests {
         assert!(unknown(&w));
     }
 
-    fn attempt(volume: &str, expires: Instant) -> Attempt {
-        Attempt {
-            volume: volume.into(),
+    fn attempt(log: Option<kmsg::Cursor>) -> CephAttempt {
+        CephAttempt {
             client: "app".into(),
             fs_name: "cephfs".into(),
-            log: None,
-            expires,
+            log,
         }
-    }
-
-    #[test]
-    fn attempts_are_found_by_exact_volume_name_and_expire() {
-        let later = Instant::now() + Duration::from_secs(60);
-        remember_attempt(attempt("t-vol", later));
-        remember_attempt(attempt("t-vol-b", later));
-        remember_attempt(attempt("t-old", Instant::now()));
-        let a = take_attempt("volume t-vol (app@x.cephfs=/)").expect("t-vol");
-        assert_eq!(a.volume, "t-vol");
-        assert!(take_attempt("volume t-vol (app@x.cephfs=/)").is_none());
-        assert!(take_attempt("volume t-old (10.0.0.1:6789:/)").is_none());
-        assert_eq!(
-            take_attempt("volume t-vol-b (10.0.0.1:6789:/)").map(|a| a.volume),
-            Some("t-vol-b".to_string())
-        );
     }
 
     #[test]
     fn messages_name_the_cause() {
         let what = "volume v (app@fsid.cephfs=/sub)";
-        let e = unreachable(what, None);
+        let e = attempt(None)
+            .failed(what, Errno::EHOSTUNREACH)
+            .expect("a CephFS reading");
         assert!(matches!(e, AgentError::NotFound(_)), "{e:?}");
         assert!(e.to_string().contains("key the monitors rejected"), "{e}");
-        let e = unreachable(
-            what,
-            Some(attempt("v", Instant::now() + Duration::from_secs(60))),
-        );
         assert!(e.to_string().contains("it was not readable"), "{e}");
+        assert!(e.to_string().starts_with("mounting volume v ("), "{e}");
+    }
+
+    #[test]
+    fn an_attempt_reads_only_the_kernel_log_written_after_its_plan() {
+        let dir = std::env::temp_dir().join(format!("cnfs-ceph-attempt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("kmsg");
+        // Logged before the plan: another mount's session, which must not count.
+        std::fs::write(&path, format!("6,1,1,-;{SESSION}\n")).expect("write");
+        let mut rejected = attempt(Some(kmsg::Cursor::at_end(&path).expect("open")));
+        let append = |line: &str| {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .expect("append");
+            f.write_all(format!("3,9,9,-;{line}\n").as_bytes())
+                .expect("append");
+        };
+        append(MSGR2_REJECTED);
+        append(NO_MDS);
+        let e = rejected
+            .failed("volume v (app@fsid.cephfs=/)", Errno::EHOSTUNREACH)
+            .expect("a CephFS reading");
+        assert_eq!(e.code(), ttrpc::Code::PERMISSION_DENIED, "{e}");
+        assert!(e.to_string().contains("key of client.app"), "{e}");
+        assert!(e.to_string().contains(MSGR2_REJECTED), "{e}");
+
+        let mut unknown_fs = attempt(Some(kmsg::Cursor::at_end(&path).expect("open")));
+        append(SESSION);
+        append(NO_MDS);
+        let e = unknown_fs
+            .failed("volume w (app@fsid.cephfs=/)", Errno::EHOSTUNREACH)
+            .expect("a CephFS reading");
+        assert_eq!(e.code(), ttrpc::Code::NOT_FOUND, "{e}");
+        assert!(
+            e.to_string()
+                .contains("no MDS serves file system \"cephfs\""),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_ceph_specific_errnos_are_read_by_the_attempt() {
+        let what = "volume v (10.0.0.1:6789:/)";
+        match attempt(None).failed(what, Errno::EINVAL) {
+            Some(AgentError::Invalid(e)) => {
+                assert_eq!(e.field, "volume.cephfs");
+                assert!(
+                    e.reason.contains("rejected the key or an option"),
+                    "{}",
+                    e.reason
+                );
+            }
+            other => panic!("EINVAL: {other:?}"),
+        }
+        for errno in [Errno::EACCES, Errno::ETIMEDOUT, Errno::ENODEV] {
+            assert!(attempt(None).failed(what, errno).is_none(), "{errno}");
+        }
     }
 }

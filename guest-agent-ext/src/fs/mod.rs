@@ -3,23 +3,27 @@
 
 mod cephfs;
 mod nfs;
+mod smb;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use cnfs_protocols::spec::{VolumeSpec, VFS_FLAGS};
+use nix::errno::Errno;
 use nix::mount::MsFlags;
 
 use crate::error::AgentError;
 use crate::mountinfo::MountEntry;
 
-/// What the agent needs to call mount(2) for a volume. `data` may carry a secret: it is
-/// never logged and is dropped as soon as the mount call returns.
+/// What the agent needs to call mount(2) for a volume, and the attempt that owns what only
+/// this mount knows. `data` may carry a secret: it is never logged and is dropped as soon as
+/// the mount call returns.
 pub struct MountPlan {
     pub source: String,
     pub fs_type: String,
     pub flags: MsFlags,
     pub data: String,
+    pub attempt: Box<dyn Attempt + Send>,
 }
 
 impl std::fmt::Debug for MountPlan {
@@ -31,6 +35,30 @@ impl std::fmt::Debug for MountPlan {
             .finish_non_exhaustive()
     }
 }
+
+/// One mount attempt, from its plan to its outcome: the state a handler needs to read its
+/// own failure (CephFS: a kernel log cursor opened just before the call) and to undo what it
+/// set up before the mount call (a loop device, a dm-crypt mapping). The agent drops it when
+/// the mount ends, whatever the outcome, so nothing of it outlives the request. What `plan`
+/// set up before it failed, or before the deadline cut it off, is `plan`'s own to undo.
+pub trait Attempt {
+    /// A failed mount(2) in this file system's terms, where an errno means something
+    /// particular to it; `None` leaves it to the general mapping. `what` names the volume
+    /// and source for the message. Called at most once, before `undo`.
+    fn failed(&mut self, _what: &str, _errno: Errno) -> Option<AgentError> {
+        None
+    }
+
+    /// Undoes what the plan set up for this mount, after the mount failed or timed out (the
+    /// agent has already detached a mount that completed at the deadline). Best effort: the
+    /// request's error stands either way.
+    fn undo(&mut self) {}
+}
+
+/// An attempt with nothing of its own to explain or undo.
+pub struct Plain;
+
+impl Attempt for Plain {}
 
 /// Facts about this guest a handler may need.
 pub struct Context<'a> {
@@ -50,12 +78,13 @@ pub trait MountHandler: Send + Sync {
     /// True when `entry` (the kernel's view of a mount) is a mount of `spec`, compared field
     /// by field: how a mount found without a record is recognised and adopted.
     fn recognises(&self, spec: &VolumeSpec, entry: &MountEntry) -> bool;
-    /// Turns a validated spec into a mount call, loading modules and resolving names.
+    /// Turns a validated spec into a mount call, loading modules and resolving names; the
+    /// plan's attempt carries what the outcome needs.
     async fn plan(&self, spec: &VolumeSpec, ctx: &Context<'_>) -> Result<MountPlan, AgentError>;
 
-    /// A failed mount(2) in this file system's terms, where an errno means something
-    /// particular to it; `None` leaves it to the general mapping.
-    fn mount_error(&self, _what: &str, _errno: nix::errno::Errno) -> Option<AgentError> {
+    /// A warning about the owner of a mounted volume's root (`uid`, `gid` as statfs's probe
+    /// saw them), where this file system can show one the guest failed to map.
+    fn root_owner_warning(&self, _uid: u64, _gid: u64) -> Option<String> {
         None
     }
 }
@@ -67,7 +96,11 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         Registry {
-            handlers: vec![Box::new(nfs::Nfs), Box::new(cephfs::CephFs)],
+            handlers: vec![
+                Box::new(nfs::Nfs),
+                Box::new(cephfs::CephFs),
+                Box::new(smb::Smb),
+            ],
         }
     }
 }
@@ -80,9 +113,46 @@ impl Registry {
             .map(|h| h.as_ref())
     }
 
+    /// The handler whose mounts show `kernel_type` in mountinfo (for a volume adopted
+    /// without a spec).
+    pub fn for_kernel_type(&self, kernel_type: &str) -> Option<&dyn MountHandler> {
+        self.handlers
+            .iter()
+            .find(|h| h.kernel_types().contains(&kernel_type))
+            .map(|h| h.as_ref())
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.handlers.iter().map(|h| h.name().to_string()).collect()
     }
+}
+
+/// Resolves a server inside the guest, bounded; an address passes through. `what` names it
+/// in errors ("NFS server").
+pub async fn resolve(
+    server: &cnfs_protocols::spec::Server,
+    what: &str,
+    budget: Duration,
+) -> Result<std::net::IpAddr, AgentError> {
+    use cnfs_protocols::spec::Server;
+    let host = match server {
+        Server::Ip(ip) => return Ok(*ip),
+        Server::Host(h) => h.clone(),
+    };
+    // The port only shapes the lookup; nothing connects.
+    let lookup = tokio::net::lookup_host((host.clone(), 0));
+    let addrs: Vec<std::net::SocketAddr> = tokio::time::timeout(budget, lookup)
+        .await
+        .map_err(|_| AgentError::Deadline(format!("resolving {what} {host:?}: no answer in time")))?
+        .map_err(|e| AgentError::Unavailable(format!("resolving {what} {host:?}: {e}")))?
+        .collect();
+    // Prefer IPv4 when both exist, as mount.nfs does by default.
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .map(|a| a.ip())
+        .ok_or_else(|| AgentError::NotFound(format!("{what} {host:?} has no address")))
 }
 
 /// Two absolute paths name the same directory (a trailing `/` aside).

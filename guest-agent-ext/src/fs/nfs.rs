@@ -4,13 +4,13 @@
 //! locks stay local to the pod's VM, which holds all of the pod's containers).
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use cnfs_protocols::spec::{NfsVersion, Server, Source, VolumeSpec};
 
-use super::{fs_options, same_path, vfs_flags, Context, MountHandler, MountPlan};
+use super::{fs_options, same_path, vfs_flags, Context, MountHandler, MountPlan, Plain};
 use crate::error::AgentError;
+use crate::idmap::UNMAPPED_ID;
 use crate::kmod;
 use crate::mountinfo::MountEntry;
 
@@ -63,7 +63,7 @@ impl MountHandler for Nfs {
         .await
         .map_err(|e| AgentError::Internal(format!("module loading task: {e}")))??;
 
-        let addr = resolve(&nfs.server, ctx.budget).await?;
+        let addr = super::resolve(&nfs.server, "NFS server", ctx.budget).await?;
         // A host name's family is known only now; `proto=tcp6` to an IPv4 address would be
         // a bare EINVAL from the kernel.
         cnfs_protocols::spec::check_address_family(&spec.options, addr)?;
@@ -93,6 +93,18 @@ impl MountHandler for Nfs {
             .to_string(),
             flags: vfs_flags(spec),
             data: opts.join(","),
+            attempt: Box::new(Plain),
+        })
+    }
+
+    fn root_owner_warning(&self, uid: u64, gid: u64) -> Option<String> {
+        (uid == UNMAPPED_ID || gid == UNMAPPED_ID).then(|| {
+            format!(
+                "the volume's root shows owner {uid}:{gid}: the server names owners the \
+                 guest cannot map (4294967294 = unmapped); have it send numeric ids \
+                 (nfs-ganesha: NFSv4 {{ Only_Numeric_Owners = true; }}; Linux knfsd does \
+                 for sec=sys by default)"
+            )
         })
     }
 }
@@ -121,29 +133,6 @@ fn set_client_id(id: &str) -> Result<(), AgentError> {
             param.display()
         ))
     })
-}
-
-/// Resolves the server inside the guest, bounded; an address passes through.
-async fn resolve(server: &Server, budget: Duration) -> Result<IpAddr, AgentError> {
-    let host = match server {
-        Server::Ip(ip) => return Ok(*ip),
-        Server::Host(h) => h.clone(),
-    };
-    let lookup = tokio::net::lookup_host((host.clone(), 2049));
-    let addrs: Vec<SocketAddr> = tokio::time::timeout(budget, lookup)
-        .await
-        .map_err(|_| {
-            AgentError::Deadline(format!("resolving NFS server {host:?}: no answer in time"))
-        })?
-        .map_err(|e| AgentError::Unavailable(format!("resolving NFS server {host:?}: {e}")))?
-        .collect();
-    // Prefer IPv4 when both exist, as mount.nfs does by default.
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .map(|a| a.ip())
-        .ok_or_else(|| AgentError::NotFound(format!("NFS server {host:?} has no address")))
 }
 
 /// The guest address the server will see: the source address the kernel picks for the route
@@ -226,6 +215,20 @@ mod tests {
         }
         let host = spec("NFS.example.com", "/x", "4.2");
         assert!(Nfs.recognises(&host, &entry("nfs4", "nfs.example.com:/x", "vers=4.2")));
+    }
+
+    #[test]
+    fn only_an_unmapped_root_owner_gets_a_warning() {
+        assert_eq!(Nfs.root_owner_warning(0, 0), None);
+        assert_eq!(Nfs.root_owner_warning(1234, 65534), None);
+        let w = Nfs
+            .root_owner_warning(UNMAPPED_ID, 0)
+            .expect("unmapped uid");
+        assert!(
+            w.contains("4294967294:0") && w.contains("Only_Numeric_Owners"),
+            "{w}"
+        );
+        assert!(Nfs.root_owner_warning(0, UNMAPPED_ID).is_some());
     }
 
     #[test]

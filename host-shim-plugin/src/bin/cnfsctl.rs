@@ -155,8 +155,24 @@ struct MountArgs {
     name: String,
 
     /// NFS server and export: SERVER:/EXPORT (IPv6: [ADDR]:/EXPORT).
-    #[arg(long, value_name = "SERVER:/EXPORT")]
-    nfs: String,
+    #[arg(
+        long,
+        value_name = "SERVER:/EXPORT",
+        conflicts_with = "source",
+        required_unless_present = "source"
+    )]
+    nfs: Option<String>,
+
+    /// Any volume in the annotations' URL grammar: nfs://, cephfs://, smb://
+    /// (e.g. smb://files/data/team?vers=3.1.1). Credentials come from --secret-file.
+    #[arg(long, value_name = "URL")]
+    source: Option<String>,
+
+    /// The credentials of a --source volume whose file system needs them, in the format of an
+    /// annotation secret (CephFS: the key; SMB: username=, password=, domain= lines). Read
+    /// here, sent to the guest only, never printed.
+    #[arg(long, value_name = "PATH", requires = "source")]
+    secret_file: Option<PathBuf>,
 
     /// NFS version: 3, 4.0, 4.1 or 4.2 [default: 4.1].
     #[arg(long, value_name = "VERSION")]
@@ -368,9 +384,62 @@ where
     }
 }
 
+/// A --source volume: the annotations' grammar, with the credentials its file system needs
+/// read from --secret-file (the file system reads its own format).
+fn url_volume(m: &MountArgs, url: &str) -> anyhow::Result<agent::VolumeSpec> {
+    let parsed = cnfs_protocols::volume_url::parse(&m.name, url)
+        .map_err(|e| InvalidArgument(format!("--source: {e}")))?;
+    if parsed.secret_ref.is_some() {
+        return Err(InvalidArgument(
+            "--source: secret= names a secret of the shim's secret directory; give --secret-file"
+                .into(),
+        )
+        .into());
+    }
+    let mut wire = parsed.wire;
+    let kind = cnfs_protocols::spec::FsKind::of_wire(&wire)
+        .ok_or_else(|| InvalidArgument("--source: names no file system".into()))?;
+    match (&m.secret_file, kind.needs_secret()) {
+        (None, true) => {
+            return Err(InvalidArgument(format!(
+                "--secret-file: {} volumes need credentials ({})",
+                kind.name(),
+                kind.required_secret_keys().join(", ")
+            ))
+            .into())
+        }
+        (Some(_), false) => {
+            return Err(InvalidArgument(format!(
+                "--secret-file: {} volumes take no secret",
+                kind.name()
+            ))
+            .into())
+        }
+        (Some(path), true) => {
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("--secret-file {}", path.display()))?;
+            if meta.len() > 64 * 1024 {
+                return Err(InvalidArgument(format!(
+                    "--secret-file {}: larger than 64 KiB",
+                    path.display()
+                ))
+                .into());
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--secret-file {}", path.display()))?;
+            let creds = kind
+                .credentials_from_file(&text)
+                .map_err(|e| InvalidArgument(format!("--secret-file {}: {e}", path.display())))?;
+            kind.apply_credentials("--secret-file", &mut wire, &creds)
+                .map_err(|e| InvalidArgument(e.to_string()))?;
+        }
+        (None, false) => {}
+    }
+    Ok(wire)
+}
+
 /// Builds and validates the wire request (the same rules the agent applies).
 fn mount_request(m: &MountArgs, sandbox: Option<&str>) -> anyhow::Result<agent::MountRequest> {
-    let (server, export) = split_nfs(&m.nfs)?;
     let mut options: HashMap<String, String> = HashMap::new();
     for arg in &m.options {
         for item in arg.split(',') {
@@ -389,18 +458,34 @@ fn mount_request(m: &MountArgs, sandbox: Option<&str>) -> anyhow::Result<agent::
             }
         }
     }
-    let mut volume = agent::VolumeSpec {
-        name: m.name.clone(),
-        read_only: m.ro,
-        options,
-        ..Default::default()
+    let mut volume = match (&m.source, &m.nfs) {
+        (Some(url), _) => url_volume(m, url)?,
+        (None, Some(nfs)) => {
+            let (server, export) = split_nfs(nfs)?;
+            let mut v = agent::VolumeSpec {
+                name: m.name.clone(),
+                ..Default::default()
+            };
+            v.set_nfs(agent::NfsSource {
+                server,
+                export,
+                version: m.version.clone().unwrap_or_default(),
+                ..Default::default()
+            });
+            v
+        }
+        (None, None) => return Err(InvalidArgument("give --nfs or --source".into()).into()),
     };
-    volume.set_nfs(agent::NfsSource {
-        server,
-        export,
-        version: m.version.clone().unwrap_or_default(),
-        ..Default::default()
-    });
+    volume.read_only |= m.ro;
+    for (k, v) in options {
+        if volume.options.insert(k.clone(), v).is_some() {
+            return Err(InvalidArgument(format!(
+                "volume.options.{}: given in the URL and with -o",
+                k.escape_default()
+            ))
+            .into());
+        }
+    }
     VolumeSpec::from_wire(&volume).context("invalid volume")?;
     Ok(agent::MountRequest {
         volume: protobuf::MessageField::some(volume),
@@ -575,16 +660,15 @@ fn spec_source(v: &agent::VolumeSpec) -> String {
         Some(agent::volume_spec::Source::Cephfs(c)) => {
             format!("{}:{}", c.monitors.join(","), c.path)
         }
+        Some(agent::volume_spec::Source::Smb(x)) => {
+            format!("//{}/{}{}", x.server, x.share, x.path)
+        }
         _ => String::new(),
     }
 }
 
 fn spec_fs(v: &agent::VolumeSpec) -> &'static str {
-    match &v.source {
-        Some(agent::volume_spec::Source::Nfs(_)) => "nfs",
-        Some(agent::volume_spec::Source::Cephfs(_)) => "cephfs",
-        _ => "",
-    }
+    cnfs_protocols::spec::FsKind::of_wire(v).map_or("", |k| k.name())
 }
 
 fn render_list(r: &agent::ListResponse, json: bool) -> String {
@@ -615,6 +699,13 @@ fn render_list(r: &agent::ListResponse, json: bool) -> String {
                     }),
                     _ => Value::Null,
                 };
+                let smb = match &v.source {
+                    Some(agent::volume_spec::Source::Smb(x)) => json!({
+                        "server": x.server, "share": x.share, "path": x.path,
+                        "version": x.version, "domain": x.domain,
+                    }),
+                    _ => Value::Null,
+                };
                 json!({
                     "name": v.name,
                     "fs": spec_fs(v),
@@ -627,6 +718,7 @@ fn render_list(r: &agent::ListResponse, json: bool) -> String {
                     "options": options,
                     "nfs": nfs,
                     "cephfs": cephfs,
+                    "smb": smb,
                 })
             })
             .collect();
@@ -800,11 +892,52 @@ mod tests {
     fn mount_args(nfs: &str, opts: &[&str]) -> MountArgs {
         MountArgs {
             name: "data".into(),
-            nfs: nfs.into(),
+            nfs: Some(nfs.into()),
+            source: None,
+            secret_file: None,
             version: None,
             ro: false,
             options: opts.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn url_volumes_take_their_credentials_from_the_secret_file_only() {
+        let dir = std::env::temp_dir().join(format!("cnfsctl-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("creds");
+        std::fs::write(&file, "username=alice\npassword=s3cr,et\n").expect("write");
+        let mut m = mount_args("unused:/x", &["uid=1000"]);
+        m.nfs = None;
+        m.source = Some("smb://10.0.0.9/data/team?vers=3.1.1".into());
+        m.secret_file = Some(file.clone());
+        let r = mount_request(&m, None).expect("valid");
+        let smb = r.volume.smb();
+        assert_eq!((smb.share.as_str(), smb.path.as_str()), ("data", "/team"));
+        assert_eq!(smb.password, "s3cr,et");
+        assert_eq!(
+            r.volume.options.get("uid").map(String::as_str),
+            Some("1000")
+        );
+        m.secret_file = None;
+        let e = mount_request(&m, None).expect_err("no secret file");
+        assert_eq!(exit_code(&e), EXIT_INVALID);
+        assert!(
+            e.to_string().contains("--secret-file") && e.to_string().contains("password"),
+            "{e}"
+        );
+        m.source = Some("smb://10.0.0.9/data?secret=team-a".into());
+        let e = mount_request(&m, None).expect_err("secret ref");
+        assert!(e.to_string().contains("give --secret-file"), "{e}");
+        std::fs::write(&file, "username=alice\ntoken=s3cr\n").expect("write");
+        m.source = Some("smb://10.0.0.9/data".into());
+        m.secret_file = Some(file);
+        let e = mount_request(&m, None).expect_err("bad file");
+        assert!(
+            e.to_string().contains("line 2") && !e.to_string().contains("s3cr"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

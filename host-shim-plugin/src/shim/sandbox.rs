@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cnfs_protocols::agent;
 use cnfs_protocols::agent_ttrpc::AgentClient;
-use cnfs_protocols::spec::{Source, VolumeSpec};
+use cnfs_protocols::spec::VolumeSpec;
 use cnfs_protocols::transport::AgentAddress;
 use slog::{info, warn, Logger};
 use tokio::sync::Mutex;
@@ -149,14 +149,27 @@ impl Sandbox {
                 )
             })?;
             let mut wire = v.spec.to_wire(false);
-            if let (Source::CephFs(_), Some(name)) = (&v.spec.source, &v.secret_ref) {
-                let secret = self.secrets.resolve(&namespace, name).map_err(|e| {
+            let kind = v.spec.source.kind();
+            if let (true, Some(name)) = (kind.needs_secret(), &v.secret_ref) {
+                let refuse = |code, e: &dyn std::fmt::Display| {
                     Refusal::new(
-                        ttrpc::Code::FAILED_PRECONDITION,
+                        code,
                         format!("annotation \"cnfs.io/volume.{}\": {e}", v.name()),
                     )
+                };
+                let secret = self
+                    .secrets
+                    .resolve(&namespace, name)
+                    .map_err(|e| refuse(ttrpc::Code::FAILED_PRECONDITION, &e))?;
+                // The file system reads its own secret format; errors name lines, not values.
+                let creds = kind.credentials_from_file(secret.expose()).map_err(|e| {
+                    refuse(
+                        ttrpc::Code::FAILED_PRECONDITION,
+                        &format!("secret {name}: {e}"),
+                    )
                 })?;
-                wire.mut_cephfs().secret = secret.expose().to_string();
+                kind.apply_credentials(&format!("secret {name}"), &mut wire, &creds)
+                    .map_err(|e| refuse(ttrpc::Code::FAILED_PRECONDITION, &e))?;
                 // The agent re-validates; check the resolved key here too, without echoing it.
                 VolumeSpec::from_wire(&wire).map_err(|e| {
                     Refusal::new(

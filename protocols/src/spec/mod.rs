@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use crate::agent;
@@ -15,7 +15,6 @@ pub const VOLUME_ROOT: &str = "/run/cnfs/volumes";
 const MAX_OPTIONS: usize = 32;
 const MAX_OPTION_VALUE: usize = 64;
 const MAX_PATH: usize = 1024;
-const MAX_MONITORS: usize = 16;
 
 /// A refused field: `field` is the dotted wire name (`volume.nfs.server`, `volume.options.rsize`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +31,14 @@ fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Spec
     })
 }
 
+mod cephfs;
+mod nfs;
+mod smb;
+
+pub use cephfs::CephFsSource;
+pub use nfs::{NfsSource, NfsVersion};
+pub use smb::{SmbSource, SmbVersion};
+
 /// A validated volume request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeSpec {
@@ -47,13 +54,7 @@ pub struct VolumeSpec {
 pub enum Source {
     Nfs(NfsSource),
     CephFs(CephFsSource),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NfsSource {
-    pub server: Server,
-    pub export: String,
-    pub version: NfsVersion,
+    Smb(SmbSource),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,46 +70,6 @@ impl fmt::Display for Server {
             Server::Host(h) => f.write_str(h),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NfsVersion {
-    V3,
-    V4_0,
-    V4_1,
-    V4_2,
-}
-
-impl NfsVersion {
-    /// The value of the kernel's `vers=` option.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NfsVersion::V3 => "3",
-            NfsVersion::V4_0 => "4.0",
-            NfsVersion::V4_1 => "4.1",
-            NfsVersion::V4_2 => "4.2",
-        }
-    }
-
-    fn parse(field: &str, v: &str) -> Result<Self, SpecError> {
-        match v {
-            "3" => Ok(NfsVersion::V3),
-            "4" | "4.0" => Ok(NfsVersion::V4_0),
-            "" | "4.1" => Ok(NfsVersion::V4_1),
-            "4.2" => Ok(NfsVersion::V4_2),
-            _ => err(field, "must be one of 3, 4.0, 4.1, 4.2"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CephFsSource {
-    pub monitors: Vec<SocketAddr>,
-    pub fs_name: String,
-    pub path: String,
-    pub client: String,
-    pub secret: Secret,
-    pub fsid: Option<String>,
 }
 
 /// A secret value: shows as `<redacted>` in Debug and Display so that it cannot slip into a
@@ -139,7 +100,11 @@ impl fmt::Display for Secret {
 enum Kind {
     Flag,
     Uint(u64, u64),
+    /// An octal mode (`0755`), at most this value.
+    Octal(u32),
     OneOf(&'static [&'static str]),
+    /// Folded into a field of the source by its module (e.g. `vers`).
+    Typed,
 }
 
 /// Generic VFS flags (become MS_* flags in the guest); allowed for every file system.
@@ -152,89 +117,245 @@ pub const VFS_FLAGS: &[&str] = &[
     "relatime",
 ];
 
-const NFS_OPTIONS: &[(&str, Kind)] = &[
-    ("proto", Kind::OneOf(&["tcp", "tcp6"])),
-    ("port", Kind::Uint(1, 65535)),
-    ("mountport", Kind::Uint(1, 65535)),
-    ("mountproto", Kind::OneOf(&["tcp", "udp", "tcp6", "udp6"])),
-    ("mountvers", Kind::OneOf(&["3"])),
-    ("rsize", Kind::Uint(4096, 1_048_576)),
-    ("wsize", Kind::Uint(4096, 1_048_576)),
-    ("timeo", Kind::Uint(1, 6000)),
-    ("retrans", Kind::Uint(0, 10)),
-    ("hard", Kind::Flag),
-    ("soft", Kind::Flag),
-    ("softerr", Kind::Flag),
-    ("nconnect", Kind::Uint(1, 16)),
-    ("noac", Kind::Flag),
-    ("ac", Kind::Flag),
-    ("acregmin", Kind::Uint(0, 3600)),
-    ("acregmax", Kind::Uint(0, 3600)),
-    ("acdirmin", Kind::Uint(0, 3600)),
-    ("acdirmax", Kind::Uint(0, 3600)),
-    ("actimeo", Kind::Uint(0, 3600)),
-    (
-        "lookupcache",
-        Kind::OneOf(&["all", "none", "pos", "positive"]),
-    ),
-    ("nolock", Kind::Flag),
-    (
-        "local_lock",
-        Kind::OneOf(&["none", "all", "flock", "posix"]),
-    ),
-    ("sec", Kind::OneOf(&["sys"])),
-    ("cto", Kind::Flag),
-    ("nocto", Kind::Flag),
-    ("sharecache", Kind::Flag),
-    ("nosharecache", Kind::Flag),
-    ("noresvport", Kind::Flag),
-    ("resvport", Kind::Flag),
-];
+/// The file systems CNFS knows. Everything file-system-specific that host-side code asks
+/// (its name in specs, URLs and policies, its options, the secret it needs and how that
+/// secret is read and applied) is answered here, by the file system's own module; callers
+/// ask the kind instead of matching on sources. Adding a file system is a module, a
+/// variant and the arms the compiler asks for in this file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    Nfs,
+    CephFs,
+    Smb,
+}
 
-const CEPHFS_OPTIONS: &[(&str, Kind)] = &[
-    (
-        "ms_mode",
-        Kind::OneOf(&["crc", "secure", "prefer-crc", "prefer-secure"]),
-    ),
-    ("recover_session", Kind::OneOf(&["no", "clean"])),
-    ("rasize", Kind::Uint(0, 1 << 30)),
-    ("rsize", Kind::Uint(4096, 64 << 20)),
-    ("wsize", Kind::Uint(4096, 64 << 20)),
-    ("noshare", Kind::Flag),
-    ("mount_timeout", Kind::Uint(1, 300)),
-    ("caps_max", Kind::Uint(0, 1 << 20)),
-    ("dcache", Kind::Flag),
-    ("nodcache", Kind::Flag),
-    ("noasyncreaddir", Kind::Flag),
-];
+/// A typed option folded into a source field: key -> (its field name, value).
+type Typed = BTreeMap<String, (String, String)>;
 
-/// Options that must never come from a caller, with the reason given back.
-const RESERVED: &[(&str, &str)] = &[
-    ("addr", "set by the agent from the resolved server address"),
-    (
-        "clientaddr",
-        "set by the agent from the route to the server",
-    ),
-    (
-        "mounthost",
-        "not allowed: the mount server is the volume's server",
-    ),
-    (
-        "mountaddr",
-        "not allowed: the mount server is the volume's server",
-    ),
-    ("secret", "pass the key in the cephfs.secret field"),
-    ("secretfile", "pass the key in the cephfs.secret field"),
-    ("key", "pass the key in the cephfs.secret field"),
-    ("name", "pass the client name in the cephfs.client field"),
-    ("mon_addr", "pass monitors in the cephfs.monitors field"),
-    ("fsid", "pass the fsid in the cephfs.fsid field"),
-    ("context", "SELinux contexts are not supported"),
-    (
-        "lock",
-        "NFSv3 locking needs statd in the guest; CNFS mounts NFSv3 with nolock",
-    ),
-];
+/// Options every file system refuses.
+const RESERVED: &[(&str, &str)] = &[("context", "SELinux contexts are not supported")];
+
+impl FsKind {
+    pub const ALL: &'static [FsKind] = &[FsKind::Nfs, FsKind::CephFs, FsKind::Smb];
+
+    /// The name in specs, policies (`filesystems`), listings, and the URL scheme.
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Nfs => nfs::NAME,
+            FsKind::CephFs => cephfs::NAME,
+            FsKind::Smb => smb::NAME,
+        }
+    }
+
+    pub fn by_name(name: &str) -> Option<FsKind> {
+        Self::ALL.iter().copied().find(|k| k.name() == name)
+    }
+
+    /// The kind of a wire spec's source.
+    pub fn of_wire(w: &agent::VolumeSpec) -> Option<FsKind> {
+        Some(match w.source.as_ref()? {
+            agent::volume_spec::Source::Nfs(_) => FsKind::Nfs,
+            agent::volume_spec::Source::Cephfs(_) => FsKind::CephFs,
+            agent::volume_spec::Source::Smb(_) => FsKind::Smb,
+        })
+    }
+
+    fn options(self) -> &'static [(&'static str, Kind)] {
+        match self {
+            FsKind::Nfs => nfs::OPTIONS,
+            FsKind::CephFs => cephfs::OPTIONS,
+            FsKind::Smb => smb::OPTIONS,
+        }
+    }
+
+    fn reserved(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            FsKind::Nfs => nfs::RESERVED,
+            FsKind::CephFs => cephfs::RESERVED,
+            FsKind::Smb => smb::RESERVED,
+        }
+    }
+
+    fn conflicts(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            FsKind::Nfs => nfs::CONFLICTS,
+            FsKind::CephFs => cephfs::CONFLICTS,
+            FsKind::Smb => smb::CONFLICTS,
+        }
+    }
+
+    fn refuse(self, key: &str, value: &str) -> Option<&'static str> {
+        match self {
+            FsKind::Nfs => nfs::refuse(key, value),
+            FsKind::CephFs => None,
+            FsKind::Smb => smb::refuse(key, value),
+        }
+    }
+
+    /// The keys of the secret this file system needs (a CSI node-publish secret's keys, or
+    /// those of an annotation's secret file); empty when it needs none.
+    pub fn secret_keys(self) -> &'static [&'static str] {
+        match self {
+            FsKind::Nfs => &[],
+            FsKind::CephFs => cephfs::SECRET_KEYS,
+            FsKind::Smb => smb::SECRET_KEYS,
+        }
+    }
+
+    /// The keys a secret must have.
+    pub fn required_secret_keys(self) -> &'static [&'static str] {
+        match self {
+            FsKind::Nfs => &[],
+            FsKind::CephFs => cephfs::REQUIRED_SECRET_KEYS,
+            FsKind::Smb => smb::REQUIRED_SECRET_KEYS,
+        }
+    }
+
+    /// Whether a volume of this kind needs a secret from the host.
+    pub fn needs_secret(self) -> bool {
+        !self.required_secret_keys().is_empty()
+    }
+
+    /// An annotation secret file's content as credentials (CephFS: the key alone; SMB:
+    /// `key=value` lines). The error never shows a value.
+    pub fn credentials_from_file(self, text: &str) -> Result<Credentials, String> {
+        match self {
+            FsKind::Nfs => Err("nfs volumes take no secret".into()),
+            FsKind::CephFs => Ok(cephfs::credentials_from_file(text)),
+            FsKind::Smb => smb::credentials_from_file(text),
+        }
+    }
+
+    /// A key/value secret (CSI node-publish secrets) as credentials: unknown keys are
+    /// refused by name (`field` is where they came from); values are never shown.
+    pub fn credentials_from_map<'a>(
+        self,
+        field: &str,
+        map: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Credentials, SpecError> {
+        let keys = self.secret_keys();
+        let mut pairs = Vec::new();
+        for (k, v) in map {
+            if !keys.contains(&k) {
+                let known = if keys.is_empty() {
+                    format!("{} volumes take no secret", self.name())
+                } else {
+                    format!("{} volumes read {}", self.name(), keys.join(", "))
+                };
+                return err(
+                    format!("{field}.{}", printable(k)),
+                    format!("unknown key ({known})"),
+                );
+            }
+            pairs.push((k, v));
+        }
+        Ok(Credentials::from_pairs(pairs))
+    }
+
+    /// Fills `creds` into a wire spec of this kind, after checking that nothing required
+    /// is missing. `field` names where the secret came from, for the error.
+    pub fn apply_credentials(
+        self,
+        field: &str,
+        w: &mut agent::VolumeSpec,
+        creds: &Credentials,
+    ) -> Result<(), SpecError> {
+        if let Some(missing) = self
+            .required_secret_keys()
+            .iter()
+            .find(|k| creds.get(k).is_none_or(str::is_empty))
+        {
+            return err(
+                format!("{field}.{missing}"),
+                format!("is required for {} volumes", self.name()),
+            );
+        }
+        match w.source.as_mut() {
+            Some(agent::volume_spec::Source::Cephfs(c)) if self == FsKind::CephFs => {
+                cephfs::apply(c, creds)
+            }
+            Some(agent::volume_spec::Source::Smb(s)) if self == FsKind::Smb => {
+                smb::apply(s, creds);
+                Ok(())
+            }
+            _ => err(field, format!("{} volumes take no secret", self.name())),
+        }
+    }
+
+    /// The volume URL's source part (`<scheme>://<authority><path>?<options>`): options this
+    /// kind folds into source fields are taken out of `options`.
+    pub fn source_from_url(
+        self,
+        authority: &str,
+        path: &str,
+        options: &mut BTreeMap<String, String>,
+    ) -> Result<agent::volume_spec::Source, String> {
+        match self {
+            FsKind::Nfs => nfs::from_url(authority, path, options),
+            FsKind::CephFs => cephfs::from_url(authority, path, options),
+            FsKind::Smb => smb::from_url(authority, path, options),
+        }
+    }
+}
+
+/// Credentials resolved on the host: named values, shown as `<redacted>` by Debug.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials(BTreeMap<String, Secret>);
+
+impl Credentials {
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Credentials(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), Secret(v.to_string())))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(Secret::expose)
+    }
+
+    /// Key and value pairs, for the one place that stores them (the CSI hand-off).
+    pub fn expose_all(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.expose()))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "<redacted>")))
+            .finish()
+    }
+}
+
+impl Source {
+    pub fn kind(&self) -> FsKind {
+        match self {
+            Source::Nfs(_) => FsKind::Nfs,
+            Source::CephFs(_) => FsKind::CephFs,
+            Source::Smb(_) => FsKind::Smb,
+        }
+    }
+
+    /// What a policy matches: the servers the guest will talk to, and the path on them
+    /// (NFS export, CephFS path, SMB `/share/path`).
+    pub fn policy_target(&self) -> (Vec<Server>, String) {
+        match self {
+            Source::Nfs(n) => (vec![n.server.clone()], n.export.clone()),
+            Source::CephFs(c) => (
+                c.monitors.iter().map(|m| Server::Ip(m.ip())).collect(),
+                c.path.clone(),
+            ),
+            Source::Smb(s) => (vec![s.server.clone()], s.share_path()),
+        }
+    }
+}
 
 impl VolumeSpec {
     /// Validates a wire spec. With [`VolumeSpec::from_wire_unresolved`] the only
@@ -243,9 +364,10 @@ impl VolumeSpec {
         Self::validate(w, true)
     }
 
-    /// The host's form before secrets are resolved: the same checks, except that a CephFS key
-    /// may still be absent (the pod names a host-side secret; the key is filled in just
-    /// before the request leaves for the guest, which validates it with `from_wire`).
+    /// The host's form before secrets are resolved: the same checks, except that the
+    /// secret's values (a CephFS key, SMB credentials) may still be absent (the pod names a
+    /// host-side secret; they are filled in just before the request leaves for the guest,
+    /// which validates them with `from_wire`).
     pub fn from_wire_unresolved(w: &agent::VolumeSpec) -> Result<Self, SpecError> {
         Self::validate(w, false)
     }
@@ -254,18 +376,20 @@ impl VolumeSpec {
         validate_name("volume.name", &w.name)?;
         let mut read_only = w.read_only;
         let mut options = BTreeMap::new();
+        let mut typed = Typed::new();
         if w.options.len() > MAX_OPTIONS {
             return err(
                 "volume.options",
                 format!("at most {MAX_OPTIONS} options are allowed"),
             );
         }
-        let (table, fs_field): (&[(&str, Kind)], &str) = match &w.source {
-            Some(agent::volume_spec::Source::Nfs(_)) => (NFS_OPTIONS, "nfs"),
-            Some(agent::volume_spec::Source::Cephfs(_)) => (CEPHFS_OPTIONS, "cephfs"),
-            None => return err("volume.source", "one of nfs or cephfs is required"),
+        let Some(kind) = FsKind::of_wire(w) else {
+            let names: Vec<&str> = FsKind::ALL.iter().map(|k| k.name()).collect();
+            return err(
+                "volume.source",
+                format!("one of {} is required", names.join(", ")),
+            );
         };
-        let mut vers_option: Option<(String, String)> = None;
         // Sorted order, so that the first error reported is stable.
         let sorted: BTreeMap<&String, &String> = w.options.iter().collect();
         for (key, value) in sorted {
@@ -280,41 +404,36 @@ impl VolumeSpec {
                 read_only |= key == "ro";
                 continue;
             }
-            if fs_field == "nfs" && (key == "vers" || key == "nfsvers") {
-                // Both spellings may be given, but must agree (sorted: nfsvers before vers).
-                let v = NfsVersion::parse(&field, value)?;
-                if let Some((first, other)) = &vers_option {
-                    if NfsVersion::parse(first, other)? != v {
-                        return err(field.clone(), format!("contradicts {first}"));
-                    }
-                }
-                vers_option = Some((field, value.clone()));
-                continue;
+            if let Some(why) = kind.refuse(key, value) {
+                return err(field, why);
             }
-            if fs_field == "nfs" && key == "sec" && value.starts_with("krb5") {
-                return err(
-                    field,
-                    "Kerberos needs rpc.gssd and a keytab in the guest, which CNFS guests do not run: use sec=sys",
-                );
-            }
-            if let Some((_, why)) = RESERVED.iter().find(|(k, _)| k == key) {
+            if let Some((_, why)) = kind
+                .reserved()
+                .iter()
+                .chain(RESERVED)
+                .find(|(k, _)| k == key)
+            {
                 return err(field, *why);
             }
-            let kind = if VFS_FLAGS.contains(&key.as_str()) {
+            let option_kind = if VFS_FLAGS.contains(&key.as_str()) {
                 Kind::Flag
-            } else if let Some((_, kind)) = table.iter().find(|(k, _)| k == key) {
-                *kind
+            } else if let Some((_, k)) = kind.options().iter().find(|(k, _)| k == key) {
+                *k
             } else {
                 return err(
                     field,
-                    format!("unknown or not allowed for {fs_field} volumes"),
+                    format!("unknown or not allowed for {} volumes", kind.name()),
                 );
             };
-            check_value(&field, kind, value)?;
+            if let Kind::Typed = option_kind {
+                typed.insert(key.clone(), (field, value.clone()));
+                continue;
+            }
+            check_value(&field, option_kind, value)?;
             options.insert(key.clone(), value.clone());
         }
-        for (a, b) in [("hard", "soft"), ("ac", "noac"), ("cto", "nocto")] {
-            if options.contains_key(a) && options.contains_key(b) {
+        for (a, b) in kind.conflicts() {
+            if options.contains_key(*a) && options.contains_key(*b) {
                 return err(
                     format!("volume.options.{b}"),
                     format!("contradicts option {a}"),
@@ -323,28 +442,15 @@ impl VolumeSpec {
         }
         let source = match &w.source {
             Some(agent::volume_spec::Source::Nfs(n)) => {
-                let mut version = NfsVersion::parse("volume.nfs.version", &n.version)?;
-                if let Some((field, v)) = vers_option {
-                    let from_option = NfsVersion::parse(&field, &v)?;
-                    if !n.version.is_empty() && from_option != version {
-                        return err(field, "contradicts volume.nfs.version");
-                    }
-                    version = from_option;
-                }
-                let server = parse_server("volume.nfs.server", &n.server)?;
-                if let Server::Ip(ip) = &server {
-                    check_address_family(&options, *ip)?;
-                }
-                Source::Nfs(NfsSource {
-                    server,
-                    export: validate_path("volume.nfs.export", &n.export)?,
-                    version,
-                })
+                Source::Nfs(nfs::parse(n, &typed, &options)?)
             }
             Some(agent::volume_spec::Source::Cephfs(c)) => {
-                Source::CephFs(parse_cephfs(c, require_secret)?)
+                Source::CephFs(cephfs::parse(c, require_secret)?)
             }
-            None => return err("volume.source", "one of nfs or cephfs is required"),
+            Some(agent::volume_spec::Source::Smb(s)) => {
+                Source::Smb(smb::parse(s, &typed, &options, require_secret)?)
+            }
+            None => return err("volume.source", "is required"),
         };
         Ok(VolumeSpec {
             name: w.name.clone(),
@@ -366,27 +472,11 @@ impl VolumeSpec {
                 .collect(),
             ..Default::default()
         };
-        match &self.source {
-            Source::Nfs(n) => w.set_nfs(agent::NfsSource {
-                server: n.server.to_string(),
-                export: n.export.clone(),
-                version: n.version.as_str().to_string(),
-                ..Default::default()
-            }),
-            Source::CephFs(c) => w.set_cephfs(agent::CephFsSource {
-                monitors: c.monitors.iter().map(|m| m.to_string()).collect(),
-                fs_name: c.fs_name.clone(),
-                path: c.path.clone(),
-                client: c.client.clone(),
-                secret: if with_secret {
-                    c.secret.expose().to_string()
-                } else {
-                    String::new()
-                },
-                fsid: c.fsid.clone().unwrap_or_default(),
-                ..Default::default()
-            }),
-        }
+        w.source = Some(match &self.source {
+            Source::Nfs(n) => agent::volume_spec::Source::Nfs(n.to_wire()),
+            Source::CephFs(c) => agent::volume_spec::Source::Cephfs(c.to_wire(with_secret)),
+            Source::Smb(s) => agent::volume_spec::Source::Smb(s.to_wire(with_secret)),
+        });
         w
     }
 
@@ -397,10 +487,7 @@ impl VolumeSpec {
 
     /// Short name of the file system for logs and listings.
     pub fn fs_name(&self) -> &'static str {
-        match self.source {
-            Source::Nfs(_) => "nfs",
-            Source::CephFs(_) => "cephfs",
-        }
+        self.source.kind().name()
     }
 }
 
@@ -497,6 +584,21 @@ fn check_value(field: &str, kind: Kind, value: &str) -> Result<(), SpecError> {
             }
             Ok(())
         }
+        Kind::Octal(max) => {
+            let n = u32::from_str_radix(value, 8)
+                .ok()
+                .filter(|_| (2..=6).contains(&value.len()) && value.starts_with('0'))
+                .ok_or_else(|| SpecError {
+                    field: field.to_string(),
+                    reason: format!("{:?} is not an octal mode like 0755", printable(value)),
+                })?;
+            if n > max {
+                return err(field, format!("must be at most {max:#o}"));
+            }
+            Ok(())
+        }
+        // Checked by the file system's module.
+        Kind::Typed => Ok(()),
         Kind::OneOf(allowed) if allowed.contains(&value) => Ok(()),
         Kind::OneOf(allowed) => err(field, format!("must be one of {}", allowed.join(", "))),
     }
@@ -590,83 +692,6 @@ pub fn validate_path(field: &str, path: &str) -> Result<String, SpecError> {
     Ok(path.to_string())
 }
 
-fn parse_cephfs(c: &agent::CephFsSource, require_secret: bool) -> Result<CephFsSource, SpecError> {
-    if c.monitors.is_empty() {
-        return err("volume.cephfs.monitors", "at least one monitor is required");
-    }
-    if c.monitors.len() > MAX_MONITORS {
-        return err(
-            "volume.cephfs.monitors",
-            format!("at most {MAX_MONITORS} monitors"),
-        );
-    }
-    let monitors = c
-        .monitors
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            m.parse::<SocketAddr>().map_err(|_| SpecError {
-                field: format!("volume.cephfs.monitors[{i}]"),
-                reason: format!("{:?} is not ip:port", printable(m)),
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let ident = |field: &str, v: &str| -> Result<String, SpecError> {
-        if v.is_empty() || v.len() > 64 {
-            return err(field, "must be 1 to 64 characters");
-        }
-        if !v
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        {
-            return err(field, "may contain only letters, digits, '-', '_' and '.'");
-        }
-        Ok(v.to_string())
-    };
-    let fs_name = ident("volume.cephfs.fs_name", &c.fs_name)?;
-    let client = ident("volume.cephfs.client", &c.client)?;
-    let path = if c.path.is_empty() {
-        "/".to_string()
-    } else {
-        validate_path("volume.cephfs.path", &c.path)?
-    };
-    // Never echo the key back, not even in part.
-    let key_ok = (c.secret.is_empty() && !require_secret)
-        || !c.secret.is_empty()
-            && c.secret.len() <= 128
-            && c.secret
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
-    if !key_ok {
-        return err(
-            "volume.cephfs.secret",
-            "must be a base64 cephx key (value not shown)",
-        );
-    }
-    let fsid = if c.fsid.is_empty() {
-        None
-    } else {
-        let f = &c.fsid;
-        let shape_ok = f.len() == 36
-            && f.bytes().enumerate().all(|(i, b)| match i {
-                8 | 13 | 18 | 23 => b == b'-',
-                _ => b.is_ascii_hexdigit(),
-            });
-        if !shape_ok {
-            return err("volume.cephfs.fsid", "must be a UUID");
-        }
-        Some(f.to_ascii_lowercase())
-    };
-    Ok(CephFsSource {
-        monitors,
-        fs_name,
-        path,
-        client,
-        secret: Secret(c.secret.clone()),
-        fsid,
-    })
-}
-
 /// The first `max` bytes of `s` (cut back to a character boundary), and whether it was cut:
 /// the one place caller or guest text is shortened before it is echoed.
 pub fn cut(s: &str, max: usize) -> (&str, bool) {
@@ -730,7 +755,7 @@ mod tests {
                 assert_eq!(n.export, "/exports/a");
                 assert_eq!(n.version, NfsVersion::V4_2);
             }
-            Source::CephFs(_) => panic!("nfs expected"),
+            other => panic!("nfs expected, got {other:?}"),
         }
         assert_eq!(s.mount_point(), PathBuf::from("/run/cnfs/volumes/data"));
         // Round trip through the wire form gives the same spec.
