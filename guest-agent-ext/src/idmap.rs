@@ -150,7 +150,14 @@ pub fn run(argv: &[String]) -> i32 {
             i32::from(rc != 0)
         }
         None => {
-            kmsg(&format!("{description}: not mapped (shown as 4294967294)"));
+            // Other key types reach the same helper (cifs asks for `cifs.spnego` keys when a
+            // volume says sec=krb5, which the agent refuses up front): refused without an
+            // NFS-owner message that would mislead whoever reads the kernel log.
+            if ty == "id_resolver" {
+                kmsg(&format!("{description}: not mapped (shown as 4294967294)"));
+            } else {
+                kmsg(&format!("{ty} key requested: not served by cnfs-agent"));
+            }
             keyctl(KEYCTL_NEGATE, key, NEGATIVE_TIMEOUT_S, 0, 0);
             1
         }
