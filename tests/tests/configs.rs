@@ -432,6 +432,33 @@ fn example_pod_is_a_valid_pod() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The SMB example: a valid Pod whose annotations the shim's own parser accepts, naming a
+/// secret (never carrying credentials), and which the shipped example policy allows.
+#[test]
+fn example_smb_pod_is_valid_and_allowed_by_the_example_policy() -> anyhow::Result<()> {
+    let pod: Pod = strict(&yaml("kubernetes/example-smb-pod.yaml"))?;
+    let meta = pod.metadata;
+    let annotations: std::collections::HashMap<String, String> =
+        meta.annotations.unwrap_or_default().into_iter().collect();
+    let volumes = cnfs_host_shim::annotations::parse(&annotations)
+        .map_err(|e| anyhow!("the shim refuses the example: {e}"))?;
+    assert_eq!(volumes.len(), 1);
+    let v = &volumes[0];
+    assert_eq!(v.spec.fs_name(), "smb");
+    assert_eq!(v.secret_ref.as_deref(), Some("finance-smb"));
+    let policy =
+        cnfs_host::policy::Policy::parse(&read("cnfs/policy.toml")).map_err(|e| anyhow!("{e}"))?;
+    let ns = meta.namespace.context("no namespace")?;
+    policy
+        .check(&ns, &v.spec)
+        .map_err(|e| anyhow!("the example policy refuses the example: {e}"))?;
+    assert!(
+        policy.check("team-a", &v.spec).is_err(),
+        "another namespace"
+    );
+    Ok(())
+}
+
 #[test]
 fn example_deployment_is_a_valid_deployment() -> anyhow::Result<()> {
     let d: Deployment = strict(&yaml("kubernetes/example-deployment.yaml"))?;
