@@ -11,11 +11,12 @@
 //! (`PR_SET_PDEATHSIG`), so an agent that is killed or stopped leaves no mount behind that
 //! could complete after it is gone.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::signal::{kill, Signal};
+use nix::sys::resource::{getrlimit, Resource};
+use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, pipe, ForkResult, Pid};
 use tokio::io::AsyncReadExt;
@@ -44,14 +45,14 @@ where
         Ok(p) => p,
         Err(e) => return Outcome::Failed(e),
     };
-    let parent = nix::unistd::getpid().as_raw();
+    let parent = nix::unistd::getpid();
     // SAFETY: the child only runs `child_hygiene`, `op` (system calls only, per the contract
     // above), write(2) and _exit(2), all async-signal-safe.
     let child = match unsafe { fork() } {
         Err(e) => return Outcome::Failed(e),
         Ok(ForkResult::Child) => {
             drop(rx);
-            let tx = child_hygiene(tx.as_raw_fd(), parent);
+            child_hygiene(tx.as_raw_fd(), parent);
             let mut msg = [0u8; MSG_LEN];
             match op() {
                 Ok(p) => {
@@ -64,11 +65,9 @@ where
                     msg[1..5].copy_from_slice(&(e as i32).to_le_bytes());
                 }
             }
-            // SAFETY: plain write(2) of a stack buffer and _exit(2).
-            unsafe {
-                libc::write(tx, msg.as_ptr().cast(), MSG_LEN);
-                libc::_exit(0)
-            }
+            // A short or failed write reads as "died without answering" in the parent.
+            let _ = nix::unistd::write(&tx, &msg);
+            exit_child(0)
         }
         Ok(ForkResult::Parent { child }) => child,
     };
@@ -105,82 +104,68 @@ impl Drop for ChildGuard {
     }
 }
 
-/// In the child, before the call: keep only the answer pipe (moved to fd 3), restore default
+/// In the child, before the call: keep only the answer pipe `tx` (and 0-2), restore default
 /// signal dispositions and an empty mask, and die with the agent. Only async-signal-safe
-/// system calls. Returns the answer pipe's descriptor.
-fn child_hygiene(tx: libc::c_int, parent: libc::pid_t) -> libc::c_int {
-    const ANSWER_FD: libc::c_int = 3;
-    // SAFETY: plain system calls on integers and stack memory, async-signal-safe; the child
-    // owns its copy of every descriptor.
-    unsafe {
-        let fd = if tx == ANSWER_FD {
-            tx
-        } else if libc::dup2(tx, ANSWER_FD) == ANSWER_FD {
-            ANSWER_FD
-        } else {
-            tx
-        };
-        close_from(fd + 1, fd);
-        if fd != ANSWER_FD {
-            close_below(fd);
+/// system calls, nothing allocated.
+fn child_hygiene(tx: RawFd, parent: Pid) {
+    close_all_but(tx);
+    // nix's Signal covers only the standard signals; the loop also resets the real-time ones.
+    // SAFETY: a plain struct of integers and a function pointer slot, for which all-zero is
+    // valid: SIG_DFL, no flags, an empty mask, no restorer.
+    let act: libc::sigaction = unsafe { std::mem::zeroed() };
+    for sig in 1..libc::SIGRTMAX() {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: installs the default disposition (no handler of ours runs); `act` lives
+            // on the stack for the call; a null old-action pointer is allowed.
+            unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) };
         }
-        let mut act: libc::sigaction = std::mem::zeroed();
-        act.sa_sigaction = libc::SIG_DFL;
-        for sig in 1..libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::sigaction(sig, &act, std::ptr::null_mut());
-            }
-        }
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        );
-        // The agent may have died between fork and prctl: then nobody would ever kill us.
-        if libc::getppid() != parent {
-            libc::_exit(1);
-        }
-        fd
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // The agent may have died between fork and prctl: then nobody would ever kill us.
+    if nix::unistd::getppid() != parent {
+        exit_child(1);
     }
 }
 
-/// Closes every descriptor from `first` up (close_range(2); a loop on kernels before 5.9).
-///
-/// # Safety
-/// Only for a freshly forked child that owns its descriptor table.
-unsafe fn close_from(first: libc::c_int, keep: libc::c_int) {
-    // SAFETY: per the function contract.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, u32::MAX, 0) };
-    if rc != 0 {
-        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-        // SAFETY: getrlimit into stack memory.
-        let max = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } {
-            0 => lim.rlim_cur.min(65_536) as libc::c_int,
-            _ => 4096,
-        };
-        for fd in first..max {
-            if fd != keep {
-                // SAFETY: per the function contract.
-                unsafe { libc::close(fd) };
-            }
+/// Ends the forked child at once: _exit(2), not `std::process::exit`, which would run the
+/// parent's atexit handlers and flush its stdio buffers (locks and allocation) in the child.
+fn exit_child(status: libc::c_int) -> ! {
+    // SAFETY: _exit(2) takes an integer, touches no memory of ours and never returns.
+    unsafe { libc::_exit(status) }
+}
+
+/// Closes every descriptor from 3 up except `keep` (close_range(2); a loop on kernels before
+/// 5.9). Only for the freshly forked child: it closes descriptors that objects in the copy of
+/// the agent's memory still think they own.
+fn close_all_but(keep: RawFd) {
+    let keep = libc::c_uint::try_from(keep).unwrap_or(libc::c_uint::MAX);
+    let mut ok = true;
+    if keep > 3 {
+        ok &= close_range(3, keep - 1);
+    }
+    ok &= close_range(keep.saturating_add(1).max(3), libc::c_uint::MAX);
+    if ok {
+        return;
+    }
+    let max = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => soft.min(65_536) as RawFd,
+        Err(_) => 4096,
+    };
+    for fd in 3..max {
+        if fd as libc::c_uint != keep {
+            let _ = nix::unistd::close(fd);
         }
     }
 }
 
-/// Closes descriptors 3..`keep` (used when the answer pipe could not be moved to fd 3).
-///
-/// # Safety
-/// Only for a freshly forked child that owns its descriptor table.
-unsafe fn close_below(keep: libc::c_int) {
-    for fd in 3..keep {
-        // SAFETY: per the function contract.
-        unsafe { libc::close(fd) };
-    }
+/// close_range(2) of `first..=last`; false where the kernel does not have it.
+fn close_range(first: libc::c_uint, last: libc::c_uint) -> bool {
+    let flags: libc::c_uint = 0;
+    // SAFETY: close_range(2) takes three integers and touches no memory; which descriptors it
+    // may close is `close_all_but`'s concern. (nix 0.29 has no close_range.)
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) };
+    rc == 0
 }
 
 async fn read_answer(rx: OwnedFd) -> Option<[u8; MSG_LEN]> {
@@ -238,9 +223,11 @@ mod tests {
         // SAFETY: setting SIGUSR2 to ignored in this test process; nothing else uses it.
         unsafe { libc::signal(libc::SIGUSR2, libc::SIG_IGN) };
         let outcome = run(Duration::from_secs(5), move || {
-            // SAFETY: fcntl on an integer descriptor; sigaction query into stack memory.
-            let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1;
+            let open = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok();
+            // nix has no query-only sigaction.
+            // SAFETY: all-zero is a valid libc::sigaction (plain integers and a pointer slot).
             let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: a query (null new action) into a struct on the stack.
             unsafe { libc::sigaction(libc::SIGUSR2, std::ptr::null(), &mut old) };
             Ok([u64::from(open), old.sa_sigaction as u64, 0, 0, 0, 0])
         })
@@ -257,19 +244,15 @@ mod tests {
     async fn a_child_whose_waiter_is_dropped_is_killed_and_reaped() {
         let pidfile = std::env::temp_dir().join(format!("cnfs-killable-{}", std::process::id()));
         let _ = std::fs::remove_file(&pidfile);
-        let path = std::ffi::CString::new(pidfile.to_string_lossy().as_bytes()).expect("path");
+        let path = pidfile.clone();
         // The caller gives up after 200 ms on a call bounded at 60 s.
         let waited = tokio::time::timeout(
             Duration::from_millis(200),
             run(Duration::from_secs(60), move || {
-                // SAFETY: open/write/close with a valid path and a stack buffer, then pause.
-                unsafe {
-                    let f = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o600);
-                    let pid = libc::getpid().to_le_bytes();
-                    libc::write(f, pid.as_ptr().cast(), pid.len());
-                    libc::close(f);
-                    libc::pause();
-                }
+                // open/write/close from a stack buffer (a short path needs no allocation).
+                let pid = nix::unistd::getpid().as_raw().to_le_bytes();
+                let _ = std::fs::write(&path, pid);
+                nix::unistd::pause();
                 Ok([0; 6])
             }),
         )
@@ -292,8 +275,7 @@ mod tests {
     async fn a_call_that_never_returns_is_killed_at_the_deadline() {
         let start = Instant::now();
         let outcome = run(Duration::from_millis(300), || {
-            // SAFETY: pause(2) is a plain system call.
-            unsafe { libc::pause() };
+            nix::unistd::pause();
             Ok([0; 6])
         })
         .await;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use cnfs_protocols::modules_dep::{self, canonical, module_name, ModulesDep, ModulesDepError};
 use nix::errno::Errno;
+use nix::kmod::{finit_module, ModuleInitFlags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KmodError {
@@ -74,31 +75,19 @@ pub fn ensure(dir: &Path, name: &str) -> Result<(), KmodError> {
 /// finit_module(2); compressed files (`.ko.xz`, `.ko.zst`, `.ko.gz`) ask the kernel to
 /// decompress (MODULE_INIT_COMPRESSED_FILE, Linux 6.4+).
 fn load_file(path: &Path) -> Result<(), Errno> {
+    // Not among nix's named flags (its list predates Linux 6.4).
     const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
     let file =
         File::open(path).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
     let compressed = !path.to_string_lossy().ends_with(".ko");
     let flags = if compressed {
-        MODULE_INIT_COMPRESSED_FILE
+        ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE)
     } else {
-        0
+        ModuleInitFlags::empty()
     };
-    let params = c"";
-    // SAFETY: finit_module with a valid fd, a NUL-terminated empty parameter string and flags.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_finit_module,
-            std::os::fd::AsRawFd::as_raw_fd(&file),
-            params.as_ptr(),
-            flags,
-        )
-    };
-    match rc {
-        0 => Ok(()),
-        _ => match Errno::last() {
-            Errno::EEXIST => Ok(()),
-            e => Err(e),
-        },
+    match finit_module(&file, c"", flags) {
+        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

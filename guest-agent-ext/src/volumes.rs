@@ -20,6 +20,7 @@ use cnfs_protocols::keyed_lock::{KeyedGuard, KeyedLocks};
 use cnfs_protocols::spec::{self, VolumeSpec, VOLUME_ROOT};
 use futures::future::{FutureExt, Shared};
 use nix::errno::Errno;
+use nix::mount::{umount2, MntFlags};
 use protobuf::Message;
 use slog::{info, warn, Logger};
 
@@ -481,23 +482,17 @@ impl Volumes {
             let target = CString::new(mount_point.as_os_str().as_bytes())
                 .map_err(|_| AgentError::Internal("mount point has a NUL byte".into()))?;
             // Shares of the time left: plain and force get 40% each, detach the rest.
-            let steps: [(&str, libc::c_int, u32); 3] = [
-                ("umount", 0, 40),
-                ("force", libc::MNT_FORCE, 40),
-                ("detach", libc::MNT_DETACH, 100),
+            let steps: [(&str, MntFlags, u32); 3] = [
+                ("umount", MntFlags::empty(), 40),
+                ("force", MntFlags::MNT_FORCE, 40),
+                ("detach", MntFlags::MNT_DETACH, 100),
             ];
             for (step, flag, share) in steps {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let slice = (left * share / 100).max(Duration::from_millis(500));
-                let target = &target;
-                // SAFETY: umount2 with a NUL-terminated path that outlives the call.
-                let outcome = killable::run(slice, || {
-                    match unsafe { libc::umount2(target.as_ptr(), flag) } {
-                        0 => Ok([0; 6]),
-                        _ => Err(Errno::last()),
-                    }
-                })
-                .await;
+                let target = target.as_c_str();
+                // A &CStr path: nix passes its pointer, nothing is allocated in the child.
+                let outcome = killable::run(slice, || umount2(target, flag).map(|()| [0; 6])).await;
                 match outcome {
                     Outcome::Done(_) | Outcome::Failed(Errno::EINVAL) => {
                         method = step;
@@ -701,26 +696,20 @@ async fn mount_in_child(
     let source = cstr(source.as_bytes())?;
     let target = cstr(mount_point.as_os_str().as_bytes())?;
     let fs_type = cstr(fs_type.as_bytes())?;
-    let flags = flags.bits();
     std::fs::create_dir_all(mount_point)
         .map_err(|e| AgentError::Internal(format!("creating {}: {e}", mount_point.display())))?;
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    // Every argument a &CStr: nix passes the pointers (the key is not copied anywhere) and
+    // allocates nothing in the child.
     let outcome = killable::run(remaining, || {
-        // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                source.as_ptr(),
-                target.as_ptr(),
-                fs_type.as_ptr(),
-                flags,
-                secret.as_ptr().cast(),
-            )
-        };
-        if rc == 0 {
-            Ok([0; 6])
-        } else {
-            Err(Errno::last())
-        }
+        nix::mount::mount(
+            Some(source.as_c_str()),
+            target.as_c_str(),
+            Some(fs_type.as_c_str()),
+            flags,
+            secret.as_c_str(),
+        )
+        .map(|()| [0; 6])
     })
     .await;
     Ok(outcome)
@@ -731,10 +720,8 @@ async fn mount_in_child(
 struct Wiped(Option<CString>);
 
 impl Wiped {
-    fn as_ptr(&self) -> *const libc::c_char {
-        self.0
-            .as_deref()
-            .map_or(std::ptr::null(), std::ffi::CStr::as_ptr)
+    fn as_c_str(&self) -> Option<&std::ffi::CStr> {
+        self.0.as_deref()
     }
 }
 
@@ -749,13 +736,16 @@ impl Drop for Wiped {
 /// statfs(2) for a forked child: figures in the payload, nothing allocated. The last slot
 /// holds the owner of the volume's root (`uid << 32 | gid`), to tell unmapped NFSv4 owners.
 fn statfs(target: &CString) -> Result<killable::Payload, Errno> {
-    // SAFETY: statfs and stat into zeroed structs on the stack, with a valid path.
-    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let owner = match unsafe { libc::stat(target.as_ptr(), &mut st) } {
-        0 => (u64::from(st.st_uid) << 32) | u64::from(st.st_gid),
-        _ => 0,
+    let owner = match nix::sys::stat::stat(target.as_c_str()) {
+        Ok(st) => (u64::from(st.st_uid) << 32) | u64::from(st.st_gid),
+        Err(_) => 0,
     };
+    // Kept on libc: nix's Statfs does not expose f_frsize, and statvfs(3) is a libc wrapper
+    // that is not promised to be async-signal-safe in this forked child.
+    // SAFETY: all-zero is a valid libc::statfs (integers only).
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path that outlives the call, and a struct on the stack that
+    // statfs(2) fills in.
     match unsafe { libc::statfs(target.as_ptr(), &mut s) } {
         0 => {
             let frsize = if s.f_frsize > 0 {

@@ -904,3 +904,159 @@ async fn a_cephfs_csi_volume_is_a_subvolume_whose_quota_the_guest_enforces_and_e
     );
     Ok(())
 }
+
+/// SMB through the whole CSI path: the controller makes the volume's directory on a real
+/// Samba share with smbclient (no host mount), NodePublish hands the volume and its
+/// node-publish secret to the shim, the guest kernel mounts the directory sealed, the pod's
+/// container sees the server's file, and the password appears nowhere but in its one
+/// secret file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_smb_csi_volume_is_a_share_directory_the_guest_mounts_sealed() -> anyhow::Result<()> {
+    use cnfs_testbed::samba::{Samba, SambaSetup, Share};
+    const USER: &str = "cnfscsismb";
+    const PASSWORD: &str = "csi,smb=pw 5";
+    shim_on_path();
+    let bed = TestBed::start().await?;
+    let dir = bed.dir.path();
+    let samba = Samba::start(
+        &bed.ns,
+        dir,
+        &SambaSetup::new()
+            .user(USER, PASSWORD)
+            .share(Share::new("data")),
+    )?;
+    let pod = Pod::new(&bed)?;
+    let target = pod.target.clone();
+    let csi = Csi::start(&bed, &pod, None)?;
+    let channel = cnfs_csi::client::connect(&csi.socket).await?;
+    let mut controller = ControllerClient::new(channel.clone());
+    let mut node = NodeClient::new(channel);
+    let cap = mount_capability();
+    let secrets = HashMap::from([
+        ("username".to_string(), USER.to_string()),
+        ("password".to_string(), PASSWORD.to_string()),
+    ]);
+    let mut answers = Vec::new();
+
+    let name = format!("pvc-{}", cnfs_testbed::unique_id());
+    let create = CreateVolumeRequest {
+        name: name.clone(),
+        volume_capabilities: vec![cap.clone()],
+        parameters: HashMap::from([
+            ("fs".to_string(), "smb".to_string()),
+            ("server".to_string(), samba.server_ip.clone()),
+            ("share".to_string(), "data".to_string()),
+            ("subDir".to_string(), "volumes".to_string()),
+            ("vers".to_string(), "3.1.1".to_string()),
+            ("onDelete".to_string(), "delete".to_string()),
+        ]),
+        secrets: secrets.clone(),
+        ..Default::default()
+    };
+    let vol = controller
+        .create_volume(create)
+        .await?
+        .into_inner()
+        .volume
+        .expect("volume");
+    answers.push(format!("{vol:?}"));
+    let source = vol.volume_context.get("source").expect("source").clone();
+    assert!(
+        source.starts_with(&format!("smb://{}/data/volumes/", samba.server_ip)),
+        "{source}"
+    );
+    let share = samba.share_dir("data").expect("share").to_path_buf();
+    let sub = source
+        .split_once("/data/")
+        .map(|(_, p)| p.split('?').next().unwrap_or_default().to_string())
+        .expect("directory");
+    let vol_dir = share.join(&sub);
+    assert!(vol_dir.is_dir(), "{}", vol_dir.display());
+    std::fs::write(vol_dir.join("hello.txt"), "from the server\n")?;
+
+    node.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        target_path: target.clone(),
+        volume_capability: Some(cap.clone()),
+        volume_context: pod.publish_context(&vol),
+        secrets: secrets.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let record = pod.handoff().read_record(&target)?.expect("record");
+    assert!(record.has_secret && record.source == source, "{record:?}");
+
+    let ctd = pod.containerd(dir)?;
+    let root = rootfs::busybox(dir)?.display().to_string();
+    let printed = pod.run(&ctd, &root);
+    let g = &bed.vm.exec;
+    let mnt = pod.guest_mount();
+    let mounts = g.ok("cat /proc/mounts").await?;
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(&format!("{mnt} cifs ")))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        line.contains(",seal") && line.contains("vers=3.1.1"),
+        "{mounts}"
+    );
+    assert_eq!(
+        in_container(g, &pod, "cat /tmp/ctr/hello.txt").await?,
+        "from the server\n"
+    );
+    g.ok(&format!("echo guest > {mnt}/from-guest.txt && sync"))
+        .await?;
+    assert_eq!(std::fs::read(vol_dir.join("from-guest.txt"))?, b"guest\n");
+
+    // The password's one place is the node-publish secret file on tmpfs.
+    let h = pod.handoff();
+    assert_eq!(
+        files_containing(PASSWORD, &[pod.handoff_dir.as_path()])?.trim(),
+        h.secret_path(&target).display().to_string()
+    );
+    let records_dir = h.record_path(&target);
+    let records_dir = records_dir.parent().expect("records dir");
+    let found = files_containing(
+        PASSWORD,
+        &[
+            records_dir,
+            Path::new(&target),
+            ctd.dir(),
+            csi.log.as_path(),
+        ],
+    )?;
+    assert!(found.is_empty(), "the password is in {found}");
+    let guest_seen = g
+        .ok("cat /proc/mounts /proc/self/mountinfo /run/cnfs/state/* 2>/dev/null; true")
+        .await?;
+    for (what, haystack) in [
+        ("ctr output", &printed),
+        ("containerd log", &ctd.log_tail(100_000)),
+        ("cnfs-csi log", &csi.log_text()),
+        ("CSI answers", &answers.join("\n")),
+        ("guest", &guest_seen),
+        ("guest console", &bed.vm.console_text()),
+    ] {
+        assert!(
+            !haystack.contains(PASSWORD) && !haystack.contains("csi,,smb"),
+            "the password is in the {what}"
+        );
+    }
+
+    pod.delete(&ctd, g).await?;
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await?;
+    assert!(!h.secret_path(&target).exists());
+    let delete = DeleteVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        secrets,
+    };
+    controller.delete_volume(delete.clone()).await?;
+    assert!(!vol_dir.exists(), "onDelete=delete removes the directory");
+    controller.delete_volume(delete).await?;
+    Ok(())
+}

@@ -15,6 +15,7 @@ use cnfs_host_shim::shim::proxy::{self, Hooks};
 use cnfs_host_shim::shim::sandbox::{After, Refusal};
 use cnfs_testbed::TempDir;
 use delegate::{Client, FakeDelegate, TASK};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use tokio::net::UnixListener;
 
 struct NoHooks;
@@ -67,20 +68,12 @@ fn has_pidfd() -> bool {
 }
 
 fn nofile() -> libc::rlimit {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the struct we own.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    assert_eq!(rc, 0, "getrlimit");
-    lim
+    let (rlim_cur, rlim_max) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    libc::rlimit { rlim_cur, rlim_max }
 }
 
 fn set_nofile(lim: &libc::rlimit) {
-    // SAFETY: setrlimit reads one rlimit from the struct we own.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, lim) };
-    assert_eq!(rc, 0, "setrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, lim.rlim_cur, lim.rlim_max).expect("setrlimit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,7 +44,7 @@ const ENDPOINT: &str = "unix:///csi/csi.sock";
 /// shim's relay in the hand-off directory).
 const KATA_RUN_DIRS: [&str; 2] = ["/run/vc", "/run/kata"];
 /// Files configs/csi/README.md documents; any other *.yaml there is checked as well.
-const FILES: [&str; 9] = [
+const FILES: [&str; 10] = [
     "namespace.yaml",
     "csidriver.yaml",
     "rbac.yaml",
@@ -52,6 +52,7 @@ const FILES: [&str; 9] = [
     "node.yaml",
     "storageclass-nfs.yaml",
     "storageclass-cephfs.yaml",
+    "storageclass-smb.yaml",
     "inline-ephemeral.yaml",
     "static-pv.yaml",
 ];
@@ -736,11 +737,13 @@ fn check_images(s: &Set) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Why a StorageClass names a secret, and the keys the driver reads from it.
-fn secret_keys(purpose: &str) -> Option<[&'static str; 2]> {
-    match purpose {
-        "provisioner" | "controller-expand" => Some(["adminID", "adminKey"]),
-        "node-publish" => Some(["userID", "userKey"]),
+/// Why a StorageClass of file system `fs` names a secret, and the keys the driver requires
+/// in it.
+fn secret_keys(fs: &str, purpose: &str) -> Option<[&'static str; 2]> {
+    match (fs, purpose) {
+        ("smb", "provisioner" | "node-publish") => Some(["username", "password"]),
+        (_, "provisioner" | "controller-expand") => Some(["adminID", "adminKey"]),
+        (_, "node-publish") => Some(["userID", "userKey"]),
         _ => None,
     }
 }
@@ -871,7 +874,28 @@ fn check_storage_classes(s: &Set, driver: &str) -> anyhow::Result<()> {
                     );
                 }
             }
-            other => bail!("StorageClass {n}: fs {other:?} is not nfs or cephfs"),
+            "smb" => {
+                let (server, share) = (get("server")?, get("share")?);
+                let sub = p.get("subDir").map(String::as_str).unwrap_or_default();
+                let vers = get("vers")?;
+                check_source(&format!("smb://{server}/{share}/{sub}?vers={vers}"))
+                    .with_context(|| format!("StorageClass {n}: server/share/subDir/vers"))?;
+                let on_delete = get("onDelete")?;
+                ensure!(
+                    ["retain", "delete"].contains(&on_delete),
+                    "StorageClass {n}: onDelete {on_delete:?} is not retain or delete"
+                );
+                ensure!(
+                    sc.allow_volume_expansion == Some(false),
+                    "StorageClass {n}: SMB has no quota, allowVolumeExpansion must be false"
+                );
+                let purposes: BTreeSet<&str> = secrets.iter().map(|s| s.0.as_str()).collect();
+                ensure!(
+                    purposes == BTreeSet::from(["provisioner", "node-publish"]),
+                    "StorageClass {n}: SMB needs a provisioner and a node-publish secret, has {purposes:?}"
+                );
+            }
+            other => bail!("StorageClass {n}: fs {other:?} is not nfs, cephfs or smb"),
         }
         ensure!(
             sc.reclaim_policy.as_deref() == Some("Delete"),
@@ -897,8 +921,14 @@ fn table_has(t: &toml::Table, path: &[&str]) -> anyhow::Result<()> {
 fn check_secrets(s: &Set) -> anyhow::Result<()> {
     for sc in &s.storage_classes {
         let n = name_of(&sc.metadata);
+        let fs = sc
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("fs"))
+            .map(String::as_str)
+            .unwrap_or_default();
         for (purpose, ns, name) in class_secrets(sc)? {
-            let keys = secret_keys(&purpose)
+            let keys = secret_keys(fs, &purpose)
                 .ok_or_else(|| anyhow!("StorageClass {n}: cnfs-csi reads no {purpose} secret"))?;
             let secret = s
                 .secrets
@@ -917,7 +947,7 @@ fn check_secrets(s: &Set) -> anyhow::Result<()> {
                     .get(k)
                     .ok_or_else(|| anyhow!("Secret {ns}/{name} lacks {k} ({purpose})"))?;
                 ensure!(!v.is_empty(), "Secret {ns}/{name}: {k} is empty");
-                if k.ends_with("Key") {
+                if k.ends_with("Key") || k == "password" {
                     ensure!(
                         v.starts_with("REPLACE-"),
                         "Secret {ns}/{name}: {k} must be an obvious placeholder (REPLACE-...)"
@@ -1435,7 +1465,10 @@ fn storage_classes_use_this_driver_with_parameters_it_accepts() -> anyhow::Resul
         .iter()
         .filter_map(|c| c.parameters.as_ref()?.get("fs").cloned())
         .collect();
-    assert_eq!(fs, BTreeSet::from(["cephfs".into(), "nfs".into()]));
+    assert_eq!(
+        fs,
+        BTreeSet::from(["cephfs".into(), "nfs".into(), "smb".into()])
+    );
     Ok(())
 }
 
@@ -1610,6 +1643,9 @@ fn every_regression_fails_a_check() {
         ("missing user secret", "Secret", "cnfs-ceph-user", "metadata/name", Set(json!("cnfs-ceph-user-old")), "is not in configs/csi"),
         ("wrong key name", "Secret", "cnfs-ceph-admin", "stringData/adminKey", Rename("key"), "lacks adminKey"),
         ("real-looking key", "Secret", "cnfs-ceph-user", "stringData/userKey", Set(json!("AQBvaBFZAAAAABAA9VHgwCg3rWn8fMaX8KL01A==")), "placeholder"),
+        ("SMB archive", SC, "cnfs-smb", "parameters/onDelete", Set(json!("archive")), "not retain or delete"),
+        ("SMB1", SC, "cnfs-smb", "parameters/vers", Set(json!("1.0")), "server/share/subDir/vers"),
+        ("real-looking SMB password", "Secret", "cnfs-smb-creds", "stringData/password", Set(json!("hunter2")), "placeholder"),
         ("unknown Ceph cluster in csi.toml", "ConfigMap", CONFIG_MAP, "data/csi.toml", Set(json!("[clusters.other]\n")), "not in csi.toml"),
         // RBAC.
         ("provisioner binding to another account", "ClusterRoleBinding", "cnfs-csi-provisioner", "subjects/0/name", Set(json!("someone-else")), "not a ServiceAccount defined here"),
@@ -1629,7 +1665,7 @@ fn every_regression_fails_a_check() {
         ("inline option not allowed", "Pod", "cnfs-inline-scratch", "spec/volumes/0/csi/volumeAttributes/source", Set(json!("nfs://10.0.0.5/exports/scratch?vers=4.1&bogus=1")), "source"),
         ("inline attribute typo", "Pod", "cnfs-inline-scratch", "spec/volumes/0/csi/volumeAttributes/source", Rename("sorce"), "exactly `source`"),
         ("inline other driver", "Pod", "cnfs-inline-scratch", "spec/volumes/0/csi/driver", Set(json!("nfs.csi.k8s.io")), "inline driver"),
-        ("static source not a volume URL", "PersistentVolume", "cnfs-static-data", "spec/csi/volumeAttributes/source", Set(json!("smb://10.0.0.5/data")), "source"),
+        ("static source not a volume URL", "PersistentVolume", "cnfs-static-data", "spec/csi/volumeAttributes/source", Set(json!("ftp://10.0.0.5/data")), "source"),
         ("static PV for another claim", "PersistentVolume", "cnfs-static-data", "spec/claimRef/name", Set(json!("other")), "reserved for another claim"),
         ("PVC of an unknown class", "PersistentVolumeClaim", "cnfs-nfs-data", "spec/storageClassName", Set(json!("standard")), "StorageClass standard is not defined"),
         ("static PVC takes the default class", "PersistentVolumeClaim", "cnfs-static-data", "spec/storageClassName", Remove, "storageClassName"),

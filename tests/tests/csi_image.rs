@@ -1532,6 +1532,47 @@ async fn controller_image_runs_as_controller_yaml_says_and_provisions_on_a_real_
         started.elapsed()
     );
 
+    // SMB likewise needs Samba's `smbclient`, which the image does not hold: a CreateVolume
+    // of storageclass-smb.yaml fails at once naming it, without the password.
+    let class = object::<StorageClass>("csi/storageclass-smb.yaml", "StorageClass", "cnfs-smb");
+    let params: HashMap<String, String> = class["parameters"]
+        .as_object()
+        .expect("parameters")
+        .iter()
+        .filter(|(k, _)| !k.contains("-secret-"))
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+        .collect();
+    const SMB_PW: &str = "image-smb-pw-31";
+    let started = Instant::now();
+    let (code, msg) = failure(
+        "SMB CreateVolume without smbclient",
+        call(
+            "CreateVolume",
+            csi.create_volume(CreateVolumeRequest {
+                name: "pvc-9e8d7c6b-5555-4666-8777-888899990001".into(),
+                volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
+                parameters: params,
+                secrets: HashMap::from([
+                    ("username".to_string(), "k8s-volumes".to_string()),
+                    ("password".to_string(), SMB_PW.to_string()),
+                ]),
+                ..Default::default()
+            }),
+        )
+        .await,
+    );
+    eprintln!("SMB CreateVolume in the image: {code:?}: {msg}");
+    assert!(
+        msg.contains("cannot run smbclient") && msg.contains("smbclient"),
+        "the error must name the missing program: {msg}"
+    );
+    assert!(!msg.contains(SMB_PW), "the password leaked: {msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a missing program must fail at once, took {:?}",
+        started.elapsed()
+    );
+
     // The controller mounted nothing, on the host or in its own namespace.
     let host_new = new_host_mounts(&before, &[dir.path(), ctd.dir()]);
     assert!(host_new.is_empty(), "new host mounts: {host_new:?}");

@@ -105,10 +105,12 @@ fn start(args: &Args) -> anyhow::Result<()> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_target(&bundle));
-    // SAFETY: setsid(2) only, between fork and exec: the server outlives `start`.
+    // std has no safe setsid for a child (process_group is setpgid, which keeps the session).
+    // SAFETY: the hook runs between fork and exec and only makes the setsid(2) system call,
+    // which is async-signal-safe and allocates nothing: the server outlives `start`.
     unsafe {
         server.pre_exec(|| {
-            libc::setsid();
+            let _ = nix::unistd::setsid();
             Ok(())
         });
     }

@@ -174,8 +174,7 @@ fn as_pid1() -> ! {
 /// The part shared with the systemd image (`kata-agent.service`, not PID 1): subreaper,
 /// network, the exec helper, port 1024, reaping.
 fn serve() -> ! {
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let _ = nix::sys::prctl::set_child_subreaper(true);
     network();
     let mut ours = Vec::new();
     if let Ok(c) = std::process::Command::new("/usr/bin/cnfs-test-exec").spawn() {
@@ -183,26 +182,29 @@ fn serve() -> ! {
     }
     // kata-agent's ttrpc port: bound and held (connections are accepted and dropped).
     std::thread::spawn(|| {
-        // SAFETY: socket/bind/listen/accept/close on integers and a zeroed sockaddr.
-        unsafe {
-            let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0);
-            let mut addr: libc::sockaddr_vm = std::mem::zeroed();
-            addr.svm_family = libc::AF_VSOCK as u16;
-            addr.svm_cid = libc::VMADDR_CID_ANY;
-            addr.svm_port = 1024;
-            let len = std::mem::size_of::<libc::sockaddr_vm>() as u32;
-            if libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) != 0
-                || libc::listen(fd, 16) != 0
-            {
-                log("vsock port 1024 not available");
-                return;
-            }
-            log("listening on vsock port 1024");
-            loop {
-                let c = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
-                if c >= 0 {
-                    libc::close(c);
-                }
+        use nix::sys::socket::{
+            accept, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+        };
+        use std::os::fd::AsRawFd;
+        let listening = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .and_then(|fd| {
+            bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, 1024))?;
+            listen(&fd, Backlog::new(16)?)?;
+            Ok(fd)
+        });
+        let Ok(fd) = listening else {
+            log("vsock port 1024 not available");
+            return;
+        };
+        log("listening on vsock port 1024");
+        loop {
+            if let Ok(c) = accept(fd.as_raw_fd()) {
+                let _ = nix::unistd::close(c);
             }
         }
     });

@@ -1,0 +1,244 @@
+//! The mount request built from the command line and checked here, with the same rules the
+//! agent applies, before anything reaches the guest: `--nfs SERVER:/EXPORT` or a `--source`
+//! URL (with its `--secret-file`), `-o` options, `--ro`.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use cnfs_protocols::agent;
+use cnfs_protocols::spec::VolumeSpec;
+
+use crate::call::InvalidArgument;
+use crate::MountArgs;
+
+/// A --source volume: the annotations' grammar, with the credentials its file system needs
+/// read from --secret-file (the file system reads its own format).
+fn url_volume(m: &MountArgs, url: &str) -> anyhow::Result<agent::VolumeSpec> {
+    let parsed = cnfs_protocols::volume_url::parse(&m.name, url)
+        .map_err(|e| InvalidArgument(format!("--source: {e}")))?;
+    if parsed.secret_ref.is_some() {
+        return Err(InvalidArgument(
+            "--source: secret= names a secret of the shim's secret directory; give --secret-file"
+                .into(),
+        )
+        .into());
+    }
+    let mut wire = parsed.wire;
+    let kind = cnfs_protocols::spec::FsKind::of_wire(&wire)
+        .ok_or_else(|| InvalidArgument("--source: names no file system".into()))?;
+    match (&m.secret_file, kind.needs_secret()) {
+        (None, true) => {
+            return Err(InvalidArgument(format!(
+                "--secret-file: {} volumes need credentials ({})",
+                kind.name(),
+                kind.required_secret_keys().join(", ")
+            ))
+            .into())
+        }
+        (Some(_), false) => {
+            return Err(InvalidArgument(format!(
+                "--secret-file: {} volumes take no secret",
+                kind.name()
+            ))
+            .into())
+        }
+        (Some(path), true) => {
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("--secret-file {}", path.display()))?;
+            if meta.len() > 64 * 1024 {
+                return Err(InvalidArgument(format!(
+                    "--secret-file {}: larger than 64 KiB",
+                    path.display()
+                ))
+                .into());
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--secret-file {}", path.display()))?;
+            let creds = kind
+                .credentials_from_file(&text)
+                .map_err(|e| InvalidArgument(format!("--secret-file {}: {e}", path.display())))?;
+            kind.apply_credentials("--secret-file", &mut wire, &creds)
+                .map_err(|e| InvalidArgument(e.to_string()))?;
+        }
+        (None, false) => {}
+    }
+    Ok(wire)
+}
+
+/// Builds and validates the wire request (the same rules the agent applies).
+pub(crate) fn mount_request(
+    m: &MountArgs,
+    sandbox: Option<&str>,
+) -> anyhow::Result<agent::MountRequest> {
+    let mut options: HashMap<String, String> = HashMap::new();
+    for arg in &m.options {
+        for item in arg.split(',') {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            if key.is_empty() {
+                return Err(
+                    InvalidArgument(format!("-o {:?}: expected KEY or KEY=VALUE", arg)).into(),
+                );
+            }
+            if options.insert(key.to_string(), value.to_string()).is_some() {
+                return Err(InvalidArgument(format!(
+                    "volume.options.{}: given more than once",
+                    key.escape_default()
+                ))
+                .into());
+            }
+        }
+    }
+    let mut volume = match (&m.source, &m.nfs) {
+        (Some(url), _) => url_volume(m, url)?,
+        (None, Some(nfs)) => {
+            let (server, export) = split_nfs(nfs)?;
+            let mut v = agent::VolumeSpec {
+                name: m.name.clone(),
+                ..Default::default()
+            };
+            v.set_nfs(agent::NfsSource {
+                server,
+                export,
+                version: m.version.clone().unwrap_or_default(),
+                ..Default::default()
+            });
+            v
+        }
+        (None, None) => return Err(InvalidArgument("give --nfs or --source".into()).into()),
+    };
+    volume.read_only |= m.ro;
+    for (k, v) in options {
+        if volume.options.insert(k.clone(), v).is_some() {
+            return Err(InvalidArgument(format!(
+                "volume.options.{}: given in the URL and with -o",
+                k.escape_default()
+            ))
+            .into());
+        }
+    }
+    VolumeSpec::from_wire(&volume).context("invalid volume")?;
+    Ok(agent::MountRequest {
+        volume: protobuf::MessageField::some(volume),
+        sandbox_id: sandbox.unwrap_or_default().to_string(),
+        // The agent's default, capped by the request's deadline.
+        timeout_ms: 0,
+        ..Default::default()
+    })
+}
+
+/// `SERVER:/EXPORT` or `[IPV6]:/EXPORT`.
+fn split_nfs(s: &str) -> anyhow::Result<(String, String)> {
+    let bad = || {
+        InvalidArgument(format!(
+            "--nfs {:?}: expected SERVER:/EXPORT (IPv6: [ADDR]:/EXPORT)",
+            s.escape_default().to_string()
+        ))
+    };
+    let (server, export) = if let Some(rest) = s.strip_prefix('[') {
+        let (addr, export) = rest.split_once("]:").ok_or_else(bad)?;
+        (addr, export)
+    } else {
+        s.split_once(':').ok_or_else(bad)?
+    };
+    if server.is_empty() || export.is_empty() {
+        return Err(bad().into());
+    }
+    Ok((server.to_string(), export.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::call::{exit_code, EXIT_INVALID};
+
+    fn mount_args(nfs: &str, opts: &[&str]) -> MountArgs {
+        MountArgs {
+            name: "data".into(),
+            nfs: Some(nfs.into()),
+            source: None,
+            secret_file: None,
+            version: None,
+            ro: false,
+            options: opts.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn url_volumes_take_their_credentials_from_the_secret_file_only() {
+        let dir = std::env::temp_dir().join(format!("cnfsctl-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("creds");
+        std::fs::write(&file, "username=alice\npassword=s3cr,et\n").expect("write");
+        let mut m = mount_args("unused:/x", &["uid=1000"]);
+        m.nfs = None;
+        m.source = Some("smb://10.0.0.9/data/team?vers=3.1.1".into());
+        m.secret_file = Some(file.clone());
+        let r = mount_request(&m, None).expect("valid");
+        let smb = r.volume.smb();
+        assert_eq!((smb.share.as_str(), smb.path.as_str()), ("data", "/team"));
+        assert_eq!(smb.password, "s3cr,et");
+        assert_eq!(
+            r.volume.options.get("uid").map(String::as_str),
+            Some("1000")
+        );
+        m.secret_file = None;
+        let e = mount_request(&m, None).expect_err("no secret file");
+        assert_eq!(exit_code(&e), EXIT_INVALID);
+        assert!(
+            e.to_string().contains("--secret-file") && e.to_string().contains("password"),
+            "{e}"
+        );
+        m.source = Some("smb://10.0.0.9/data?secret=team-a".into());
+        let e = mount_request(&m, None).expect_err("secret ref");
+        assert!(e.to_string().contains("give --secret-file"), "{e}");
+        std::fs::write(&file, "username=alice\ntoken=s3cr\n").expect("write");
+        m.source = Some("smb://10.0.0.9/data".into());
+        m.secret_file = Some(file);
+        let e = mount_request(&m, None).expect_err("bad file");
+        assert!(
+            e.to_string().contains("line 2") && !e.to_string().contains("s3cr"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn nfs_argument_forms() {
+        assert_eq!(
+            split_nfs("10.0.0.1:/exports/a").expect("ok"),
+            ("10.0.0.1".into(), "/exports/a".into())
+        );
+        assert_eq!(
+            split_nfs("[fd00::1]:/x").expect("ok"),
+            ("fd00::1".into(), "/x".into())
+        );
+        for bad in ["10.0.0.1", ":/x", "srv:", "[fd00::1]/x"] {
+            let e = split_nfs(bad).expect_err(bad);
+            assert_eq!(exit_code(&e), EXIT_INVALID, "{bad}");
+        }
+    }
+
+    #[test]
+    fn mount_request_is_validated_locally_with_the_field_named() {
+        let r = mount_request(
+            &mount_args("srv:/x", &["hard,rsize=65536", "ro"]),
+            Some("sb"),
+        )
+        .expect("valid");
+        let v = r.volume.as_ref().expect("volume");
+        assert_eq!(v.options.get("rsize").map(String::as_str), Some("65536"));
+        assert_eq!(r.sandbox_id, "sb");
+        for (opts, field) in [
+            (&["addr=1.2.3.4"][..], "volume.options.addr"),
+            (&["rsize=1"][..], "volume.options.rsize"),
+            (&["hard", "hard"][..], "volume.options.hard"),
+            (&["=x"][..], "-o"),
+        ] {
+            let e = mount_request(&mount_args("srv:/x", opts), None).expect_err(field);
+            assert!(format!("{e:#}").contains(field), "{e:#}");
+            assert_eq!(exit_code(&e), EXIT_INVALID);
+        }
+        let e = mount_request(&mount_args("srv:relative", &[]), None).expect_err("export");
+        assert!(format!("{e:#}").contains("volume.nfs.export"), "{e:#}");
+    }
+}
