@@ -46,14 +46,8 @@ pub fn check(field: &str, cap: Option<&VolumeCapability>) -> Result<Access, Stat
         None => return Err(invalid(field, "access_type (mount) is required")),
     };
     // The file system comes from the volume's source; a capability may name it as CNFS
-    // does or by a kernel type of it.
-    let fs_type = match mount.fs_type.as_str() {
-        "nfs4" => "nfs",
-        "ceph" => "cephfs",
-        "cifs" | "smb3" => "smb",
-        other => other,
-    };
-    if !fs_type.is_empty() && FsKind::by_name(fs_type).is_none() {
+    // does or by one of its kernel types.
+    if !mount.fs_type.is_empty() && FsKind::by_name_or_kernel_type(&mount.fs_type).is_none() {
         let known: Vec<&str> = FsKind::ALL.iter().map(|k| k.name()).collect();
         return Err(invalid(
             &format!("{field}.mount.fs_type"),

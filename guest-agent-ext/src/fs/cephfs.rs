@@ -41,7 +41,7 @@ impl MountHandler for CephFs {
     }
 
     fn kernel_types(&self) -> &'static [&'static str] {
-        &["ceph"]
+        cnfs_protocols::spec::FsKind::CephFs.kernel_types()
     }
 
     fn recognises(&self, spec: &VolumeSpec, e: &MountEntry) -> bool {

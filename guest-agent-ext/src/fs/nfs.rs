@@ -23,7 +23,7 @@ impl MountHandler for Nfs {
     }
 
     fn kernel_types(&self) -> &'static [&'static str] {
-        &["nfs", "nfs4"]
+        cnfs_protocols::spec::FsKind::Nfs.kernel_types()
     }
 
     fn recognises(&self, spec: &VolumeSpec, e: &MountEntry) -> bool {

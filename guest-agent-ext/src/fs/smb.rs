@@ -32,7 +32,7 @@ impl MountHandler for Smb {
     }
 
     fn kernel_types(&self) -> &'static [&'static str] {
-        &["cifs", "smb3"]
+        cnfs_protocols::spec::FsKind::Smb.kernel_types()
     }
 
     fn recognises(&self, spec: &VolumeSpec, e: &MountEntry) -> bool {

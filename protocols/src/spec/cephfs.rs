@@ -4,10 +4,27 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use super::FieldValue::{Many, One};
 use super::{err, printable, validate_path, Credentials, Kind, Secret, SpecError};
 use crate::agent;
 
 pub const NAME: &str = "cephfs";
+/// Kernel file system types a mount of it shows (`/proc/mounts`) or a caller may name.
+pub(super) const KERNEL_TYPES: &[&str] = &["ceph"];
+
+/// `mon,mon:/path` and the fields a listing shows (never the key).
+pub(super) fn summary(c: &agent::CephFsSource) -> (String, super::SummaryFields) {
+    let shown = format!("{}:{}", c.monitors.join(","), c.path);
+    let fields = vec![
+        ("monitors", Many(c.monitors.clone())),
+        ("fs_name", One(c.fs_name.clone())),
+        ("path", One(c.path.clone())),
+        ("client", One(c.client.clone())),
+        ("fsid", One(c.fsid.clone())),
+    ];
+    (shown, fields)
+}
+
 const MAX_MONITORS: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -129,6 +129,16 @@ pub enum FsKind {
     Smb,
 }
 
+/// A source's fields as a listing shows them: name and value(s), never a secret.
+pub type SummaryFields = Vec<(&'static str, FieldValue)>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldValue {
+    One(String),
+    /// A list (CephFS monitors).
+    Many(Vec<String>),
+}
+
 /// A typed option folded into a source field: key -> (its field name, value).
 type Typed = BTreeMap<String, (String, String)>;
 
@@ -149,6 +159,34 @@ impl FsKind {
 
     pub fn by_name(name: &str) -> Option<FsKind> {
         Self::ALL.iter().copied().find(|k| k.name() == name)
+    }
+
+    /// Kernel file system types of its mounts (mountinfo, CSI `fs_type`).
+    pub fn kernel_types(self) -> &'static [&'static str] {
+        match self {
+            FsKind::Nfs => nfs::KERNEL_TYPES,
+            FsKind::CephFs => cephfs::KERNEL_TYPES,
+            FsKind::Smb => smb::KERNEL_TYPES,
+        }
+    }
+
+    /// The kind a name or a kernel type names (`nfs4` is NFS, `cifs` is SMB).
+    pub fn by_name_or_kernel_type(name: &str) -> Option<FsKind> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == name || k.kernel_types().contains(&name))
+    }
+
+    /// How a wire spec's source reads to a person: its kind, the device as one writes it
+    /// (`server:/export`, `//server/share`) and its fields, never a secret.
+    pub fn summary(w: &agent::VolumeSpec) -> Option<(FsKind, String, SummaryFields)> {
+        let (kind, (shown, fields)) = match w.source.as_ref()? {
+            agent::volume_spec::Source::Nfs(n) => (FsKind::Nfs, nfs::summary(n)),
+            agent::volume_spec::Source::Cephfs(c) => (FsKind::CephFs, cephfs::summary(c)),
+            agent::volume_spec::Source::Smb(s) => (FsKind::Smb, smb::summary(s)),
+        };
+        Some((kind, shown, fields))
     }
 
     /// The kind of a wire spec's source.

@@ -2,10 +2,28 @@
 
 use std::collections::BTreeMap;
 
+use super::FieldValue::One;
 use super::{err, parse_server, validate_path, Kind, Server, SpecError, Typed};
 use crate::agent;
 
 pub const NAME: &str = "nfs";
+/// Kernel file system types a mount of it shows (`/proc/mounts`) or a caller may name.
+pub(super) const KERNEL_TYPES: &[&str] = &["nfs", "nfs4"];
+
+/// `server:/export` (`[v6]:/export`) and the fields a listing shows.
+pub(super) fn summary(n: &agent::NfsSource) -> (String, super::SummaryFields) {
+    let shown = if n.server.contains(':') {
+        format!("[{}]:{}", n.server, n.export)
+    } else {
+        format!("{}:{}", n.server, n.export)
+    };
+    let fields = vec![
+        ("server", One(n.server.clone())),
+        ("export", One(n.export.clone())),
+        ("version", One(n.version.clone())),
+    ];
+    (shown, fields)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NfsSource {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::FieldValue::One;
 use super::{
     err, parse_server, printable, validate_path, Credentials, Kind, Secret, Server, SpecError,
     Typed,
@@ -11,6 +12,21 @@ use super::{
 use crate::agent;
 
 pub const NAME: &str = "smb";
+/// Kernel file system types a mount of it shows (`/proc/mounts`) or a caller may name.
+pub(super) const KERNEL_TYPES: &[&str] = &["cifs", "smb3"];
+
+/// `//server/share/path` and the fields a listing shows (never the credentials).
+pub(super) fn summary(s: &agent::SmbSource) -> (String, super::SummaryFields) {
+    let shown = format!("//{}/{}{}", s.server, s.share, s.path);
+    let fields = vec![
+        ("server", One(s.server.clone())),
+        ("share", One(s.share.clone())),
+        ("path", One(s.path.clone())),
+        ("version", One(s.version.clone())),
+        ("domain", One(s.domain.clone())),
+    ];
+    (shown, fields)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmbSource {
@@ -506,6 +522,28 @@ mod tests {
         let e = VolumeSpec::from_wire_unresolved(&w).expect_err("comma");
         assert_eq!(e.field, "volume.smb.username");
         assert!(!e.to_string().contains("al,ice"), "{e}");
+    }
+
+    #[test]
+    fn listings_and_kernel_types_name_the_file_system_without_its_secrets() {
+        let w = smb("10.0.0.9", "data", "/team");
+        let (kind, shown, fields) = FsKind::summary(&w).expect("summary");
+        assert_eq!(
+            (kind, shown.as_str()),
+            (FsKind::Smb, "//10.0.0.9/data/team")
+        );
+        let all = format!("{fields:?}");
+        assert!(!all.contains("pa,ss") && !all.contains("alice"), "{all}");
+        for (t, k) in [
+            ("cifs", FsKind::Smb),
+            ("smb3", FsKind::Smb),
+            ("smb", FsKind::Smb),
+            ("nfs4", FsKind::Nfs),
+            ("ceph", FsKind::CephFs),
+        ] {
+            assert_eq!(FsKind::by_name_or_kernel_type(t), Some(k), "{t}");
+        }
+        assert_eq!(FsKind::by_name_or_kernel_type("xfs"), None);
     }
 
     #[test]

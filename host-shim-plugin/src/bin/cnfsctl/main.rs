@@ -61,7 +61,8 @@ JSON output (--json), one object per command; keys are stable:
   ping     {agent, version, sandbox_id, filesystems[], capabilities[], uptime_ms, volumes}
   list     {volumes: [{name, fs, fs_type, state, source, device, mount_point, read_only,
             options{}, nfs{server, export, version} | null,
-            cephfs{monitors[], fs_name, path, client, fsid} | null}]}
+            cephfs{monitors[], fs_name, path, client, fsid} | null,
+            smb{server, share, path, version, domain} | null}]}
   stats    {name, health (healthy|unresponsive|error|not mounted|unknown), health_detail,
             total_bytes, used_bytes, free_bytes, available_bytes, total_inodes, used_inodes,
             free_inodes, probe_ms, warnings[]}

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use cnfs_protocols::agent::{self, Health};
+use cnfs_protocols::spec::{FieldValue, FsKind};
 use cnfs_protocols::transport::AgentAddress;
 use serde_json::{json, Value};
 
@@ -138,27 +139,15 @@ pub(crate) fn render_ping(addr: &AgentAddress, p: &agent::PingResponse, json: bo
 }
 
 /// `server:/export` or `mon1,mon2:/path` from the spec (what was asked for).
+/// `server:/export`, `mons:/path`, `//server/share/dir`: what was asked for.
 fn spec_source(v: &agent::VolumeSpec) -> String {
-    match &v.source {
-        Some(agent::volume_spec::Source::Nfs(n)) => {
-            if n.server.contains(':') {
-                format!("[{}]:{}", n.server, n.export)
-            } else {
-                format!("{}:{}", n.server, n.export)
-            }
-        }
-        Some(agent::volume_spec::Source::Cephfs(c)) => {
-            format!("{}:{}", c.monitors.join(","), c.path)
-        }
-        Some(agent::volume_spec::Source::Smb(x)) => {
-            format!("//{}/{}{}", x.server, x.share, x.path)
-        }
-        _ => String::new(),
-    }
+    FsKind::summary(v)
+        .map(|(_, shown, _)| shown)
+        .unwrap_or_default()
 }
 
 fn spec_fs(v: &agent::VolumeSpec) -> &'static str {
-    cnfs_protocols::spec::FsKind::of_wire(v).map_or("", |k| k.name())
+    FsKind::of_wire(v).map_or("", |k| k.name())
 }
 
 pub(crate) fn render_list(r: &agent::ListResponse, json: bool) -> String {
@@ -175,28 +164,10 @@ pub(crate) fn render_list(r: &agent::ListResponse, json: bool) -> String {
                         .map(|(k, val)| (k.clone(), Value::String(val.clone())))
                         .collect()
                 };
-                let nfs = match &v.source {
-                    Some(agent::volume_spec::Source::Nfs(n)) => json!({
-                        "server": n.server, "export": n.export, "version": n.version,
-                    }),
-                    _ => Value::Null,
-                };
-                // The agent blanks secrets in List; never print one anyway.
-                let cephfs = match &v.source {
-                    Some(agent::volume_spec::Source::Cephfs(c)) => json!({
-                        "monitors": c.monitors, "fs_name": c.fs_name, "path": c.path,
-                        "client": c.client, "fsid": c.fsid,
-                    }),
-                    _ => Value::Null,
-                };
-                let smb = match &v.source {
-                    Some(agent::volume_spec::Source::Smb(x)) => json!({
-                        "server": x.server, "share": x.share, "path": x.path,
-                        "version": x.version, "domain": x.domain,
-                    }),
-                    _ => Value::Null,
-                };
-                json!({
+                // One object per file system, `null` but for the volume's own; its fields
+                // are the file system's (never a secret: the agent blanks them in List too).
+                let summary = FsKind::summary(v);
+                let mut out = json!({
                     "name": v.name,
                     "fs": spec_fs(v),
                     "fs_type": s.fs_type,
@@ -206,10 +177,26 @@ pub(crate) fn render_list(r: &agent::ListResponse, json: bool) -> String {
                     "mount_point": s.mount_point,
                     "read_only": v.read_only,
                     "options": options,
-                    "nfs": nfs,
-                    "cephfs": cephfs,
-                    "smb": smb,
-                })
+                });
+                for kind in FsKind::ALL {
+                    let fields = match &summary {
+                        Some((k, _, fields)) if k == kind => Value::Object(
+                            fields
+                                .iter()
+                                .map(|(f, v)| {
+                                    let v = match v {
+                                        FieldValue::One(one) => json!(one),
+                                        FieldValue::Many(many) => json!(many),
+                                    };
+                                    (f.to_string(), v)
+                                })
+                                .collect(),
+                        ),
+                        _ => Value::Null,
+                    };
+                    out[kind.name()] = fields;
+                }
+                out
             })
             .collect();
         return to_json(&json!({ "volumes": volumes }));
