@@ -80,35 +80,49 @@ impl MountHandler for Smb {
         .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
 
         let addr = super::resolve(&s.server, "SMB server", ctx.budget).await?;
-        let mut opts = vec![
-            format!("vers={}", s.version.as_str()),
-            format!("ip={addr}"),
-            format!("username={}", s.username),
-            // The kernel reads `,,` inside a password as one comma.
-            format!("password={}", s.password.expose().replace(',', ",,")),
-        ];
-        if !spec.options.contains_key("port") {
-            opts.push("port=445".into());
-        }
-        if !s.domain.is_empty() {
-            opts.push(format!("domain={}", s.domain));
-        }
-        if s.seal {
-            opts.push("seal".into());
-        }
-        opts.extend(fs_options(spec).filter(|o| {
-            let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k);
-            !CNFS_ONLY.contains(&key)
-        }));
-        let path = if s.path == "/" { "" } else { s.path.as_str() };
         Ok(MountPlan {
-            source: format!("//{}/{}{path}", s.server, s.share),
+            source: unc(s),
             fs_type: "cifs".into(),
             flags: vfs_flags(spec),
-            data: opts.join(","),
+            data: mount_data(spec, s, addr),
             attempt: Box::new(SmbAttempt { source: s.clone() }),
         })
     }
+}
+
+/// The device: `//server/share[/path]`. An IPv6 server goes unbracketed: the kernel splits
+/// the UNC at `/` or `\` only, and reads the address from `ip=`.
+fn unc(s: &SmbSource) -> String {
+    let path = if s.path == "/" { "" } else { s.path.as_str() };
+    format!("//{}/{}{path}", s.server, s.share)
+}
+
+/// The option string for mount(2), with the server's address `addr`.
+fn mount_data(spec: &VolumeSpec, s: &SmbSource, addr: std::net::IpAddr) -> String {
+    let mut opts = vec![
+        format!("vers={}", s.version.as_str()),
+        format!("ip={addr}"),
+        format!("username={}", s.username),
+        // The kernel reads `,,` inside a password as one comma.
+        format!("password={}", s.password.expose().replace(',', ",,")),
+    ];
+    if !spec.options.contains_key("port") {
+        opts.push("port=445".into());
+    }
+    if !s.domain.is_empty() {
+        opts.push(format!("domain={}", s.domain));
+    }
+    if s.seal {
+        opts.push("seal".into());
+    }
+    // A DFS referral would send the guest to a server the policy never saw (the admin
+    // allowed this server and share, not wherever it refers to).
+    opts.push("nodfs".into());
+    opts.extend(fs_options(spec).filter(|o| {
+        let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k);
+        !CNFS_ONLY.contains(&key)
+    }));
+    opts.join(",")
 }
 
 /// Splits the kernel's device `//host/share[/path]` (the UNC as mounted).
@@ -219,6 +233,103 @@ mod tests {
             &spec("10.0.0.9", "data", ""),
             &entry("//10.0.0.9/data", opts)
         ));
+    }
+
+    /// The kernel's reading of a cifs option string (`smb3_fs_context_parse_monolithic` in
+    /// fs/smb/client/fs_context.c): split at `,`, where `,,` is a comma inside the option;
+    /// an empty option ends the string; the first `=` splits key and value.
+    fn kernel_options(data: &str) -> Vec<(String, Option<String>)> {
+        let mut out = Vec::new();
+        let mut chars = data.chars().peekable();
+        loop {
+            let mut option = String::new();
+            let mut more = false;
+            while let Some(c) = chars.next() {
+                if c != ',' {
+                    option.push(c);
+                } else if chars.peek() == Some(&',') {
+                    chars.next();
+                    option.push(',');
+                } else {
+                    more = true;
+                    break;
+                }
+            }
+            if option.is_empty() {
+                return out;
+            }
+            out.push(match option.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (option, None),
+            });
+            if !more {
+                return out;
+            }
+        }
+    }
+
+    fn smb_of(spec: &VolumeSpec) -> &SmbSource {
+        match &spec.source {
+            Source::Smb(s) => s,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_kernel_reads_back_the_whole_password_and_nothing_more() {
+        let addr: std::net::IpAddr = "10.0.0.9".parse().expect("ip");
+        for password in [
+            ",",
+            ",,",
+            "a,",
+            ",a",
+            "a,,b",
+            "a,,,b",
+            "p=w,1 ",
+            "x,ip=1.2.3.4",
+            "x,vers=2.0,sec=none",
+            "x,,seal",
+            " lead",
+            "é,ü=ß",
+            "\"q,\"",
+        ] {
+            let mut w = spec("10.0.0.9", "data", "/team").to_wire(true);
+            w.mut_smb().password = password.into();
+            w.mut_smb().domain = "CORP".into();
+            w.options.insert("uid".into(), "1000".into());
+            let s = VolumeSpec::from_wire(&w).expect(password);
+            let opts = kernel_options(&mount_data(&s, smb_of(&s), addr));
+            let keys: Vec<&str> = opts.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(
+                keys,
+                ["vers", "ip", "username", "password", "port", "domain", "seal", "nodfs", "uid"],
+                "{password:?}"
+            );
+            assert_eq!(opts[3].1.as_deref(), Some(password));
+            assert_eq!(opts[1].1.as_deref(), Some("10.0.0.9"));
+        }
+    }
+
+    #[test]
+    fn an_ipv6_server_is_named_bare_in_the_unc_and_in_ip() {
+        // The kernel splits the UNC at '/' or '\\' only (smb3_parse_devname) and would not
+        // parse a bracketed address (cifs_convert_address); the address comes from ip=.
+        let s = spec("[fd00::5]", "data", "/team");
+        let smb = smb_of(&s);
+        assert_eq!(unc(smb), "//fd00::5/data/team");
+        let addr = "fd00::5".parse().expect("ip");
+        let opts = kernel_options(&mount_data(&s, smb, addr));
+        assert!(
+            opts.contains(&("ip".into(), Some("fd00::5".into()))),
+            "{opts:?}"
+        );
+        // As the kernel shows it in mountinfo, it is recognised again.
+        let opts = "rw,vers=3.1.1,username=alice,addr=fd00::5,seal";
+        assert!(Smb.recognises(&s, &entry("//fd00::5/data/team", opts)));
+        assert_eq!(
+            unc(smb_of(&spec("10.0.0.9", "data", ""))),
+            "//10.0.0.9/data"
+        );
     }
 
     #[test]

@@ -170,10 +170,33 @@ pub(super) fn refuse(key: &str, value: &str) -> Option<&'static str> {
 pub const SECRET_KEYS: &[&str] = &["username", "password", "domain"];
 pub const REQUIRED_SECRET_KEYS: &[&str] = &["username", "password"];
 
-const MAX_PASSWORD: usize = 256;
+/// The kernel's cifs client hashes at most 128 bytes of a password (`E_md4hash` in
+/// fs/smb/client/smbencrypt.c): a longer one never logs on, and fails as a wrong password.
+const MAX_PASSWORD: usize = 128;
+
+/// Mount options that a security module takes out of the option string before cifs reads it
+/// (SELinux's and Smack's `sb_eat_lsm_opts`), splitting at every comma: a password's `,,` is
+/// no escape from them.
+const LSM_OPTIONS: &[&str] = &[
+    "context=",
+    "fscontext=",
+    "defcontext=",
+    "rootcontext=",
+    "smackfs",
+];
+
+/// Whether a security module would read part of `password` as one of its own mount options.
+fn lsm_would_take(password: &str) -> bool {
+    password
+        .split(',')
+        .skip(1)
+        .any(|seg| seg == "seclabel" || LSM_OPTIONS.iter().any(|p| seg.starts_with(p)))
+}
 
 pub(super) fn credentials_from_file(text: &str) -> Result<Credentials, String> {
-    let mut pairs = Vec::new();
+    // Windows editors may start the file with a byte order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
@@ -182,28 +205,26 @@ pub(super) fn credentials_from_file(text: &str) -> Result<Credentials, String> {
         let Some((k, v)) = line.split_once('=') else {
             return Err(format!("line {} is not key=value", i + 1));
         };
-        let k = k.trim();
-        let k = match k {
+        let k = match k.trim() {
             "user" => "username",
             "pass" => "password",
             "dom" | "workgroup" => "domain",
             k => k,
         };
-        match SECRET_KEYS.iter().find(|s| **s == k) {
-            Some(key) => pairs.push((*key, v.to_string())),
-            // The key name is the caller's file, not the secret: shown, bounded.
-            None => {
-                return Err(format!(
-                    "line {}: unknown key {:?} (username, password, domain)",
-                    i + 1,
-                    printable(k)
-                ))
-            }
+        // The key is not shown: a file of another format (a CephFS key, a password alone on
+        // its line) would put its secret there.
+        let Some(key) = SECRET_KEYS.iter().find(|s| **s == k) else {
+            return Err(format!(
+                "line {}: unknown key (username, password, domain; the line is not shown)",
+                i + 1
+            ));
+        };
+        if pairs.iter().any(|(seen, _)| seen == key) {
+            return Err(format!("line {}: {key} is given twice", i + 1));
         }
+        pairs.push((key, v));
     }
-    Ok(Credentials::from_pairs(
-        pairs.iter().map(|(k, v)| (*k, v.as_str())),
-    ))
+    Ok(Credentials::from_pairs(pairs))
 }
 
 pub(super) fn apply(s: &mut agent::SmbSource, creds: &Credentials) {
@@ -315,7 +336,13 @@ pub(super) fn parse(
     if !password_ok {
         return err(
             "volume.smb.password",
-            format!("is required, at most {MAX_PASSWORD} bytes, no control characters (value not shown)"),
+            format!("is required, at most {MAX_PASSWORD} bytes (the most the kernel's cifs client uses), no control characters (value not shown)"),
+        );
+    }
+    if lsm_would_take(&s.password) {
+        return err(
+            "volume.smb.password",
+            "has a comma followed by a security module's mount option (context=, fscontext=, defcontext=, rootcontext=, seclabel, smackfs...), which the kernel would take out of it (value not shown)",
         );
     }
     Ok(SmbSource {
@@ -592,5 +619,108 @@ mod tests {
         assert_eq!(e.field, "secrets.userKey");
         assert!(e.reason.contains("username, password, domain"), "{e}");
         assert!(crate::volume_url::parse("f", "smb://h/").is_err());
+    }
+
+    fn with_password(password: &str) -> agent::VolumeSpec {
+        let mut w = agent::VolumeSpec {
+            name: "files".into(),
+            ..Default::default()
+        };
+        w.set_smb(agent::SmbSource {
+            server: "10.0.0.9".into(),
+            share: "data".into(),
+            username: "alice".into(),
+            password: password.into(),
+            ..Default::default()
+        });
+        w
+    }
+
+    #[test]
+    fn a_secret_file_of_another_format_is_refused_without_showing_its_content() {
+        // A CephFS key file named by an smb:// annotation: its one line is not a key name,
+        // and the pod's event must not show the key.
+        let key = "AQBSdFhlAAAAABAAWmDqDUUxmRX4fcLsaFk2tg==";
+        let e = FsKind::Smb
+            .credentials_from_file(key)
+            .expect_err("not key=value");
+        assert!(e.contains("line 1"), "{e}");
+        assert!(!e.contains("AQBSdFhl"), "{e}");
+        // A password alone on a line, with a '=' in it.
+        let e = FsKind::Smb
+            .credentials_from_file("username=alice\nhunter2=x\n")
+            .expect_err("unknown key");
+        assert!(e.contains("line 2") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_file_naming_a_key_twice_is_refused_by_line() {
+        for (text, line) in [
+            ("username=alice\npassword=one\npassword=two\n", "line 3"),
+            ("user=alice\nusername=bob\npassword=one\n", "line 2"),
+            ("username=a\npass=one\npassword=two\n", "line 3"),
+            ("username=a\npassword=p\ndomain=A\nworkgroup=B\n", "line 4"),
+        ] {
+            let e = FsKind::Smb
+                .credentials_from_file(text)
+                .expect_err("duplicate");
+            assert!(e.contains(line) && e.contains("twice"), "{text:?}: {e}");
+            assert!(!e.contains("one") && !e.contains("two"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_first_key_is_not_part_of_it() {
+        let creds = FsKind::Smb
+            .credentials_from_file("\u{feff}username=alice\r\npassword=pw\r\n")
+            .expect("a BOM from a Windows editor");
+        assert_eq!(
+            (creds.get("username"), creds.get("password")),
+            (Some("alice"), Some("pw"))
+        );
+    }
+
+    #[test]
+    fn passwords_longer_than_the_kernel_hashes_are_refused() {
+        // cifs hashes at most 128 bytes of the password (E_md4hash): a longer one can never
+        // log on, and would fail as "wrong password".
+        for ok in ["p".repeat(128), "é".repeat(64)] {
+            assert!(VolumeSpec::from_wire(&with_password(&ok)).is_ok(), "{ok}");
+        }
+        for long in ["p".repeat(129), "é".repeat(65)] {
+            let e = VolumeSpec::from_wire(&with_password(&long)).expect_err("too long");
+            assert_eq!(e.field, "volume.smb.password");
+            assert!(e.reason.contains("128 bytes"), "{e}");
+        }
+    }
+
+    #[test]
+    fn passwords_a_security_module_would_read_as_mount_options_are_refused() {
+        // SELinux (and Smack) take their options out of the string before cifs reads it,
+        // splitting at every comma: `,,` does not protect these.
+        for bad in [
+            "pw,context=system_u:object_r:tmp_t:s0",
+            "pw,fscontext=x",
+            "pw,defcontext=x",
+            "pw,rootcontext=x",
+            "pw,seclabel",
+            "pw,seclabel,more",
+            "a,b,smackfsroot=x",
+        ] {
+            let e = VolumeSpec::from_wire(&with_password(bad)).expect_err(bad);
+            assert_eq!(e.field, "volume.smb.password", "{bad}");
+            assert!(e.reason.contains("security module"), "{e}");
+            assert!(!e.to_string().contains("pw,"), "{e}");
+        }
+        for ok in [
+            "context=x,y",
+            "pw,contexts",
+            "pw,seclabel2",
+            "pw,Context=x",
+            "pw, context=x",
+            "a,,b,",
+        ] {
+            assert!(VolumeSpec::from_wire(&with_password(ok)).is_ok(), "{ok}");
+        }
     }
 }

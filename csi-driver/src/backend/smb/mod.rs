@@ -127,7 +127,14 @@ impl SmbVolume {
         };
         check_path("name", &dir)?;
         let mut source = format!("smb://{}/{}/{dir}", share.server, share.share);
-        if let Some(v) = p.get("vers") {
+        if let Some(v) = p.get("vers").filter(|v| !v.is_empty()) {
+            // A dialect number only: anything else would add to the URL's query.
+            if !v.chars().all(|c| c.is_ascii_digit() || c == '.') {
+                return Err(BackendError::Invalid(format!(
+                    "parameters.vers: {} is not an SMB version such as 3.1.1",
+                    crate::bounds::echo(v)
+                )));
+            }
             source.push_str(&format!("?vers={v}"));
         }
         // The node side will hold the source to the same rules: check it now, not at mount.
@@ -345,6 +352,30 @@ mod tests {
             q.push(extra);
             let m = invalid(SmbVolume::plan("pvc-3", &p(&q)));
             assert!(m.starts_with(field), "{extra:?}: {m}");
+        }
+    }
+
+    #[test]
+    fn a_storage_class_vers_carries_a_version_and_no_other_option() {
+        // `vers` goes into the source URL: it must not smuggle in options or a secret
+        // reference that the parameter list does not offer.
+        let base = [("fs", "smb"), ("server", "10.0.0.9"), ("share", "data")];
+        for vers in [
+            "3.0&noseal",
+            "3.1.1&uid=0&noperm",
+            "3.0&secret=other",
+            "3.0?x",
+        ] {
+            let mut q = base.to_vec();
+            q.push(("vers", vers));
+            let m = invalid(SmbVolume::plan("pvc-4", &secrets(&q)));
+            assert!(m.starts_with("parameters.vers:"), "{vers}: {m}");
+        }
+        for vers in ["2.1", "3.0", "3.02", "3.1.1"] {
+            let mut q = base.to_vec();
+            q.push(("vers", vers));
+            let v = SmbVolume::plan("pvc-4", &secrets(&q)).expect(vers);
+            assert_eq!(v.source, format!("smb://10.0.0.9/data/pvc-4?vers={vers}"));
         }
     }
 
