@@ -237,7 +237,7 @@ pub fn build_all(k: &crate::setup::KernelTree) -> anyhow::Result<()> {
             ])
             .args(["--bin", "cnfs-csi", "--bin", "cnfs-deploy"])
             .args(["--bin", "containerd-shim-cnfs-v2", "--bin", "cnfsctl"])
-            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+            .env("RUSTFLAGS", crate::static_rustflags()),
     )?;
     let root = crate::root();
     let bin = root.join("target").join(triple).join("release");

@@ -118,6 +118,22 @@ pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Flags of the static builds (guest binaries and images): glibc linked in, and the checkout
+/// and cargo home paths mapped to fixed names, so that the same sources give the same bytes
+/// (and the same image digests) wherever they are checked out.
+pub fn static_rustflags() -> String {
+    let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| {
+        format!(
+            "{}/.cargo",
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into())
+        )
+    });
+    format!(
+        "-C target-feature=+crt-static --remap-path-prefix={}=/cnfs --remap-path-prefix={cargo_home}=/cargo",
+        root().display()
+    )
+}
+
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
@@ -135,7 +151,7 @@ fn guest(kernel: Kernel) -> anyhow::Result<setup::KernelTree> {
         .args(["-p", "cnfs-agent", "-p", "cnfs-testbed"])
         .args(["--bin", "cnfs-agent", "--bin", "cnfs-test-exec"])
         .args(["--bin", "kata-agent-standin"])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
+        .env("RUSTFLAGS", static_rustflags()))?;
     sh(cargo().args(["build", "--release", "-p", "cnfs-rootfs-builder"]))?;
     let bin = root().join("target").join(triple).join("release");
     let out = cnfs_testbed::Artifacts::dir();
