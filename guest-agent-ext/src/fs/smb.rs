@@ -64,20 +64,23 @@ impl MountHandler for Smb {
         let dir = ctx.modules_dir.to_path_buf();
         // SMB3 signs with AES-CMAC and seals with AES-GCM/CCM, asked for by crypto name: a
         // guest without modprobe aliases cannot resolve those, and the mount then fails
-        // with the same ENOENT as an unknown share.
+        // with the same ENOENT as an unknown share. Kata's own kernel builds them in (CIFS=y
+        // selects them) and has no modules directory: there a failure to load is no error,
+        // only a note for reading an ENOENT.
         let smb3 = s.version != SmbVersion::V2_1;
-        tokio::task::spawn_blocking(move || -> Result<(), kmod::KmodError> {
-            kmod::ensure(&dir, "cifs")?;
-            if smb3 {
-                for m in ["cmac", "ccm", "gcm", "ghash_generic"] {
-                    kmod::ensure(&dir, m)?;
+        let crypto =
+            tokio::task::spawn_blocking(move || -> Result<Option<String>, kmod::KmodError> {
+                kmod::ensure(&dir, "cifs")?;
+                if !smb3 {
+                    return Ok(None);
                 }
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| AgentError::Internal(format!("module loading task: {e}")))?
-        .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+                Ok(["cmac", "ccm", "gcm", "ghash_generic"]
+                    .into_iter()
+                    .find_map(|m| kmod::ensure(&dir, m).err().map(|e| e.to_string())))
+            })
+            .await
+            .map_err(|e| AgentError::Internal(format!("module loading task: {e}")))?
+            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
 
         let addr = super::resolve(&s.server, "SMB server", ctx.budget).await?;
         Ok(MountPlan {
@@ -85,7 +88,10 @@ impl MountHandler for Smb {
             fs_type: "cifs".into(),
             flags: vfs_flags(spec),
             data: mount_data(spec, s, addr),
-            attempt: Box::new(SmbAttempt { source: s.clone() }),
+            attempt: Box::new(SmbAttempt {
+                source: s.clone(),
+                crypto,
+            }),
         })
     }
 }
@@ -137,6 +143,8 @@ fn split_unc(source: &str) -> Option<(&str, &str, &str)> {
 /// a caller can act on; see the module comment).
 struct SmbAttempt {
     source: SmbSource,
+    /// Why an SMB3 crypto module could not be loaded, if one could not (it may be built in).
+    crypto: Option<String>,
 }
 
 impl Attempt for SmbAttempt {
@@ -148,10 +156,17 @@ impl Attempt for SmbAttempt {
                  password, unknown user, or no access to share {})",
                 s.username, s.share
             )),
-            Errno::ENOENT => AgentError::NotFound(format!(
-                "mounting {what}: the server has no share {} (or no directory {} in it)",
-                s.share, s.path
-            )),
+            Errno::ENOENT => match &self.crypto {
+                None => AgentError::NotFound(format!(
+                    "mounting {what}: the server has no share {} (or no directory {} in it)",
+                    s.share, s.path
+                )),
+                // The kernel's ENOENT is the same for a missing share and missing crypto.
+                Some(why) => AgentError::FailedPrecondition(format!(
+                    "mounting {what}: ENOENT: no share {} on the server, or the guest kernel                      lacks the SMB3 crypto (cmac, ccm, gcm), which could not be loaded: {why}",
+                    s.share
+                )),
+            },
             Errno::EOPNOTSUPP => AgentError::FailedPrecondition(format!(
                 "mounting {what}: the server does not offer SMB {}{} (SMB1 and 2.0 are never \
                  used; an encrypted share needs SMB 3.0 or later)",
@@ -339,6 +354,7 @@ mod tests {
                 Source::Smb(s) => s,
                 _ => unreachable!(),
             },
+            crypto: None,
         };
         let code = |e: Option<AgentError>| format!("{:?}", e.expect("mapped"));
         assert!(code(a.failed("v", Errno::EACCES)).starts_with("PermissionDenied"));
@@ -355,5 +371,12 @@ mod tests {
         ] {
             assert!(!code(a.failed("v", e)).contains("Zq9-secret"));
         }
+        // Without the SMB3 crypto modules the same ENOENT is not read as a missing share.
+        a.crypto = Some("module cmac is not in modules.dep".into());
+        let e = code(a.failed("v", Errno::ENOENT));
+        assert!(
+            e.starts_with("FailedPrecondition") && e.contains("cmac"),
+            "{e}"
+        );
     }
 }
