@@ -1279,6 +1279,12 @@ async fn node_plugin_image_runs_as_node_yaml_says_and_hands_off_without_mounting
         "the socket outlived the plugin; log:\n{}",
         node.log_text()
     );
+    // The task is STOPPED when the process exits; its last output may still be on its way
+    // to the log file through the shim's copy: wait for it, bounded.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !node.log_text().contains("\"msg\":\"stopped\"") && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         node.log_text().contains("\"msg\":\"stopped\""),
         "{}",

@@ -168,6 +168,7 @@ async fn the_readme_recipe_boots_an_osbuilder_initrd_with_debians_kernel_and_a_s
         console.contains("loaded boot modules virtio_net vmw_vsock_virtio_transport"),
         "{console}"
     );
+    let console = console_with(&vm, "kata-agent stand-in ready").await;
     assert!(console.contains("kata-agent stand-in ready"), "{console}");
     // The overlay left the merged-/usr links alone (a `lib` or `sbin` entry would replace them).
     let links = g
@@ -357,6 +358,7 @@ async fn a_missing_then_falls_back_to_osbuilders_init_and_no_init_at_all_is_one_
             .contains("exec /usr/bin/kata-agent: No such file or directory; trying the next place"),
         "{console}"
     );
+    let console = console_with(&vm, "kata-agent stand-in ready").await;
     assert!(console.contains("kata-agent stand-in ready"), "{console}");
     drop(vm);
 
@@ -403,4 +405,17 @@ async fn a_missing_then_falls_back_to_osbuilders_init_and_no_init_at_all_is_one_
     }
     assert!(line.contains("then= in /etc/cnfs/init.conf"), "{line}");
     Ok(())
+}
+
+/// The console once it shows `needle`, or after 30 s: the guest's processes start in
+/// parallel, so the agent may answer before the stand-in has printed its line.
+async fn console_with(vm: &Vm, needle: &str) -> String {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let console = vm.console_text();
+        if console.contains(needle) || std::time::Instant::now() > until {
+            return console;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
