@@ -108,8 +108,23 @@ pub fn parse(name: &str, url: &str) -> Result<VolumeUrl, String> {
     Ok(VolumeUrl { wire, secret_ref })
 }
 
+/// The server of `[v6]:port`, `host:port`, ...; a port in the URL becomes the `port` option
+/// (NFS and SMB both take it so), refused when `port=` is given as well.
+pub(crate) fn server_and_port(
+    authority: &str,
+    options: &mut BTreeMap<String, String>,
+) -> Result<String, String> {
+    let (server, port) = split_host_port(authority)?;
+    if let Some(port) = port {
+        if options.insert("port".into(), port).is_some() {
+            return Err("give the port either in the URL or as port=, not both".into());
+        }
+    }
+    Ok(server)
+}
+
 /// `[v6]:port`, `[v6]`, `host:port`, `host`.
-pub(crate) fn split_host_port(authority: &str) -> Result<(String, Option<String>), String> {
+fn split_host_port(authority: &str) -> Result<(String, Option<String>), String> {
     if authority.is_empty() {
         return Err("the URL has no server".into());
     }

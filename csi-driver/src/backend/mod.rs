@@ -246,6 +246,42 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// A deadline as errors show it: `1 s`, `2.5 s`.
+pub(crate) fn show_secs(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// Tests of a CLI backend: waits until the fake program whose pid is in `pid_file` has been
+/// killed (gone, or a zombie until tokio reaps it), at most 5 s.
+#[cfg(test)]
+pub(crate) async fn wait_killed(pid_file: &Path, what: &str) {
+    use std::time::Instant;
+    let pid = std::fs::read_to_string(pid_file).expect("the fake ran");
+    let _ = std::fs::remove_file(pid_file);
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next());
+        if matches!(state, None | Some("Z")) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "fake {what} {} still running: {stat}",
+            pid.trim()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -184,12 +184,7 @@ pub(super) fn from_url(
     path: &str,
     options: &mut BTreeMap<String, String>,
 ) -> Result<agent::volume_spec::Source, String> {
-    let (server, port) = crate::volume_url::split_host_port(authority)?;
-    if let Some(port) = port {
-        if options.insert("port".into(), port).is_some() {
-            return Err("give the port either in the URL or as port=, not both".into());
-        }
-    }
+    let server = crate::volume_url::server_and_port(authority, options)?;
     let version = options.remove("vers").or_else(|| options.remove("nfsvers"));
     Ok(agent::volume_spec::Source::Nfs(agent::NfsSource {
         server,

@@ -2,9 +2,9 @@
 //! printed on failure, scrubbed of the key, bounded and classified.
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use crate::backend::secret_fd::SecretFd;
+use crate::backend::show_secs;
 use crate::backend::BackendError;
 
 use super::subvolumes::Subvolumes;
@@ -239,18 +239,11 @@ pub(super) fn without_log_prefix(line: &str) -> &str {
     }
 }
 
-pub(super) fn show_secs(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{:.1} s", d.as_secs_f64())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::cephfs::{CephCluster, CephCredentials};
+    use std::time::Duration;
     use std::time::Instant;
 
     /// The shape of a real cephx key (not one of any cluster).
@@ -399,26 +392,6 @@ mod tests {
              answer within 1 s"
         );
         assert!(took < Duration::from_secs(5), "{took:?}");
-        let pid = std::fs::read_to_string(&pid_file).expect("the fake ran");
-        let _ = std::fs::remove_file(&pid_file);
-        // Killed: gone, or a zombie until tokio reaps it.
-        let until = Instant::now() + Duration::from_secs(5);
-        loop {
-            let stat =
-                std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|s| s.split_whitespace().next());
-            if matches!(state, None | Some("Z")) {
-                break;
-            }
-            assert!(
-                Instant::now() < until,
-                "fake ceph {} still running: {stat}",
-                pid.trim()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::backend::wait_killed(&pid_file, "ceph").await;
     }
 }

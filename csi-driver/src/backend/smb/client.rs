@@ -341,30 +341,7 @@ pub fn check_path(field: &str, path: &str) -> Result<(), BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const PASSWORD: &str = "correct horse;battery=staple";
-
-    fn secrets(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn creds() -> SmbCredentials {
-        SmbCredentials::from_secrets(
-            "secrets",
-            &secrets(&[("username", "alice"), ("password", PASSWORD)]),
-        )
-        .expect("valid")
-    }
-
-    fn share() -> SmbShare {
-        SmbShare {
-            server: "127.0.0.1".into(),
-            share: "data".into(),
-        }
-    }
+    use crate::backend::smb::fixtures::{creds, secrets, share, PASSWORD};
 
     fn invalid<T: fmt::Debug>(r: Result<T, BackendError>) -> String {
         match r {

@@ -295,23 +295,42 @@ impl Provisioner for Smb {
     }
 }
 
+/// What the SMB backend's test modules share: a secret map, valid credentials, a share.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(super) mod fixtures {
+    use std::collections::HashMap;
 
-    fn secrets(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    use super::{SmbCredentials, SmbShare};
+
+    pub const PASSWORD: &str = "correct horse;battery=staple";
+
+    pub fn secrets(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     }
 
-    fn share() -> SmbShare {
+    pub fn creds() -> SmbCredentials {
+        SmbCredentials::from_secrets(
+            "secrets",
+            &secrets(&[("username", "alice"), ("password", PASSWORD)]),
+        )
+        .expect("valid")
+    }
+
+    pub fn share() -> SmbShare {
         SmbShare {
             server: "127.0.0.1".into(),
             share: "data".into(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{secrets, share};
+    use super::*;
 
     fn invalid<T: std::fmt::Debug>(r: Result<T, BackendError>) -> String {
         match r {

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
 use crate::backend::secret_fd::SecretFd;
+use crate::backend::show_secs;
 
 use super::client::SmbClient;
 use super::status::{classify, connect_failure, excerpt, nt_statuses, scrub, Failure, Kind};
@@ -204,46 +204,15 @@ impl Ran {
     }
 }
 
-pub(super) fn show_secs(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{:.1} s", d.as_secs_f64())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use crate::backend::smb::fixtures::{creds, secrets, share};
+    use std::time::Duration;
     use std::time::Instant;
 
     use crate::backend::smb::{SmbCredentials, SmbShare};
     use crate::backend::BackendError;
-
-    const PASSWORD: &str = "correct horse;battery=staple";
-
-    fn secrets(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn creds() -> SmbCredentials {
-        SmbCredentials::from_secrets(
-            "secrets",
-            &secrets(&[("username", "alice"), ("password", PASSWORD)]),
-        )
-        .expect("valid")
-    }
-
-    fn share() -> SmbShare {
-        SmbShare {
-            server: "127.0.0.1".into(),
-            share: "data".into(),
-        }
-    }
 
     /// A stand-in for `smbclient`: `sh -c SCRIPT fake-smbclient <our arguments>`.
     fn fake<'a>(s: &'a SmbShare, c: &'a SmbCredentials, script: &str) -> SmbClient<'a> {
@@ -364,26 +333,6 @@ mod tests {
             "creating //127.0.0.1/data/pvc: the SMB server 127.0.0.1 did not answer within 1 s"
         );
         assert!(took < Duration::from_secs(5), "{took:?}");
-        let pid = std::fs::read_to_string(&pid_file).expect("the fake ran");
-        let _ = std::fs::remove_file(&pid_file);
-        // Killed: gone, or a zombie until tokio reaps it.
-        let until = Instant::now() + Duration::from_secs(5);
-        loop {
-            let stat =
-                std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|s| s.split_whitespace().next());
-            if matches!(state, None | Some("Z")) {
-                break;
-            }
-            assert!(
-                Instant::now() < until,
-                "fake smbclient {} still running: {stat}",
-                pid.trim()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::backend::wait_killed(&pid_file, "smbclient").await;
     }
 }
