@@ -41,6 +41,16 @@ pub async fn run<F>(timeout: Duration, op: F) -> Outcome
 where
     F: FnOnce() -> Result<Payload, Errno>,
 {
+    run_keeping(timeout, None, op).await
+}
+
+/// [`run`], with descriptor `keep` left open in the child: a FUSE mount names the
+/// `/dev/fuse` descriptor it is served through (`fd=`), which must be open when mount(2)
+/// runs.
+pub async fn run_keeping<F>(timeout: Duration, keep: Option<RawFd>, op: F) -> Outcome
+where
+    F: FnOnce() -> Result<Payload, Errno>,
+{
     let (rx, tx) = match pipe() {
         Ok(p) => p,
         Err(e) => return Outcome::Failed(e),
@@ -52,7 +62,7 @@ where
         Err(e) => return Outcome::Failed(e),
         Ok(ForkResult::Child) => {
             drop(rx);
-            child_hygiene(tx.as_raw_fd(), parent);
+            child_hygiene(tx.as_raw_fd(), keep, parent);
             let mut msg = [0u8; MSG_LEN];
             match op() {
                 Ok(p) => {
@@ -104,11 +114,11 @@ impl Drop for ChildGuard {
     }
 }
 
-/// In the child, before the call: keep only the answer pipe `tx` (and 0-2), restore default
-/// signal dispositions and an empty mask, and die with the agent. Only async-signal-safe
-/// system calls, nothing allocated.
-fn child_hygiene(tx: RawFd, parent: Pid) {
-    close_all_but(tx);
+/// In the child, before the call: keep only the answer pipe `tx`, `keep` (and 0-2), restore
+/// default signal dispositions and an empty mask, and die with the agent. Only
+/// async-signal-safe system calls, nothing allocated.
+fn child_hygiene(tx: RawFd, keep: Option<RawFd>, parent: Pid) {
+    close_all_but(tx, keep);
     // nix's Signal covers only the standard signals; the loop also resets the real-time ones.
     // SAFETY: a plain struct of integers and a function pointer slot, for which all-zero is
     // valid: SIG_DFL, no flags, an empty mask, no restorer.
@@ -135,16 +145,25 @@ fn exit_child(status: libc::c_int) -> ! {
     unsafe { libc::_exit(status) }
 }
 
-/// Closes every descriptor from 3 up except `keep` (close_range(2); a loop on kernels before
-/// 5.9). Only for the freshly forked child: it closes descriptors that objects in the copy of
-/// the agent's memory still think they own.
-fn close_all_but(keep: RawFd) {
-    let keep = libc::c_uint::try_from(keep).unwrap_or(libc::c_uint::MAX);
+/// Closes every descriptor from 3 up except `tx` and `also` (close_range(2); a loop on
+/// kernels before 5.9). Only for the freshly forked child: it closes descriptors that objects
+/// in the copy of the agent's memory still think they own.
+fn close_all_but(tx: RawFd, also: Option<RawFd>) {
+    let as_u = |fd: RawFd| libc::c_uint::try_from(fd).unwrap_or(libc::c_uint::MAX);
+    // Sorted on the stack: nothing is allocated in the child.
+    let mut keep = [as_u(tx), also.map_or(as_u(tx), as_u)];
+    keep.sort_unstable();
     let mut ok = true;
-    if keep > 3 {
-        ok &= close_range(3, keep - 1);
+    let mut next: libc::c_uint = 3;
+    for k in keep {
+        if k >= next {
+            if k > next {
+                ok &= close_range(next, k - 1);
+            }
+            next = k.saturating_add(1);
+        }
     }
-    ok &= close_range(keep.saturating_add(1).max(3), libc::c_uint::MAX);
+    ok &= close_range(next, libc::c_uint::MAX);
     if ok {
         return;
     }
@@ -153,7 +172,7 @@ fn close_all_but(keep: RawFd) {
         Err(_) => 4096,
     };
     for fd in 3..max {
-        if fd as libc::c_uint != keep {
+        if !keep.contains(&as_u(fd)) {
             let _ = nix::unistd::close(fd);
         }
     }
@@ -238,6 +257,20 @@ mod tests {
             "the child kept fd {fd} open or SIGUSR2 ignored"
         );
         drop(listener);
+    }
+
+    #[tokio::test]
+    async fn a_kept_descriptor_stays_open_in_the_child_and_only_that_one() {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let kept = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let c = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let fds = [a.as_raw_fd(), kept.as_raw_fd(), c.as_raw_fd()];
+        let outcome = run_keeping(Duration::from_secs(5), Some(fds[1]), move || {
+            let open = |fd| u64::from(nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok());
+            Ok([open(fds[0]), open(fds[1]), open(fds[2]), 0, 0, 0])
+        })
+        .await;
+        assert_eq!(outcome, Outcome::Done([0, 1, 0, 0, 0, 0]), "fds {fds:?}");
     }
 
     #[tokio::test]

@@ -105,6 +105,12 @@ async fn serve(args: Args, log: slog::Logger) -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", args.unix_socket.display()))?,
         ),
     };
+    // FUSE volumes need /dev/fuse; creating it takes CAP_MKNOD, which goes with the rest.
+    match cnfs_agent::fs::fuse::ensure_device_node() {
+        Ok(true) => info!(log, "created /dev/fuse"),
+        Ok(false) => {}
+        Err(e) => info!(log, "could not create /dev/fuse; FUSE volumes will fail"; "error" => %e),
+    }
     let kept =
         privileges::drop_all_but(&privileges::keep_set()).context("dropping capabilities")?;
     info!(log, "capabilities dropped"; "kept" => kept.join(","));

@@ -25,7 +25,7 @@ use protobuf::Message;
 use slog::{info, warn, Logger};
 
 use crate::error::AgentError;
-use crate::fs::{Context, MountPlan, Registry};
+use crate::fs::{Attachment, Context, MountPlan, Readiness, Registry};
 use crate::killable::{self, Outcome};
 use crate::mountinfo;
 
@@ -92,6 +92,8 @@ pub struct Volumes {
     known: RwLock<BTreeMap<String, Known>>,
     probes: Arc<Mutex<HashMap<String, Probe>>>,
     next_probe: std::sync::atomic::AtomicU64,
+    /// What mounted volumes keep running (a FUSE volume's socket), by name.
+    attachments: Mutex<HashMap<String, Arc<dyn Attachment>>>,
 }
 
 impl Volumes {
@@ -105,6 +107,17 @@ impl Volumes {
             known: RwLock::new(BTreeMap::new()),
             probes: Arc::new(Mutex::new(HashMap::new())),
             next_probe: std::sync::atomic::AtomicU64::new(0),
+            attachments: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn attachments(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<dyn Attachment>>> {
+        self.attachments.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attach(&self, name: &str, a: Option<Box<dyn Attachment>>) {
+        if let Some(a) = a {
+            self.attachments().insert(name.to_string(), Arc::from(a));
         }
     }
 
@@ -264,6 +277,26 @@ impl Volumes {
             }
         }
         let names: Vec<String> = found.keys().cloned().collect();
+        for handler in self.registry.all() {
+            handler.clean_leftovers(&names);
+        }
+        for (name, known) in &found {
+            let Some(spec) = known
+                .spec
+                .as_ref()
+                .and_then(|w| VolumeSpec::from_wire_unresolved(w).ok())
+            else {
+                continue;
+            };
+            let Some(handler) = self.registry.get(spec.fs_name()) else {
+                continue;
+            };
+            match handler.reattach(&spec, &self.log) {
+                Ok(a) => self.attach(name, a),
+                Err(e) => warn!(self.log, "could not serve the volume again after a restart";
+                    "volume" => name, "error" => %e),
+            }
+        }
         *self.write_known() = found;
         Ok(names)
     }
@@ -338,6 +371,7 @@ impl Volumes {
             &fs_type,
             flags,
             data,
+            attempt.keep_fd(),
             deadline,
         )
         .await;
@@ -367,8 +401,9 @@ impl Volumes {
             let _ = std::fs::remove_dir(&mount_point);
             return Err(e);
         }
-        // Mounted: the attempt (a kernel log cursor) ends here, with nothing to undo.
-        drop(attempt);
+        // Mounted: the attempt (a kernel log cursor) ends here, with nothing to undo; what
+        // must keep running while the volume is mounted (a FUSE socket) stays.
+        self.attach(&name, attempt.into_attachment(&self.log));
         self.save_state(&name, &wanted);
         self.write_known()
             .insert(name, Known { spec: Some(wanted) });
@@ -380,6 +415,7 @@ impl Volumes {
 
     fn forget(&self, name: &str) {
         let _ = std::fs::remove_file(self.state_file(name));
+        self.attachments().remove(name);
         self.write_known().remove(name);
     }
 
@@ -409,6 +445,11 @@ impl Volumes {
             )));
         }
         let wire = spec.to_wire(false);
+        if !self.attachments().contains_key(&spec.name) {
+            if let Some(handler) = self.registry.get(spec.fs_name()) {
+                self.attach(&spec.name, handler.reattach(spec, &self.log)?);
+            }
+        }
         self.save_state(&spec.name, &wire);
         self.write_known()
             .insert(spec.name.clone(), Known { spec: Some(wire) });
@@ -475,6 +516,13 @@ impl Volumes {
             return Err(AgentError::NotFound(format!(
                 "volume {name} is not mounted"
             )));
+        }
+        // What serves the volume stops first: a FUSE socket hands out no descriptor (and
+        // mounts nothing afresh) while the volume goes.
+        let attachment = self.attachments().remove(name);
+        if let Some(a) = attachment {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let _ = tokio::time::timeout(left, a.stop()).await;
         }
         let mut attempts = Vec::new();
         let mut method = "none";
@@ -593,10 +641,29 @@ impl Volumes {
         };
         // By the kernel's type, so that an adopted volume (no spec) gets its handler too.
         let handler = self.registry.for_kernel_type(&entry.fs_type);
+        let attachment = self.attachments().get(name).cloned();
+        let readiness = attachment.as_ref().map(|a| a.readiness());
+        if let Some(Readiness::Waiting(why)) = readiness {
+            // A probe would only wait with every other access.
+            st.health = agent::Health::NOT_READY;
+            st.detail = why;
+            return Ok(st);
+        }
+        let first_answer_pending = readiness == Some(Readiness::Served { answered: false });
         let (result, started) = self.probe(name, &mount_point, bound)?;
         let outcome = tokio::time::timeout(wait, result).await;
         let probe = started.elapsed();
         st.probe = probe;
+        if let (Ok(Outcome::Done(_)), Some(a)) = (&outcome, &attachment) {
+            a.answered();
+        }
+        if first_answer_pending && !matches!(outcome, Ok(Outcome::Done(_) | Outcome::Failed(_))) {
+            st.health = agent::Health::NOT_READY;
+            st.detail = format!(
+                "its server has not answered yet (no answer within {probe:?}); accesses wait until it does"
+            );
+            return Ok(st);
+        }
         match outcome {
             Ok(Outcome::Done([total, free, avail, files, ffree, owner])) => {
                 st.total_bytes = total;
@@ -613,6 +680,9 @@ impl Volumes {
             Ok(Outcome::Failed(e)) => {
                 st.health = agent::Health::ERROR;
                 st.detail = format!("statfs failed: {}", e.desc());
+                if let Some(why) = attachment.as_ref().and_then(|a| a.explain(e)) {
+                    st.detail = format!("{}: {why}", st.detail);
+                }
             }
             Ok(Outcome::TimedOut) => {
                 st.health = agent::Health::UNRESPONSIVE;
@@ -675,15 +745,18 @@ impl Volumes {
     }
 }
 
-/// mount(2) at `mount_point` in a killable child, to `deadline`. `data` (it may hold a key)
-/// is wiped once the call is over. An `Err` is a failure before the call.
-async fn mount_in_child(
+/// mount(2) at `mount_point` in a killable child, to `deadline`, with descriptor `keep`
+/// open in it. `data` (it may hold a key) is wiped once the call is over. An `Err` is a
+/// failure before the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn mount_in_child(
     what: &str,
     mount_point: &Path,
     source: &str,
     fs_type: &str,
     flags: nix::mount::MsFlags,
     data: String,
+    keep: Option<std::os::fd::RawFd>,
     deadline: tokio::time::Instant,
 ) -> Result<Outcome, AgentError> {
     let cstr = |s: &[u8]| {
@@ -701,7 +774,7 @@ async fn mount_in_child(
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
     // Every argument a &CStr: nix passes the pointers (the key is not copied anywhere) and
     // allocates nothing in the child.
-    let outcome = killable::run(remaining, || {
+    let outcome = killable::run_keeping(remaining, keep, || {
         nix::mount::mount(
             Some(source.as_c_str()),
             target.as_c_str(),
@@ -735,7 +808,7 @@ impl Drop for Wiped {
 
 /// statfs(2) for a forked child: figures in the payload, nothing allocated. The last slot
 /// holds the owner of the volume's root (`uid << 32 | gid`), to tell unmapped NFSv4 owners.
-fn statfs(target: &CString) -> Result<killable::Payload, Errno> {
+pub(crate) fn statfs(target: &CString) -> Result<killable::Payload, Errno> {
     let owner = match nix::sys::stat::stat(target.as_c_str()) {
         Ok(st) => (u64::from(st.st_uid) << 32) | u64::from(st.st_gid),
         Err(_) => 0,

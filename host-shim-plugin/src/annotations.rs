@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use cnfs_protocols::spec::{self, VolumeSpec};
+use cnfs_protocols::spec::{self, Source, VolumeSpec};
 use cnfs_protocols::volume_url;
 
 pub const PREFIX: &str = "cnfs.io/";
@@ -63,8 +63,14 @@ impl PodVolume {
         &self.spec.name
     }
 
-    /// Does the container called `container` (CRI container name) get this volume?
+    /// Does the container called `container` (CRI container name) get this volume? A FUSE
+    /// volume's sidecar never does: it serves the volume (and gets its socket instead).
     pub fn applies_to(&self, container: Option<&str>) -> bool {
+        if let cnfs_protocols::spec::Source::Fuse(f) = &self.spec.source {
+            if container == Some(f.sidecar.as_str()) {
+                return false;
+            }
+        }
         match (&self.containers, container) {
             (None, _) => true,
             (Some(list), Some(c)) => list.iter().any(|n| n == c),
@@ -147,7 +153,22 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<Vec<PodVolume>, An
         }
         let containers = match containers.get(name) {
             None => None,
-            Some((ckey, list)) => Some(parse_containers(ckey, list)?),
+            Some((ckey, list)) => {
+                let list = parse_containers(ckey, list)?;
+                if let Source::Fuse(f) = &spec.source {
+                    if list.contains(&f.sidecar) {
+                        return err(
+                            ckey,
+                            format!(
+                                "lists {}, the sidecar that serves this FUSE volume: it gets \
+                                 the volume's socket, never the volume",
+                                f.sidecar
+                            ),
+                        );
+                    }
+                }
+                Some(list)
+            }
         };
         out.push(PodVolume {
             spec,
@@ -219,7 +240,7 @@ fn parse_containers(key: &str, list: &str) -> Result<Vec<String>, AnnotationErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cnfs_protocols::spec::{NfsVersion, Server, Source};
+    use cnfs_protocols::spec::{NfsVersion, Server};
 
     fn ann(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -293,6 +314,125 @@ mod tests {
                 &[("cnfs.io/volume.d", "nfs://10.0.0.1/x")],
                 "cnfs.io/volume.d",
                 "cnfs.io/mount.d",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://10.0.0.1/x?sidecar=s"),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "a FUSE volume has no server or path",
+            ),
+            (
+                &[("cnfs.io/volume.f", "fuse://"), ("cnfs.io/mount.f", "/f")],
+                "cnfs.io/volume.f",
+                "volume.fuse.sidecar: is required",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://?sidecar=Fuse_1"),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "volume.fuse.sidecar: \"Fuse_1\" is not a DNS label",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://?sidecar=s&socket=fuse.sock"),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "volume.fuse.socket: must be an absolute path",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://?sidecar=s&socket=/fuse.sock"),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "volume.fuse.socket: must be a file in a directory of its own",
+            ),
+            (
+                &[
+                    (
+                        "cnfs.io/volume.f",
+                        "fuse://?sidecar=s&socket=/dev/shm/f.sock",
+                    ),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "volume.fuse.socket: must not be under /dev",
+            ),
+            (
+                &[
+                    (
+                        "cnfs.io/volume.f",
+                        "fuse://?sidecar=s&socket=/x/a-socket-name-longer-than-28.sock",
+                    ),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "must be 1 to 28 characters",
+            ),
+            (
+                &[
+                    (
+                        "cnfs.io/volume.f",
+                        "fuse://?sidecar=s&socket=/x/../y/f.sock",
+                    ),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "volume.fuse.socket: must be a clean path",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://?sidecar=s&fd=3"),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "volume.options.fd: set by the agent",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://?sidecar=s&user_id=0"),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "volume.options.user_id: use uid",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://?sidecar=s&allow_other=1"),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "volume.options.allow_other: is a flag",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://?sidecar=s&uid=4294967295"),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "volume.options.uid: must be between 0 and 4294967294",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://?sidecar=s&secret=x"),
+                    ("cnfs.io/mount.f", "/f"),
+                ],
+                "cnfs.io/volume.f",
+                "volume.options.secret: unknown or not allowed for fuse volumes",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://?sidecar=sshfs"),
+                    ("cnfs.io/mount.f", "/f"),
+                    ("cnfs.io/containers.f", "app,sshfs"),
+                ],
+                "cnfs.io/containers.f",
+                "lists sshfs, the sidecar that serves this FUSE volume",
             ),
             (
                 &[("cnfs.io/mount.d", "/d")],

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use cnfs_protocols::spec::VOLUME_ROOT;
+use cnfs_protocols::spec::{Source, VOLUME_ROOT};
 use oci_spec::runtime::{Mount, MountBuilder, Spec};
 
 use crate::annotations::PodVolume;
@@ -25,14 +25,37 @@ pub fn passthrough_source(volume: &str) -> String {
     format!("/proc/1/root{VOLUME_ROOT}/{volume}")
 }
 
+/// The bind source of a FUSE volume's socket directory, the same way.
+pub fn fuse_socket_source(volume: &str) -> String {
+    format!(
+        "/proc/1/root{}",
+        cnfs_protocols::spec::fuse::socket_dir_in_guest(volume).display()
+    )
+}
+
 /// The mounts a container (by CRI container name) gets. Type `bind`: kata-agent's rustjail
 /// canonicalizes the source of a bind mount (type `bind`, or no type with a `bind`/`rbind`
 /// option; type `none` with `rbind` would not be) in the container's new mount namespace,
 /// where `/proc/1/root` reads as `/`. So the source resolves in a copy of the guest's root
 /// mount namespace, which cnfs-agent and kata-agent share: it reaches the volume there and
-/// nothing in any other namespace.
+/// nothing in any other namespace. A FUSE volume's sidecar gets the directory of the
+/// volume's fd-passing socket instead of the volume (and no other container gets it).
 pub fn container_mounts(volumes: &[PodVolume], container: Option<&str>) -> Vec<Mount> {
-    volumes
+    let sockets = volumes.iter().filter_map(|v| match &v.spec.source {
+        Source::Fuse(f) if container == Some(f.sidecar.as_str()) => MountBuilder::default()
+            .destination(f.socket_dir())
+            .typ("bind")
+            .source(fuse_socket_source(v.name()))
+            .options(
+                ["bind", "nosuid", "nodev", "noexec"]
+                    .map(String::from)
+                    .to_vec(),
+            )
+            .build()
+            .ok(),
+        _ => None,
+    });
+    let volumes = volumes
         .iter()
         .filter(|v| v.applies_to(container))
         .filter_map(|v| {
@@ -47,8 +70,8 @@ pub fn container_mounts(volumes: &[PodVolume], container: Option<&str>) -> Vec<M
                 .options(options)
                 .build()
                 .ok()
-        })
-        .collect()
+        });
+    volumes.chain(sockets).collect()
 }
 
 /// The bind sources of `<bundle>/config.json` (CSI hand-offs are found among them).
@@ -75,6 +98,9 @@ pub struct Redirect {
     /// The agent volume that holds the mount in the guest.
     pub volume: String,
     pub read_only: bool,
+    /// The container is the FUSE volume's sidecar: its mount of the volume becomes the
+    /// directory of the volume's fd-passing socket.
+    pub socket: bool,
 }
 
 /// Re-points every bind mount whose source is a redirect's to the guest's mount
@@ -103,13 +129,19 @@ pub fn redirect(bundle: &Path, redirects: &[Redirect]) -> Result<usize, HandoffE
         options.retain(|o| o != "rw" || !r.read_only);
         for o in ["nosuid", "nodev"]
             .into_iter()
+            .chain(r.socket.then_some("noexec"))
             .chain(r.read_only.then_some("ro"))
         {
             if !options.iter().any(|e| e == o) {
                 options.push(o.to_string());
             }
         }
-        m.set_source(Some(passthrough_source(&r.volume).into()));
+        let source = if r.socket {
+            fuse_socket_source(&r.volume)
+        } else {
+            passthrough_source(&r.volume)
+        };
+        m.set_source(Some(source.into()));
         m.set_typ(Some("bind".into()));
         m.set_options(Some(options));
         n += 1;
@@ -222,6 +254,63 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn a_fuse_sidecar_gets_the_socket_directory_only_and_apps_get_the_volume() {
+        let a: HashMap<String, String> = [
+            ("cnfs.io/volume.web", "fuse://?sidecar=sshfs&uid=1000"),
+            ("cnfs.io/mount.web", "/srv/web"),
+            ("cnfs.io/volume.data", "nfs://10.0.0.5/exports/data"),
+            ("cnfs.io/mount.data", "/data"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let v = annotations::parse(&a).expect("valid");
+        let shown = |m: &[Mount]| -> Vec<(String, String)> {
+            m.iter()
+                .map(|m| {
+                    let src = m.source().as_ref().map(|s| s.display().to_string());
+                    (
+                        m.destination().display().to_string(),
+                        src.unwrap_or_default(),
+                    )
+                })
+                .collect()
+        };
+        // The sidecar: the other volume (it lists no containers), and the socket's
+        // directory from meta-fuse's default path instead of the FUSE volume.
+        let sidecar = container_mounts(&v, Some("sshfs"));
+        assert_eq!(
+            shown(&sidecar),
+            [
+                ("/data".into(), "/proc/1/root/run/cnfs/volumes/data".into()),
+                (
+                    "/fuse-fd-passing".into(),
+                    "/proc/1/root/run/cnfs/fuse/web".into()
+                ),
+            ]
+        );
+        assert_eq!(
+            sidecar[1].options().as_deref(),
+            Some(&["bind", "nosuid", "nodev", "noexec"].map(String::from)[..])
+        );
+        // Any other container: the volumes, never a socket.
+        for c in [Some("app"), Some("fuse-fd-passing"), None] {
+            let m = container_mounts(&v, c);
+            assert_eq!(
+                shown(&m),
+                [
+                    ("/data".into(), "/proc/1/root/run/cnfs/volumes/data".into()),
+                    (
+                        "/srv/web".into(),
+                        "/proc/1/root/run/cnfs/volumes/web".into()
+                    ),
+                ],
+                "{c:?}"
+            );
+        }
+    }
+
     /// The Kata agent-policy entries shipped in configs/kata/policy/cnfs-mounts.json must be
     /// exactly what the wrapper sends (rules.rego compares options as ordered arrays).
     #[test]
@@ -265,10 +354,31 @@ mod tests {
             ro[0].options().clone().unwrap_or_default(),
             options("annotation_volume_read_only")
         );
+        // A FUSE volume's sidecar: the socket's directory.
+        let fuse: HashMap<String, String> = [
+            ("cnfs.io/volume.data", "fuse://?sidecar=sshfs"),
+            ("cnfs.io/mount.data", "/data"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let m = container_mounts(&annotations::parse(&fuse).expect("valid"), Some("sshfs"));
+        assert_eq!(
+            m[0].options().clone().unwrap_or_default(),
+            options("fuse_socket")
+        );
+        matches(
+            "fuse_socket",
+            &m[0].source().as_deref().expect("src").display().to_string(),
+        );
         // CSI volumes: containerd's CRI options for a PVC, re-pointed by `redirect`.
-        for (read_only, key) in [(false, "csi_volume"), (true, "csi_volume_read_only")] {
-            let dir = std::env::temp_dir()
-                .join(format!("cnfs-policy-{}-{read_only}", std::process::id()));
+        for (read_only, socket, key) in [
+            (false, false, "csi_volume"),
+            (true, false, "csi_volume_read_only"),
+            (false, true, "csi_fuse_socket"),
+        ] {
+            let dir =
+                std::env::temp_dir().join(format!("cnfs-policy-{}-{key}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).expect("dir");
             let target = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv/mount";
@@ -285,6 +395,7 @@ mod tests {
                 source: target.into(),
                 volume: "csi-0123456789abcdef0123".into(),
                 read_only,
+                socket,
             };
             redirect(&dir, &[r]).expect("redirect");
             let mounts = Spec::load(dir.join("config.json"))
@@ -335,6 +446,7 @@ mod tests {
             source: target.into(),
             volume: "csi-0123".into(),
             read_only: true,
+            socket: false,
         };
         assert_eq!(redirect(&dir, &[r]).expect("redirect"), 1);
         let mounts = Spec::load(dir.join("config.json"))

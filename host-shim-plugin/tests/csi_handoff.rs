@@ -1060,3 +1060,124 @@ async fn an_smb_csi_volume_is_a_share_directory_the_guest_mounts_sealed() -> any
     controller.delete_volume(delete).await?;
     Ok(())
 }
+
+/// A FUSE inline volume through CSI: the pod's sidecar mounts the CSI volume where it wants
+/// the fd-passing socket and gets the socket's directory there; the app mounts it and gets
+/// the guest's FUSE mount; the stats say the volume waits for its daemon. (The daemon itself
+/// is run in the guest by tests/tests/fuse_e2e.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fuse_csi_volume_gives_its_sidecar_the_socket_and_its_apps_the_volume(
+) -> anyhow::Result<()> {
+    shim_on_path();
+    let bed = TestBed::start().await?;
+    let dir = bed.dir.path();
+    let pod = Pod::new(&bed)?;
+    let csi = Csi::start(&bed, &pod, None)?;
+    let mut node = NodeClient::new(cnfs_csi::client::connect(&csi.socket).await?);
+    let context = HashMap::from([
+        ("source".to_string(), "fuse://?sidecar=sshfs".to_string()),
+        (
+            "csi.storage.k8s.io/pod.namespace".to_string(),
+            "team-a".to_string(),
+        ),
+        ("csi.storage.k8s.io/pod.name".to_string(), "web".to_string()),
+        (
+            "csi.storage.k8s.io/ephemeral".to_string(),
+            "true".to_string(),
+        ),
+    ]);
+    node.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: "csi-fuse-inline".into(),
+        target_path: pod.target.clone(),
+        volume_capability: Some(mount_capability()),
+        volume_context: context,
+        ..Default::default()
+    })
+    .await?;
+    // An inline volume is the pod author's: the admin's policy must allow FUSE.
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"fuse\"]\n",
+    )?;
+    let ctd = pod.containerd(dir)?;
+    let conf = dir.join("shim.toml");
+    let text_conf = std::fs::read_to_string(&conf)?;
+    std::fs::write(
+        &conf,
+        format!("{text_conf}policy = \"{}\"\n", policy.display()),
+    )?;
+    let root = rootfs::busybox(dir)?.display().to_string();
+    let sandbox = &pod.sandbox;
+    let mut args: Vec<String> = cri("sandbox", sandbox, "POD");
+    args.extend(["-d", "--rootfs", &root, sandbox, "/bin/sleep", "600"].map(String::from));
+    let a: Vec<&str> = std::iter::once("run")
+        .chain(args.iter().map(String::as_str))
+        .collect();
+    let out = ctr(&ctd, Some(CNFS), &a);
+    assert!(out.status.success(), "sandbox: {}", text(&out.stderr));
+
+    // The sidecar first (as pods list it), then the app: each mounts the same CSI target.
+    let guest = pod.guest_name();
+    for (name, dst, source) in [
+        (
+            "sshfs",
+            "/fuse-fd-passing",
+            format!("/proc/1/root/run/cnfs/fuse/{guest}"),
+        ),
+        (
+            "app",
+            "/srv/web",
+            format!("/proc/1/root/run/cnfs/volumes/{guest}"),
+        ),
+    ] {
+        let id = format!("{sandbox}-{name}");
+        let bind = format!("type=bind,src={},dst={dst},options=rbind:rw", pod.target);
+        let mut args: Vec<String> = cri("container", sandbox, name);
+        args.extend(["--mount", &bind, "--rootfs", &root, &id, "/bin/true"].map(String::from));
+        let a: Vec<&str> = std::iter::once("run")
+            .chain(args.iter().map(String::as_str))
+            .collect();
+        let out = ctr(&ctd, Some(CNFS), &a);
+        // runc (the test delegate, on this host) cannot follow /proc/1/root into a guest:
+        // its error shows the mount the wrapper made of the CSI bind.
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("mounting \"{source}\" to rootfs at \"{dst}\"")),
+            "{name}: {err}\n{}",
+            ctd.log_tail(40)
+        );
+        wait_gone(&ctd, &id);
+    }
+    let g = &bed.vm.exec;
+    let mounts = g.ok("cat /proc/mounts").await?;
+    assert!(
+        mounts.contains(&format!("cnfs-fuse:sshfs /run/cnfs/volumes/{guest} fuse ")),
+        "{mounts}"
+    );
+    g.ok(&format!(
+        "test -S /run/cnfs/fuse/{guest}/fuse-csi-ephemeral.sock"
+    ))
+    .await?;
+
+    // Nobody serves it yet: abnormal, saying for whom it waits.
+    let stats = node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: "csi-fuse-inline".into(),
+            volume_path: pod.target.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let cond = stats.volume_condition.expect("condition");
+    assert!(cond.abnormal, "{cond:?}");
+    assert!(
+        cond.message.contains("waiting for container sshfs"),
+        "{}",
+        cond.message
+    );
+    pod.delete(&ctd, g).await?;
+    assert_eq!(g.ok("ls /run/cnfs/fuse | wc -l").await?.trim(), "0");
+    drop(csi);
+    Ok(())
+}

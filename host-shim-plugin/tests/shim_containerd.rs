@@ -216,7 +216,8 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
             "[[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"nfs\", \"cephfs\"]\n\
              servers = [\"{}/24\"]\nexport_prefixes = [\"{EXPORT}\"]\noptions = [\"nconnect\"]\n\
              [[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"smb\"]\n\
-             servers = [\"{}/24\"]\nexport_prefixes = [\"/data\"]\noptions = []\n",
+             servers = [\"{}/24\"]\nexport_prefixes = [\"/data\"]\noptions = []\n\
+             [[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"fuse\"]\n",
             bed.ns.host_ip, bed.ns.host_ip
         ),
     )?;
@@ -498,6 +499,99 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
     }
     drop(samba);
 
+    // FUSE through the shim: the guest mounts the volume at the sandbox's Create (nobody
+    // serves it yet). The sidecar's config.json gets the directory of the volume's socket
+    // and nothing else of it; the app it is for gets the volume; a container it is not for
+    // gets neither. (runc on this host cannot follow /proc/1/root into a guest: the refused
+    // creates show the exact mount the wrapper added.)
+    let id = format!("{sandbox}-fuse");
+    std::fs::create_dir_all(monitor_root.join(&id))?;
+    let _fuse_monitor = cnfs_testbed::kata_monitor::serve(
+        &monitor_root.join(&id).join("shim-monitor.sock"),
+        &bed.vm.hvsock,
+    )?;
+    let fuse_pod = vec![
+        format!("cnfs.io/volume.{vol}=fuse://?sidecar=sshfs"),
+        format!("cnfs.io/mount.{vol}=/srv/web"),
+        format!("cnfs.io/containers.{vol}=web"),
+    ];
+    let mut a = cri_annotations("sandbox", &id, "team-a", "POD");
+    a.extend(fuse_pod.clone());
+    let args = with_annotations(&a, &["-d", "--rootfs", &root, &id, "/bin/sleep", "600"]);
+    let out = ctr.run(CNFS, &["run"], &args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+    assert!(
+        mounts.contains(&format!("cnfs-fuse:sshfs /run/cnfs/volumes/{vol} fuse ")),
+        "{mounts}"
+    );
+    bed.vm
+        .exec
+        .ok(&format!(
+            "test -S /run/cnfs/fuse/{vol}/fuse-csi-ephemeral.sock"
+        ))
+        .await?;
+    let container = |name: &str| {
+        let mut ann = cri_annotations("container", &id, "team-a", name);
+        ann.extend(fuse_pod.clone());
+        let cid = format!("{id}-{name}");
+        let args = with_annotations(&ann, &["-d", "--rootfs", &root, &cid, "/bin/sleep", "600"]);
+        let out = ctr.run(CNFS, &["run"], &args);
+        (cid, out)
+    };
+    let (other, out) = container("other");
+    assert!(out.status.success(), "other: {}", text(&out.stderr));
+    let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        ctd.dir()
+            .join("state/io.containerd.runtime.v2.task/default")
+            .join(&other)
+            .join("config.json"),
+    )?)?;
+    let sources: Vec<&str> = spec["mounts"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["source"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        sources.iter().all(|s| !s.contains("/run/cnfs/")),
+        "{sources:?}"
+    );
+    for (name, source, dest) in [
+        (
+            "sshfs",
+            format!("/proc/1/root/run/cnfs/fuse/{vol}"),
+            "/fuse-fd-passing",
+        ),
+        (
+            "web",
+            format!("/proc/1/root/run/cnfs/volumes/{vol}"),
+            "/srv/web",
+        ),
+    ] {
+        let (cid, out) = container(name);
+        assert!(!out.status.success(), "{name} ran");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(&format!("mounting \"{source}\" to rootfs at \"{dest}\"")),
+            "{name}: {err}"
+        );
+        wait_task(&ctr, &cid, "gone");
+    }
+    for cid in [other.as_str(), id.as_str()] {
+        ctr.plain(&["task", "kill", "-s", "SIGKILL", cid]);
+        wait_task(&ctr, cid, "STOPPED");
+        let del = ctr.plain(&["task", "delete", cid]);
+        assert!(del.status.success(), "{}", text(&del.stderr));
+    }
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+    assert!(
+        !mounts.contains(&format!("/run/cnfs/volumes/{vol}")),
+        "{mounts}"
+    );
+    assert_eq!(
+        bed.vm.exec.ok("ls /run/cnfs/fuse | wc -l").await?.trim(),
+        "0"
+    );
+
     // An unreachable guest: no management socket for this sandbox id.
     let id = format!("{sandbox}-nowhere");
     let mut a = cri_annotations("sandbox", &id, "team-a", "POD");
@@ -518,18 +612,14 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
 
 /// Processes whose command line contains all of `needles`.
 fn pids_with(needles: &[&str]) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| {
-                    let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
-                    let cmd = text(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)
-                        .replace('\0', " ");
-                    needles.iter().all(|n| cmd.contains(n)).then_some(pid)
-                })
-                .collect()
+    cnfs_testbed::process::processes()
+        .into_iter()
+        .filter(|(_, argv)| {
+            let cmd = argv.join(" ");
+            needles.iter().all(|n| cmd.contains(n))
         })
-        .unwrap_or_default()
+        .filter_map(|(pid, _)| i32::try_from(pid).ok())
+        .collect()
 }
 
 #[test]

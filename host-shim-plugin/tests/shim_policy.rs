@@ -50,7 +50,7 @@ fn start_refuses_a_policy_with_a_typo_naming_file_line_and_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let want = format!(
-        "policy file {}, line 4: allow[0].filesystems: \"nsf\" is not a file system CNFS mounts (nfs, cephfs, smb)",
+        "policy file {}, line 4: allow[0].filesystems: \"nsf\" is not a file system CNFS mounts (nfs, cephfs, smb, fuse)",
         dir.path().join("policy.toml").display()
     );
     assert!(err.contains(&want), "{err}");

@@ -10,7 +10,16 @@
 //! servers = ["10.0.0.0/8", "nfs.example.com"]  # CIDRs or exact host names
 //! export_prefixes = ["/exports/team-a"]        # path-segment prefixes
 //! options = ["nconnect", "rsize", "wsize"]     # option keys a pod may set
+//!
+//! [[allow]]                                    # FUSE volumes: no servers, no path
+//! namespaces = ["team-b"]
+//! filesystems = ["fuse"]
+//! options = ["allow_other"]
 //! ```
+//!
+//! `servers` and `export_prefixes` are required when an entry lists a file system with
+//! servers (all but `fuse`, whose daemon picks its own: a network policy bounds where it
+//! goes).
 //!
 //! Loading is strict, because a typo would otherwise load silently and never match: an
 //! unknown file system, a server that is neither a CIDR, an address nor a host name, a prefix
@@ -56,8 +65,10 @@ type List = Spanned<Vec<Spanned<String>>>;
 struct RawRule {
     namespaces: List,
     filesystems: List,
-    servers: List,
-    export_prefixes: List,
+    #[serde(default)]
+    servers: Option<List>,
+    #[serde(default)]
+    export_prefixes: Option<List>,
     #[serde(default)]
     options: Option<List>,
 }
@@ -132,11 +143,27 @@ impl Policy {
                     })
                     .collect::<Result<Vec<String>, ParseError>>()
             };
+            let fs_span = r.filesystems.span();
+            let filesystems = list(r.filesystems, "filesystems", check_filesystem)?;
+            let with_servers = filesystems
+                .iter()
+                .find(|f| FsKind::by_name(f).is_some_and(FsKind::has_servers));
+            let required = |l: Option<List>, key: &str, check| match (l, with_servers) {
+                (Some(l), _) => list(l, key, check),
+                (None, None) => Ok(Vec::new()),
+                (None, Some(fs)) => Err(at(
+                    fs_span.clone(),
+                    key,
+                    format!("is required for {fs} volumes"),
+                )),
+            };
+            let servers = required(r.servers, "servers", check_server)?;
+            let export_prefixes = required(r.export_prefixes, "export_prefixes", check_prefix)?;
             policy.allow.push(Rule {
                 namespaces: list(r.namespaces, "namespaces", check_namespace)?,
-                filesystems: list(r.filesystems, "filesystems", check_filesystem)?,
-                servers: list(r.servers, "servers", check_server)?,
-                export_prefixes: list(r.export_prefixes, "export_prefixes", check_prefix)?,
+                filesystems,
+                servers,
+                export_prefixes,
                 options: match r.options {
                     Some(o) => list(o, "options", check_option)?,
                     None => Vec::new(),
@@ -180,16 +207,18 @@ impl Rule {
             return Err(format!("file system {fs} is not allowed"));
         }
         // The source type says what its servers and path are (an SMB share's path is
-        // `/share/dir`).
-        let (servers, path) = v.source.policy_target();
-        let path = path.as_str();
-        for s in &servers {
-            if !self.allows_server(s) {
-                return Err(format!("server {s} is not allowed"));
+        // `/share/dir`); a FUSE volume has neither.
+        if v.source.kind().has_servers() {
+            let (servers, path) = v.source.policy_target();
+            let path = path.as_str();
+            for s in &servers {
+                if !self.allows_server(s) {
+                    return Err(format!("server {s} is not allowed"));
+                }
             }
-        }
-        if !self.export_prefixes.iter().any(|p| under_prefix(path, p)) {
-            return Err(format!("path {path} is outside the allowed prefixes"));
+            if !self.export_prefixes.iter().any(|p| under_prefix(path, p)) {
+                return Err(format!("path {path} is outside the allowed prefixes"));
+            }
         }
         for key in v.options.keys() {
             if !self.options.iter().any(|o| o == key) {
@@ -387,6 +416,73 @@ export_prefixes = ["/public"]
         VolumeSpec::from_wire(&w).expect("valid spec")
     }
 
+    fn fuse(sidecar: &str, opts: &[(&str, &str)]) -> VolumeSpec {
+        let mut w = agent::VolumeSpec {
+            name: "f".into(),
+            ..Default::default()
+        };
+        w.set_fuse(agent::FuseSource {
+            sidecar: sidecar.into(),
+            ..Default::default()
+        });
+        for (k, v) in opts {
+            w.options.insert(k.to_string(), v.to_string());
+        }
+        VolumeSpec::from_wire(&w).expect("valid spec")
+    }
+
+    #[test]
+    fn fuse_volumes_need_a_fuse_entry_and_allow_other_must_be_listed() {
+        let p = Policy::parse(
+            "[[allow]]\nnamespaces = [\"team-b\"]\nfilesystems = [\"fuse\"]\n\
+             options = [\"uid\"]\n",
+        )
+        .expect("a fuse-only entry needs no servers or prefixes");
+        p.check("team-b", &fuse("sshfs", &[("uid", "1000")]))
+            .expect("allowed");
+        let denied = |ns: &str, v: &VolumeSpec| match p.check(ns, v) {
+            Err(PolicyError::Denied { reason, .. }) => reason,
+            other => panic!("expected a denial, got {other:?}"),
+        };
+        assert_eq!(
+            denied("team-b", &fuse("sshfs", &[("allow_other", "")])),
+            "option allow_other is not allowed"
+        );
+        assert_eq!(
+            denied("team-a", &fuse("sshfs", &[])),
+            "no policy rule allows this namespace"
+        );
+        // The NFS example policy has no fuse entry: FUSE is denied by default.
+        let nfs_only = Policy::parse(POLICY).expect("loads");
+        match nfs_only.check("team-a", &fuse("sshfs", &[])) {
+            Err(PolicyError::Denied { reason, .. }) => {
+                assert_eq!(reason, "file system fuse is not allowed")
+            }
+            other => panic!("expected a denial, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_entry_with_servers_to_match_cannot_leave_them_out() {
+        for (missing, text) in [
+            (
+                "servers",
+                "[[allow]]\nnamespaces = [\"a\"]\nfilesystems = [\"fuse\", \"smb\"]\n\
+                 export_prefixes = [\"/\"]\n",
+            ),
+            (
+                "export_prefixes",
+                "[[allow]]\nnamespaces = [\"a\"]\nfilesystems = [\"nfs\"]\n\
+                 servers = [\"10.0.0.0/8\"]\n",
+            ),
+        ] {
+            let e = Policy::parse(text).expect_err(missing);
+            assert_eq!(e.line, 3, "{e}");
+            assert_eq!(e.key, format!("allow[0].{missing}"));
+            assert!(e.reason.starts_with("is required for "), "{e}");
+        }
+    }
+
     #[test]
     fn allows_only_what_a_rule_covers() {
         let p = Policy::parse(POLICY).expect("policy");
@@ -466,7 +562,7 @@ export_prefixes = ["/public"]
             (
                 "filesystems",
                 r#"["nfs", "nsf"]"#,
-                "\"nsf\" is not a file system CNFS mounts (nfs, cephfs, smb)",
+                "\"nsf\" is not a file system CNFS mounts (nfs, cephfs, smb, fuse)",
             ),
             ("filesystems", r#"["NFS"]"#, "\"NFS\" is not a file system"),
             ("filesystems", "[]", "is empty"),

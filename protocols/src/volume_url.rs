@@ -4,6 +4,7 @@
 //! - `nfs://server[:port]/export?vers=4.1&<nfs option>...`
 //! - `cephfs://mon[,mon...]/path?fs=<name>&client=<id>[&fsid=<uuid>][&secret=<ref>][&<option>...]`
 //! - `smb://server[:port]/share[/path]?vers=3.1.1&secret=<ref>[&<option>...]`
+//! - `fuse://?sidecar=<container>[&socket=<path in it>][&<option>...]`
 //!
 //! The scheme is the file system's name ([`FsKind`]); each file system's module reads its
 //! own authority and path. `secret=` names a secret held elsewhere, for file systems that
@@ -62,7 +63,8 @@ pub fn parse(name: &str, url: &str) -> Result<VolumeUrl, String> {
         ));
     }
     let (scheme, rest) = url.split_once("://").ok_or(
-        "must be a URL like nfs://server/export, cephfs://monitor/path or smb://server/share",
+        "must be a URL like nfs://server/export, cephfs://monitor/path, smb://server/share or \
+         fuse://?sidecar=<container>",
     )?;
     if rest
         .chars()

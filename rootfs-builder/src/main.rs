@@ -3,6 +3,7 @@
 //! and turns a distribution kernel into the forms Kata's hypervisors boot.
 
 mod archive;
+mod elf_closure;
 mod kata_kernel;
 mod kata_rootfs;
 mod modules;

@@ -1,11 +1,13 @@
 //! `test-initrd`: a small bootable guest (busybox, the agent, extra services and the kernel
 //! modules they need) as a gzip'ed newc cpio, for testing the agent in a plain VM.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
 
 use crate::archive::{gzip, read_input, write_output, Tree};
+use crate::elf_closure::{self, LoaderFile, SearchPath};
 use crate::modules;
 
 const INIT: &str = include_str!("test-init.sh");
@@ -55,6 +57,13 @@ pub struct Args {
     /// Extra program started by init, installed as /usr/bin/NAME (repeatable, in order).
     #[arg(long, value_name = "NAME=PATH", value_parser = parse_service)]
     pub service: Vec<Service>,
+    /// Extra program installed as /usr/bin/NAME and not started (repeatable).
+    #[arg(long, value_name = "NAME=PATH", value_parser = parse_service)]
+    pub program: Vec<Service>,
+    /// A host program installed at its own path with the interpreter and shared libraries its
+    /// dynamic loader needs, where the loader looks them up (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Vec<PathBuf>,
     /// Kernel module loaded by init at boot (repeatable, loaded in order).
     #[arg(long, value_name = "NAME")]
     pub boot_module: Vec<String>,
@@ -112,14 +121,16 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
     )?;
     // The NFSv4 owner upcall helper, as in the Kata overlay.
     t.symlink("sbin/request-key", &format!("/usr/bin/{AGENT}"))?;
-    for s in &args.service {
+    let installed = args.service.iter().map(|s| ("--service", s));
+    for (flag, s) in installed.chain(args.program.iter().map(|p| ("--program", p))) {
         if s.name == AGENT {
-            bail!("--service {AGENT}: the agent is always installed, from --agent");
+            bail!("{flag} {AGENT}: the agent is always installed, from --agent");
         }
-        let data = read_input(&s.path, &format!("--service {}", s.name))?;
+        let data = read_input(&s.path, &format!("{flag} {}", s.name))?;
         t.file(&format!("usr/bin/{}", s.name), 0o755, data)
-            .with_context(|| format!("--service {}", s.name))?;
+            .with_context(|| format!("{flag} {}", s.name))?;
     }
+    add_binaries(&mut t, &args.binary)?;
     let services = std::iter::once(AGENT).chain(args.service.iter().map(|s| s.name.as_str()));
     t.file("etc/cnfs/services", 0o644, lines(services))?;
     t.file(
@@ -136,6 +147,42 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
         .collect();
     modules::add_to_tree(&mut t, &args.kernel_tree, rel, &names)?;
     Ok(t)
+}
+
+/// `--binary` programs and their loader closures; a library several programs need goes in once.
+fn add_binaries(t: &mut Tree, programs: &[PathBuf]) -> Result<()> {
+    if programs.is_empty() {
+        return Ok(());
+    }
+    let search = SearchPath::host()?;
+    let mut files: BTreeMap<PathBuf, (LoaderFile, &PathBuf)> = BTreeMap::new();
+    for program in programs {
+        let closure = elf_closure::closure(program, &search)
+            .with_context(|| format!("--binary {}", program.display()))?;
+        for f in closure {
+            match files.get(&f.guest_path) {
+                Some((prev, by)) if prev.source != f.source || prev.role != f.role => bail!(
+                    "--binary {} and --binary {} both need {} but from {} and {}",
+                    by.display(),
+                    program.display(),
+                    f.guest_path.display(),
+                    prev.source.display(),
+                    f.source.display()
+                ),
+                Some(_) => {}
+                None => {
+                    files.insert(f.guest_path.clone(), (f, program));
+                }
+            }
+        }
+    }
+    for (f, program) in files.values() {
+        let what = format!("--binary {}", program.display());
+        let data = read_input(&f.source, &what)?;
+        t.file(f.archive_path()?, f.mode, data)
+            .with_context(|| what.clone())?;
+    }
+    Ok(())
 }
 
 pub fn build(args: &Args) -> Result<Vec<u8>> {
@@ -185,8 +232,13 @@ mod tests {
             busybox,
             service: vec![Service {
                 name: "helper".into(),
+                path: helper.clone(),
+            }],
+            program: vec![Service {
+                name: "tool".into(),
                 path: helper,
             }],
+            binary: Vec::new(),
             boot_module: vec!["x".into(), "ext4".into()],
             module: Vec::new(),
             out,
@@ -234,6 +286,9 @@ mod tests {
         assert_eq!(entry(&entries, "usr/bin/cnfs-agent").data, b"agent binary");
         assert_eq!(entry(&entries, "usr/bin/cnfs-agent").mode, 0o100_755);
         assert_eq!(entry(&entries, "usr/bin/helper").data, b"helper binary");
+        // A --program is installed like a service but init does not start it.
+        assert_eq!(entry(&entries, "usr/bin/tool").data, b"helper binary");
+        assert_eq!(entry(&entries, "usr/bin/tool").mode, 0o100_755);
         assert_eq!(
             entry(&entries, "etc/cnfs/services").data,
             b"cnfs-agent\nhelper\n"
@@ -315,6 +370,55 @@ mod tests {
         assert!(format!("{e:#}").contains("no-busybox"), "{e:#}");
         args.kernel_release = "../x".into();
         assert!(build(&args).is_err());
+    }
+
+    #[test]
+    fn binary_closure_lands_at_loader_paths_with_modes() {
+        let dir = TempDir::new("initrd-binary");
+        let (_, mut args) = fake_tree(&dir);
+        // Two programs sharing libc: it goes in once.
+        args.binary = vec!["/bin/ls".into(), "/bin/cat".into()];
+        let entries = read_newc(&gunzip(&build(&args).expect("build")));
+        let host = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("reading {p}: {e}"));
+        let ls = entry(&entries, "bin/ls");
+        assert_eq!(ls.mode, 0o100_755);
+        assert_eq!(ls.data, host("/bin/ls"));
+        assert_eq!(entry(&entries, "bin/cat").data, host("/bin/cat"));
+        // At exactly PT_INTERP, a regular file with the real file's content.
+        let interp = entry(&entries, "lib64/ld-linux-x86-64.so.2");
+        assert_eq!(interp.mode, 0o100_755);
+        assert_eq!(interp.data, host("/lib64/ld-linux-x86-64.so.2"));
+        assert_eq!(entry(&entries, "lib64").mode, 0o040_755);
+        let libc = entry(&entries, "lib/x86_64-linux-gnu/libc.so.6");
+        assert_eq!(libc.data, host("/lib/x86_64-linux-gnu/libc.so.6"));
+        let libc_mode = std::fs::metadata("/lib/x86_64-linux-gnu/libc.so.6")
+            .expect("libc")
+            .permissions();
+        assert_eq!(
+            libc.mode,
+            0o100_000 | (std::os::unix::fs::PermissionsExt::mode(&libc_mode) & 0o777)
+        );
+        assert_eq!(
+            entry(&entries, "lib/x86_64-linux-gnu/libselinux.so.1").mode & 0o170_000,
+            0o100_000
+        );
+        // /lib stays the directory the modules are in.
+        assert_eq!(entry(&entries, "lib").mode, 0o040_755);
+        assert_eq!(entry(&entries, "lib/modules").mode, 0o040_755);
+        entry(&entries, &format!("lib/modules/{REL}/modules.dep"));
+        assert_eq!(entry(&entries, "bin/busybox").data, b"busybox binary");
+    }
+
+    #[test]
+    fn binary_clashing_with_an_initrd_file_is_refused() {
+        let dir = TempDir::new("initrd-binary-clash");
+        let (_, mut args) = fake_tree(&dir);
+        args.binary = vec!["/bin/busybox".into()];
+        let e = format!("{:#}", build(&args).expect_err("bin/busybox twice"));
+        assert_eq!(
+            e,
+            "--binary /bin/busybox: archive path \"bin/busybox\" is added twice"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod artifacts;
 pub mod ceph;
 pub mod containerd;
+pub mod fd_passing;
 pub mod ganesha;
 pub mod guest;
 pub mod images;
@@ -16,6 +17,7 @@ pub mod process;
 pub mod raw;
 pub mod rootfs;
 pub mod samba;
+pub mod sftp;
 pub mod vm;
 
 use std::path::PathBuf;

@@ -11,23 +11,16 @@ use cnfs_testbed::{NetNs, TempDir};
 /// Pids of ceph daemons whose command line mentions `dir`.
 fn ceph_daemons_under(dir: &Path) -> Vec<(u32, String)> {
     let needle = dir.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        let daemon = ["ceph-mon", "ceph-mgr", "ceph-osd", "ceph-mds"]
-            .iter()
-            .any(|d| cmdline.contains(d));
-        if daemon && cmdline.contains(&needle) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
+    cnfs_testbed::process::processes()
+        .into_iter()
+        .map(|(pid, argv)| (pid, argv.join(" ")))
+        .filter(|(_, cmdline)| {
+            let daemon = ["ceph-mon", "ceph-mgr", "ceph-osd", "ceph-mds"]
+                .iter()
+                .any(|d| cmdline.contains(d));
+            daemon && cmdline.contains(&needle)
+        })
+        .collect()
 }
 
 /// Drops `ceph` and checks that none of its daemons is left.

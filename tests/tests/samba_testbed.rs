@@ -18,20 +18,11 @@ const BOB_PW: &str = "bob-pw 2";
 /// Pids of smbd processes whose command line names `conf`.
 fn smbd_under(conf: &Path) -> Vec<(u32, String)> {
     let needle = conf.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmdline.contains("smbd") && cmdline.contains(&needle) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
+    cnfs_testbed::process::processes()
+        .into_iter()
+        .map(|(pid, argv)| (pid, argv.join(" ")))
+        .filter(|(_, cmdline)| cmdline.contains("smbd") && cmdline.contains(&needle))
+        .collect()
 }
 
 fn random_bytes(n: usize) -> Vec<u8> {

@@ -150,7 +150,7 @@ fn guest(kernel: Kernel) -> anyhow::Result<setup::KernelTree> {
         .args(["build", "--release", "--target", triple])
         .args(["-p", "cnfs-agent", "-p", "cnfs-testbed"])
         .args(["--bin", "cnfs-agent", "--bin", "cnfs-test-exec"])
-        .args(["--bin", "kata-agent-standin"])
+        .args(["--bin", "kata-agent-standin", "--bin", "cnfs-fuse-starter"])
         .env("RUSTFLAGS", static_rustflags()))?;
     sh(cargo().args(["build", "--release", "-p", "cnfs-rootfs-builder"]))?;
     let bin = root().join("target").join(triple).join("release");
@@ -160,7 +160,12 @@ fn guest(kernel: Kernel) -> anyhow::Result<setup::KernelTree> {
     // What the Kata-layout tests assemble guests from, the way the README tells admins to.
     let parts = out.join("parts");
     std::fs::create_dir_all(&parts)?;
-    for b in ["cnfs-agent", "cnfs-test-exec", "kata-agent-standin"] {
+    for b in [
+        "cnfs-agent",
+        "cnfs-test-exec",
+        "kata-agent-standin",
+        "cnfs-fuse-starter",
+    ] {
         std::fs::copy(bin.join(b), parts.join(b)).with_context(|| format!("copying {b}"))?;
     }
     std::fs::copy(
@@ -200,6 +205,13 @@ fn guest(kernel: Kernel) -> anyhow::Result<setup::KernelTree> {
             .args(["--module", "gcm", "--module", "ghash_generic"])
             // SMB: the client and the algorithms SMB3 signing and `seal` ask for.
             .args(["--module", "cifs", "--module", "cmac", "--module", "ccm"])
+            // FUSE volumes: Debian's own sshfs, with the interpreter and libraries it loads,
+            // and the stand-in for meta-fuse-csi-plugin's fuse-starter that hands it the fd.
+            .args(["--binary", "/usr/bin/sshfs"])
+            .arg(format!(
+                "--program=cnfs-fuse-starter={}",
+                bin.join("cnfs-fuse-starter").display()
+            ))
             .arg("--out")
             .arg(out.join("initrd-test.img")),
     )?;

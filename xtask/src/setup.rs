@@ -15,7 +15,9 @@ use crate::{root, sh};
 /// bindings for host-side file access) for CephFS, strace to show the CSI node plugin never
 /// calls mount(2), cpio to build initrds exactly as Kata's osbuilder does, mmdebstrap for a
 /// systemd guest root built the way osbuilder builds its image roots, Samba (server and
-/// smbclient) for SMB volumes. (QEMU comes from backports, below.)
+/// smbclient) for SMB volumes, sshfs (copied with its libraries into the test guest) and
+/// openssh-sftp-server (its server, run on the host) for FUSE volumes. (QEMU comes from
+/// backports, below.)
 const PACKAGES: &[&str] = &[
     "containerd",
     "runc",
@@ -37,6 +39,9 @@ const PACKAGES: &[&str] = &[
     "mmdebstrap",
     "samba",
     "smbclient",
+    // FUSE volumes: the guest runs Debian's unmodified sshfs against the host's sftp-server.
+    "sshfs",
+    "openssh-sftp-server",
 ];
 
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/cnfs-bookworm-backports.sources";

@@ -2,6 +2,7 @@
 //! system is one new file and one line in `Registry::default`.
 
 mod cephfs;
+pub mod fuse;
 mod nfs;
 mod smb;
 
@@ -53,6 +54,44 @@ pub trait Attempt {
     /// agent has already detached a mount that completed at the deadline). Best effort: the
     /// request's error stands either way.
     fn undo(&mut self) {}
+
+    /// A descriptor the mount call reads (FUSE's `fd=`): left open in the child that makes
+    /// the call, which otherwise closes every descriptor of the agent.
+    fn keep_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// The mount succeeded: what must keep running while the volume is mounted (a FUSE
+    /// volume's socket that hands the descriptor to its daemon), if anything.
+    fn into_attachment(self: Box<Self>, _log: &slog::Logger) -> Option<Box<dyn Attachment>> {
+        None
+    }
+}
+
+/// What a mounted volume keeps running besides the kernel's mount, owned by the volume
+/// table from a successful Mount (or from a restart's re-learning) to its Unmount.
+#[async_trait]
+pub trait Attachment: Send + Sync {
+    /// Whether whoever serves the volume has been reached: Stats asks before it probes.
+    fn readiness(&self) -> Readiness;
+    /// A probe got an answer: the server answered at least once.
+    fn answered(&self);
+    /// The probe failed with `errno`: what that means for this volume, if something
+    /// particular (FUSE: ENOTCONN is a daemon that is gone).
+    fn explain(&self, _errno: Errno) -> Option<String> {
+        None
+    }
+    /// Stops it and removes what it created; bounded.
+    async fn stop(&self);
+}
+
+/// Where a served volume stands before any probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Nobody serves it yet: accesses (and a probe) would wait; the detail says for what.
+    Waiting(String),
+    /// Handed to its server; `answered` once a probe got through.
+    Served { answered: bool },
 }
 
 /// An attempt with nothing of its own to explain or undo.
@@ -87,6 +126,20 @@ pub trait MountHandler: Send + Sync {
     fn root_owner_warning(&self, _uid: u64, _gid: u64) -> Option<String> {
         None
     }
+
+    /// After an agent restart, a mounted volume's attachment started again (see
+    /// [`Attempt::into_attachment`]); `None` when its file system has none.
+    fn reattach(
+        &self,
+        _spec: &VolumeSpec,
+        _log: &slog::Logger,
+    ) -> Result<Option<Box<dyn Attachment>>, AgentError> {
+        Ok(None)
+    }
+
+    /// After an agent restart: removes what this file system left for volumes that are no
+    /// longer mounted (`mounted` names those that are).
+    fn clean_leftovers(&self, _mounted: &[String]) {}
 }
 
 pub struct Registry {
@@ -100,6 +153,7 @@ impl Default for Registry {
                 Box::new(nfs::Nfs),
                 Box::new(cephfs::CephFs),
                 Box::new(smb::Smb),
+                Box::new(fuse::Fuse),
             ],
         }
     }
@@ -120,6 +174,10 @@ impl Registry {
             .iter()
             .find(|h| h.kernel_types().contains(&kernel_type))
             .map(|h| h.as_ref())
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &dyn MountHandler> {
+        self.handlers.iter().map(|h| h.as_ref())
     }
 
     pub fn names(&self) -> Vec<String> {

@@ -294,6 +294,7 @@ impl Sandbox {
             )));
         }
         let namespace = ann.get(CRI_SANDBOX_NAMESPACE).cloned().unwrap_or_default();
+        let container = ann.get(CRI_CONTAINER_NAME).map(String::as_str);
         let mut wanted = Vec::new();
         for r in &records {
             let what = format!("CSI volume {:?}", r.volume_id);
@@ -323,7 +324,10 @@ impl Sandbox {
                     Refusal::new(ttrpc::Code::PERMISSION_DENIED, format!("{what}: {e}"))
                 })?;
             }
-            wanted.push((r, wire));
+            // A FUSE volume's sidecar mounts the volume where it wants the socket.
+            let socket = matches!(&spec.source,
+                cnfs_protocols::spec::Source::Fuse(f) if container == Some(f.sidecar.as_str()));
+            wanted.push((r, wire, socket));
         }
 
         let mut state = self.state.lock().await;
@@ -356,7 +360,7 @@ impl Sandbox {
             .map_err(unreachable)?;
         let mut done: Vec<String> = Vec::new();
         let mut redirects = Vec::new();
-        for (r, wire) in &wanted {
+        for (r, wire, socket) in &wanted {
             match self.mount(&client, &sandbox_id, wire).await {
                 Ok(resp) => {
                     if !resp.already_mounted {
@@ -386,7 +390,9 @@ impl Sandbox {
             redirects.push(handoff::Redirect {
                 source: r.target_path.clone(),
                 volume: wire.name.clone(),
-                read_only: wire.read_only,
+                // The daemon's socket is never read-only, whatever the volume is.
+                read_only: wire.read_only && !socket,
+                socket: *socket,
             });
         }
         if let Err(e) = handoff::redirect(bundle, &redirects) {

@@ -32,10 +32,12 @@ fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Spec
 }
 
 mod cephfs;
+pub mod fuse;
 mod nfs;
 mod smb;
 
 pub use cephfs::CephFsSource;
+pub use fuse::FuseSource;
 pub use nfs::{NfsSource, NfsVersion};
 pub use smb::{SmbSource, SmbVersion};
 
@@ -55,6 +57,7 @@ pub enum Source {
     Nfs(NfsSource),
     CephFs(CephFsSource),
     Smb(SmbSource),
+    Fuse(FuseSource),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +130,7 @@ pub enum FsKind {
     Nfs,
     CephFs,
     Smb,
+    Fuse,
 }
 
 /// A source's fields as a listing shows them: name and value(s), never a secret.
@@ -146,7 +150,7 @@ type Typed = BTreeMap<String, (String, String)>;
 const RESERVED: &[(&str, &str)] = &[("context", "SELinux contexts are not supported")];
 
 impl FsKind {
-    pub const ALL: &'static [FsKind] = &[FsKind::Nfs, FsKind::CephFs, FsKind::Smb];
+    pub const ALL: &'static [FsKind] = &[FsKind::Nfs, FsKind::CephFs, FsKind::Smb, FsKind::Fuse];
 
     /// The name in specs, policies (`filesystems`), listings, and the URL scheme.
     pub fn name(self) -> &'static str {
@@ -154,6 +158,7 @@ impl FsKind {
             FsKind::Nfs => nfs::NAME,
             FsKind::CephFs => cephfs::NAME,
             FsKind::Smb => smb::NAME,
+            FsKind::Fuse => fuse::NAME,
         }
     }
 
@@ -167,6 +172,7 @@ impl FsKind {
             FsKind::Nfs => nfs::KERNEL_TYPES,
             FsKind::CephFs => cephfs::KERNEL_TYPES,
             FsKind::Smb => smb::KERNEL_TYPES,
+            FsKind::Fuse => fuse::KERNEL_TYPES,
         }
     }
 
@@ -185,6 +191,7 @@ impl FsKind {
             agent::volume_spec::Source::Nfs(n) => (FsKind::Nfs, nfs::summary(n)),
             agent::volume_spec::Source::Cephfs(c) => (FsKind::CephFs, cephfs::summary(c)),
             agent::volume_spec::Source::Smb(s) => (FsKind::Smb, smb::summary(s)),
+            agent::volume_spec::Source::Fuse(f) => (FsKind::Fuse, fuse::summary(f)),
         };
         Some((kind, shown, fields))
     }
@@ -195,6 +202,7 @@ impl FsKind {
             agent::volume_spec::Source::Nfs(_) => FsKind::Nfs,
             agent::volume_spec::Source::Cephfs(_) => FsKind::CephFs,
             agent::volume_spec::Source::Smb(_) => FsKind::Smb,
+            agent::volume_spec::Source::Fuse(_) => FsKind::Fuse,
         })
     }
 
@@ -203,6 +211,7 @@ impl FsKind {
             FsKind::Nfs => nfs::OPTIONS,
             FsKind::CephFs => cephfs::OPTIONS,
             FsKind::Smb => smb::OPTIONS,
+            FsKind::Fuse => fuse::OPTIONS,
         }
     }
 
@@ -211,6 +220,7 @@ impl FsKind {
             FsKind::Nfs => nfs::RESERVED,
             FsKind::CephFs => cephfs::RESERVED,
             FsKind::Smb => smb::RESERVED,
+            FsKind::Fuse => fuse::RESERVED,
         }
     }
 
@@ -219,13 +229,14 @@ impl FsKind {
             FsKind::Nfs => nfs::CONFLICTS,
             FsKind::CephFs => cephfs::CONFLICTS,
             FsKind::Smb => smb::CONFLICTS,
+            FsKind::Fuse => &[],
         }
     }
 
     fn refuse(self, key: &str, value: &str) -> Option<&'static str> {
         match self {
             FsKind::Nfs => nfs::refuse(key, value),
-            FsKind::CephFs => None,
+            FsKind::CephFs | FsKind::Fuse => None,
             FsKind::Smb => smb::refuse(key, value),
         }
     }
@@ -234,7 +245,7 @@ impl FsKind {
     /// those of an annotation's secret file); empty when it needs none.
     pub fn secret_keys(self) -> &'static [&'static str] {
         match self {
-            FsKind::Nfs => &[],
+            FsKind::Nfs | FsKind::Fuse => &[],
             FsKind::CephFs => cephfs::SECRET_KEYS,
             FsKind::Smb => smb::SECRET_KEYS,
         }
@@ -243,10 +254,16 @@ impl FsKind {
     /// The keys a secret must have.
     pub fn required_secret_keys(self) -> &'static [&'static str] {
         match self {
-            FsKind::Nfs => &[],
+            FsKind::Nfs | FsKind::Fuse => &[],
             FsKind::CephFs => cephfs::REQUIRED_SECRET_KEYS,
             FsKind::Smb => smb::REQUIRED_SECRET_KEYS,
         }
+    }
+
+    /// Whether volumes of this kind name servers the guest talks to (and a path on them);
+    /// a FUSE volume's daemon picks its own.
+    pub fn has_servers(self) -> bool {
+        self != FsKind::Fuse
     }
 
     /// Whether a volume of this kind needs a secret from the host.
@@ -258,7 +275,7 @@ impl FsKind {
     /// `key=value` lines). The error never shows a value.
     pub fn credentials_from_file(self, text: &str) -> Result<Credentials, String> {
         match self {
-            FsKind::Nfs => Err("nfs volumes take no secret".into()),
+            FsKind::Nfs | FsKind::Fuse => Err(format!("{} volumes take no secret", self.name())),
             FsKind::CephFs => Ok(cephfs::credentials_from_file(text)),
             FsKind::Smb => smb::credentials_from_file(text),
         }
@@ -332,6 +349,7 @@ impl FsKind {
             FsKind::Nfs => nfs::from_url(authority, path, options),
             FsKind::CephFs => cephfs::from_url(authority, path, options),
             FsKind::Smb => smb::from_url(authority, path, options),
+            FsKind::Fuse => fuse::from_url(authority, path, options),
         }
     }
 }
@@ -378,11 +396,13 @@ impl Source {
             Source::Nfs(_) => FsKind::Nfs,
             Source::CephFs(_) => FsKind::CephFs,
             Source::Smb(_) => FsKind::Smb,
+            Source::Fuse(_) => FsKind::Fuse,
         }
     }
 
     /// What a policy matches: the servers the guest will talk to, and the path on them
-    /// (NFS export, CephFS path, SMB `/share/path`).
+    /// (NFS export, CephFS path, SMB `/share/path`); none for FUSE (see
+    /// [`FsKind::has_servers`]).
     pub fn policy_target(&self) -> (Vec<Server>, String) {
         match self {
             Source::Nfs(n) => (vec![n.server.clone()], n.export.clone()),
@@ -391,6 +411,7 @@ impl Source {
                 c.path.clone(),
             ),
             Source::Smb(s) => (vec![s.server.clone()], s.share_path()),
+            Source::Fuse(_) => (Vec::new(), String::new()),
         }
     }
 }
@@ -488,6 +509,7 @@ impl VolumeSpec {
             Some(agent::volume_spec::Source::Smb(s)) => {
                 Source::Smb(smb::parse(s, &typed, &options, require_secret)?)
             }
+            Some(agent::volume_spec::Source::Fuse(f)) => Source::Fuse(fuse::parse(f)?),
             None => return err("volume.source", "is required"),
         };
         Ok(VolumeSpec {
@@ -514,6 +536,7 @@ impl VolumeSpec {
             Source::Nfs(n) => agent::volume_spec::Source::Nfs(n.to_wire()),
             Source::CephFs(c) => agent::volume_spec::Source::Cephfs(c.to_wire(with_secret)),
             Source::Smb(s) => agent::volume_spec::Source::Smb(s.to_wire(with_secret)),
+            Source::Fuse(f) => agent::volume_spec::Source::Fuse(f.to_wire()),
         });
         w
     }

@@ -238,6 +238,7 @@ fn health_name(h: &protobuf::EnumOrUnknown<Health>) -> String {
         Ok(Health::UNRESPONSIVE) => "unresponsive".into(),
         Ok(Health::ERROR) => "error".into(),
         Ok(Health::NOT_MOUNTED) => "not mounted".into(),
+        Ok(Health::NOT_READY) => "not ready".into(),
         Ok(Health::HEALTH_UNKNOWN) => "unknown".into(),
         Err(n) => format!("unknown({n})"),
     }
