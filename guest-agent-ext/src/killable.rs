@@ -51,15 +51,37 @@ pub async fn run_keeping<F>(timeout: Duration, keep: Option<RawFd>, op: F) -> Ou
 where
     F: FnOnce() -> Result<Payload, Errno>,
 {
+    let (outcome, alive) = run_tracked(timeout, keep, op).await;
+    if let Some(alive) = alive {
+        tokio::spawn(alive);
+    }
+    outcome
+}
+
+/// Resolves once a child that outlived its call has exited and been reaped.
+pub type StillAlive = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// [`run_keeping`], also handing back the child when it did not exit within a short grace
+/// after SIGKILL. Most waits end at SIGKILL, but not all: a FUSE request its daemon has read
+/// waits for the answer uninterruptibly, so a hung daemon keeps the child. A caller that
+/// probes repeatedly keeps this and forks no second child while it is pending.
+pub async fn run_tracked<F>(
+    timeout: Duration,
+    keep: Option<RawFd>,
+    op: F,
+) -> (Outcome, Option<StillAlive>)
+where
+    F: FnOnce() -> Result<Payload, Errno>,
+{
     let (rx, tx) = match pipe() {
         Ok(p) => p,
-        Err(e) => return Outcome::Failed(e),
+        Err(e) => return (Outcome::Failed(e), None),
     };
     let parent = nix::unistd::getpid();
     // SAFETY: the child only runs `child_hygiene`, `op` (system calls only, per the contract
     // above), write(2) and _exit(2), all async-signal-safe.
     let child = match unsafe { fork() } {
-        Err(e) => return Outcome::Failed(e),
+        Err(e) => return (Outcome::Failed(e), None),
         Ok(ForkResult::Child) => {
             drop(rx);
             child_hygiene(tx.as_raw_fd(), keep, parent);
@@ -95,9 +117,15 @@ where
         }
     };
     guard.0 = None;
-    reap(child).await;
-    outcome
+    let mut exited = reaped(child);
+    match tokio::time::timeout(REAP_GRACE, &mut exited).await {
+        Ok(()) => (outcome, None),
+        Err(_) => (outcome, Some(exited)),
+    }
 }
+
+/// How long a caller waits for a killed child to exit before handing it back.
+const REAP_GRACE: Duration = Duration::from_secs(2);
 
 /// Kills and reaps a child whose waiter was dropped.
 struct ChildGuard(Option<Pid>);
@@ -106,10 +134,17 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Some(child) = self.0.take() {
             let _ = kill(child, Signal::SIGKILL);
-            // waitpid may block until the kernel lets the killed call go; not on this thread.
-            let _ = std::thread::Builder::new()
-                .name("reap".into())
-                .spawn(move || waitpid(child, None));
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(reaped(child));
+                }
+                // waitpid may block until the kernel lets the killed call go; not here.
+                Err(_) => {
+                    let _ = std::thread::Builder::new()
+                        .name("reap".into())
+                        .spawn(move || waitpid(child, None));
+                }
+            }
         }
     }
 }
@@ -209,12 +244,27 @@ fn decode(msg: &[u8; MSG_LEN]) -> Outcome {
     Outcome::Done(p)
 }
 
-/// Collects the child's exit status off the async workers. A child killed while asleep in
-/// the kernel exits as soon as the kernel lets it; waiting for that is bounded here and the
-/// rest is left to the blocking task.
-async fn reap(child: Pid) {
-    let waiter = tokio::task::spawn_blocking(move || waitpid(child, None));
-    let _ = tokio::time::timeout(Duration::from_secs(2), waiter).await;
+/// Resolves once `child` has exited and its status is collected. A child killed while
+/// asleep in the kernel exits as soon as the kernel lets it, which may be never (a hung FUSE
+/// daemon): waiting costs a registered pidfd, not a thread, however many there are. Without
+/// pidfds (Linux < 5.3) a blocking thread waits instead.
+fn reaped(child: Pid) -> StillAlive {
+    Box::pin(async move {
+        let pidfd = u32::try_from(child.as_raw())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+            .and_then(cnfs_protocols::pidfd::open)
+            .and_then(cnfs_protocols::pidfd::readable_when_exited);
+        match pidfd {
+            Ok(fd) => {
+                let _ = fd.readable().await;
+                // It has exited: this returns at once.
+                let _ = waitpid(child, None);
+            }
+            Err(_) => {
+                let _ = tokio::task::spawn_blocking(move || waitpid(child, None)).await;
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -296,7 +346,8 @@ mod tests {
         let pid = i32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
         let until = Instant::now() + Duration::from_secs(5);
         while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
+            // Asynchronously: the runtime reaps it (a pidfd, no thread of its own).
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),

@@ -139,6 +139,7 @@ const ALLOWED: &[(&str, &[libc::c_long])] = &[
         "the agent's work: mount children, modules",
         &[
             libc::SYS_fork,
+            libc::SYS_pidfd_open,
             libc::SYS_wait4,
             libc::SYS_waitid,
             libc::SYS_kill,

@@ -25,7 +25,7 @@ use protobuf::Message;
 use slog::{info, warn, Logger};
 
 use crate::error::AgentError;
-use crate::fs::{Attachment, Context, MountPlan, Readiness, Registry};
+use crate::fs::{Attachment, Context, MountPlan, Readiness, Registry, VolumeLocks};
 use crate::killable::{self, Outcome};
 use crate::mountinfo;
 
@@ -87,8 +87,9 @@ pub struct Volumes {
     registry: Registry,
     log: Logger,
     client_id: OnceLock<String>,
-    /// Entries exist only while an operation holds or waits for a volume's lock.
-    locks: KeyedLocks<String>,
+    /// Entries exist only while an operation holds or waits for a volume's lock. Shared with
+    /// attachments (a FUSE volume's fresh mount takes its volume's lock too).
+    locks: VolumeLocks,
     known: RwLock<BTreeMap<String, Known>>,
     probes: Arc<Mutex<HashMap<String, Probe>>>,
     next_probe: std::sync::atomic::AtomicU64,
@@ -103,7 +104,7 @@ impl Volumes {
             registry: Registry::default(),
             log,
             client_id: OnceLock::new(),
-            locks: KeyedLocks::new(),
+            locks: Arc::new(KeyedLocks::new()),
             known: RwLock::new(BTreeMap::new()),
             probes: Arc::new(Mutex::new(HashMap::new())),
             next_probe: std::sync::atomic::AtomicU64::new(0),
@@ -291,7 +292,7 @@ impl Volumes {
             let Some(handler) = self.registry.get(spec.fs_name()) else {
                 continue;
             };
-            match handler.reattach(&spec, &self.log) {
+            match handler.reattach(&spec, &self.log, &self.locks) {
                 Ok(a) => self.attach(name, a),
                 Err(e) => warn!(self.log, "could not serve the volume again after a restart";
                     "volume" => name, "error" => %e),
@@ -319,10 +320,13 @@ impl Volumes {
         match existing {
             Some(known) if present => {
                 return match known.spec {
-                    Some(have) if have == wanted => Ok(MountDone {
-                        mount_point,
-                        already_mounted: true,
-                    }),
+                    Some(have) if have == wanted => {
+                        self.ensure_attached(&spec)?;
+                        Ok(MountDone {
+                            mount_point,
+                            already_mounted: true,
+                        })
+                    }
                     Some(_) => Err(AgentError::AlreadyExists(format!(
                         "volume {name} is already mounted with a different spec; unmount it first"
                     ))),
@@ -403,7 +407,7 @@ impl Volumes {
         }
         // Mounted: the attempt (a kernel log cursor) ends here, with nothing to undo; what
         // must keep running while the volume is mounted (a FUSE socket) stays.
-        self.attach(&name, attempt.into_attachment(&self.log));
+        self.attach(&name, attempt.into_attachment(&self.log, &self.locks));
         self.save_state(&name, &wanted);
         self.write_known()
             .insert(name, Known { spec: Some(wanted) });
@@ -415,8 +419,24 @@ impl Volumes {
 
     fn forget(&self, name: &str) {
         let _ = std::fs::remove_file(self.state_file(name));
-        self.attachments().remove(name);
+        // Halted now, not when the last holder (a Stats call) lets go of it.
+        if let Some(a) = self.attachments().remove(name) {
+            a.halt();
+        }
         self.write_known().remove(name);
+    }
+
+    /// A mounted volume whose file system keeps something running (a FUSE socket) and has
+    /// nothing running now (it failed to start after a restart, or an Unmount failed after
+    /// stopping it) gets it again.
+    fn ensure_attached(&self, spec: &VolumeSpec) -> Result<(), AgentError> {
+        if self.attachments().contains_key(&spec.name) {
+            return Ok(());
+        }
+        if let Some(handler) = self.registry.get(spec.fs_name()) {
+            self.attach(&spec.name, handler.reattach(spec, &self.log, &self.locks)?);
+        }
+        Ok(())
     }
 
     /// A volume found in mountinfo without a state file: the same request is recognised by
@@ -445,11 +465,7 @@ impl Volumes {
             )));
         }
         let wire = spec.to_wire(false);
-        if !self.attachments().contains_key(&spec.name) {
-            if let Some(handler) = self.registry.get(spec.fs_name()) {
-                self.attach(&spec.name, handler.reattach(spec, &self.log)?);
-            }
-        }
+        self.ensure_attached(spec)?;
         self.save_state(&spec.name, &wire);
         self.write_known()
             .insert(spec.name.clone(), Known { spec: Some(wire) });
@@ -517,8 +533,8 @@ impl Volumes {
                 "volume {name} is not mounted"
             )));
         }
-        // What serves the volume stops first: a FUSE socket hands out no descriptor (and
-        // mounts nothing afresh) while the volume goes.
+        // What serves the volume stops before it goes: a FUSE socket hands out no
+        // descriptor. (It mounts nothing afresh meanwhile: that takes this volume's lock.)
         let attachment = self.attachments().remove(name);
         if let Some(a) = attachment {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -553,6 +569,18 @@ impl Volumes {
                 }
             }
             if method == "none" {
+                // Still mounted: whatever served it serves it again.
+                let spec = self
+                    .read_known()
+                    .get(name)
+                    .and_then(|k| k.spec.clone())
+                    .and_then(|w| VolumeSpec::from_wire_unresolved(&w).ok());
+                if let Some(spec) = spec {
+                    if let Err(e) = self.ensure_attached(&spec) {
+                        warn!(self.log, "could not serve the volume again"; "volume" => name,
+                            "error" => %e);
+                    }
+                }
                 return Err(AgentError::Internal(format!(
                     "volume {name} could not be unmounted: {}",
                     attempts.join("; ")
@@ -699,7 +727,9 @@ impl Volumes {
     }
 
     /// The volume's probe in flight, or a new one: a statfs in a child, run in its own task
-    /// to `bound` whatever its waiters do, and forgotten when it ends.
+    /// to `bound` whatever its waiters do, and forgotten when its child is gone. A child that
+    /// outlives SIGKILL (a FUSE request its hung daemon has read waits uninterruptibly) keeps
+    /// the probe, answered "timed out", so that no second child piles up behind it.
     fn probe(
         &self,
         name: &str,
@@ -716,16 +746,21 @@ impl Volumes {
             .next_probe
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (table, key) = (self.probes.clone(), name.to_string());
-        let task = tokio::spawn(async move {
-            let outcome = killable::run(bound, move || statfs(&target)).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (outcome, alive) =
+                killable::run_tracked(bound, None, move || statfs(&target)).await;
+            let _ = tx.send(outcome);
+            if let Some(alive) = alive {
+                alive.await;
+            }
             let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
             if t.get(&key).is_some_and(|p| p.id == id) {
                 t.remove(&key);
             }
-            outcome
         });
         let result: Pin<Box<dyn Future<Output = Outcome> + Send>> =
-            Box::pin(task.map(|r| r.unwrap_or(Outcome::Failed(Errno::EIO))));
+            Box::pin(rx.map(|r| r.unwrap_or(Outcome::Failed(Errno::EIO))));
         let result = result.shared();
         let started = Instant::now();
         probes.insert(

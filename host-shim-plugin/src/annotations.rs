@@ -177,7 +177,45 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<Vec<PodVolume>, An
             containers,
         });
     }
+    check_sidecar_paths(&out)?;
     Ok(out)
+}
+
+/// A FUSE sidecar's socket directory is one more mount in that container: it may not land
+/// on another volume's socket directory or path there (one would hide the other, and that
+/// volume would never be served).
+fn check_sidecar_paths(volumes: &[PodVolume]) -> Result<(), AnnotationError> {
+    let mut taken: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+    for v in volumes {
+        let Source::Fuse(f) = &v.spec.source else {
+            continue;
+        };
+        let key = format!("{PREFIX}volume.{}", v.name());
+        let dir = f.socket_dir();
+        if let Some(other) = taken.insert((f.sidecar.as_str(), dir), v.name()) {
+            return err(
+                &key,
+                format!(
+                    "its socket directory {dir} in container {} is volume {other}'s too",
+                    f.sidecar
+                ),
+            );
+        }
+        if let Some(other) = volumes
+            .iter()
+            .find(|o| o.path == dir && o.applies_to(Some(f.sidecar.as_str())))
+        {
+            return err(
+                &key,
+                format!(
+                    "its socket directory {dir} is where container {} mounts volume {}",
+                    f.sidecar,
+                    other.name()
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A volume URL (`nfs://`, `cephfs://`, `smb://`) into a validated spec.
@@ -424,6 +462,29 @@ mod tests {
                 ],
                 "cnfs.io/volume.f",
                 "volume.options.secret: unknown or not allowed for fuse volumes",
+            ),
+            (
+                &[
+                    ("cnfs.io/volume.f", "fuse://?sidecar=sshfs"),
+                    ("cnfs.io/mount.f", "/f"),
+                    ("cnfs.io/volume.g", "fuse://?sidecar=sshfs"),
+                    ("cnfs.io/mount.g", "/g"),
+                ],
+                "cnfs.io/volume.g",
+                "its socket directory /fuse-fd-passing in container sshfs is volume f's too",
+            ),
+            (
+                &[
+                    (
+                        "cnfs.io/volume.f",
+                        "fuse://?sidecar=sshfs&socket=/data/f.sock",
+                    ),
+                    ("cnfs.io/mount.f", "/f"),
+                    ("cnfs.io/volume.data", "nfs://10.0.0.1/x"),
+                    ("cnfs.io/mount.data", "/data"),
+                ],
+                "cnfs.io/volume.f",
+                "its socket directory /data is where container sshfs mounts volume data",
             ),
             (
                 &[

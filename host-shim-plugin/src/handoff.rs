@@ -46,8 +46,10 @@ pub fn container_mounts(volumes: &[PodVolume], container: Option<&str>) -> Vec<M
             .destination(f.socket_dir())
             .typ("bind")
             .source(fuse_socket_source(v.name()))
+            // Read-only: the sidecar connects to the socket (that works on a read-only
+            // mount) but can neither remove it nor put anything beside it.
             .options(
-                ["bind", "nosuid", "nodev", "noexec"]
+                ["bind", "nosuid", "nodev", "noexec", "ro"]
                     .map(String::from)
                     .to_vec(),
             )
@@ -99,7 +101,7 @@ pub struct Redirect {
     pub volume: String,
     pub read_only: bool,
     /// The container is the FUSE volume's sidecar: its mount of the volume becomes the
-    /// directory of the volume's fd-passing socket.
+    /// directory of the volume's fd-passing socket (read-only, like the annotation hand-off).
     pub socket: bool,
 }
 
@@ -257,7 +259,10 @@ mod tests {
     #[test]
     fn a_fuse_sidecar_gets_the_socket_directory_only_and_apps_get_the_volume() {
         let a: HashMap<String, String> = [
-            ("cnfs.io/volume.web", "fuse://?sidecar=sshfs&uid=1000"),
+            (
+                "cnfs.io/volume.web",
+                "fuse://?sidecar=sshfs&uid=1000&allow_other",
+            ),
             ("cnfs.io/mount.web", "/srv/web"),
             ("cnfs.io/volume.data", "nfs://10.0.0.5/exports/data"),
             ("cnfs.io/mount.data", "/data"),
@@ -292,7 +297,7 @@ mod tests {
         );
         assert_eq!(
             sidecar[1].options().as_deref(),
-            Some(&["bind", "nosuid", "nodev", "noexec"].map(String::from)[..])
+            Some(&["bind", "nosuid", "nodev", "noexec", "ro"].map(String::from)[..])
         );
         // Any other container: the volumes, never a socket.
         for c in [Some("app"), Some("fuse-fd-passing"), None] {
@@ -375,7 +380,7 @@ mod tests {
         for (read_only, socket, key) in [
             (false, false, "csi_volume"),
             (true, false, "csi_volume_read_only"),
-            (false, true, "csi_fuse_socket"),
+            (true, true, "csi_fuse_socket"),
         ] {
             let dir =
                 std::env::temp_dir().join(format!("cnfs-policy-{}-{key}", std::process::id()));

@@ -438,7 +438,7 @@ export_prefixes = ["/public"]
              options = [\"uid\"]\n",
         )
         .expect("a fuse-only entry needs no servers or prefixes");
-        p.check("team-b", &fuse("sshfs", &[("uid", "1000")]))
+        p.check("team-b", &fuse("sshfs", &[("uid", "0")]))
             .expect("allowed");
         let denied = |ns: &str, v: &VolumeSpec| match p.check(ns, v) {
             Err(PolicyError::Denied { reason, .. }) => reason,
@@ -695,9 +695,11 @@ export_prefixes = ["/public"]
     #[test]
     fn the_shipped_example_policy_loads() {
         let p = Policy::parse(include_str!("../../configs/cnfs/policy.toml")).expect("example");
-        assert_eq!(p.allow.len(), 3);
+        assert_eq!(p.allow.len(), 4);
         assert_eq!(p.allow[1].filesystems, ["nfs", "cephfs"]);
         assert_eq!(p.allow[2].filesystems, ["smb"]);
+        assert_eq!(p.allow[3].filesystems, ["fuse"]);
+        assert!(p.allow[3].servers.is_empty());
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod agent_ttrpc {
 pub mod handoff;
 pub mod keyed_lock;
 pub mod modules_dep;
+pub mod pidfd;
 pub mod spec;
 pub mod transport;
 pub mod volume_url;

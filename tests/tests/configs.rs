@@ -459,6 +459,53 @@ fn example_smb_pod_is_valid_and_allowed_by_the_example_policy() -> anyhow::Resul
     Ok(())
 }
 
+/// The FUSE example: a valid Pod whose annotations the shim accepts, whose sidecar is a native
+/// sidecar (an init container that keeps running, started before the apps), which the
+/// shipped example policy allows in its namespace only.
+#[test]
+fn example_fuse_pod_is_valid_with_a_native_sidecar_and_allowed_by_the_example_policy(
+) -> anyhow::Result<()> {
+    let pod: Pod = strict(&yaml("kubernetes/example-fuse-pod.yaml"))?;
+    let meta = pod.metadata;
+    let annotations: std::collections::HashMap<String, String> =
+        meta.annotations.unwrap_or_default().into_iter().collect();
+    let volumes = cnfs_host_shim::annotations::parse(&annotations)
+        .map_err(|e| anyhow!("the shim refuses the example: {e}"))?;
+    assert_eq!(volumes.len(), 1);
+    let v = &volumes[0];
+    let cnfs_protocols::spec::Source::Fuse(f) = &v.spec.source else {
+        bail!("not a FUSE volume: {:?}", v.spec.source);
+    };
+    let spec = pod.spec.context("no spec")?;
+    let sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == f.sidecar)
+        .context("the sidecar is not an init container")?;
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    // It hands fuse-starter the socket path the shim binds, and the daemon /dev/fd/3.
+    let args = sidecar.command.clone().unwrap_or_default();
+    let at = args
+        .iter()
+        .position(|a| a == "--fd-passing-socket-path")
+        .context("no --fd-passing-socket-path")?;
+    assert_eq!(args.get(at + 1), Some(&f.socket));
+    assert_eq!(args.last().map(String::as_str), Some("/dev/fd/3"));
+    assert!(spec.containers.iter().all(|c| c.name != f.sidecar));
+    let policy =
+        cnfs_host::policy::Policy::parse(&read("cnfs/policy.toml")).map_err(|e| anyhow!("{e}"))?;
+    let ns = meta.namespace.context("no namespace")?;
+    policy
+        .check(&ns, &v.spec)
+        .map_err(|e| anyhow!("the example policy refuses the example: {e}"))?;
+    assert!(
+        policy.check("team-a", &v.spec).is_err(),
+        "another namespace"
+    );
+    Ok(())
+}
+
 #[test]
 fn example_deployment_is_a_valid_deployment() -> anyhow::Result<()> {
     let d: Deployment = strict(&yaml("kubernetes/example-deployment.yaml"))?;
@@ -1169,18 +1216,26 @@ fn check_policy_toml(text: &str) -> anyhow::Result<usize> {
     let rules = t["allow"]
         .as_array()
         .context("allow must be an array of tables")?;
-    let want: BTreeSet<&str> = [
-        "namespaces",
-        "filesystems",
-        "servers",
-        "export_prefixes",
-        "options",
-    ]
-    .into();
     for (i, rule) in rules.iter().enumerate() {
         let rule = rule
             .as_table()
             .with_context(|| format!("allow[{i}] is not a table"))?;
+        // An entry for FUSE only has no servers or prefixes (its daemon picks its own).
+        let fuse_only = strings(rule.get("filesystems"), "filesystems")?
+            .iter()
+            .all(|f| f == "fuse");
+        let want: BTreeSet<&str> = if fuse_only {
+            ["namespaces", "filesystems", "options"].into()
+        } else {
+            [
+                "namespaces",
+                "filesystems",
+                "servers",
+                "export_prefixes",
+                "options",
+            ]
+            .into()
+        };
         let have: BTreeSet<&str> = rule.keys().map(String::as_str).collect();
         ensure!(
             have == want,
@@ -1198,13 +1253,19 @@ fn check_policy_toml(text: &str) -> anyhow::Result<usize> {
                 "allow[{i}]: file system {fs:?}"
             );
         }
-        for p in strings(rule.get("export_prefixes"), "export_prefixes")? {
+        let present = |k: &str| -> anyhow::Result<Vec<String>> {
+            match rule.get(k) {
+                None => Ok(Vec::new()),
+                v => strings(v, k),
+            }
+        };
+        for p in present("export_prefixes")? {
             ensure!(
                 p.starts_with('/'),
                 "allow[{i}]: prefix {p:?} is not absolute"
             );
         }
-        for s in strings(rule.get("servers"), "servers")? {
+        for s in present("servers")? {
             let ok = match s.split_once('/') {
                 Some((ip, len)) => ip.parse::<IpAddr>().is_ok() && len.parse::<u8>().is_ok(),
                 None => {
@@ -1230,8 +1291,8 @@ fn policy_toml_has_the_documented_keys_and_types() -> anyhow::Result<()> {
     let text = read("cnfs/policy.toml");
     assert_eq!(
         check_policy_toml(&text)?,
-        3,
-        "the example has three [[allow]] entries"
+        4,
+        "the example has four [[allow]] entries"
     );
     check_policy_toml(&text.replace("export_prefixes", "export_prefix"))
         .expect_err("a misspelled key must fail");

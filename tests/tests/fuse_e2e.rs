@@ -35,12 +35,14 @@ fn fuse_volume(name: &str, sidecar: &str, socket: &str) -> agent::VolumeSpec {
 }
 
 /// Starts the sidecar stand-in in the background: a fresh mount namespace with the volume's
-/// socket directory bound where the sidecar expects it (what the shim's config.json mount
-/// becomes), then fuse-starter execs sshfs on /dev/fd/3, in the foreground (it is the daemon).
+/// socket directory bound read-only where the sidecar expects it (what the shim's
+/// config.json mount becomes), then fuse-starter execs sshfs on /dev/fd/3, in the foreground
+/// (it is the daemon).
 async fn start_sidecar(g: &GuestExec, server: &str, dir: &str, log: &str) -> anyhow::Result<()> {
     g.ok(&format!(
         "(unshare -m sh -c 'mkdir -p /fuse-fd-passing && \
            mount --bind \"$(readlink -f /proc/1/root/run/cnfs/fuse/web)\" /fuse-fd-passing && \
+           mount -o remount,bind,ro /fuse-fd-passing && \
            exec cnfs-fuse-starter --fd-passing-socket-path {SOCKET} -- \
              sshfs -f -o directport={PORT} {server}:{dir} /dev/fd/3' \
          </dev/null >{log} 2>&1 &)"
@@ -119,6 +121,19 @@ async fn sshfs_serves_a_fuse_volume_from_the_sidecar_and_apps_reach_it() -> anyh
         .expect_err("fd= is the agent's");
     assert_eq!(code_of(&e), Code::INVALID_ARGUMENT);
     assert!(message_of(&e).starts_with("volume.options.fd: "), "{e:?}");
+    // A daemon user other than root without allow_other: kata-agent could not reach it.
+    let e = a
+        .mount(ctx(T), &{
+            let mut r = mount_request(fuse_volume("bad", "sshfs", ""), 0);
+            let o = &mut r.volume.mut_or_insert_default().options;
+            o.insert("uid".into(), "1000".into());
+            o.insert("gid".into(), "1000".into());
+            r
+        })
+        .await
+        .expect_err("uid 1000 without allow_other");
+    assert_eq!(code_of(&e), Code::INVALID_ARGUMENT);
+    assert!(message_of(&e).starts_with("volume.options.uid: "), "{e:?}");
     assert!(!g.ok("cat /proc/mounts").await?.contains("fuse"));
     assert_eq!(
         g.ok("ls /run/cnfs/fuse 2>/dev/null | wc -l").await?.trim(),
@@ -295,6 +310,43 @@ async fn sshfs_serves_a_fuse_volume_from_the_sidecar_and_apps_reach_it() -> anyh
           </dev/null >/dev/null 2>&1 &)",
     )
     .await?;
+
+    // The daemon hangs (its SFTP server stops answering): a probe's statfs, once sshfs has
+    // read it, waits uninterruptibly, so SIGKILL cannot end the probe's child. Stats says
+    // UNRESPONSIVE each time and no second child piles up; when the server answers again,
+    // the volume is healthy.
+    let sessions = |sig: nix::sys::signal::Signal| {
+        for (pid, argv) in cnfs_testbed::process::processes() {
+            // This test's sessions only (other tests may run sftp-servers).
+            if argv.first().map(String::as_str) == Some(cnfs_testbed::sftp::SFTP_SERVER)
+                && argv.contains(&served_path)
+            {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+            }
+        }
+    };
+    sessions(nix::sys::signal::Signal::SIGSTOP);
+    let children = format!(
+        "{}; cat /proc/$a/task/*/children | wc -w",
+        cnfs_testbed::guest::AGENT_PID_SH
+    );
+    let before: usize = g.ok(&children).await?.trim().parse()?;
+    for round in 0..4 {
+        let s = stats(&a, "web").await?;
+        assert_eq!(
+            s.health.enum_value(),
+            Ok(Health::UNRESPONSIVE),
+            "round {round}: {s:?}"
+        );
+    }
+    let during: usize = g.ok(&children).await?.trim().parse()?;
+    assert!(
+        during <= before + 1,
+        "children of the agent: {before} before, {during} during"
+    );
+    sessions(nix::sys::signal::Signal::SIGCONT);
+    let s = health_becomes(&a, "web", Health::HEALTHY, Duration::from_secs(20)).await?;
+    assert_eq!(s.health.enum_value(), Ok(Health::HEALTHY), "{s:?}");
 
     // The daemon dies: the volume reports it, nothing hangs.
     g.ok("kill -9 $(pidof sshfs)").await?;

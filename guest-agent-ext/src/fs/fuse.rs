@@ -28,7 +28,9 @@ use slog::{info, warn, Logger};
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
-use super::{vfs_flags, Attachment, Attempt, Context, MountHandler, MountPlan, Readiness};
+use super::{
+    vfs_flags, Attachment, Attempt, Context, MountHandler, MountPlan, Readiness, VolumeLocks,
+};
 use crate::error::AgentError;
 use crate::killable::{self, Outcome};
 use crate::mountinfo::{self, MountEntry};
@@ -47,6 +49,11 @@ const PROBE_BOUND: Duration = Duration::from_secs(2);
 const REMOUNT_BOUND: Duration = Duration::from_secs(10);
 /// How often the agent checks that its socket file is still there.
 const SOCKET_CHECK: Duration = Duration::from_secs(1);
+/// How long a connection waits for the volume's lock (an Unmount or Mount in progress).
+const LOCK_BOUND: Duration = Duration::from_secs(10);
+/// The pause after a connection that was refused or cost a fresh mount: a sidecar that
+/// reconnects in a loop costs at most this often a probe (and a mount), and a log line.
+const COSTLY_PAUSE: Duration = Duration::from_millis(500);
 
 /// Creates `/dev/fuse` when the guest has no node for it (a static /dev; Kata's guests mount
 /// devtmpfs, which has it whenever the kernel has FUSE). Run at start-up, before the agent
@@ -164,7 +171,18 @@ impl Recipe {
         }
         let l = std::os::unix::net::UnixListener::bind(&self.socket)
             .map_err(|e| fail("listening on", e))?;
-        use std::os::unix::fs::PermissionsExt;
+        // chmod follows symlinks: only the agent writes here (the sidecar's bind of the
+        // directory is read-only), and it is checked to be the socket just made.
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let is_socket = std::fs::symlink_metadata(&self.socket)
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false);
+        if !is_socket {
+            return Err(fail(
+                "checking",
+                std::io::Error::other("not the socket just made"),
+            ));
+        }
         std::fs::set_permissions(&self.socket, std::fs::Permissions::from_mode(0o666))
             .map_err(|e| fail("opening up", e))?;
         l.set_nonblocking(true)
@@ -232,12 +250,13 @@ impl MountHandler for Fuse {
         &self,
         spec: &VolumeSpec,
         log: &Logger,
+        locks: &VolumeLocks,
     ) -> Result<Option<Box<dyn Attachment>>, AgentError> {
         let recipe = Recipe::new(spec)?;
         let listener = recipe.listen()?;
         // The descriptor left with the previous agent: served by a daemon, or dead (then the
         // sidecar's next connection gets a fresh mount).
-        Ok(Some(Server::start(recipe, None, listener, log)?))
+        Ok(Some(Server::start(recipe, None, listener, log, locks)?))
     }
 
     fn clean_leftovers(&self, mounted: &[String]) {
@@ -272,9 +291,13 @@ impl Attempt for FuseAttempt {
         self.fd.as_ref().map(AsRawFd::as_raw_fd)
     }
 
-    fn into_attachment(mut self: Box<Self>, log: &Logger) -> Option<Box<dyn Attachment>> {
+    fn into_attachment(
+        mut self: Box<Self>,
+        log: &Logger,
+        locks: &VolumeLocks,
+    ) -> Option<Box<dyn Attachment>> {
         let listener = self.listener.take()?;
-        match Server::start(self.recipe.clone(), self.fd.take(), listener, log) {
+        match Server::start(self.recipe.clone(), self.fd.take(), listener, log, locks) {
             Ok(s) => Some(s),
             Err(e) => {
                 // Only outside a runtime; then the volume is served by nobody until the agent
@@ -305,21 +328,30 @@ struct Shared {
 }
 
 impl Server {
+    /// `fd`: the descriptor of a mount just made; `None` after a restart, when it is with a
+    /// daemon (taken to have answered before: a hung one then shows as unresponsive).
     fn start(
         recipe: Recipe,
         fd: Option<OwnedFd>,
         listener: std::os::unix::net::UnixListener,
         log: &Logger,
+        locks: &VolumeLocks,
     ) -> Result<Box<dyn Attachment>, AgentError> {
         let listener = UnixListener::from_std(listener)
             .map_err(|e| AgentError::Internal(format!("volume {}: {e}", recipe.name)))?;
         let shared = Arc::new(Shared {
             served: AtomicBool::new(fd.is_none()),
-            answered: AtomicBool::new(false),
+            answered: AtomicBool::new(fd.is_none()),
             pending: tokio::sync::Mutex::new(fd),
         });
         let log = log.new(slog::o!("volume" => recipe.name.clone()));
-        let task = tokio::spawn(serve(listener, shared.clone(), recipe.clone(), log));
+        let task = tokio::spawn(serve(
+            listener,
+            shared.clone(),
+            recipe.clone(),
+            log,
+            locks.clone(),
+        ));
         Ok(Box::new(Server {
             shared,
             task,
@@ -364,6 +396,10 @@ impl Attachment for Server {
         })
     }
 
+    fn halt(&self) {
+        self.task.abort();
+    }
+
     async fn stop(&self) {
         self.task.abort();
         // A fresh mount in flight is cut off with its task (its child is killed).
@@ -383,9 +419,18 @@ fn identity(path: &Path) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
-async fn serve(mut listener: UnixListener, shared: Arc<Shared>, recipe: Recipe, log: Logger) {
+async fn serve(
+    mut listener: UnixListener,
+    shared: Arc<Shared>,
+    recipe: Recipe,
+    log: Logger,
+    locks: VolumeLocks,
+) {
     let mut ours = identity(&recipe.socket);
     let mut check = tokio::time::interval(SOCKET_CHECK);
+    // The child of a liveness probe that outlived its bound (a hung daemon): while it lives,
+    // the daemon counts as alive and no second probe is forked.
+    let mut stuck: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -412,27 +457,46 @@ async fn serve(mut listener: UnixListener, shared: Arc<Shared>, recipe: Recipe, 
                 continue;
             }
         };
+        // Mount, Unmount and this hand-over of one volume never overlap.
+        let deadline = tokio::time::Instant::now() + LOCK_BOUND;
+        let Ok(_guard) = locks.lock_until(&recipe.name, deadline).await else {
+            warn!(
+                log,
+                "the volume stayed busy; a sidecar's connection closed without a descriptor"
+            );
+            continue;
+        };
         let mut pending = shared.pending.lock().await;
         let fd = match pending.take() {
             Some(fd) => fd,
-            None => match fresh_mount_if_dead(&recipe, &log).await {
-                Ok(Some(fd)) => {
-                    shared.served.store(false, Ordering::SeqCst);
-                    fd
+            None => {
+                let hung = stuck.as_ref().is_some_and(|h| !h.is_finished());
+                let fresh = if hung {
+                    Ok(None)
+                } else {
+                    fresh_mount_if_dead(&recipe, &log, &mut stuck).await
+                };
+                match fresh {
+                    Ok(Some(fd)) => {
+                        shared.served.store(false, Ordering::SeqCst);
+                        fd
+                    }
+                    Ok(None) => {
+                        warn!(
+                            log,
+                            "a sidecar connected while the volume's daemon still serves \
+                            (or hangs); closed without a descriptor"
+                        );
+                        tokio::time::sleep(COSTLY_PAUSE).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(log, "could not mount the volume afresh for its sidecar"; "error" => %e);
+                        tokio::time::sleep(COSTLY_PAUSE).await;
+                        continue;
+                    }
                 }
-                Ok(None) => {
-                    warn!(
-                        log,
-                        "a sidecar connected while the volume's daemon still serves; \
-                        closed without a descriptor"
-                    );
-                    continue;
-                }
-                Err(e) => {
-                    warn!(log, "could not mount the volume afresh for its sidecar"; "error" => %e);
-                    continue;
-                }
-            },
+            }
         };
         match tokio::time::timeout(SEND_BOUND, send(&conn, &recipe.name, &fd)).await {
             Ok(Ok(())) => {
@@ -489,14 +553,24 @@ async fn send(conn: &UnixStream, name: &str, fd: &OwnedFd) -> std::io::Result<()
 
 /// A sidecar connected again: if the current mount's daemon is gone (ENOTCONN, or nothing
 /// is mounted), detach it and mount afresh, returning the new descriptor; `None` while a
-/// daemon still serves (or is too slow to tell).
-async fn fresh_mount_if_dead(recipe: &Recipe, log: &Logger) -> Result<Option<OwnedFd>, AgentError> {
+/// daemon still serves (or is too slow to tell: then the probe's child, if it outlives the
+/// bound, goes to `stuck`).
+async fn fresh_mount_if_dead(
+    recipe: &Recipe,
+    log: &Logger,
+    stuck: &mut Option<tokio::task::JoinHandle<()>>,
+) -> Result<Option<OwnedFd>, AgentError> {
     let target = std::ffi::CString::new(recipe.mount_point.as_os_str().as_encoded_bytes())
         .map_err(|_| AgentError::Internal("mount point has a NUL byte".into()))?;
     let mounted =
         mountinfo::find(&mountinfo::read().unwrap_or_default(), &recipe.mount_point).is_some();
     if mounted {
-        match killable::run(PROBE_BOUND, || crate::volumes::statfs(&target)).await {
+        let (outcome, alive) =
+            killable::run_tracked(PROBE_BOUND, None, || crate::volumes::statfs(&target)).await;
+        if let Some(alive) = alive {
+            *stuck = Some(tokio::spawn(alive));
+        }
+        match outcome {
             Outcome::Failed(Errno::ENOTCONN) => {}
             Outcome::Failed(e) => {
                 return Err(AgentError::Internal(format!(

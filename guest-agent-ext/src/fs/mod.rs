@@ -62,11 +62,19 @@ pub trait Attempt {
     }
 
     /// The mount succeeded: what must keep running while the volume is mounted (a FUSE
-    /// volume's socket that hands the descriptor to its daemon), if anything.
-    fn into_attachment(self: Box<Self>, _log: &slog::Logger) -> Option<Box<dyn Attachment>> {
+    /// volume's socket that hands the descriptor to its daemon), if anything. `locks` are the
+    /// volume table's: the attachment takes its volume's before it changes the mount.
+    fn into_attachment(
+        self: Box<Self>,
+        _log: &slog::Logger,
+        _locks: &VolumeLocks,
+    ) -> Option<Box<dyn Attachment>> {
         None
     }
 }
+
+/// The volume table's per-volume locks, shared with attachments.
+pub type VolumeLocks = std::sync::Arc<cnfs_protocols::keyed_lock::KeyedLocks<String>>;
 
 /// What a mounted volume keeps running besides the kernel's mount, owned by the volume
 /// table from a successful Mount (or from a restart's re-learning) to its Unmount.
@@ -81,6 +89,8 @@ pub trait Attachment: Send + Sync {
     fn explain(&self, _errno: Errno) -> Option<String> {
         None
     }
+    /// Stops it at once (its task ends at its next await), without cleaning up.
+    fn halt(&self);
     /// Stops it and removes what it created; bounded.
     async fn stop(&self);
 }
@@ -133,6 +143,7 @@ pub trait MountHandler: Send + Sync {
         &self,
         _spec: &VolumeSpec,
         _log: &slog::Logger,
+        _locks: &VolumeLocks,
     ) -> Result<Option<Box<dyn Attachment>>, AgentError> {
         Ok(None)
     }

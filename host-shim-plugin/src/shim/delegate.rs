@@ -13,16 +13,15 @@
 //!   refusals in a row (`ECONNREFUSED` or `ENOENT`, nobody listens); other errors say nothing
 //!   about the delegate and count neither way.
 
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use containerd_shim_protos::api::{ConnectRequest, ConnectResponse};
 use protobuf::Message;
 use slog::{info, warn, Logger};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::net::UnixStream;
+
+use cnfs_protocols::pidfd::{open as pidfd_open, readable_when_exited};
 
 use crate::shim::frames::{Frame, Incoming, TYPE_REQUEST};
 
@@ -206,28 +205,6 @@ impl Delegate {
             }
         }
     }
-}
-
-/// `pidfd_open(2)`: a descriptor that turns readable when `pid` exits (Linux 5.3+).
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    let pid =
-        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory
-    // is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// A pidfd registered with the runtime: it turns readable when its process exits.
-fn readable_when_exited(pidfd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped, so the
-    // descriptor stays open and `as_raw_fd` keeps returning it for the AsyncFd's lifetime.
-    unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }.map_err(Into::into)
 }
 
 #[cfg(test)]

@@ -390,8 +390,8 @@ impl Sandbox {
             redirects.push(handoff::Redirect {
                 source: r.target_path.clone(),
                 volume: wire.name.clone(),
-                // The daemon's socket is never read-only, whatever the volume is.
-                read_only: wire.read_only && !socket,
+                // The sidecar's socket directory is always read-only (see handoff).
+                read_only: wire.read_only || *socket,
                 socket: *socket,
             });
         }

@@ -77,7 +77,7 @@ pub fn socket_dir_in_guest(name: &str) -> std::path::PathBuf {
 
 pub(super) const OPTIONS: &[(&str, Kind)] = &[
     // The daemon's user and group (`user_id=`/`group_id=`): without allow_other only
-    // processes of that user reach the files. 4294967295 is "no id" to the kernel.
+    // processes of that user and group reach the files. 4294967295 is "no id" to the kernel.
     ("uid", Kind::Uint(0, 4_294_967_294)),
     ("gid", Kind::Uint(0, 4_294_967_294)),
     // Every user reaches the files (the kernel still checks their permission bits: the
@@ -117,7 +117,25 @@ pub(super) fn from_url(
     }))
 }
 
-pub(super) fn parse(f: &agent::FuseSource) -> Result<FuseSource, SpecError> {
+pub(super) fn parse(
+    f: &agent::FuseSource,
+    options: &BTreeMap<String, String>,
+) -> Result<FuseSource, SpecError> {
+    // Without allow_other the kernel admits only processes of the daemon's uid and gid; the
+    // guest's root processes then get EACCES: kata-agent cannot stat the volume to bind it
+    // into a container (rustjail's `src.is_dir()`), nor cnfs-agent probe it.
+    if !options.contains_key("allow_other") {
+        for key in ["uid", "gid"] {
+            if options.get(key).is_some_and(|v| v != "0") {
+                return err(
+                    format!("volume.options.{key}"),
+                    "a daemon user or group other than root needs allow_other: without it \
+                     only that user and group reach the files, and kata-agent (root) cannot \
+                     stat the volume to bind it into containers",
+                );
+            }
+        }
+    }
     validate_name("volume.fuse.sidecar", &f.sidecar)?;
     let field = "volume.fuse.socket";
     let socket = if f.socket.is_empty() {
@@ -153,4 +171,68 @@ pub(super) fn parse(f: &agent::FuseSource) -> Result<FuseSource, SpecError> {
         );
     }
     Ok(source)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::agent;
+    use crate::spec::VolumeSpec;
+
+    fn fuse(opts: &[(&str, &str)]) -> agent::VolumeSpec {
+        let mut w = agent::VolumeSpec {
+            name: "site".into(),
+            ..Default::default()
+        };
+        w.set_fuse(agent::FuseSource {
+            sidecar: "sshfs".into(),
+            ..Default::default()
+        });
+        for (k, v) in opts {
+            w.options.insert(k.to_string(), v.to_string());
+        }
+        w
+    }
+
+    fn refused(opts: &[(&str, &str)]) -> (String, String) {
+        let e = VolumeSpec::from_wire(&fuse(opts)).expect_err("refused");
+        (e.field, e.reason)
+    }
+
+    #[test]
+    fn a_daemon_user_other_than_root_needs_allow_other() {
+        for key in ["uid", "gid"] {
+            let (field, reason) = refused(&[(key, "1000")]);
+            assert_eq!(field, format!("volume.options.{key}"));
+            assert!(reason.contains("needs allow_other"), "{reason}");
+        }
+        let ok = VolumeSpec::from_wire(&fuse(&[
+            ("uid", "1000"),
+            ("gid", "1000"),
+            ("allow_other", ""),
+        ]))
+        .expect("with allow_other");
+        assert_eq!(ok.options.get("uid").map(String::as_str), Some("1000"));
+        VolumeSpec::from_wire(&fuse(&[("uid", "0"), ("gid", "0")])).expect("root needs none");
+    }
+
+    #[test]
+    fn numbers_with_a_leading_zero_are_refused_as_the_kernel_reads_them_octal() {
+        let (field, reason) = refused(&[("max_read", "010000")]);
+        assert_eq!(field, "volume.options.max_read");
+        assert!(reason.contains("leading zero"), "{reason}");
+        let (field, _) = refused(&[("uid", "0100"), ("allow_other", "")]);
+        assert_eq!(field, "volume.options.uid");
+    }
+
+    #[test]
+    fn the_default_socket_is_meta_fuses_and_splits_into_directory_and_file() {
+        let s = VolumeSpec::from_wire(&fuse(&[])).expect("valid");
+        let crate::spec::Source::Fuse(f) = &s.source else {
+            panic!("fuse expected");
+        };
+        assert_eq!(f.socket, super::DEFAULT_SOCKET);
+        assert_eq!(f.socket_dir(), "/fuse-fd-passing");
+        assert_eq!(f.socket_file(), "fuse-csi-ephemeral.sock");
+        assert_eq!(super::MAX_SOCKET_FILE, 28);
+    }
 }

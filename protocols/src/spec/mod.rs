@@ -509,7 +509,7 @@ impl VolumeSpec {
             Some(agent::volume_spec::Source::Smb(s)) => {
                 Source::Smb(smb::parse(s, &typed, &options, require_secret)?)
             }
-            Some(agent::volume_spec::Source::Fuse(f)) => Source::Fuse(fuse::parse(f)?),
+            Some(agent::volume_spec::Source::Fuse(f)) => Source::Fuse(fuse::parse(f, &options)?),
             None => return err("volume.source", "is required"),
         };
         Ok(VolumeSpec {
@@ -640,6 +640,16 @@ fn check_value(field: &str, kind: Kind, value: &str) -> Result<(), SpecError> {
                     field: field.to_string(),
                     reason: format!("{:?} is not a whole number", printable(value)),
                 })?;
+            // The kernel reads numbers with base 0: a leading zero would make it octal.
+            if value.len() > 1 && value.starts_with('0') {
+                return err(
+                    field,
+                    format!(
+                        "{:?} has a leading zero (the kernel would read it as octal)",
+                        printable(value)
+                    ),
+                );
+            }
             if n < min || n > max {
                 return err(field, format!("must be between {min} and {max}"));
             }

@@ -164,6 +164,25 @@ mod tests {
     }
 
     #[test]
+    fn a_fuse_url_needs_no_secret_and_refuses_one() {
+        let mut m = mount_args("unused:/x", &[]);
+        m.nfs = None;
+        m.source = Some("fuse://?sidecar=sshfs&uid=1000&allow_other".into());
+        let r = mount_request(&m, None).expect("valid");
+        // The socket left to the agent's default.
+        let f = r.volume.fuse();
+        assert_eq!((f.sidecar.as_str(), f.socket.as_str()), ("sshfs", ""));
+        assert_eq!(
+            r.volume.options.get("uid").map(String::as_str),
+            Some("1000")
+        );
+        m.secret_file = Some("/nonexistent".into());
+        let e = mount_request(&m, None).expect_err("a secret file");
+        assert_eq!(exit_code(&e), EXIT_INVALID);
+        assert_eq!(e.to_string(), "--secret-file: fuse volumes take no secret");
+    }
+
+    #[test]
     fn url_volumes_take_their_credentials_from_the_secret_file_only() {
         let dir = std::env::temp_dir().join(format!("cnfsctl-secret-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
