@@ -26,6 +26,32 @@ pub struct Boot {
     pub append: String,
     /// Guest memory (QEMU's `-m`), e.g. "512M".
     pub memory: String,
+    /// More QEMU arguments (the bench's virtio-fs device).
+    pub qemu_extra: Vec<String>,
+}
+
+/// QEMU's accelerator: KVM where it works (`/dev/kvm`, a CPU with VMX or SVM and kvm_intel or
+/// kvm_amd loaded: a nested PVM device does not count, a stock guest kernel hangs on it), else
+/// TCG; `CNFS_ACCEL=tcg|kvm` decides instead.
+pub fn accel() -> &'static str {
+    static ACCEL: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    ACCEL.get_or_init(|| match std::env::var("CNFS_ACCEL").as_deref() {
+        Ok("kvm") => "kvm",
+        Ok(_) => "tcg",
+        Err(_) => {
+            let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let flags = cpu.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+            let vt = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
+            let module = ["kvm_intel", "kvm_amd"]
+                .iter()
+                .any(|m| Path::new("/sys/module").join(m).exists());
+            if vt && module && Path::new("/dev/kvm").exists() {
+                "kvm"
+            } else {
+                "tcg"
+            }
+        }
+    })
 }
 
 impl Boot {
@@ -60,6 +86,7 @@ impl Vm {
             initrd: art.initrd.clone(),
             append: Boot::test_append(ns, ""),
             memory: "512M".into(),
+            qemu_extra: Vec::new(),
         };
         Self::boot_with(&boot, ns, dir).await
     }
@@ -110,7 +137,7 @@ impl Vm {
         let mem = boot.memory.as_str();
         let append = &boot.append;
         let mut q = ns.command("qemu-system-x86_64");
-        q.args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", mem])
+        q.args(["-accel", accel(), "-cpu", "max", "-smp", "1", "-m", mem])
             .args(["-display", "none", "-no-reboot", "-nodefaults"])
             .arg("-kernel")
             .arg(&boot.kernel)
@@ -133,6 +160,7 @@ impl Vm {
                 &format!("tap,id=net0,ifname={},script=no,downscript=no", ns.tap),
             ])
             .args(["-device", "virtio-net-pci,netdev=net0"])
+            .args(&boot.qemu_extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(vmdir.join("qemu.log"))?);

@@ -144,6 +144,7 @@ async fn the_readme_recipe_boots_an_osbuilder_initrd_with_debians_kernel_and_a_s
         initrd,
         append: Boot::test_append(&ns, KATA_PARAMS),
         memory: "512M".into(),
+        qemu_extra: Vec::new(),
     };
     let vm = Vm::boot_with(&boot, &ns, dir.path()).await?;
     let g = &vm.exec;
@@ -350,6 +351,7 @@ async fn a_missing_then_falls_back_to_osbuilders_init_and_no_init_at_all_is_one_
         initrd,
         append: Boot::test_append(&ns, KATA_PARAMS),
         memory: "512M".into(),
+        qemu_extra: Vec::new(),
     };
     let vm = Vm::boot_with(&boot, &ns, dir.path()).await?;
     let console = vm.console_text();
@@ -381,6 +383,7 @@ async fn a_missing_then_falls_back_to_osbuilders_init_and_no_init_at_all_is_one_
         initrd,
         append: Boot::test_append(&ns, KATA_PARAMS),
         memory: "512M".into(),
+        qemu_extra: Vec::new(),
     };
     let dir2 = TempDir::new("kata-noinit")?;
     let mut vm = Vm::start(&boot, &ns, dir2.path()).await?;

@@ -154,6 +154,7 @@ async fn a_systemd_image_starts_restarts_and_stops_cnfs_agent_with_kata_containe
         initrd,
         append: Boot::test_append(&ns, KATA_IMAGE_PARAMS),
         memory: "1G".into(),
+        qemu_extra: Vec::new(),
     };
     let vm = Vm::boot_with(&boot, &ns, dir.path()).await?;
     let g = &vm.exec;

@@ -60,6 +60,12 @@ enum Task {
     Bench {
         #[arg(long, value_enum, default_value = "6.12")]
         kernel: Kernel,
+        /// Only one part of the figures.
+        #[arg(long, value_enum, default_value = "all")]
+        part: bench::Part,
+        /// Also measure NFS with these options (`key=value,flag,...`; repeatable).
+        #[arg(long)]
+        nfs_variant: Vec<String>,
     },
 }
 
@@ -81,9 +87,14 @@ fn main() -> anyhow::Result<()> {
             let k = guest(kernel)?;
             images::build_all(&k)
         }
-        Task::Bench { kernel } => {
+        Task::Bench {
+            kernel,
+            part,
+            nfs_variant,
+        } => {
+            setup::bench_tools(&mut setup::Apt::new())?;
             guest(kernel)?;
-            runtime()?.block_on(bench::run())
+            runtime()?.block_on(bench::run(part, &nfs_variant))
         }
     }
 }
@@ -151,6 +162,7 @@ fn guest(kernel: Kernel) -> anyhow::Result<setup::KernelTree> {
         .args(["-p", "cnfs-agent", "-p", "cnfs-testbed"])
         .args(["--bin", "cnfs-agent", "--bin", "cnfs-test-exec"])
         .args(["--bin", "kata-agent-standin", "--bin", "cnfs-fuse-starter"])
+        .args(["--bin", "cnfs-io-bench"])
         .env("RUSTFLAGS", static_rustflags()))?;
     sh(cargo().args(["build", "--release", "-p", "cnfs-rootfs-builder"]))?;
     let bin = root().join("target").join(triple).join("release");
@@ -211,6 +223,11 @@ fn guest(kernel: Kernel) -> anyhow::Result<setup::KernelTree> {
             .arg(format!(
                 "--program=cnfs-fuse-starter={}",
                 bin.join("cnfs-fuse-starter").display()
+            ))
+            // The bench's workload, the same code on every file system path.
+            .arg(format!(
+                "--program=cnfs-io-bench={}",
+                bin.join("cnfs-io-bench").display()
             ))
             .arg("--out")
             .arg(out.join("initrd-test.img")),

@@ -197,6 +197,18 @@ pub fn tools(apt: &mut Apt) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What only `cargo xtask bench` runs: virtiofsd (Kata's virtio-fs daemon, the Rust one
+/// Kata ships; built from crates.io, which needs libcap-ng's and libseccomp's headers).
+pub fn bench_tools(apt: &mut Apt) -> anyhow::Result<()> {
+    let virtiofsd = cargo_home().join("bin").join("virtiofsd");
+    if !virtiofsd.exists() {
+        apt.install(&["libcap-ng-dev", "libseccomp-dev"])?;
+        eprintln!("xtask: cargo install --locked virtiofsd");
+        sh(Command::new("cargo").args(["install", "--locked", "virtiofsd"]))?;
+    }
+    Ok(())
+}
+
 pub fn cargo_home() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)

@@ -12,6 +12,19 @@ use cnfs_testbed::vm::ctx;
 use cnfs_testbed::{mount_request, nfs_volume, TestBed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod data_path;
+
+/// Which part of the bench to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Everything.
+    All,
+    /// The agent's calls: Ping, Mount, List, Stats, floods.
+    Control,
+    /// Reading and writing through each file system path.
+    Data,
+}
+
 const T: Duration = Duration::from_secs(60);
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -29,7 +42,17 @@ fn summary(mut v: Vec<Duration>) -> String {
     )
 }
 
-pub async fn run() -> anyhow::Result<()> {
+pub async fn run(part: Part, nfs_variants: &[String]) -> anyhow::Result<()> {
+    if part != Part::Data {
+        control().await?;
+    }
+    if part != Part::Control {
+        data_path::run(nfs_variants).await?;
+    }
+    Ok(())
+}
+
+async fn control() -> anyhow::Result<()> {
     println!("bench: booting the test bed (QEMU under TCG, nfs-ganesha in a namespace) ...");
     let bed = TestBed::start().await?;
     let agent = bed.vm.agent().await?;
