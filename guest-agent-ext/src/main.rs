@@ -73,7 +73,8 @@ fn main() -> anyhow::Result<()> {
             args.log_level
         )
     })?;
-    let log = logging::logger(level);
+    // The guard flushes the log queue when main returns.
+    let (log, _log_flush) = logging::logger(level);
     if let Some(id) = &args.sandbox_id {
         spec::validate_sandbox_id("--sandbox-id", id)?;
     }

@@ -348,6 +348,41 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
         );
         wait_task(&ctr, &id, "gone");
     }
+    // Several volumes are mounted at once, all or nothing: the second of three names an
+    // export directory that does not exist, so the pod fails naming it and the guest keeps
+    // none of the three (those that succeeded are unmounted again).
+    for d in ["all-a", "all-c"] {
+        std::fs::create_dir_all(bed.nfs.export_dir.join(d))?;
+    }
+    let id = format!("{sandbox}-all");
+    std::fs::create_dir_all(monitor_root.join(&id))?;
+    let _all_monitor = cnfs_testbed::kata_monitor::serve(
+        &monitor_root.join(&id).join("shim-monitor.sock"),
+        &bed.vm.hvsock,
+    )?;
+    let mut a = cri_annotations("sandbox", &id, "team-a", "POD");
+    for (name, dir) in [
+        ("all-a", "all-a"),
+        ("all-b", "all-missing"),
+        ("all-c", "all-c"),
+    ] {
+        a.push(format!(
+            "cnfs.io/volume.{name}=nfs://{server}{EXPORT}/{dir}?vers=4.1"
+        ));
+        a.push(format!("cnfs.io/mount.{name}=/{name}"));
+    }
+    let args = with_annotations(&a, &["-d", "--rootfs", &root, &id, "/bin/sleep", "600"]);
+    let out = ctr.run(CNFS, &["run"], &args);
+    assert!(!out.status.success(), "created with a missing export");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("annotation \"cnfs.io/volume.all-b\": mounting in the guest failed"),
+        "{err}"
+    );
+    wait_task(&ctr, &id, "gone");
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+    assert!(!mounts.contains("/run/cnfs/volumes/all-"), "{mounts}");
+
     // CephFS through the shim: a real Ceph cluster in the namespace, the pod names a host-side
     // secret, the guest kernel mounts with it, and the key appears in no output, log or file
     // on the host side (containerd's root, state and log, the bundle) nor in the guest's

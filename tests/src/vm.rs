@@ -208,6 +208,21 @@ impl Vm {
         std::fs::read_to_string(&self.console).unwrap_or_default()
     }
 
+    /// Whether the console shows `needle` within a few seconds: the agent writes its log from
+    /// a thread of its own, so a line may land just after the request it describes.
+    pub async fn console_shows(&self, needle: &str) -> bool {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.console_text().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() > until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Powers the guest off hard (QEMU killed).
     pub fn kill(&mut self) {
         self.qemu.stop(Signal::SIGKILL, Duration::from_secs(5));

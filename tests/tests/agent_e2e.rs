@@ -646,9 +646,10 @@ async fn only_the_host_may_use_the_vsock_port() -> anyhow::Result<()> {
         .ok("cnfs-test-exec probe unix:///run/cnfs/agent.sock")
         .await?;
     assert_eq!(unix.trim(), "answered");
-    assert!(bed
-        .vm
-        .console_text()
-        .contains("refused vsock connection from a peer that is not the host"));
+    assert!(
+        bed.vm
+            .console_shows("refused vsock connection from a peer that is not the host")
+            .await
+    );
     Ok(())
 }

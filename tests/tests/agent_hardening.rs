@@ -133,9 +133,8 @@ async fn short_caller_deadlines_end_in_a_known_state_and_repeats_converge(
         assert!(listed.contains(&name), "{listed:?}");
     }
     // Every request was logged, including those whose caller had gone.
-    let console = bed.vm.console_text();
     assert!(
-        console.contains("\"caller_gone\":true"),
+        bed.vm.console_shows("\"caller_gone\":true").await,
         "no log line marks a request whose caller left"
     );
     Ok(())
@@ -390,10 +389,7 @@ async fn the_agent_runs_under_its_system_call_filter(bed: &TestBed) -> anyhow::R
         ["NoNewPrivs: 1", "Seccomp: 2", "Seccomp_filters: 1"],
         "{out}"
     );
-    assert!(bed
-        .vm
-        .console_text()
-        .contains("system call filter installed"));
+    assert!(bed.vm.console_shows("system call filter installed").await);
     Ok(())
 }
 

@@ -13,6 +13,7 @@ use cnfs_testbed::{mount_request, nfs_volume, TestBed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod data_path;
+mod pod_start;
 
 /// Which part of the bench to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -23,6 +24,8 @@ pub enum Part {
     Control,
     /// Reading and writing through each file system path.
     Data,
+    /// Sandbox Create through the wrapper vs straight to the delegate.
+    PodStart,
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -43,11 +46,14 @@ fn summary(mut v: Vec<Duration>) -> String {
 }
 
 pub async fn run(part: Part, nfs_variants: &[String]) -> anyhow::Result<()> {
-    if part != Part::Data {
+    if matches!(part, Part::All | Part::Control) {
         control().await?;
     }
-    if part != Part::Control {
+    if matches!(part, Part::All | Part::Data) {
         data_path::run(nfs_variants).await?;
+    }
+    if matches!(part, Part::All | Part::PodStart) {
+        pod_start::run().await?;
     }
     Ok(())
 }
@@ -80,6 +86,32 @@ async fn control() -> anyhow::Result<()> {
     }
     println!("Ping round trip (ttrpc)      {}", summary(ping));
     println!("raw echo, same transport     {}", summary(echo));
+
+    // Where Ping's time goes: the agent writes one JSON log line per request, synchronously,
+    // to its stderr, which is the serial console here (as in guests whose agent log goes to
+    // the console). The same agent with its log to /dev/null, same guest:
+    g.ok(&format!(
+        "{}; kill -9 $a; while kill -0 $a 2>/dev/null; do sleep 0.1; done; /usr/bin/cnfs-agent </dev/null >/dev/null 2>&1 &",
+        cnfs_testbed::guest::AGENT_PID_SH
+    ))
+    .await?;
+    bed.vm.wait_for_agent(T).await?;
+    let quiet = bed.vm.agent().await?;
+    let mut ping_quiet = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        quiet.ping(ctx(T), &agent::PingRequest::new()).await?;
+        ping_quiet.push(t.elapsed());
+    }
+    println!("Ping, agent log to /dev/null {}", summary(ping_quiet));
+    // Back to the console for the rest.
+    g.ok(&format!(
+        "{}; kill -9 $a; while kill -0 $a 2>/dev/null; do sleep 0.1; done; /usr/bin/cnfs-agent </dev/null >/dev/console 2>&1 &",
+        cnfs_testbed::guest::AGENT_PID_SH
+    ))
+    .await?;
+    bed.vm.wait_for_agent(T).await?;
+    let agent = bed.vm.agent().await?;
 
     // 2. Mount latency: the agent's Mount next to busybox mount(8) of the same export in the
     //    same guest (through the test exec helper, whose own overhead is shown to subtract).
