@@ -459,7 +459,7 @@ async fn serve(
         };
         // Mount, Unmount and this hand-over of one volume never overlap.
         let deadline = tokio::time::Instant::now() + LOCK_BOUND;
-        let Ok(_guard) = locks.lock_until(&recipe.name, deadline).await else {
+        let Ok(guard) = locks.lock_until(&recipe.name, deadline).await else {
             warn!(
                 log,
                 "the volume stayed busy; a sidecar's connection closed without a descriptor"
@@ -487,11 +487,14 @@ async fn serve(
                             "a sidecar connected while the volume's daemon still serves \
                             (or hangs); closed without a descriptor"
                         );
+                        // The connection closes and the volume is free during the pause.
+                        drop((pending, guard, conn));
                         tokio::time::sleep(COSTLY_PAUSE).await;
                         continue;
                     }
                     Err(e) => {
                         warn!(log, "could not mount the volume afresh for its sidecar"; "error" => %e);
+                        drop((pending, guard, conn));
                         tokio::time::sleep(COSTLY_PAUSE).await;
                         continue;
                     }
