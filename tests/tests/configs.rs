@@ -437,26 +437,39 @@ fn example_pod_is_a_valid_pod() -> anyhow::Result<()> {
 #[test]
 fn example_smb_pod_is_valid_and_allowed_by_the_example_policy() -> anyhow::Result<()> {
     let pod: Pod = strict(&yaml("kubernetes/example-smb-pod.yaml"))?;
-    let meta = pod.metadata;
-    let annotations: std::collections::HashMap<String, String> =
-        meta.annotations.unwrap_or_default().into_iter().collect();
-    let volumes = cnfs_host_shim::annotations::parse(&annotations)
-        .map_err(|e| anyhow!("the shim refuses the example: {e}"))?;
-    assert_eq!(volumes.len(), 1);
-    let v = &volumes[0];
+    let v = the_example_pods_one_volume(&pod)?;
     assert_eq!(v.spec.fs_name(), "smb");
     assert_eq!(v.secret_ref.as_deref(), Some("finance-smb"));
+    Ok(())
+}
+
+/// The one volume of an example pod, after checking that the shim's own parser accepts its
+/// annotations and that the shipped example policy allows it in the pod's namespace only.
+fn the_example_pods_one_volume(
+    pod: &Pod,
+) -> anyhow::Result<cnfs_host_shim::annotations::PodVolume> {
+    let annotations: std::collections::HashMap<String, String> = pod
+        .metadata
+        .annotations
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let mut volumes = cnfs_host_shim::annotations::parse(&annotations)
+        .map_err(|e| anyhow!("the shim refuses the example: {e}"))?;
+    ensure!(volumes.len() == 1, "{} volumes", volumes.len());
+    let v = volumes.remove(0);
     let policy =
         cnfs_host::policy::Policy::parse(&read("cnfs/policy.toml")).map_err(|e| anyhow!("{e}"))?;
-    let ns = meta.namespace.context("no namespace")?;
+    let ns = pod.metadata.namespace.clone().context("no namespace")?;
     policy
         .check(&ns, &v.spec)
         .map_err(|e| anyhow!("the example policy refuses the example: {e}"))?;
-    assert!(
+    ensure!(
         policy.check("team-a", &v.spec).is_err(),
-        "another namespace"
+        "the example policy allows it in another namespace"
     );
-    Ok(())
+    Ok(v)
 }
 
 /// The FUSE example: a valid Pod whose annotations the shim accepts, whose sidecar is a native
@@ -466,13 +479,7 @@ fn example_smb_pod_is_valid_and_allowed_by_the_example_policy() -> anyhow::Resul
 fn example_fuse_pod_is_valid_with_a_native_sidecar_and_allowed_by_the_example_policy(
 ) -> anyhow::Result<()> {
     let pod: Pod = strict(&yaml("kubernetes/example-fuse-pod.yaml"))?;
-    let meta = pod.metadata;
-    let annotations: std::collections::HashMap<String, String> =
-        meta.annotations.unwrap_or_default().into_iter().collect();
-    let volumes = cnfs_host_shim::annotations::parse(&annotations)
-        .map_err(|e| anyhow!("the shim refuses the example: {e}"))?;
-    assert_eq!(volumes.len(), 1);
-    let v = &volumes[0];
+    let v = the_example_pods_one_volume(&pod)?;
     let cnfs_protocols::spec::Source::Fuse(f) = &v.spec.source else {
         bail!("not a FUSE volume: {:?}", v.spec.source);
     };
@@ -493,16 +500,6 @@ fn example_fuse_pod_is_valid_with_a_native_sidecar_and_allowed_by_the_example_po
     assert_eq!(args.get(at + 1), Some(&f.socket));
     assert_eq!(args.last().map(String::as_str), Some("/dev/fd/3"));
     assert!(spec.containers.iter().all(|c| c.name != f.sidecar));
-    let policy =
-        cnfs_host::policy::Policy::parse(&read("cnfs/policy.toml")).map_err(|e| anyhow!("{e}"))?;
-    let ns = meta.namespace.context("no namespace")?;
-    policy
-        .check(&ns, &v.spec)
-        .map_err(|e| anyhow!("the example policy refuses the example: {e}"))?;
-    assert!(
-        policy.check("team-a", &v.spec).is_err(),
-        "another namespace"
-    );
     Ok(())
 }
 

@@ -58,6 +58,22 @@ pub async fn run(part: Part, nfs_variants: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Restarts the guest's agent with its log going to `log`; a connection to the new one.
+async fn restart_agent(
+    vm: &cnfs_testbed::Vm,
+    log: &str,
+) -> anyhow::Result<cnfs_protocols::agent_ttrpc::AgentClient> {
+    vm.exec
+        .ok(&format!(
+            "{}; kill -9 $a; while kill -0 $a 2>/dev/null; do sleep 0.1; done; \
+             /usr/bin/cnfs-agent </dev/null >{log} 2>&1 &",
+            cnfs_testbed::guest::AGENT_PID_SH
+        ))
+        .await?;
+    vm.wait_for_agent(T).await?;
+    vm.agent().await
+}
+
 async fn control() -> anyhow::Result<()> {
     println!("bench: booting the test bed (QEMU under TCG, nfs-ganesha in a namespace) ...");
     let bed = TestBed::start().await?;
@@ -90,13 +106,7 @@ async fn control() -> anyhow::Result<()> {
     // Where Ping's time goes: the agent writes one JSON log line per request, synchronously,
     // to its stderr, which is the serial console here (as in guests whose agent log goes to
     // the console). The same agent with its log to /dev/null, same guest:
-    g.ok(&format!(
-        "{}; kill -9 $a; while kill -0 $a 2>/dev/null; do sleep 0.1; done; /usr/bin/cnfs-agent </dev/null >/dev/null 2>&1 &",
-        cnfs_testbed::guest::AGENT_PID_SH
-    ))
-    .await?;
-    bed.vm.wait_for_agent(T).await?;
-    let quiet = bed.vm.agent().await?;
+    let quiet = restart_agent(&bed.vm, "/dev/null").await?;
     let mut ping_quiet = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -105,13 +115,7 @@ async fn control() -> anyhow::Result<()> {
     }
     println!("Ping, agent log to /dev/null {}", summary(ping_quiet));
     // Back to the console for the rest.
-    g.ok(&format!(
-        "{}; kill -9 $a; while kill -0 $a 2>/dev/null; do sleep 0.1; done; /usr/bin/cnfs-agent </dev/null >/dev/console 2>&1 &",
-        cnfs_testbed::guest::AGENT_PID_SH
-    ))
-    .await?;
-    bed.vm.wait_for_agent(T).await?;
-    let agent = bed.vm.agent().await?;
+    let agent = restart_agent(&bed.vm, "/dev/console").await?;
 
     // 2. Mount latency: the agent's Mount next to busybox mount(8) of the same export in the
     //    same guest (through the test exec helper, whose own overhead is shown to subtract).
