@@ -590,6 +590,13 @@ impl Volumes {
         let _ = std::fs::remove_dir(&mount_point);
         let _ = std::fs::remove_file(self.state_file(name));
         self.write_known().remove(name);
+        // A probe still stuck on the old mount (a hung FUSE daemon behind a detached mount)
+        // must not answer for a volume mounted later under the same name; its task, when it
+        // ends, removes only its own entry.
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         info!(self.log, "volume unmounted"; "volume" => name, "method" => method,
             "still_held_by" => held_by.join(", "));
         Ok(UnmountDone {
