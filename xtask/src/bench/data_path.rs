@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use super::median;
 use anyhow::Context;
 use cnfs_testbed::ganesha::EXPORT;
 use cnfs_testbed::process::{wait_for, Guarded};
@@ -84,11 +85,6 @@ fn nfs_ops(mountstats: &str, mount_point: &str) -> BTreeMap<String, u64> {
         }
     }
     ops
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 async fn drop_caches(g: &GuestExec) -> anyhow::Result<()> {

@@ -14,6 +14,7 @@ use cnfs_testbed::containerd::{Containerd, MINIMAL};
 use cnfs_testbed::ganesha::EXPORT;
 use cnfs_testbed::{rootfs, TestBed};
 
+use super::median;
 use crate::{root, sh};
 
 const ROUNDS: usize = 5;
@@ -93,11 +94,6 @@ fn field(line: &str, key: &str) -> Option<f64> {
         .take_while(|c| c.is_ascii_digit())
         .collect();
     digits.parse().ok()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 pub async fn run() -> anyhow::Result<()> {
@@ -236,19 +232,19 @@ pub async fn run() -> anyhow::Result<()> {
                 g.ok(&undo).await?;
             }
         }
-        let (s, w) = (median(straight), median(wrapped));
+        let (s, w) = (median(&mut straight), median(&mut wrapped));
         let (v, d, c, m) = (
-            median(validate),
-            median(discover),
-            median(connect),
-            median(mounts),
+            median(&mut validate),
+            median(&mut discover),
+            median(&mut connect),
+            median(&mut mounts),
         );
         let ours = w - s - if n > 0 { m } else { 0.0 };
         println!(
             "{n:<8} {s:>11.1} {w:>11.1} {:>9.1} {:>6.1}% | {v:>9.2} {d:>9.1} {c:>9.1} {m:>9.1} | {:>12.1}",
             w - s,
             100.0 * ours / w,
-            median(raw)
+            median(&mut raw)
         );
     }
     println!(
