@@ -1,7 +1,8 @@
 //! Volume capabilities CNFS can honour: file-system access (never block) in any access mode,
-//! since NFS and CephFS are shared file systems.
+//! since NFS and CephFS are shared file systems; an encrypted volume (one ext4 in a LUKS2
+//! container, opened by one guest) in single-node modes only.
 
-use cnfs_protocols::spec::FsKind;
+use cnfs_protocols::spec::{EncryptionMode, FsKind};
 use tonic::Status;
 
 use crate::bounds;
@@ -85,6 +86,37 @@ pub fn check(field: &str, cap: Option<&VolumeCapability>) -> Result<Access, Stat
     })
 }
 
+/// Refuses, for an encrypted volume, the access modes that would open it on several nodes:
+/// its ext4 lives in one guest's kernel, and a second writer (or a reader of a file system
+/// another kernel is changing) would see it corrupt. The server-side lock would refuse the
+/// second guest at mount time anyway; this says why before anything is made.
+pub fn refuse_shared(
+    field: &str,
+    cap: &VolumeCapability,
+    mode: EncryptionMode,
+) -> Result<(), Status> {
+    let Some(m) = cap.access_mode.as_ref() else {
+        return Ok(());
+    };
+    match Mode::try_from(m.mode) {
+        Ok(
+            shared @ (Mode::MultiNodeReaderOnly
+            | Mode::MultiNodeSingleWriter
+            | Mode::MultiNodeMultiWriter),
+        ) => Err(invalid(
+            &format!("{field}.access_mode.mode"),
+            format!(
+                "{} is refused for encryption={} volumes: the volume is one ext4 file system \
+                 in a LUKS2 container that one guest opens at a time; use a single-node mode \
+                 (ReadWriteOnce, ReadWriteOncePod or a single-node ReadOnlyMany)",
+                shared.as_str_name(),
+                mode.as_str()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +167,46 @@ mod tests {
         );
         let e = check("volume_capability", Some(&xfs)).unwrap_err();
         assert!(e.message().contains("fs_type"), "{e:?}");
+    }
+
+    #[test]
+    fn encrypted_volumes_refuse_every_multi_node_mode_by_name_and_take_single_node_ones() {
+        let m = || AccessType::Mount(MountVolume::default());
+        for shared in [
+            Mode::MultiNodeReaderOnly,
+            Mode::MultiNodeSingleWriter,
+            Mode::MultiNodeMultiWriter,
+        ] {
+            let e = refuse_shared(
+                "volume_capability",
+                &cap(m(), shared),
+                EncryptionMode::Luks2,
+            )
+            .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(
+                e.message().starts_with(&format!(
+                    "volume_capability.access_mode.mode: {} is refused for encryption=luks2",
+                    shared.as_str_name()
+                )) && e.message().contains("one guest opens at a time"),
+                "{e:?}"
+            );
+        }
+        for single in [
+            Mode::SingleNodeWriter,
+            Mode::SingleNodeReaderOnly,
+            Mode::SingleNodeSingleWriter,
+            Mode::SingleNodeMultiWriter,
+        ] {
+            refuse_shared("c", &cap(m(), single), EncryptionMode::Luks2)
+                .unwrap_or_else(|e| panic!("{single:?}: {e:?}"));
+        }
+        // A single-node reader is read-only, as for any volume.
+        assert!(
+            check("c", Some(&cap(m(), Mode::SingleNodeReaderOnly)))
+                .unwrap()
+                .read_only
+        );
     }
 
     #[test]

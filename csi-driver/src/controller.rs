@@ -9,11 +9,14 @@
 //!
 //! `DeleteVolume` gets nothing but the volume id (and secrets), so the id carries what it
 //! needs: `<fs>#<fields>`, where `<fs>` picks the provisioner and the fields are its own.
+//! An encrypted volume's id starts `<fs>+luks2#` (see [`crate::encryption`]), so that
+//! `ControllerExpandVolume` knows from the id that its size is fixed.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use cnfs_protocols::keyed_lock::KeyedLocks;
+use cnfs_protocols::spec::EncryptionMode;
 use sha2::{Digest, Sha256};
 use slog::{warn, Logger};
 use tonic::{Request, Response, Status};
@@ -25,6 +28,7 @@ use crate::csi::controller_server::Controller;
 use crate::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::validate_volume_capabilities_response::Confirmed;
 use crate::csi::*;
+use crate::encryption;
 use crate::server::logged;
 
 pub use crate::backend::ControllerConfig;
@@ -69,11 +73,12 @@ fn check_name(name: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// The id of a volume about to be made (`<fs>#<fields>`), refused before anything is made if
-/// it would break CSI's string limit (the limits bind what a plugin sends as well); the error
-/// names the parameters that make it long.
-fn fitting_id(fs: &str, plan: &Plan) -> Result<String, Status> {
-    let encoded = format!("{fs}#{}", plan.id_fields);
+/// The id of a volume about to be made (`<head>#<fields>`, the head being the file system,
+/// `+luks2` when encrypted), refused before anything is made if it would break CSI's string
+/// limit (the limits bind what a plugin sends as well); the error names the parameters that
+/// make it long.
+fn fitting_id(head: &str, plan: &Plan) -> Result<String, Status> {
+    let encoded = format!("{head}#{}", plan.id_fields);
     if encoded.len() > MAX_STRING {
         return Err(invalid(
             "parameters",
@@ -138,10 +143,29 @@ fn capability_of(t: rpc::Type) -> ControllerServiceCapability {
     }
 }
 
+/// A volume id this driver made: its provisioner, the provisioner's own fields, and whether
+/// the volume is encrypted.
+struct MadeBy<'a> {
+    provisioner: &'static dyn Provisioner,
+    fields: &'a str,
+    encryption: Option<EncryptionMode>,
+}
+
+/// The parts of volume `id` (`<fs>[+luks2]#<fields>`); `None` for an id no provisioner made.
+fn parse_id(id: &str) -> Option<MadeBy<'_>> {
+    let (head, fields) = id.split_once('#')?;
+    let (fs, encryption) = encryption::split_id_head(head)?;
+    let provisioner = backend::provisioner(fs)?;
+    provisioner.owns(fields).then_some(MadeBy {
+        provisioner,
+        fields,
+        encryption,
+    })
+}
+
 /// The provisioner that made volume `id`, with the id's own fields; `NotFound` otherwise.
-fn made_by(id: &str) -> Result<(&'static dyn Provisioner, &str), Status> {
-    backend::provisioner_of(id)
-        .ok_or_else(|| Status::not_found(format!("volume {} does not exist", echo(id))))
+fn made_by(id: &str) -> Result<MadeBy<'_>, Status> {
+    parse_id(id).ok_or_else(|| Status::not_found(format!("volume {} does not exist", echo(id))))
 }
 
 impl ControllerService {
@@ -168,8 +192,13 @@ impl ControllerService {
         if req.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities", "at least one is required"));
         }
+        let encrypted = encryption::from_parameters(&req.parameters)?;
         for (i, c) in req.volume_capabilities.iter().enumerate() {
-            capability::check(&format!("volume_capabilities[{i}]"), Some(c))?;
+            let field = format!("volume_capabilities[{i}]");
+            capability::check(&field, Some(c))?;
+            if let Some(mode) = encrypted {
+                capability::refuse_shared(&field, c, mode)?;
+            }
         }
         if req.volume_content_source.is_some() {
             return Err(invalid(
@@ -194,20 +223,49 @@ impl ControllerService {
             })?,
         };
         let allowed = provisioner.parameters();
-        if let Some(k) = p
-            .keys()
-            .find(|k| !allowed.contains(&k.as_str()) && !k.starts_with(KUBERNETES_PREFIX))
-        {
+        if let Some(k) = p.keys().find(|k| {
+            !allowed.contains(&k.as_str())
+                && k.as_str() != encryption::PARAMETER
+                && !k.starts_with(KUBERNETES_PREFIX)
+        }) {
             return Err(invalid(
                 "parameters",
                 format!(
-                    "unknown key {} for fs {} (known: {})",
+                    "unknown key {} for fs {} (known: {}, {})",
                     echo(k),
                     provisioner.name(),
-                    allowed.join(", ")
+                    allowed.join(", "),
+                    encryption::PARAMETER
                 ),
             ));
         }
+        // Encrypted: the container's size, fixed now (NFS has no quota to hold it).
+        let size = match encrypted {
+            Some(_) if !encryption::PROVISIONED_ON.contains(&provisioner.name()) => {
+                return Err(invalid(
+                    "parameters.encryption",
+                    format!(
+                        "luks2 volumes are provisioned on fs {} only so far, not {}",
+                        encryption::PROVISIONED_ON.join(", "),
+                        provisioner.name()
+                    ),
+                ))
+            }
+            Some(_) => Some(encryption::container_size(capacity)?),
+            None => None,
+        };
+        // The provisioner sees its own parameters only.
+        let own: HashMap<String, String>;
+        let p = if encrypted.is_some() {
+            own = p
+                .iter()
+                .filter(|(k, _)| k.as_str() != encryption::PARAMETER)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            &own
+        } else {
+            p
+        };
         let name = backend_name(&req.name);
         let creq = CreateRequest {
             name: &name,
@@ -217,12 +275,35 @@ impl ControllerService {
         };
         let ctx = self.context();
         let plan = provisioner.plan(&ctx, &creq).map_err(status)?;
-        let volume_id = fitting_id(provisioner.name(), &plan)?;
+        let volume_id = fitting_id(&encryption::id_head(provisioner.name(), encrypted), &plan)?;
+        let with_encryption = |source: &str| match (encrypted, size) {
+            (Some(mode), Some(size)) => encryption::add_to_source(source, mode, size),
+            _ => source.to_string(),
+        };
+        if let (Some(_), Some(planned)) = (encrypted, &plan.source) {
+            // The guest holds the source to the same rules (luks2 refuses NFSv3, nolock...):
+            // refused now, before anything is made.
+            let source = with_encryption(planned);
+            cnfs_protocols::volume_url::parse("check", &source)
+                .and_then(|u| {
+                    cnfs_protocols::spec::VolumeSpec::from_wire_unresolved(&u.wire)
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| {
+                    invalid(
+                        "parameters",
+                        format!("an encrypted volume {} is refused: {e}", echo(&source)),
+                    )
+                })?;
+        }
         let created = provisioner.create(&ctx, &creq).await.map_err(status)?;
         Ok(Volume {
-            capacity_bytes: created.capacity_bytes as i64,
+            capacity_bytes: size.unwrap_or(created.capacity_bytes) as i64,
             volume_id,
-            volume_context: HashMap::from([("source".to_string(), created.source)]),
+            volume_context: HashMap::from([(
+                crate::node::SOURCE.to_string(),
+                with_encryption(&created.source),
+            )]),
             ..Default::default()
         })
     }
@@ -231,13 +312,13 @@ impl ControllerService {
         bounds::required_string("volume_id", &req.volume_id)?;
         bounds::map("secrets", &req.secrets)?;
         // An id this driver never made names nothing to delete (CSI: success).
-        let Some((provisioner, fields)) = backend::provisioner_of(&req.volume_id) else {
+        let Some(v) = parse_id(&req.volume_id) else {
             warn!(self.log, "DeleteVolume of an id CNFS did not make; nothing to do";
                 "volume_id" => &req.volume_id);
             return Ok(());
         };
-        provisioner
-            .delete(&self.context(), fields, &req.secrets)
+        v.provisioner
+            .delete(&self.context(), v.fields, &req.secrets)
             .await
             .map_err(status)
     }
@@ -248,9 +329,9 @@ impl ControllerService {
         volume_id: &str,
         secrets: &HashMap<String, String>,
     ) -> Result<(), Status> {
-        let (provisioner, fields) = made_by(volume_id)?;
-        if provisioner
-            .exists(&self.context(), fields, secrets)
+        let v = made_by(volume_id)?;
+        if v.provisioner
+            .exists(&self.context(), v.fields, secrets)
             .await
             .map_err(status)?
         {
@@ -275,8 +356,22 @@ impl ControllerService {
             return Err(invalid("volume_capabilities", "at least one is required"));
         }
         self.exists(&req.volume_id, &req.secrets).await?;
+        // Encrypted as its id says, or as the context or parameters the CO passes say.
+        let encrypted = match made_by(&req.volume_id)?.encryption {
+            Some(m) => Some(m),
+            None => match req.volume_context.get(crate::node::SOURCE) {
+                Some(s) if encryption::source_is_encrypted(s) => Some(EncryptionMode::Luks2),
+                _ => encryption::from_parameters(&req.parameters)?,
+            },
+        };
         for (i, c) in req.volume_capabilities.iter().enumerate() {
-            if let Err(e) = capability::check(&format!("volume_capabilities[{i}]"), Some(c)) {
+            let field = format!("volume_capabilities[{i}]");
+            // CSI: a capability the volume cannot honour is answered unconfirmed, with why.
+            let checked = capability::check(&field, Some(c)).and_then(|_| match encrypted {
+                Some(mode) => capability::refuse_shared(&field, c, mode),
+                None => Ok(()),
+            });
+            if let Err(e) = checked {
                 return Ok(ValidateVolumeCapabilitiesResponse {
                     confirmed: None,
                     message: e.message().to_string(),
@@ -301,9 +396,18 @@ impl ControllerService {
         bounds::map("secrets", &req.secrets)?;
         let size = requested_size(req.capacity_range.as_ref())?
             .ok_or_else(|| invalid("capacity_range", "is required"))?;
-        let (provisioner, fields) = made_by(&req.volume_id)?;
-        let quota = provisioner
-            .expand(&self.context(), fields, &req.secrets, size)
+        let v = made_by(&req.volume_id)?;
+        if let Some(mode) = v.encryption {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is encrypted ({}): its container's size is fixed when it is created \
+                 (CNFS cannot grow it yet); make a larger volume and copy the data",
+                echo(&req.volume_id),
+                mode.as_str()
+            )));
+        }
+        let quota = v
+            .provisioner
+            .expand(&self.context(), v.fields, &req.secrets, size)
             .await
             .map_err(status)?
             .ok_or_else(|| {
@@ -429,6 +533,7 @@ mod tests {
         let plan = |dir: usize| Plan {
             id_fields: format!("c#f#g#{}", "s".repeat(dir)),
             id_from: "clusterID",
+            source: None,
         };
         // "cephfs#c#f#g#" is 13 bytes.
         assert_eq!(fitting_id("cephfs", &plan(115)).unwrap().len(), 128);
@@ -448,13 +553,171 @@ mod tests {
             "cephfs#prod#cephfs#csi#pvc-2",
             "smb#delete#files.example.com#data#k8s/pvc-3",
         ] {
-            let (p, fields) = made_by(id).expect(id);
-            assert_eq!(format!("{}#{fields}", p.name()), id);
+            let v = made_by(id).expect(id);
+            assert_eq!(format!("{}#{}", v.provisioner.name(), v.fields), id);
+            assert_eq!(v.encryption, None);
         }
-        for foreign in ["", "reallyfakevolumeid", "nfs#bogus#h#/e#d", "cephfs#a#b"] {
+        for foreign in [
+            "",
+            "reallyfakevolumeid",
+            "nfs#bogus#h#/e#d",
+            "cephfs#a#b",
+            "nfs+plain#delete#h#/e#d",
+            "nfs+#delete#h#/e#d",
+        ] {
             let e = made_by(foreign).err().expect(foreign);
             assert_eq!(e.code(), tonic::Code::NotFound, "{foreign}");
         }
+    }
+
+    #[test]
+    fn an_encrypted_volumes_id_reaches_its_provisioner_and_says_luks2() {
+        let v = made_by("nfs+luks2#delete#10.0.0.5#/exports/k8s#pvc-1").expect("ours");
+        assert_eq!(v.provisioner.name(), "nfs");
+        assert_eq!(v.fields, "delete#10.0.0.5#/exports/k8s#pvc-1");
+        assert_eq!(v.encryption, Some(EncryptionMode::Luks2));
+        // The marker counts towards CSI's 128 bytes.
+        let plan = Plan {
+            id_fields: format!("delete#h#/e#{}", "d".repeat(107)),
+            id_from: "server and share",
+            source: None,
+        };
+        assert_eq!(fitting_id("nfs", &plan).unwrap().len(), 123);
+        let e = fitting_id(
+            &encryption::id_head("nfs", Some(EncryptionMode::Luks2)),
+            &plan,
+        )
+        .unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("parameters: the volume id would be 129 bytes"),
+            "{e:?}"
+        );
+    }
+
+    fn service() -> ControllerService {
+        ControllerService::new(
+            ControllerConfig::default(),
+            Duration::from_secs(1),
+            Logger::root(slog::Discard, slog::o!()),
+        )
+    }
+
+    fn mount_cap(mode: i32) -> VolumeCapability {
+        use crate::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+        VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume::default())),
+            access_mode: Some(AccessMode { mode }),
+        }
+    }
+
+    /// An encrypted NFS CreateVolume on a loopback server that must never be contacted:
+    /// every refusal below comes before anything is made.
+    fn encrypted(params: &[(&str, &str)], mode: i32, required: i64) -> CreateVolumeRequest {
+        let mut parameters: HashMap<String, String> = [
+            ("fs", "nfs"),
+            ("server", "127.0.0.1"),
+            ("share", "/exports/k8s"),
+            ("vers", "4.1"),
+            ("encryption", "luks2"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in params {
+            parameters.insert(k.to_string(), v.to_string());
+        }
+        CreateVolumeRequest {
+            name: "pvc-1".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: required,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![mount_cap(mode)],
+            parameters,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn encrypted_create_volume_refusals_name_the_parameter_mode_or_capacity() {
+        use crate::csi::volume_capability::access_mode::Mode;
+        const RWO: Mode = Mode::SingleNodeWriter;
+        let c = service();
+        for (req, code, start) in [
+            (
+                encrypted(&[("encryption", "plain")], RWO as i32, 1 << 30),
+                tonic::Code::InvalidArgument,
+                "parameters.encryption: \"plain\" is not supported (the only value is luks2)",
+            ),
+            (
+                encrypted(&[], Mode::MultiNodeMultiWriter as i32, 1 << 30),
+                tonic::Code::InvalidArgument,
+                "volume_capabilities[0].access_mode.mode: MULTI_NODE_MULTI_WRITER is refused \
+                 for encryption=luks2",
+            ),
+            (
+                encrypted(&[], Mode::MultiNodeReaderOnly as i32, 1 << 30),
+                tonic::Code::InvalidArgument,
+                "volume_capabilities[0].access_mode.mode: MULTI_NODE_READER_ONLY is refused",
+            ),
+            (
+                encrypted(&[], RWO as i32, (64 << 20) - 4096 - 1),
+                tonic::Code::OutOfRange,
+                "capacity_range: 67104768 bytes is below the 67108864 bytes (64 MiB)",
+            ),
+            (
+                encrypted(&[], RWO as i32, 0),
+                tonic::Code::InvalidArgument,
+                "capacity_range.required_bytes: is required for encryption=luks2",
+            ),
+            (
+                encrypted(&[("vers", "3")], RWO as i32, 1 << 30),
+                tonic::Code::InvalidArgument,
+                "parameters: an encrypted volume \"nfs://127.0.0.1/exports/k8s/pvc-1?vers=3\
+                 &encryption=luks2&size=1073741824\" is refused: volume.nfs.version: luks2 \
+                 needs server-side locks",
+            ),
+            (
+                encrypted(
+                    &[("fs", "smb"), ("share", "data"), ("vers", "3.1.1")],
+                    RWO as i32,
+                    1 << 30,
+                ),
+                tonic::Code::InvalidArgument,
+                "parameters.encryption: luks2 volumes are provisioned on fs nfs only so far, \
+                 not smb",
+            ),
+        ] {
+            let e = c.create(&req).await.unwrap_err();
+            assert_eq!(e.code(), code, "{e:?}");
+            assert!(
+                e.message().starts_with(start),
+                "{:?}\n{start:?}",
+                e.message()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn expanding_an_encrypted_volume_is_failed_precondition_saying_the_size_is_fixed() {
+        let e = service()
+            .expand(&ControllerExpandVolumeRequest {
+                volume_id: "nfs+luks2#delete#127.0.0.1#/exports/k8s#pvc-1".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 2 << 30,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            e.message().contains("is encrypted (luks2)")
+                && e.message().contains("size is fixed when it is created"),
+            "{e:?}"
+        );
     }
 
     #[test]

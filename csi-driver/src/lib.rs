@@ -6,6 +6,7 @@ pub mod bounds;
 pub mod capability;
 pub mod client;
 pub mod controller;
+pub mod encryption;
 pub mod identity;
 pub mod node;
 pub mod server;

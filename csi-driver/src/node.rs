@@ -24,6 +24,7 @@ use crate::csi::node_server::Node;
 use crate::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::volume_usage::Unit;
 use crate::csi::*;
+use crate::encryption;
 use crate::server::logged;
 
 /// Volume context keys the node plugin reads; kubelet adds the `csi.storage.k8s.io/` ones.
@@ -342,7 +343,8 @@ pub struct Publish {
     pub target: String,
     /// The hand-off record (no secret in it).
     pub record: Record,
-    /// The node-publish secret, when the volume needs one (CephFS).
+    /// The node-publish secret, when the volume needs one (CephFS, SMB, an encrypted volume's
+    /// `encryptionKey`).
     pub secret: Option<NodeSecret>,
 }
 
@@ -356,14 +358,22 @@ pub fn validate_publish(req: &NodePublishVolumeRequest) -> Result<Publish, Statu
     let access = capability::check("volume_capability", req.volume_capability.as_ref())?;
     let ctx = &req.volume_context;
     bounds::map("volume_context", ctx)?;
-    if let Some(k) = ctx
-        .keys()
-        .find(|k| *k != SOURCE && *k != PROVISIONER_IDENTITY && !k.starts_with(KUBERNETES_PREFIX))
-    {
+    let known = |k: &str| {
+        [
+            SOURCE,
+            PROVISIONER_IDENTITY,
+            encryption::PARAMETER,
+            encryption::SIZE_ATTRIBUTE,
+        ]
+        .contains(&k)
+            || k.starts_with(KUBERNETES_PREFIX)
+    };
+    if let Some(k) = ctx.keys().find(|k| !known(k)) {
         return Err(invalid(
             "volume_context",
             format!(
-                "unknown key {} (CNFS reads \"source\", csi.storage.k8s.io/* and {PROVISIONER_IDENTITY})",
+                "unknown key {} (CNFS reads \"source\", \"encryption\", \"size\", \
+                 csi.storage.k8s.io/* and {PROVISIONER_IDENTITY})",
                 echo(k)
             ),
         ));
@@ -374,6 +384,9 @@ pub fn validate_publish(req: &NodePublishVolumeRequest) -> Result<Publish, Statu
             "is required (a volume URL such as nfs://server/export?vers=4.1)",
         )
     })?;
+    // An inline volume's `encryption`/`size` attributes become part of its URL, the form
+    // the record keeps and the shim reads.
+    let source = &encryption::source_with_attributes(source, ctx)?;
     let get = |k: &str| ctx.get(k).cloned().unwrap_or_default();
     let pod = |k: &str, ok: fn(&str) -> bool, what: &str| -> Result<String, Status> {
         let v = get(k);
@@ -425,8 +438,14 @@ pub fn validate_publish(req: &NodePublishVolumeRequest) -> Result<Publish, Statu
     let (spec, _) = record
         .volume_spec(secret.as_ref())
         .map_err(|e| invalid(&e.field, e.reason))?;
+    if let Some(e) = &spec.encryption {
+        if let Some(cap) = &req.volume_capability {
+            capability::refuse_shared("volume_capability", cap, e.mode)?;
+        }
+    }
     let record = Record {
-        has_secret: spec.source.kind().needs_secret(),
+        // The shim reads the secret file only when the record says there is one.
+        has_secret: spec.source.kind().needs_secret() || spec.encryption.is_some(),
         ..record
     };
     Ok(Publish {
@@ -565,5 +584,137 @@ impl Node for NodeService {
             max_volumes_per_node: 0,
             accessible_topology: None,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::csi::volume_capability::access_mode::Mode;
+    use crate::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+    use tonic::Code;
+
+    const ENCRYPTED: &str =
+        "nfs://10.0.0.5/exports/k8s/pvc-1?vers=4.1&encryption=luks2&size=134217728";
+    /// Raw bytes of a Kubernetes secret value, trailing newline included.
+    const VOLUME_KEY: &str = "0123456789abcdef volume key\n";
+
+    fn request(source: &str, mode: Mode, key: Option<&str>) -> NodePublishVolumeRequest {
+        NodePublishVolumeRequest {
+            volume_id: "nfs+luks2#delete#10.0.0.5#/exports/k8s#pvc-1".into(),
+            target_path: "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pv/mount".into(),
+            volume_capability: Some(VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume::default())),
+                access_mode: Some(AccessMode { mode: mode as i32 }),
+            }),
+            volume_context: HashMap::from([(SOURCE.to_string(), source.to_string())]),
+            secrets: key
+                .map(|k| HashMap::from([("encryptionKey".to_string(), k.to_string())]))
+                .unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_encrypted_publish_keeps_the_key_beside_the_record_and_never_in_it() {
+        let p = validate_publish(&request(
+            ENCRYPTED,
+            Mode::SingleNodeWriter,
+            Some(VOLUME_KEY),
+        ))
+        .expect("valid");
+        assert!(p.record.has_secret, "the shim must read the secret file");
+        assert_eq!(p.record.source, ENCRYPTED);
+        let secret = p.secret.as_ref().expect("secret kept");
+        let (spec, wire) = p.record.volume_spec(Some(secret)).expect("the shim's view");
+        let e = spec.encryption.as_ref().expect("encrypted");
+        assert_eq!(e.key.expose(), VOLUME_KEY.as_bytes(), "exact bytes");
+        assert_eq!(e.size, 128 << 20);
+        assert_eq!(wire.encryption.key, VOLUME_KEY.as_bytes());
+        let json = serde_json::to_string(&p.record).expect("json");
+        assert!(!json.contains("volume key"), "{json}");
+        assert!(!format!("{p:?}").contains("volume key"));
+        // Read-only on a single node is fine.
+        let p = validate_publish(&request(
+            ENCRYPTED,
+            Mode::SingleNodeReaderOnly,
+            Some(VOLUME_KEY),
+        ))
+        .expect("valid");
+        assert!(p.record.read_only);
+    }
+
+    #[test]
+    fn an_encrypted_publish_without_encryption_key_is_refused_naming_it() {
+        let e = validate_publish(&request(ENCRYPTED, Mode::SingleNodeWriter, None)).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(
+            e.message()
+                .starts_with("secrets.encryptionKey: is required"),
+            "{e:?}"
+        );
+        // The wrong key name is refused by name; its value never shows.
+        let mut req = request(ENCRYPTED, Mode::SingleNodeWriter, None);
+        req.secrets = HashMap::from([("key".to_string(), VOLUME_KEY.to_string())]);
+        let e = validate_publish(&req).unwrap_err();
+        assert!(e.message().starts_with("secrets.encryptionKey"), "{e:?}");
+        assert!(!e.message().contains("volume key"), "{e:?}");
+    }
+
+    #[test]
+    fn an_encrypted_publish_refuses_multi_node_modes_by_name() {
+        for mode in [
+            Mode::MultiNodeMultiWriter,
+            Mode::MultiNodeSingleWriter,
+            Mode::MultiNodeReaderOnly,
+        ] {
+            let e = validate_publish(&request(ENCRYPTED, mode, Some(VOLUME_KEY))).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(
+                e.message().starts_with(&format!(
+                    "volume_capability.access_mode.mode: {} is refused for encryption=luks2",
+                    mode.as_str_name()
+                )),
+                "{e:?}"
+            );
+        }
+        // The same modes stay fine for a plain volume.
+        validate_publish(&request(
+            "nfs://10.0.0.5/exports/k8s/pvc-1",
+            Mode::MultiNodeMultiWriter,
+            None,
+        ))
+        .expect("plain volumes are shared");
+    }
+
+    #[test]
+    fn inline_encryption_and_size_attributes_make_the_volume_encrypted() {
+        let mut req = request(
+            "nfs://10.0.0.5/exports/inline?vers=4.1",
+            Mode::SingleNodeWriter,
+            Some(VOLUME_KEY),
+        );
+        req.volume_context.extend([
+            ("encryption".to_string(), "luks2".to_string()),
+            ("size".to_string(), "256Mi".to_string()),
+            (EPHEMERAL.to_string(), "true".to_string()),
+        ]);
+        let p = validate_publish(&req).expect("valid");
+        assert_eq!(
+            p.record.source,
+            "nfs://10.0.0.5/exports/inline?vers=4.1&encryption=luks2&size=268435456"
+        );
+        assert!(p.record.ephemeral && p.record.has_secret);
+        let (spec, _) = p.record.volume_spec(p.secret.as_ref()).expect("valid");
+        assert_eq!(spec.encryption.expect("encrypted").size, 256 << 20);
+        // Another mode is refused naming the attribute.
+        req.volume_context
+            .insert("encryption".to_string(), "aes".to_string());
+        let e = validate_publish(&req).unwrap_err();
+        assert!(
+            e.message().starts_with("volume_context.encryption: ")
+                && e.message().contains("the only value is luks2"),
+            "{e:?}"
+        );
     }
 }

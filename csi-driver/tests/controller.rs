@@ -364,6 +364,76 @@ async fn controller_follows_csi_sanity_against_a_real_nfs_server() -> anyhow::Re
     );
     c.delete_volume(delete).await?;
 
+    // An encrypted volume: its id and source say luks2 and its size; multi-node
+    // capabilities are answered unconfirmed, saying why; its size cannot grow.
+    let mut luks2 = params.clone();
+    luks2.insert("encryption".into(), "luks2".into());
+    let enc = c
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-luks2-1".into(),
+            parameters: luks2,
+            capacity_range: Some(CapacityRange {
+                required_bytes: (100 << 20) + 1,
+                limit_bytes: 0,
+            }),
+            ..create.clone()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert!(enc.volume_id.starts_with("nfs+luks2#delete#"), "{enc:?}");
+    assert_eq!(
+        enc.capacity_bytes,
+        (100 << 20) + 4096,
+        "rounded up to 4 KiB"
+    );
+    assert!(
+        enc.volume_context["source"]
+            .ends_with("/pvc-luks2-1?vers=4.1&encryption=luks2&size=104861696"),
+        "{enc:?}"
+    );
+    assert!(nfs.export_dir.join("pvc-luks2-1").is_dir());
+    let check = |mode: Mode| ValidateVolumeCapabilitiesRequest {
+        volume_id: enc.volume_id.clone(),
+        volume_capabilities: vec![cap(mode)],
+        ..Default::default()
+    };
+    let shared = c
+        .validate_volume_capabilities(check(Mode::MultiNodeMultiWriter))
+        .await?
+        .into_inner();
+    assert!(shared.confirmed.is_none(), "{shared:?}");
+    assert!(
+        shared.message.starts_with(
+            "volume_capabilities[0].access_mode.mode: MULTI_NODE_MULTI_WRITER is refused for \
+             encryption=luks2"
+        ),
+        "{shared:?}"
+    );
+    let single = c
+        .validate_volume_capabilities(check(Mode::SingleNodeReaderOnly))
+        .await?
+        .into_inner();
+    assert!(single.confirmed.is_some(), "{single:?}");
+    let (code, msg) = err(c
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: enc.volume_id.clone(),
+            ..expand.clone()
+        })
+        .await);
+    assert_eq!(code, Code::FailedPrecondition, "{msg}");
+    assert!(msg.contains("size is fixed"), "{msg}");
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: enc.volume_id.clone(),
+        ..Default::default()
+    })
+    .await?;
+    assert!(
+        !nfs.export_dir.join("pvc-luks2-1").exists(),
+        "deleted by its luks2 id"
+    );
+
     // A server that does not answer: UNAVAILABLE within the backend bound, never a hang.
     let t = std::time::Instant::now();
     let (code, msg) = err(c

@@ -115,6 +115,8 @@ fn source() -> impl Strategy<Value = String> {
             Just("nfs://nfs.example.com/exports/c"),
             Just("cephfs://10.0.0.7:6789/volumes/csi/v1?fs=cephfs"),
             Just("cephfs://10.0.0.7:6789/v?fs=cephfs&client=app"),
+            Just("nfs://10.0.0.5/exports/e?vers=4.1&encryption=luks2&size=134217728"),
+            Just("nfs://10.0.0.5/exports/e?encryption=luks2&size=1Gi&owner=1000:1000"),
         ]
         .prop_map(String::from),
         2 => prop_oneof![
@@ -138,6 +140,9 @@ fn context() -> impl Strategy<Value = HashMap<String, String>> {
             3 => Just("csi.storage.k8s.io/ephemeral".to_string()),
             3 => Just("csi.storage.k8s.io/serviceAccount.name".to_string()),
             3 => Just("storage.kubernetes.io/csiProvisionerIdentity".to_string()),
+            // Inline volumes' encryption attributes.
+            1 => Just("encryption".to_string()),
+            1 => Just("size".to_string()),
             1 => Just("server".to_string()),
             1 => any::<String>(),
         ],
@@ -146,6 +151,8 @@ fn context() -> impl Strategy<Value = HashMap<String, String>> {
             2 => "[a-z0-9]([a-z0-9.-]{0,20}[a-z0-9])?",
             1 => Just("true".to_string()),
             1 => Just("false".to_string()),
+            1 => Just("luks2".to_string()),
+            1 => Just("256Mi".to_string()),
             1 => any::<String>(),
         ],
         0..5,
@@ -166,6 +173,7 @@ fn secrets() -> impl Strategy<Value = HashMap<String, String>> {
             ("userKey".to_string(), KEY.to_string()),
         ])),
         1 => Just(HashMap::from([("userKey".to_string(), KEY.to_string())])),
+        2 => Just(HashMap::from([("encryptionKey".to_string(), KEY.to_string())])),
         2 => proptest::collection::hash_map(
             prop_oneof![Just("userID".to_string()), Just("userKey".to_string()), any::<String>()],
             any::<String>(),
@@ -253,11 +261,27 @@ fn check(req: &NodePublishVolumeRequest) -> Result<bool, TestCaseError> {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-'));
             prop_assert!(r.read_only || !req.readonly);
             // The record alone rebuilds a valid volume (what the shim does), and a key goes
-            // with it exactly when the volume is CephFS.
+            // with it exactly when the volume is CephFS or encrypted.
             let (spec, _) = r
                 .volume_spec(p.secret.as_ref())
                 .map_err(|e| TestCaseError::fail(format!("accepted, then refused: {e}")))?;
-            prop_assert_eq!(r.has_secret, spec.fs_name() == "cephfs");
+            prop_assert_eq!(
+                r.has_secret,
+                spec.fs_name() == "cephfs" || spec.encryption.is_some()
+            );
+            // An encrypted volume is never published for several nodes.
+            if spec.encryption.is_some() {
+                let mode = req
+                    .volume_capability
+                    .as_ref()
+                    .and_then(|c| c.access_mode.as_ref())
+                    .map(|m| m.mode);
+                prop_assert!(
+                    !matches!(mode, Some(3..=5)),
+                    "encrypted volume published in multi-node mode {:?}",
+                    mode
+                );
+            }
             prop_assert!(!r.has_secret || p.secret.is_some());
             prop_assert_eq!(spec.name, handoff::guest_volume_name(&p.target));
             // No key in the record.

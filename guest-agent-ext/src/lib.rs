@@ -1,6 +1,7 @@
 //! cnfs-agent: performs kernel mounts of network file systems inside a Kata guest on ttrpc
 //! requests from the host. See `main.rs` for start-up; the modules are named for their job.
 
+pub mod blockdev;
 pub mod error;
 pub mod fs;
 pub mod gate;
@@ -15,4 +16,5 @@ pub mod mountinfo;
 pub mod privileges;
 pub mod seccomp;
 pub mod service;
+pub mod tools;
 pub mod volumes;

@@ -1,13 +1,14 @@
 //! cnfs-agent entry point: logging, privileges, re-learning mounts, then serving ttrpc on
 //! vsock (host only) and a local unix socket until SIGTERM/SIGINT.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use cnfs_agent::gate::{Gate, Limits};
+use cnfs_agent::tools::{self, ToolClient};
 use cnfs_agent::volumes::{Config, Volumes};
 use cnfs_agent::{listen, logging, privileges, service, service::Service};
 use cnfs_protocols::{spec, transport::DEFAULT_AGENT_PORT};
@@ -46,6 +47,9 @@ struct Args {
     /// Run without the system call allowlist (for diagnosing a call the filter refuses).
     #[arg(long)]
     no_seccomp: bool,
+    /// Start no tool runner: encrypted (luks2) volumes are refused.
+    #[arg(long)]
+    no_luks2: bool,
     /// Log level: error, warning, info, debug.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -58,6 +62,9 @@ fn main() -> anyhow::Result<()> {
         .is_some_and(|a| cnfs_agent::idmap::invoked_as_request_key(a))
     {
         std::process::exit(cnfs_agent::idmap::run(&argv));
+    }
+    if argv.first().is_some_and(|a| tools::invoked_as_runner(a)) {
+        std::process::exit(tools::runner::run(argv));
     }
     if argv
         .first()
@@ -78,19 +85,48 @@ fn main() -> anyhow::Result<()> {
     if let Some(id) = &args.sandbox_id {
         spec::validate_sandbox_id("--sandbox-id", id)?;
     }
+    // Before the runtime, the capability drop and the filter: the runner must be able to exec.
+    let tools = start_tool_runner(&args, &log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(args, log.clone()));
+    let result = runtime.block_on(serve(args, tools, log.clone()));
     if let Err(e) = &result {
         error!(log, "cnfs-agent stopped"; "error" => format!("{e:#}"));
     }
+    // Not waiting for blocking tasks: one stuck on a dead server must not keep the agent
+    // from exiting (and a successor from starting).
+    runtime.shutdown_timeout(Duration::from_secs(1));
     result
 }
 
-async fn serve(args: Args, log: slog::Logger) -> anyhow::Result<()> {
+/// The tool runner for LUKS2 volumes; a failure to start it disables them, nothing more.
+fn start_tool_runner(args: &Args, log: &slog::Logger) -> ToolClient {
+    if args.no_luks2 {
+        info!(log, "tool runner not started (--no-luks2)");
+        return ToolClient::disabled(
+            "encryption=luks2 is turned off in this guest (cnfs-agent --no-luks2)",
+        );
+    }
+    match ToolClient::spawn(Path::new(tools::DEFAULT_TOOLS_DIR), args.no_seccomp) {
+        Ok(client) => {
+            match client.missing() {
+                None => info!(log, "tool runner started"),
+                Some(why) => info!(log, "tool runner started; luks2 volumes unavailable";
+                    "why" => why),
+            }
+            client
+        }
+        Err(e) => {
+            error!(log, "tool runner did not start; luks2 volumes unavailable"; "error" => %e);
+            ToolClient::disabled(&format!("the tool runner did not start: {e}"))
+        }
+    }
+}
+
+async fn serve(args: Args, tools: ToolClient, log: slog::Logger) -> anyhow::Result<()> {
     // Doors first (binding may need privileges we are about to drop), then drop them.
     let vsock = match args.vsock_port {
         0 => None,
@@ -127,6 +163,7 @@ async fn serve(args: Args, log: slog::Logger) -> anyhow::Result<()> {
             max_timeout: Duration::from_secs(300),
             default_unmount_timeout: Duration::from_secs(args.unmount_timeout),
             default_probe_timeout: Duration::from_millis(args.probe_timeout_ms),
+            tools,
         },
         log.clone(),
     ));

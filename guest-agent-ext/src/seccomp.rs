@@ -136,6 +136,10 @@ const ALLOWED: &[(&str, &[libc::c_long])] = &[
         ],
     ),
     (
+        "publishing a formatted container under its final name (fails if the name exists)",
+        &[libc::SYS_link, libc::SYS_linkat],
+    ),
+    (
         "the agent's work: mount children, modules",
         &[
             libc::SYS_fork,
@@ -186,6 +190,16 @@ mod tests {
     #[tokio::test]
     async fn a_call_outside_the_list_is_refused_and_listed_ones_work() {
         let prog = program().expect("compiles");
+        // Everything the child uses is made here: the child must not allocate.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let temp = dir.path().join(".cnfs-volume.luks2.new-0123456789abcdef");
+        let published = dir.path().join("cnfs-volume.luks2");
+        std::fs::write(&temp, b"container").expect("temp file");
+        let cstr = |p: &std::path::Path| {
+            std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL")
+        };
+        let (from, to) = (cstr(&temp), cstr(&published));
+        let shell = c"/bin/sh";
         let outcome = killable::run(Duration::from_secs(5), move || {
             // In a forked child, so the test process keeps no filter.
             seccompiler::apply_filter(&prog).map_err(|_| nix::errno::Errno::EINVAL)?;
@@ -195,14 +209,42 @@ mod tests {
             // unshare with no flags is a no-op when allowed.
             let unshare = errno(nix::sched::unshare(nix::sched::CloneFlags::empty()));
             let pid = nix::unistd::getpid().as_raw();
-            Ok([traceme, unshare, u64::from(pid > 0), 0, 0, 0])
+            // Were it allowed, the child would become `sh -c 'exit 0'` and never answer.
+            // Pointer arrays on the stack: nix's execve would allocate them.
+            let argv = [
+                shell.as_ptr(),
+                c"-c".as_ptr(),
+                c"exit 0".as_ptr(),
+                std::ptr::null(),
+            ];
+            let envp = [std::ptr::null::<libc::c_char>()];
+            // SAFETY: NUL-terminated strings that live for the whole program and
+            // null-terminated pointer arrays on this stack frame; execve only reads them.
+            let rc = unsafe { libc::execve(shell.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+            let execve = errno(nix::errno::Errno::result(rc).map(drop));
+            let linkat = errno(nix::unistd::linkat(
+                None,
+                from.as_c_str(),
+                None,
+                to.as_c_str(),
+                nix::fcntl::AtFlags::empty(),
+            ));
+            Ok([traceme, unshare, u64::from(pid > 0), execve, linkat, 0])
         })
         .await;
-        let Outcome::Done([trace_errno, unshare_errno, pid_ok, _, _, _]) = outcome else {
+        let Outcome::Done([trace_errno, unshare_errno, pid_ok, execve_errno, linkat_errno, _]) =
+            outcome
+        else {
             panic!("child failed: {outcome:?}");
         };
         assert_eq!(trace_errno as i32, libc::EPERM, "ptrace was not refused");
         assert_eq!(unshare_errno as i32, libc::EPERM, "unshare was not refused");
+        assert_eq!(execve_errno as i32, libc::EPERM, "execve was not refused");
         assert_eq!(pid_ok, 1, "an allowed call failed");
+        assert_eq!(linkat_errno, 0, "linkat failed: errno {linkat_errno}");
+        assert_eq!(
+            std::fs::read(&published).expect("published under its final name"),
+            b"container"
+        );
     }
 }

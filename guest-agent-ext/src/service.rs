@@ -148,6 +148,7 @@ impl agent_ttrpc::Agent for Service {
                 capabilities: caps,
                 uptime_ms: started.elapsed().as_millis() as u64,
                 volumes: volumes.count() as u32,
+                encryption_modes: volumes.encryption_modes(),
                 ..Default::default()
             })
         })
@@ -178,7 +179,7 @@ impl agent_ttrpc::Agent for Service {
                     Some(id)
                 }
             };
-            let timeout = volumes.mount_timeout(req.timeout_ms);
+            let timeout = volumes.mount_timeout(req.timeout_ms, spec.encryption.is_some());
             let start = Instant::now();
             let done = volumes.mount(spec, sandbox, timeout).await?;
             Ok(agent::MountResponse {
@@ -311,6 +312,7 @@ mod tests {
                 max_timeout: Duration::from_secs(1),
                 default_unmount_timeout: Duration::from_secs(1),
                 default_probe_timeout: Duration::from_secs(1),
+                tools: crate::tools::ToolClient::disabled("unit tests run no tool runner"),
             },
             log.clone(),
         ));

@@ -37,6 +37,7 @@ pub struct Config {
     pub max_timeout: Duration,
     pub default_unmount_timeout: Duration,
     pub default_probe_timeout: Duration,
+    pub tools: crate::tools::ToolClient,
 }
 
 /// What the agent knows of a mounted volume: its spec with secrets blanked, or `None` when
@@ -99,12 +100,13 @@ pub struct Volumes {
 
 impl Volumes {
     pub fn new(cfg: Config, log: Logger) -> Self {
+        let locks: VolumeLocks = Arc::new(KeyedLocks::new());
         Volumes {
+            registry: Registry::new(cfg.tools.clone(), locks.clone(), log.clone()),
             cfg,
-            registry: Registry::default(),
             log,
             client_id: OnceLock::new(),
-            locks: Arc::new(KeyedLocks::new()),
+            locks,
             known: RwLock::new(BTreeMap::new()),
             probes: Arc::new(Mutex::new(HashMap::new())),
             next_probe: std::sync::atomic::AtomicU64::new(0),
@@ -131,6 +133,11 @@ impl Volumes {
         self.registry.names()
     }
 
+    /// Encryption modes this guest can mount (none without the tool runner and its tools).
+    pub fn encryption_modes(&self) -> Vec<String> {
+        self.registry.luks2().modes()
+    }
+
     pub fn sandbox_id(&self) -> String {
         self.cfg.sandbox_id.clone().unwrap_or_default()
     }
@@ -148,8 +155,15 @@ impl Volumes {
         d.min(self.cfg.max_timeout)
     }
 
-    pub fn mount_timeout(&self, ms: u32) -> Duration {
-        self.bound(ms, self.cfg.default_mount_timeout)
+    /// The deadline of a Mount asking for `ms` (0: the default). An encrypted volume's
+    /// default is four times the plain one: its first use runs two argon2 passes and mkfs
+    /// (8-13 s measured in an emulated guest), its later uses one argon2 pass.
+    pub fn mount_timeout(&self, ms: u32, encrypted: bool) -> Duration {
+        let default = match encrypted {
+            true => self.cfg.default_mount_timeout * 4,
+            false => self.cfg.default_mount_timeout,
+        };
+        self.bound(ms, default)
     }
 
     pub fn unmount_timeout(&self, ms: u32) -> Duration {
@@ -281,6 +295,18 @@ impl Volumes {
         for handler in self.registry.all() {
             handler.clean_leftovers(&names);
         }
+        // Encrypted volumes half built or half taken down by a killed agent: in the
+        // background (a dead server must not delay start-up), each under its volume's lock.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            for name in crate::fs::luks2::Luks2::leftovers(&names) {
+                let locks = self.locks.clone();
+                let down = self.registry.luks2().teardown_unless_mounted(&name);
+                rt.spawn(async move {
+                    let _g = locks.lock(&name).await;
+                    down.await;
+                });
+            }
+        }
         for (name, known) in &found {
             let Some(spec) = known
                 .spec
@@ -289,7 +315,7 @@ impl Volumes {
             else {
                 continue;
             };
-            let Some(handler) = self.registry.get(spec.fs_name()) else {
+            let Some(handler) = self.registry.for_spec(&spec) else {
                 continue;
             };
             match handler.reattach(&spec, &self.log, &self.locks) {
@@ -321,6 +347,14 @@ impl Volumes {
             Some(known) if present => {
                 return match known.spec {
                     Some(have) if have == wanted => {
+                        // The spec compares without its key: the key is compared apart.
+                        if let Some(e) = &spec.encryption {
+                            if !self.registry.luks2().key_matches(&name, e.key.expose()) {
+                                return Err(AgentError::PermissionDenied(format!(
+                                    "volume {name} is mounted with another key; unmount it first"
+                                )));
+                            }
+                        }
                         self.ensure_attached(&spec)?;
                         Ok(MountDone {
                             mount_point,
@@ -341,7 +375,7 @@ impl Volumes {
             None => {}
         }
 
-        let handler = self.registry.get(spec.fs_name()).ok_or_else(|| {
+        let handler = self.registry.for_spec(&spec).ok_or_else(|| {
             AgentError::FailedPrecondition(format!(
                 "volume {name}: {} volumes are not supported by this cnfs-agent yet",
                 spec.fs_name()
@@ -408,6 +442,9 @@ impl Volumes {
         // Mounted: the attempt (a kernel log cursor) ends here, with nothing to undo; what
         // must keep running while the volume is mounted (a FUSE socket) stays.
         self.attach(&name, attempt.into_attachment(&self.log, &self.locks));
+        if let Some(e) = &spec.encryption {
+            self.registry.luks2().remember_key(&name, e.key.expose());
+        }
         self.save_state(&name, &wanted);
         self.write_known()
             .insert(name, Known { spec: Some(wanted) });
@@ -433,7 +470,7 @@ impl Volumes {
         if self.attachments().contains_key(&spec.name) {
             return Ok(());
         }
-        if let Some(handler) = self.registry.get(spec.fs_name()) {
+        if let Some(handler) = self.registry.for_spec(spec) {
             self.attach(&spec.name, handler.reattach(spec, &self.log, &self.locks)?);
         }
         Ok(())
@@ -449,7 +486,7 @@ impl Volumes {
         entries: &[mountinfo::MountEntry],
     ) -> Result<MountDone, AgentError> {
         let matches = match (
-            self.registry.get(spec.fs_name()),
+            self.registry.for_spec(spec),
             mountinfo::find(entries, &mount_point),
         ) {
             (Some(handler), Some(e)) => handler.recognises(spec, e),
@@ -552,6 +589,13 @@ impl Volumes {
                 ("detach", MntFlags::MNT_DETACH, 100),
             ];
             for (step, flag, share) in steps {
+                if step == "force" {
+                    // An encrypted volume's I/O goes to its backing share: if a dead server
+                    // holds it up (a writer stuck there keeps ext4 busy, or the unmount's
+                    // own flush hangs), that is what must give up first. `stuck` checks that
+                    // the server does not answer before it gives anything up.
+                    attempts.extend(self.registry.luks2().stuck(name).await);
+                }
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let slice = (left * share / 100).max(Duration::from_millis(500));
                 let target = target.as_c_str();
@@ -588,6 +632,11 @@ impl Volumes {
             }
         }
         let _ = std::fs::remove_dir(&mount_point);
+        // An encrypted volume's dm-crypt mapping, loop device and share go next (found from
+        // the kernel's state, so this also clears what a killed agent left).
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        attempts.extend(self.registry.luks2().teardown(name, left).await);
+        self.registry.luks2().forget_key(name);
         let _ = std::fs::remove_file(self.state_file(name));
         self.write_known().remove(name);
         // A probe still stuck on the old mount (a hung FUSE daemon behind a detached mount)
@@ -685,7 +734,11 @@ impl Volumes {
             return Ok(st);
         }
         let first_answer_pending = readiness == Some(Readiness::Served { answered: false });
-        let (result, started) = self.probe(name, &mount_point, bound)?;
+        // An encrypted volume's ext4 answers statfs from memory: whether its server answers
+        // is probed on the share under it.
+        let backing = crate::fs::luks2::backing_dir(name);
+        let health = mountinfo::find(&entries, &backing).map(|_| backing);
+        let (result, started) = self.probe(name, &mount_point, health.as_deref(), bound)?;
         let outcome = tokio::time::timeout(wait, result).await;
         let probe = started.elapsed();
         st.probe = probe;
@@ -741,6 +794,7 @@ impl Volumes {
         &self,
         name: &str,
         mount_point: &Path,
+        health: Option<&Path>,
         bound: Duration,
     ) -> Result<(ProbeResult, Instant), AgentError> {
         let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
@@ -749,14 +803,23 @@ impl Volumes {
         }
         let target = CString::new(mount_point.as_os_str().as_bytes())
             .map_err(|_| AgentError::Internal("mount point has a NUL byte".into()))?;
+        let health = health
+            .map(|h| CString::new(h.as_os_str().as_bytes()))
+            .transpose()
+            .map_err(|_| AgentError::Internal("backing path has a NUL byte".into()))?;
         let id = self
             .next_probe
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (table, key) = (self.probes.clone(), name.to_string());
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let (outcome, alive) =
-                killable::run_tracked(bound, None, move || statfs(&target)).await;
+            let (outcome, alive) = killable::run_tracked(bound, None, move || {
+                if let Some(h) = &health {
+                    statfs(h)?;
+                }
+                statfs(&target)
+            })
+            .await;
             let _ = tx.send(outcome);
             if let Some(alive) = alive {
                 alive.await;
@@ -904,9 +967,25 @@ mod tests {
                 max_timeout: Duration::from_secs(5),
                 default_unmount_timeout: Duration::from_secs(5),
                 default_probe_timeout: Duration::from_secs(5),
+                tools: crate::tools::ToolClient::disabled("unit tests run no tool runner"),
             },
             Logger::root(slog::Discard, slog::o!()),
         )
+    }
+
+    #[test]
+    fn encrypted_volumes_get_four_times_the_default_deadline_within_the_cap() {
+        let mut v = volumes();
+        v.cfg.max_timeout = Duration::from_secs(300);
+        assert_eq!(v.mount_timeout(0, false), Duration::from_secs(5));
+        assert_eq!(v.mount_timeout(0, true), Duration::from_secs(20));
+        assert_eq!(
+            v.mount_timeout(7_000, true),
+            Duration::from_secs(7),
+            "asked for"
+        );
+        v.cfg.max_timeout = Duration::from_secs(10);
+        assert_eq!(v.mount_timeout(0, true), Duration::from_secs(10), "capped");
     }
 
     #[tokio::test]
@@ -948,7 +1027,9 @@ mod tests {
         let dir = std::env::temp_dir();
         let mut joined = Vec::new();
         for _ in 0..8 {
-            let (result, _) = v.probe("tmp", &dir, Duration::from_secs(5)).expect("probe");
+            let (result, _) = v
+                .probe("tmp", &dir, None, Duration::from_secs(5))
+                .expect("probe");
             joined.push(result);
         }
         assert_eq!(v.probes_in_flight(), 1);

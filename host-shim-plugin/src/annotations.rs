@@ -10,6 +10,10 @@
 //! CephFS (mounted by the agent once that lands): `cephfs://<mon>[,<mon>...]/<path>?fs=<name>&
 //! client=<id>&secret=<host-side secret name>[&fsid=<uuid>][&<option>...]`. A secret is only
 //! ever named here; its value is resolved on the host (see `secrets`).
+//!
+//! An encrypted volume (NFSv4, CephFS, SMB) adds `encryption=luks2&size=10Gi
+//! [&owner=<uid>:<gid>]&encryption_key=<host-side secret name>`: the secret file's raw bytes
+//! are the key, read from the same directory and under the same rules as `secret=`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -52,6 +56,9 @@ pub struct PodVolume {
     pub spec: VolumeSpec,
     /// Name of the host-side secret holding the credentials, if the file system needs one.
     pub secret_ref: Option<String>,
+    /// `encryption_key=`: name of the host-side secret whose bytes are the encryption key;
+    /// set exactly when the spec is encrypted (its key is still empty).
+    pub encryption_key_ref: Option<String>,
     /// Where containers see it.
     pub path: String,
     /// Containers that get it; `None` means every app container.
@@ -137,7 +144,7 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<Vec<PodVolume>, An
     let mut out = Vec::new();
     let mut seen_paths: BTreeMap<String, String> = BTreeMap::new();
     for (name, (key, url)) in &sources {
-        let (spec, secret_ref) = parse_source(key, name, url)?;
+        let (spec, secret_ref, encryption_key_ref) = parse_source(key, name, url)?;
         let Some((mkey, path)) = paths.get(name) else {
             return err(
                 key,
@@ -173,6 +180,7 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<Vec<PodVolume>, An
         out.push(PodVolume {
             spec,
             secret_ref,
+            encryption_key_ref,
             path,
             containers,
         });
@@ -218,12 +226,13 @@ fn check_sidecar_paths(volumes: &[PodVolume]) -> Result<(), AnnotationError> {
     Ok(())
 }
 
-/// A volume URL (`nfs://`, `cephfs://`, `smb://`) into a validated spec.
+/// A volume URL (`nfs://`, `cephfs://`, `smb://`) into a validated spec, with the names of
+/// its credentials' secret and of its encryption key's secret.
 fn parse_source(
     key: &str,
     name: &str,
     url: &str,
-) -> Result<(VolumeSpec, Option<String>), AnnotationError> {
+) -> Result<(VolumeSpec, Option<String>, Option<String>), AnnotationError> {
     let reason = |reason: String| AnnotationError {
         annotation: key.to_string(),
         reason,
@@ -242,7 +251,17 @@ fn parse_source(
         }
     }
     let spec = VolumeSpec::from_wire_unresolved(&parsed.wire).map_err(|e| reason(e.to_string()))?;
-    Ok((spec, parsed.secret_ref))
+    if let (Some(e), None) = (&spec.encryption, &parsed.encryption_key_ref) {
+        return err(
+            key,
+            format!(
+                "volume.options.encryption_key: encryption={} needs encryption_key=<name of a \
+                 host-side secret holding the key>",
+                e.mode.as_str()
+            ),
+        );
+    }
+    Ok((spec, parsed.secret_ref, parsed.encryption_key_ref))
 }
 
 /// A container path: absolute, clean, conservative characters, and not a system path the
@@ -341,6 +360,78 @@ mod tests {
                 assert!(c.secret.expose().is_empty());
             }
             other => panic!("cephfs expected, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_encrypted_volume_names_its_key_secret_and_never_carries_a_key() {
+        let a = ann(&[
+            (
+                "cnfs.io/volume.sec",
+                "nfs://10.0.0.5/exports/sec?vers=4.1&encryption=luks2&size=10Gi&owner=1000:100\
+                 &encryption_key=sec-key&nconnect=4",
+            ),
+            ("cnfs.io/mount.sec", "/sec"),
+        ]);
+        let v = parse(&a).expect("valid");
+        assert_eq!(v[0].encryption_key_ref.as_deref(), Some("sec-key"));
+        assert!(v[0].secret_ref.is_none());
+        let e = v[0].spec.encryption.as_ref().expect("encrypted");
+        assert_eq!((e.size, e.uid, e.gid), (10 << 30, 1000, 100));
+        assert!(e.key.is_empty());
+        assert_eq!(
+            v[0].spec.options.keys().collect::<Vec<_>>(),
+            ["nconnect"],
+            "encryption options are no mount options"
+        );
+        // A plain volume names no key.
+        let a = ann(&[
+            ("cnfs.io/volume.d", "nfs://10.0.0.5/exports/d"),
+            ("cnfs.io/mount.d", "/d"),
+        ]);
+        assert!(parse(&a).expect("valid")[0].encryption_key_ref.is_none());
+    }
+
+    #[test]
+    fn encrypted_volumes_refuse_what_would_keep_locks_in_the_guest() {
+        for (url, words) in [
+            (
+                "nfs://10.0.0.5/x?encryption=luks2&size=1Gi",
+                "volume.options.encryption_key: encryption=luks2 needs encryption_key=",
+            ),
+            (
+                "nfs://10.0.0.5/x?vers=3&encryption=luks2&size=1Gi&encryption_key=k",
+                "volume.nfs.version: luks2 needs server-side locks",
+            ),
+            (
+                "nfs://10.0.0.5/x?nolock&encryption=luks2&size=1Gi&encryption_key=k",
+                "volume.options.nolock: ",
+            ),
+            (
+                "nfs://10.0.0.5/x?local_lock=flock&encryption=luks2&size=1Gi&encryption_key=k",
+                "volume.options.local_lock: ",
+            ),
+            (
+                "smb://10.0.0.9/data?secret=s&nobrl&encryption=luks2&size=1Gi&encryption_key=k",
+                "volume.options.nobrl: ",
+            ),
+            (
+                "fuse://?sidecar=sshfs&encryption=luks2&size=1Gi&encryption_key=k",
+                "volume.encryption: FUSE volumes cannot be encrypted by CNFS",
+            ),
+            (
+                "nfs://10.0.0.5/x?size=1Gi",
+                "volume.options.size: is only for encrypted volumes",
+            ),
+            (
+                "nfs://10.0.0.5/x?encryption_key=k",
+                "volume.options.encryption_key: is only for encrypted volumes",
+            ),
+        ] {
+            let a = ann(&[("cnfs.io/volume.v", url), ("cnfs.io/mount.v", "/v")]);
+            let e = parse(&a).expect_err(url);
+            assert_eq!(e.annotation, "cnfs.io/volume.v", "{e}");
+            assert!(e.reason.starts_with(words), "{url}: {e}");
         }
     }
 

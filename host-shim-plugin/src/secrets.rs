@@ -7,7 +7,7 @@ use std::fmt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use cnfs_protocols::spec::validate_name;
+use cnfs_protocols::spec::{validate_name, SecretBytes};
 
 const MAX_SECRET: u64 = 4096;
 
@@ -51,9 +51,23 @@ impl SecretStore {
         SecretStore { dir: dir.into() }
     }
 
-    /// Reads `<dir>/<namespace>/<name>`. The directory chain and the file must belong to
-    /// root and be closed to group and others, or the secret is refused.
+    /// Reads `<dir>/<namespace>/<name>` as text (credentials), without the line ends at its
+    /// end. The rules are those of [`SecretStore::resolve_bytes`].
     pub fn resolve(&self, namespace: &str, name: &str) -> Result<SecretValue, SecretError> {
+        let bytes = self.resolve_bytes(namespace, name)?;
+        let text = std::str::from_utf8(bytes.expose()).map_err(|_| SecretError::Read {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            reason: "is not UTF-8 text".into(),
+        })?;
+        Ok(SecretValue(text.trim_end_matches(['\n', '\r']).to_string()))
+    }
+
+    /// Reads `<dir>/<namespace>/<name>` as raw bytes, exactly (an encryption key: a trailing
+    /// newline is part of it, as `cryptsetup --key-file` reads it). The directory chain and
+    /// the file must belong to root and be closed to group and others, or the secret is
+    /// refused.
+    pub fn resolve_bytes(&self, namespace: &str, name: &str) -> Result<SecretBytes, SecretError> {
         validate_name("secret", name).map_err(|_| SecretError::BadName(name.to_string()))?;
         validate_name("namespace", namespace)
             .map_err(|_| SecretError::BadName(namespace.to_string()))?;
@@ -75,12 +89,12 @@ impl SecretStore {
                 reason: format!("must be a regular file of at most {MAX_SECRET} bytes"),
             });
         }
-        let text = std::fs::read_to_string(&file).map_err(|e| SecretError::Read {
+        let bytes = std::fs::read(&file).map_err(|e| SecretError::Read {
             namespace: namespace.to_string(),
             name: name.to_string(),
             reason: e.kind().to_string(),
         })?;
-        Ok(SecretValue(text.trim_end_matches(['\n', '\r']).to_string()))
+        Ok(SecretBytes::new(bytes))
     }
 }
 
@@ -108,8 +122,8 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn store() -> (PathBuf, SecretStore) {
-        let dir = std::env::temp_dir().join(format!("cnfs-secrets-{}", std::process::id()));
+    fn store(tag: &str) -> (PathBuf, SecretStore) {
+        let dir = std::env::temp_dir().join(format!("cnfs-secrets-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("team-a")).expect("dir");
         for d in [&dir, &dir.join("team-a")] {
@@ -123,7 +137,7 @@ mod tests {
 
     #[test]
     fn resolves_private_secrets_and_never_shows_them() {
-        let (dir, s) = store();
+        let (dir, s) = store("text");
         let v = s.resolve("team-a", "ceph-key").expect("secret");
         assert_eq!(v.expose(), "AQBsecretvalue==");
         assert_eq!(format!("{v:?}"), "<redacted>");
@@ -151,6 +165,42 @@ mod tests {
             .expect_err("unsafe")
             .to_string();
         assert!(e.contains("group or others") && !e.contains("AQB"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_encryption_key_is_read_as_its_exact_bytes_under_the_same_rules() {
+        let (dir, s) = store("bytes");
+        let f = dir.join("team-a").join("luks-key");
+        let bytes = b"\x00\xffnot text, with a newline\r\n\n";
+        std::fs::write(&f, bytes).expect("write");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let k = s.resolve_bytes("team-a", "luks-key").expect("key");
+        assert_eq!(k.expose(), bytes, "no trimming, no decoding");
+        assert_eq!(format!("{k:?}"), "<redacted>");
+        // As text (credentials) the same file is refused, without its content.
+        let e = s
+            .resolve("team-a", "luks-key")
+            .expect_err("not UTF-8")
+            .to_string();
+        assert!(
+            e.contains("is not UTF-8 text") && !e.contains("newline"),
+            "{e}"
+        );
+        // The namespace is part of the lookup, and the file's mode is checked.
+        assert!(matches!(
+            s.resolve_bytes("team-b", "luks-key"),
+            Err(SecretError::Missing { .. })
+        ));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o604)).expect("chmod");
+        let e = s
+            .resolve_bytes("team-a", "luks-key")
+            .expect_err("world-readable")
+            .to_string();
+        assert!(
+            e.contains("group or others") && !e.contains("newline"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,7 +1,7 @@
 //! `cnfsctl` end to end: the real binary against a real guest (QEMU, cnfs-agent, nfs-ganesha)
 //! from the test bed, reached through a Kata-style shim management socket or a direct URL.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cnfs_testbed::ganesha::EXPORT;
@@ -305,6 +305,265 @@ async fn cnfsctl_finds_the_guest_via_kata_monitor_socket_and_manages_an_nfs_volu
     assert_eq!(j["name"], "tmp", "{j}");
     assert!(j["method"].is_string() && j["attempts"].is_array(), "{j}");
     assert!(!guest_has_mount(&bed, "tmp").await);
+
+    // The same guest, an encrypted volume.
+    an_encrypted_volume_is_mounted_with_its_key_file_and_the_key_is_never_shown(&bed, &via_url)
+        .await
+}
+
+/// Bytes in no output: raw, and as the escapes or numbers a careless printer would make of
+/// the key's distinctive middle (`marker`).
+fn leaks(haystack: &[u8], key: &[u8], marker: &str) -> Vec<String> {
+    let decimal: Vec<String> = marker.bytes().map(|b| b.to_string()).collect();
+    let mut hits = Vec::new();
+    for (what, needle) in [
+        ("raw key", key.to_vec()),
+        ("marker", marker.as_bytes().to_vec()),
+        ("decimal", decimal.join(",").into_bytes()),
+        ("decimal list", decimal.join(", ").into_bytes()),
+    ] {
+        if haystack.windows(needle.len()).any(|w| w == needle) {
+            hits.push(what.to_string());
+        }
+    }
+    hits
+}
+
+/// Files under `dir` holding `needle` (a byte search, like `grep -r -a`).
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for p in entries.flatten().map(|e| e.path()) {
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+/// Host `cryptsetup` (exit status, stdout and stderr).
+fn host_cryptsetup(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("cryptsetup")
+        .args(args)
+        .output()
+        .expect("host cryptsetup runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `--source nfs://...?encryption=luks2&size=128Mi --key-file F`: the guest formats and opens
+/// a LUKS2 container on the export, `list` shows the mode and never the key, the host sees a
+/// stock LUKS2 file that the key file's exact bytes (trailing newline included) open, a wrong
+/// key exits 8 (PERMISSION_DENIED) naming the reason, and an encrypted URL without
+/// `--key-file` is refused before the guest is asked.
+async fn an_encrypted_volume_is_mounted_with_its_key_file_and_the_key_is_never_shown(
+    bed: &TestBed,
+    via_url: &[&str],
+) -> anyhow::Result<()> {
+    let marker = format!("CNFSCTL-LUKS-KEY-{}", std::process::id());
+    let mut key = b"\x00\xfe\x01".to_vec();
+    key.extend_from_slice(marker.as_bytes());
+    key.extend_from_slice(b" \xff\n");
+    let key_file = bed.dir.path().join("luks.key");
+    std::fs::write(&key_file, &key)?;
+    let wrong_file = bed.dir.path().join("wrong.key");
+    std::fs::write(&wrong_file, format!("not-{marker}\n"))?;
+    // The same bytes without the trailing newline: must not open it.
+    let trimmed_file = bed.dir.path().join("trimmed.key");
+    std::fs::write(&trimmed_file, &key[..key.len() - 1])?;
+    std::fs::create_dir_all(bed.nfs.export_dir.join("sec"))?;
+    let source = format!(
+        "nfs://{}{EXPORT}/sec?encryption=luks2&size=128Mi",
+        bed.ns.host_ip
+    );
+    let (key_arg, wrong_arg) = (
+        key_file.display().to_string(),
+        wrong_file.display().to_string(),
+    );
+    let mut outputs: Vec<u8> = Vec::new();
+    // First use formats (two argon2 passes and mkfs under TCG): a long request deadline.
+    let run = |rest: &[&str]| {
+        let a: Vec<String> = via_url
+            .iter()
+            .chain(&["--timeout", "120"])
+            .chain(rest)
+            .map(|s| s.to_string())
+            .collect();
+        async move {
+            let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+            cnfsctl(&refs).await
+        }
+    };
+    let keep = |outputs: &mut Vec<u8>, r: &Run| {
+        outputs.extend_from_slice(r.stdout.as_bytes());
+        outputs.extend_from_slice(r.stderr.as_bytes());
+    };
+
+    let r = run(&[
+        "mount",
+        "--name",
+        "sec",
+        "--source",
+        &source,
+        "--key-file",
+        &key_arg,
+    ])
+    .await;
+    keep(&mut outputs, &r);
+    let r = r.ok();
+    assert!(r.stdout.contains("/run/cnfs/volumes/sec"), "{}", r.stdout);
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+    assert!(mounts.contains("/run/cnfs/volumes/sec ext4 "), "{mounts}");
+    assert!(mounts.contains("/run/cnfs/backing/sec nfs4 "), "{mounts}");
+
+    // list: the table's state says luks2, the JSON has the mode and size; no key anywhere.
+    let r = run(&["list"]).await;
+    keep(&mut outputs, &r);
+    let r = r.ok();
+    let row = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("sec "))
+        .unwrap_or_default();
+    assert!(
+        row.contains("mounted,luks2") && row.ends_with("/run/cnfs/volumes/sec"),
+        "{}",
+        r.stdout
+    );
+    let r = run(&["--json", "list"]).await;
+    keep(&mut outputs, &r);
+    let j = r.ok().json();
+    let vols = j["volumes"].as_array().cloned().unwrap_or_default();
+    let sec = vols
+        .iter()
+        .find(|v| v["name"] == "sec")
+        .unwrap_or_else(|| panic!("sec listed: {j}"));
+    assert_eq!(
+        sec["encryption"],
+        serde_json::json!({"mode": "luks2", "size_bytes": 128u64 << 20, "uid": 0, "gid": 0}),
+        "{j}"
+    );
+    assert_eq!(sec["fs_type"], "ext4", "{j}");
+    assert_eq!(
+        sec["options"],
+        serde_json::json!({}),
+        "encryption options are no mount options: {j}"
+    );
+
+    // Written in the guest through the volume; the server keeps ciphertext only.
+    let canary = format!("CNFSCTL-PLAINTEXT-CANARY-{}", std::process::id());
+    bed.vm
+        .exec
+        .ok(&format!(
+            "for i in 1 2 3 4; do echo {canary} >> /run/cnfs/volumes/sec/canary.txt; done && sync"
+        ))
+        .await?;
+    let r = run(&["unmount", "sec"]).await;
+    keep(&mut outputs, &r);
+    r.ok();
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+    assert!(
+        !mounts.contains("/run/cnfs/volumes/sec") && !mounts.contains("/run/cnfs/backing/sec"),
+        "{mounts}"
+    );
+    let container = bed.nfs.export_dir.join("sec/cnfs-volume.luks2");
+    let container_arg = container.display().to_string();
+    let (is_luks, out) = host_cryptsetup(&["isLuks", "--type", "luks2", &container_arg]);
+    assert!(is_luks, "host cryptsetup isLuks: {out}");
+    // The key is the file's exact bytes: the same file opens it, without its newline it
+    // does not.
+    let (opens, out) = host_cryptsetup(&[
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        &key_arg,
+        &container_arg,
+    ]);
+    assert!(opens, "the key file opens the container on the host: {out}");
+    let (opens, _) = host_cryptsetup(&[
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        &trimmed_file.display().to_string(),
+        &container_arg,
+    ]);
+    assert!(!opens, "the key without its trailing newline opened it");
+    assert!(
+        files_holding(&bed.nfs.export_dir, canary.as_bytes()).is_empty(),
+        "plaintext on the server"
+    );
+    assert!(
+        files_holding(&bed.nfs.export_dir, marker.as_bytes()).is_empty(),
+        "key on the server"
+    );
+
+    // A wrong key: exit 8 (PERMISSION_DENIED), the reason named, nothing mounted.
+    let r = run(&[
+        "mount",
+        "--name",
+        "sec",
+        "--source",
+        &source,
+        "--key-file",
+        &wrong_arg,
+    ])
+    .await;
+    keep(&mut outputs, &r);
+    assert_eq!(r.code, 8, "{r:?}");
+    assert!(
+        r.stderr.starts_with("cnfsctl: ")
+            && r.stderr.contains("the key does not open it")
+            && r.stderr.lines().count() == 1,
+        "{r:?}"
+    );
+    assert!(!guest_has_mount(bed, "sec").await);
+    assert!(
+        !bed.vm
+            .exec
+            .ok("cat /proc/mounts")
+            .await?
+            .contains("/run/cnfs/backing/sec"),
+        "the share stayed mounted after a wrong key"
+    );
+
+    // No --key-file for an encrypted URL: refused locally (exit 4), the flag named.
+    let r = run(&["mount", "--name", "sec", "--source", &source]).await;
+    keep(&mut outputs, &r);
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(
+        r.stderr.starts_with("cnfsctl: --key-file: ") && r.stderr.contains("encrypted"),
+        "{r:?}"
+    );
+
+    // The key in none of cnfsctl's output, nor in the guest's records and console.
+    assert_eq!(leaks(&outputs, &key, &marker), Vec::<String>::new());
+    let records = bed
+        .vm
+        .exec
+        .ok("cat /run/cnfs/state/* /proc/mounts 2>/dev/null; true")
+        .await?;
+    assert_eq!(
+        leaks(records.as_bytes(), &key, &marker),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        leaks(bed.vm.console_text().as_bytes(), &key, &marker),
+        Vec::<String>::new()
+    );
     Ok(())
 }
 

@@ -627,6 +627,20 @@ async fn pod_annotations_become_guest_mounts_and_bind_mounts_and_failures_leave_
         "0"
     );
 
+    // An encrypted volume through the shim, in the same guest and containerd.
+    let luks = LuksPod {
+        bed: &bed,
+        ctd: &ctd,
+        root: &root,
+        monitor_root: &monitor_root,
+        secrets: &secrets,
+        policy: &policy,
+        sandbox: &sandbox,
+    };
+    luks.an_encrypted_volume_keeps_plaintext_and_key_in_the_guest()
+        .await?;
+    luks.a_missing_or_open_key_secret_fails_the_sandbox_naming_annotation_and_option()?;
+
     // An unreachable guest: no management socket for this sandbox id.
     let id = format!("{sandbox}-nowhere");
     let mut a = cri_annotations("sandbox", &id, "team-a", "POD");
@@ -730,4 +744,328 @@ fn a_dead_wrapper_is_cleaned_up_through_the_delegates_delete() {
     );
     let rm = ctr.plain(&["container", "rm", &id]);
     assert!(rm.status.success(), "{}", text(&rm.stderr));
+}
+
+/// Files under `dir` holding `needle` (a byte search, like `grep -r -a`).
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            // Sockets and fifos (containerd's) are not read.
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file()
+                && std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+/// Host `cryptsetup` (exit status, stdout and stderr).
+fn host_cryptsetup(args: &[&str]) -> (bool, String) {
+    let out = Command::new("cryptsetup")
+        .args(args)
+        .output()
+        .expect("host cryptsetup runs");
+    (
+        out.status.success(),
+        format!("{}{}", text(&out.stdout), text(&out.stderr)),
+    )
+}
+
+/// The encrypted-volume part of the pod test: what it shares with the rest of it.
+struct LuksPod<'a> {
+    bed: &'a TestBed,
+    ctd: &'a Containerd,
+    root: &'a str,
+    monitor_root: &'a Path,
+    secrets: &'a Path,
+    policy: &'a Path,
+    sandbox: &'a str,
+}
+
+impl LuksPod<'_> {
+    /// The pod test's policy plus an entry for encrypted NFS volumes under `<export>/luks`
+    /// (`encryption` and `size` listed), and a mount deadline for a first use (two argon2
+    /// passes and mkfs under TCG). Wrappers read both when they start.
+    fn allow_encryption(&self) {
+        let server = &self.bed.ns.host_ip;
+        let mut text = std::fs::read_to_string(self.policy).expect("policy");
+        if !text.contains("\"encryption\"") {
+            text.push_str(&format!(
+                "[[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"nfs\"]\n\
+                 servers = [\"{server}/24\"]\nexport_prefixes = [\"{EXPORT}/luks\"]\n\
+                 options = [\"encryption\", \"size\"]\n"
+            ));
+            std::fs::write(self.policy, text).expect("policy");
+        }
+        let cfg = std::env::var_os("CNFS_SHIM_CONFIG").expect("shim config set");
+        let body = std::fs::read_to_string(&cfg).expect("shim config");
+        let body = body.replace(
+            "mount_timeout_seconds = 8\n",
+            "mount_timeout_seconds = 150\n",
+        );
+        assert!(body.contains("mount_timeout_seconds = 150"), "{body}");
+        std::fs::write(&cfg, body).expect("shim config");
+    }
+
+    fn key_secret(&self, name: &str, bytes: &[u8], mode: u32) -> std::path::PathBuf {
+        let f = self.secrets.join("team-a").join(name);
+        std::fs::write(&f, bytes).expect("key secret");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        f
+    }
+
+    fn annotations(&self, id: &str, kind: &str, name: &str, vol: &str, url: &str) -> Vec<String> {
+        let mut a = cri_annotations(kind, id, "team-a", name);
+        a.push(format!("cnfs.io/volume.{vol}={url}"));
+        a.push(format!("cnfs.io/mount.{vol}=/secure"));
+        a
+    }
+
+    /// Sandbox annotations `nfs://...?encryption=luks2&size=128Mi&encryption_key=<name>` with
+    /// binary key bytes in the host secret: the guest formats and mounts the volume, a
+    /// container's bind (the exact source the wrapper gave it) writes a canary, the export
+    /// holds one stock LUKS2 file that the secret file's exact bytes open, neither canary nor
+    /// key is on the server or in anything containerd, the shim or the guest kept, and the
+    /// sandbox's delete takes the whole stack down.
+    async fn an_encrypted_volume_keeps_plaintext_and_key_in_the_guest(&self) -> anyhow::Result<()> {
+        let (bed, ctr) = (self.bed, Ctr { ctd: self.ctd });
+        // Until the policy lists `encryption`, the export's plain entry does not allow it.
+        let id = format!("{}-luksdenied", self.sandbox);
+        let url = format!(
+            "nfs://{}{EXPORT}/luks/pod?encryption=luks2&size=128Mi&encryption_key=luks-key",
+            bed.ns.host_ip
+        );
+        let a = self.annotations(&id, "sandbox", "POD", "sec", &url);
+        let args = with_annotations(&a, &["-d", "--rootfs", self.root, &id, "/bin/sleep", "600"]);
+        let out = ctr.run(CNFS, &["run"], &args);
+        assert!(!out.status.success(), "allowed without a policy entry");
+        assert!(
+            text(&out.stderr).contains("policy denies volume")
+                && text(&out.stderr).contains("option encryption is not allowed"),
+            "{}",
+            text(&out.stderr)
+        );
+        wait_task(&ctr, &id, "gone");
+        self.allow_encryption();
+        let marker = format!("SHIM-LUKS-KEY-{}", std::process::id());
+        let mut key = b"\x00\xfe\x01".to_vec();
+        key.extend_from_slice(marker.as_bytes());
+        key.extend_from_slice(b" \xff\n");
+        let key_file = self.key_secret("luks-key", &key, 0o600);
+        let backing = bed.nfs.export_dir.join("luks/pod");
+        std::fs::create_dir_all(&backing)?;
+        let id = format!("{}-luks", self.sandbox);
+        let vol = format!("l{}", cnfs_testbed::unique_id());
+        std::fs::create_dir_all(self.monitor_root.join(&id))?;
+        let _monitor = cnfs_testbed::kata_monitor::serve(
+            &self.monitor_root.join(&id).join("shim-monitor.sock"),
+            &bed.vm.hvsock,
+        )?;
+        let mut outputs = Vec::new();
+        let a = self.annotations(&id, "sandbox", "POD", &vol, &url);
+        let args = with_annotations(&a, &["-d", "--rootfs", self.root, &id, "/bin/sleep", "600"]);
+        let out = ctr.run(CNFS, &["run"], &args);
+        outputs.extend_from_slice(&out.stdout);
+        outputs.extend_from_slice(&out.stderr);
+        assert!(
+            out.status.success(),
+            "encrypted sandbox: {}",
+            text(&out.stderr)
+        );
+        let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+        assert!(
+            mounts.contains(&format!("/run/cnfs/volumes/{vol} ext4 "))
+                && mounts.contains(&format!("/run/cnfs/backing/{vol} nfs4 ")),
+            "{mounts}"
+        );
+
+        // The app container gets the bind the wrapper adds (runc, the delegate here, cannot
+        // follow /proc/1/root into the guest: its refusal shows the source). In the guest,
+        // that source is bound into a fresh mount namespace as kata-agent's rustjail does,
+        // and the container's write lands in the volume.
+        let worker = format!("{id}-worker");
+        let a = self.annotations(&id, "container", "worker", &vol, &url);
+        let args = with_annotations(
+            &a,
+            &["-d", "--rootfs", self.root, &worker, "/bin/sleep", "600"],
+        );
+        let out = ctr.run(CNFS, &["run"], &args);
+        outputs.extend_from_slice(&out.stdout);
+        outputs.extend_from_slice(&out.stderr);
+        let err = text(&out.stderr);
+        let source = format!("/proc/1/root/run/cnfs/volumes/{vol}");
+        assert!(
+            err.contains(&format!("mounting \"{source}\" to rootfs at \"/secure\"")),
+            "{err}"
+        );
+        wait_task(&ctr, &worker, "gone");
+        let canary = format!("SHIM-PLAINTEXT-CANARY-{}", std::process::id());
+        bed.vm
+            .exec
+            .ok(&format!(
+                "unshare -m sh -c 'src=$(readlink -f {source}) && mkdir -p /tmp/ctr && \
+                 mount --bind \"$src\" /tmp/ctr && \
+                 for i in 1 2 3 4; do echo {canary} >> /tmp/ctr/canary.txt; done && sync'"
+            ))
+            .await?;
+        assert_eq!(
+            bed.vm
+                .exec
+                .ok(&format!("head -n 1 /run/cnfs/volumes/{vol}/canary.txt"))
+                .await?
+                .trim(),
+            canary
+        );
+
+        // On the host: one LUKS2 file in the volume's directory, no plaintext, no key.
+        let listing: Vec<String> = std::fs::read_dir(&backing)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(listing, vec!["cnfs-volume.luks2".to_string()]);
+        let container = backing.join("cnfs-volume.luks2").display().to_string();
+        let (is_luks, out) = host_cryptsetup(&["isLuks", "--type", "luks2", &container]);
+        assert!(is_luks, "host cryptsetup isLuks: {out}");
+        for (what, needle) in [("canary", canary.as_bytes()), ("key", marker.as_bytes())] {
+            assert_eq!(
+                files_holding(&bed.nfs.export_dir, needle),
+                Vec::<String>::new(),
+                "{what} on the server"
+            );
+        }
+
+        // Delete: the stack is gone from the guest.
+        ctr.plain(&["task", "kill", "-s", "SIGKILL", &id]);
+        wait_task(&ctr, &id, "STOPPED");
+        let del = ctr.plain(&["task", "delete", &id]);
+        assert!(del.status.success(), "{}", text(&del.stderr));
+        let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+        assert!(
+            !mounts.contains(&format!("/run/cnfs/volumes/{vol}"))
+                && !mounts.contains(&format!("/run/cnfs/backing/{vol}")),
+            "{mounts}"
+        );
+        bed.vm
+            .exec
+            .ok(&format!("! test -e /dev/mapper/cnfs-{vol}"))
+            .await?;
+        // With the guest's lock released, the secret file's exact bytes open the container
+        // on the host, and the same bytes without their trailing newline do not.
+        let (opens, out) = host_cryptsetup(&[
+            "open",
+            "--test-passphrase",
+            "--key-file",
+            &key_file.display().to_string(),
+            &container,
+        ]);
+        assert!(opens, "the secret file opens the container: {out}");
+        let trimmed = self.key_secret("luks-key-trimmed", &key[..key.len() - 1], 0o600);
+        let (opens, _) = host_cryptsetup(&[
+            "open",
+            "--test-passphrase",
+            "--key-file",
+            &trimmed.display().to_string(),
+            &container,
+        ]);
+        assert!(!opens, "the key without its trailing newline opened it");
+
+        // Neither the key nor the canary in what containerd and the wrappers kept (root,
+        // state with the bundles, the log the shims write to), in ctr's output, or in the
+        // guest's state files, mounts and console.
+        let guest_records = bed
+            .vm
+            .exec
+            .ok("cat /run/cnfs/state/* /proc/mounts 2>/dev/null; true")
+            .await?;
+        for (what, needle) in [
+            ("raw key", key.as_slice()),
+            ("key", marker.as_bytes()),
+            ("canary", canary.as_bytes()),
+        ] {
+            assert_eq!(
+                files_holding(self.ctd.dir(), needle),
+                Vec::<String>::new(),
+                "{what} kept by containerd or the shim"
+            );
+            for (place, haystack) in [
+                ("ctr output", outputs.as_slice()),
+                ("guest records", guest_records.as_bytes()),
+            ] {
+                assert!(
+                    !haystack.windows(needle.len()).any(|w| w == needle),
+                    "{what} in the {place}"
+                );
+            }
+        }
+        assert!(
+            !bed.vm.console_text().contains(&marker),
+            "key in the guest console"
+        );
+        // The shim's log reached containerd's (the lines it writes about this sandbox).
+        assert!(
+            self.ctd
+                .log_tail(100_000)
+                .contains("volumes mounted in the guest"),
+            "the wrappers' log is not where the test looks"
+        );
+        std::fs::remove_file(trimmed)?;
+        Ok(())
+    }
+
+    /// A key secret that does not exist, or is open to others, fails the sandbox's Create
+    /// with a message naming the annotation, the option and the secret, never its content.
+    fn a_missing_or_open_key_secret_fails_the_sandbox_naming_annotation_and_option(
+        &self,
+    ) -> anyhow::Result<()> {
+        let ctr = Ctr { ctd: self.ctd };
+        let marker = format!("OPEN-LUKS-KEY-{}", std::process::id());
+        self.key_secret("open-key", marker.as_bytes(), 0o644);
+        for (i, (secret, needle)) in [
+            (
+                "no-such-key",
+                "encryption_key=no-such-key: secret \"no-such-key\" for namespace team-a \
+                 does not exist",
+            ),
+            ("open-key", "must not be accessible by group or others"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let id = format!("{}-luksbad{i}", self.sandbox);
+            let url = format!(
+                "nfs://{}{EXPORT}/luks/pod?encryption=luks2&size=128Mi&encryption_key={secret}",
+                self.bed.ns.host_ip
+            );
+            let a = self.annotations(&id, "sandbox", "POD", "sec", &url);
+            let args =
+                with_annotations(&a, &["-d", "--rootfs", self.root, &id, "/bin/sleep", "600"]);
+            let out = ctr.run(CNFS, &["run"], &args);
+            let err = text(&out.stderr);
+            assert!(!out.status.success(), "{secret}: created");
+            assert!(
+                err.contains("annotation \"cnfs.io/volume.sec\": encryption_key=")
+                    && err.contains(needle),
+                "{secret}: {err}"
+            );
+            assert!(!err.contains(&marker), "{secret}: content echoed: {err}");
+            wait_task(&ctr, &id, "gone");
+        }
+        assert_eq!(
+            files_holding(self.ctd.dir(), marker.as_bytes()),
+            Vec::<String>::new()
+        );
+        std::fs::remove_file(self.secrets.join("team-a/open-key"))?;
+        Ok(())
+    }
 }

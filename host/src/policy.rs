@@ -17,6 +17,10 @@
 //! options = ["allow_other"]
 //! ```
 //!
+//! An encrypted volume (`encryption=luks2&size=10Gi[&owner=1000:1000]`) needs an entry whose
+//! `options` name `encryption` and `size`, and `owner` when it sets an owner other than
+//! 0:0: those are URL options, not mount options, but a pod chooses them all the same.
+//!
 //! `servers` and `export_prefixes` are required when an entry lists a file system with
 //! servers (all but `fuse`, whose daemon picks its own: a network policy bounds where it
 //! goes).
@@ -31,7 +35,7 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::path::Path;
 
-use cnfs_protocols::spec::{self, FsKind, Server, VolumeSpec};
+use cnfs_protocols::spec::{self, encryption, FsKind, Server, VolumeSpec};
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
@@ -223,6 +227,20 @@ impl Rule {
         for key in v.options.keys() {
             if !self.options.iter().any(|o| o == key) {
                 return Err(format!("option {key} is not allowed"));
+            }
+        }
+        // Taken out of the mount options into the spec's encryption, and allowed the same way.
+        if let Some(e) = &v.encryption {
+            let owner = (e.uid, e.gid) != (0, 0);
+            let keys = [
+                (encryption::OPT_ENCRYPTION, true),
+                (encryption::OPT_SIZE, true),
+                (encryption::OPT_OWNER, owner),
+            ];
+            for (key, _) in keys.iter().filter(|(_, used)| *used) {
+                if !self.options.iter().any(|o| o == key) {
+                    return Err(format!("option {key} is not allowed"));
+                }
             }
         }
         Ok(())
@@ -460,6 +478,61 @@ export_prefixes = ["/public"]
             }
             other => panic!("expected a denial, got {other:?}"),
         }
+    }
+
+    fn encrypted(owner: Option<&str>) -> VolumeSpec {
+        let url = match owner {
+            Some(o) => {
+                format!("nfs://10.1.2.3/exports/team-a/sec?encryption=luks2&size=1Gi&owner={o}")
+            }
+            None => "nfs://10.1.2.3/exports/team-a/sec?encryption=luks2&size=1Gi".to_string(),
+        };
+        let parsed = cnfs_protocols::volume_url::parse("sec", &url).expect("url");
+        VolumeSpec::from_wire_unresolved(&parsed.wire).expect("valid spec")
+    }
+
+    fn team_a(options: &str) -> Policy {
+        Policy::parse(&format!(
+            "[[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"nfs\"]\n\
+             servers = [\"10.0.0.0/8\"]\nexport_prefixes = [\"/exports/team-a\"]\n\
+             options = {options}\n"
+        ))
+        .expect("policy")
+    }
+
+    #[test]
+    fn encryption_is_denied_unless_the_entry_lists_encryption_size_and_owner() {
+        let denied = |p: &Policy, v: &VolumeSpec| match p.check("team-a", v) {
+            Err(PolicyError::Denied { reason, .. }) => reason,
+            other => panic!("expected a denial, got {other:?}"),
+        };
+        // An entry that allows the share but says nothing of encryption denies it.
+        let p = team_a("[\"nconnect\"]");
+        p.check("team-a", &nfs("10.1.2.3", "/exports/team-a", &[]))
+            .expect("plain volume allowed");
+        assert_eq!(
+            denied(&p, &encrypted(None)),
+            "option encryption is not allowed"
+        );
+        let p = Policy::parse(POLICY).expect("example");
+        assert_eq!(
+            denied(&p, &encrypted(None)),
+            "option encryption is not allowed"
+        );
+        // Each of them must be listed.
+        let p = team_a("[\"encryption\"]");
+        assert_eq!(denied(&p, &encrypted(None)), "option size is not allowed");
+        let p = team_a("[\"encryption\", \"size\"]");
+        p.check("team-a", &encrypted(None)).expect("allowed");
+        p.check("team-a", &encrypted(Some("0:0")))
+            .expect("owner 0:0 is the default");
+        assert_eq!(
+            denied(&p, &encrypted(Some("1000:1000"))),
+            "option owner is not allowed"
+        );
+        let p = team_a("[\"encryption\", \"size\", \"owner\"]");
+        p.check("team-a", &encrypted(Some("1000:1000")))
+            .expect("allowed");
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //!
 //! - `records/<key>.json`: [`Record`], written at `NodePublishVolume`, removed at
 //!   `NodeUnpublishVolume`; never a secret in it.
-//! - `secrets/<key>.json`: [`NodeSecret`], only when the volume needs a key (CephFS); 0600 in
-//!   a 0700 directory, on tmpfs only.
+//! - `secrets/<key>.json`: [`NodeSecret`], only when the volume needs one (CephFS and SMB
+//!   credentials, an encrypted volume's `encryptionKey`); 0600 in a 0700 directory, on tmpfs
+//!   only.
 //! - `guests/<key>.json`: [`GuestUse`], written by the shim once the volume is mounted in a
 //!   guest, so the node plugin can read its stats from that guest.
 //! - `relay/<sandbox id>.sock`: the shim's stats relay for that sandbox's guest (the agent's
@@ -23,6 +24,10 @@ use sha2::{Digest, Sha256};
 use crate::agent;
 use crate::spec::{FsKind, SpecError, VolumeSpec};
 use crate::volume_url::{self, echo};
+
+/// The node-publish secret key whose value is an encrypted volume's key, exactly as the
+/// Kubernetes secret holds it (never trimmed).
+pub const ENCRYPTION_KEY_SECRET: &str = "encryptionKey";
 
 /// Where the node plugin and the shim meet, unless configured otherwise.
 pub const DEFAULT_ROOT: &str = "/run/cnfs/csi";
@@ -79,6 +84,14 @@ impl Record {
                     .into(),
             ));
         }
+        if parsed.encryption_key_ref.is_some() {
+            return Err(err(
+                "volume_context.source",
+                "encryption_key= names a host-side secret of the annotation API; CSI volumes \
+                 do not take one"
+                    .into(),
+            ));
+        }
         for flag in &self.mount_flags {
             let (k, v) = flag.split_once('=').unwrap_or((flag, ""));
             if parsed
@@ -99,12 +112,35 @@ impl Record {
         parsed.wire.read_only |= self.read_only;
         let kind = FsKind::of_wire(&parsed.wire)
             .ok_or_else(|| err("volume_context.source", "names no file system".into()))?;
+        // An encrypted volume's key is the secret's `encryptionKey`, whatever the file system.
+        let key_field = format!("secrets.{ENCRYPTION_KEY_SECRET}");
+        let key = secret.and_then(|s| s.0.get(ENCRYPTION_KEY_SECRET));
+        match (parsed.wire.encryption.as_mut(), key) {
+            (Some(e), Some(k)) if !k.is_empty() => e.key = k.as_bytes().to_vec(),
+            (Some(_), _) => {
+                return Err(err(
+                    &key_field,
+                    "is required for encrypted volumes: the node-publish secret \
+                     (csi.storage.k8s.io/node-publish-secret-name) holds the volume's key"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    &key_field,
+                    "is only for encrypted volumes (the source has no encryption=luks2)".into(),
+                ))
+            }
+            (None, None) => {}
+        }
         // Keys the file system does not read are refused by name (for NFS: any key).
         let creds = secret
             .map(|s| {
                 kind.credentials_from_map(
                     "secrets",
-                    s.0.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                    s.0.iter()
+                        .filter(|(k, _)| k.as_str() != ENCRYPTION_KEY_SECRET)
+                        .map(|(k, v)| (k.as_str(), v.as_str())),
                 )
             })
             .transpose()?;
@@ -122,14 +158,25 @@ impl Record {
             })?;
             kind.apply_credentials("secrets", &mut parsed.wire, &creds)?;
         }
-        let spec = VolumeSpec::from_wire(&parsed.wire)?;
+        let spec = VolumeSpec::from_wire(&parsed.wire).map_err(|e| {
+            // The key came from the secret: name it there (the reason never shows a value).
+            if e.field == "volume.encryption.key" {
+                SpecError {
+                    field: key_field.clone(),
+                    reason: e.reason,
+                }
+            } else {
+                e
+            }
+        })?;
         Ok((spec, parsed.wire))
     }
 }
 
-/// The node-publish secret of a volume whose file system needs one, as the CSI request gave
-/// it (CephFS `userKey`/`userID`, SMB `username`/`password`/`domain`: which keys is the
-/// file system's, [`FsKind::secret_keys`]). Kept beside the record, 0600, on tmpfs.
+/// The node-publish secret of a volume that needs one, as the CSI request gave it (CephFS
+/// `userKey`/`userID`, SMB `username`/`password`/`domain`: which keys is the file system's,
+/// [`FsKind::secret_keys`]; plus [`ENCRYPTION_KEY_SECRET`] for an encrypted volume). Kept
+/// beside the record, 0600, on tmpfs.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct NodeSecret(pub BTreeMap<String, String>);
@@ -363,6 +410,77 @@ mod tests {
             r.volume_spec(Some(&s)).unwrap_err().field,
             "volume_context.source"
         );
+    }
+
+    #[test]
+    fn an_encryption_key_secret_reference_is_refused_for_csi_volumes() {
+        let mut r = record("/t");
+        r.source = "nfs://10.0.0.5/e?encryption=luks2&size=1Gi&encryption_key=k".into();
+        let e = r.volume_spec(None).unwrap_err();
+        assert_eq!(e.field, "volume_context.source");
+        assert!(
+            e.reason
+                .starts_with("encryption_key= names a host-side secret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_encrypted_volumes_key_is_the_exact_bytes_of_secrets_encryption_key() {
+        let mut r = record("/t");
+        r.source = "nfs://10.0.0.5/e?vers=4.1&encryption=luks2&size=1073741824".into();
+        // Trailing newline and spaces kept: what `cryptsetup --key-file` reads of the same
+        // secret file, for recovery.
+        let key = " k3y with a trailing newline\n";
+        let s = NodeSecret::from_pairs([(ENCRYPTION_KEY_SECRET, key)]);
+        let (spec, wire) = r.volume_spec(Some(&s)).unwrap();
+        let e = spec.encryption.as_ref().expect("encrypted");
+        assert_eq!(e.key.expose(), key.as_bytes());
+        assert_eq!(e.size, 1 << 30);
+        assert_eq!(wire.encryption.key, key.as_bytes());
+        // CephFS: the credentials and the key from one secret.
+        r.source = "cephfs://10.0.0.1:6789/sub?fs=a&encryption=luks2&size=1Gi".into();
+        let s = NodeSecret::from_pairs([
+            ("userID", "x"),
+            ("userKey", KEY),
+            (ENCRYPTION_KEY_SECRET, key),
+        ]);
+        let (spec, wire) = r.volume_spec(Some(&s)).unwrap();
+        assert_eq!(wire.cephfs().secret, KEY);
+        assert_eq!(
+            spec.encryption.expect("encrypted").key.expose(),
+            key.as_bytes()
+        );
+    }
+
+    #[test]
+    fn a_missing_empty_oversized_or_stray_encryption_key_is_refused_naming_it_not_its_value() {
+        let mut r = record("/t");
+        r.source = "nfs://10.0.0.5/e?encryption=luks2&size=1Gi".into();
+        for s in [
+            None,
+            Some(NodeSecret::default()),
+            Some(NodeSecret::from_pairs([(ENCRYPTION_KEY_SECRET, "")])),
+        ] {
+            let e = r.volume_spec(s.as_ref()).unwrap_err();
+            assert_eq!(e.field, "secrets.encryptionKey", "{e}");
+            assert!(
+                e.reason.starts_with("is required for encrypted volumes"),
+                "{e}"
+            );
+        }
+        let huge = "S".repeat(1025);
+        let s = NodeSecret::from_pairs([(ENCRYPTION_KEY_SECRET, huge.as_str())]);
+        let e = r.volume_spec(Some(&s)).unwrap_err();
+        assert_eq!(e.field, "secrets.encryptionKey", "{e}");
+        assert!(!e.to_string().contains("SSSS"), "{e}");
+        // A plain volume takes no key.
+        r.source = "nfs://10.0.0.5/e".into();
+        let s = NodeSecret::from_pairs([(ENCRYPTION_KEY_SECRET, "secret-value")]);
+        let e = r.volume_spec(Some(&s)).unwrap_err();
+        assert_eq!(e.field, "secrets.encryptionKey");
+        assert!(e.reason.starts_with("is only for encrypted volumes"), "{e}");
+        assert!(!e.to_string().contains("secret-value"), "{e}");
     }
 
     #[test]

@@ -6,16 +6,20 @@
 //! - `smb://server[:port]/share[/path]?vers=3.1.1&secret=<ref>[&<option>...]`
 //! - `fuse://?sidecar=<container>[&socket=<path in it>][&<option>...]`
 //!
+//! Any of them but `fuse://` may be encrypted: `encryption=luks2&size=<n>[Ki|Mi|Gi|Ti]
+//! [&owner=<uid>:<gid>][&encryption_key=<ref>]` (see [`crate::spec::encryption`]).
+//!
 //! The scheme is the file system's name ([`FsKind`]); each file system's module reads its
 //! own authority and path. `secret=` names a secret held elsewhere, for file systems that
-//! need one. The result is an unvalidated wire spec: callers fill in what comes from
-//! elsewhere (credentials from a secret) and then validate with [`crate::spec`].
+//! need one; `encryption_key=` names the one holding an encrypted volume's key. The result
+//! is an unvalidated wire spec: callers fill in what comes from elsewhere (credentials and
+//! the encryption key from secrets) and then validate with [`crate::spec`].
 
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 
 use crate::agent;
-use crate::spec::FsKind;
+use crate::spec::{encryption, FsKind};
 
 /// The longest volume URL read: a CSI `volume_context` map is at most 4 KiB in all (CSI spec,
 /// "Size Limits"), and an annotation value at most 2 KiB.
@@ -45,6 +49,9 @@ pub struct VolumeUrl {
     pub wire: agent::VolumeSpec,
     /// `secret=`: the name of a secret held elsewhere (never a key itself).
     pub secret_ref: Option<String>,
+    /// `encryption_key=`: the name of the secret held elsewhere whose bytes are the
+    /// encryption key (`wire.encryption` is then set, its key still empty).
+    pub encryption_key_ref: Option<String>,
 }
 
 impl VolumeUrl {
@@ -101,13 +108,27 @@ pub fn parse(name: &str, url: &str) -> Result<VolumeUrl, String> {
     } else {
         None
     };
+    // Taken out before the file system reads its options: they are no mount options.
+    let encryption_key_ref = options.remove(encryption::OPT_ENCRYPTION_KEY);
+    let encryption = encryption::from_url_options(&mut options)?;
+    if encryption.is_none() && encryption_key_ref.is_some() {
+        return Err(format!(
+            "volume.options.{}: is only for encrypted volumes (add encryption=luks2)",
+            encryption::OPT_ENCRYPTION_KEY
+        ));
+    }
     let mut wire = agent::VolumeSpec {
         name: name.to_string(),
         source: Some(kind.source_from_url(authority, path, &mut options)?),
+        encryption: encryption.into(),
         ..Default::default()
     };
     wire.options = options.into_iter().collect();
-    Ok(VolumeUrl { wire, secret_ref })
+    Ok(VolumeUrl {
+        wire,
+        secret_ref,
+        encryption_key_ref: encryption_key_ref.filter(|s| !s.is_empty()),
+    })
 }
 
 /// The server of `[v6]:port`, `host:port`, ...; a port in the URL becomes the `port` option
@@ -184,6 +205,69 @@ mod tests {
         assert_eq!((c.fs_name.as_str(), c.client.as_str()), ("a", "x"));
         assert!(c.secret.is_empty());
         assert_eq!(u.secret_ref.as_deref(), Some("s"));
+    }
+
+    #[test]
+    fn encryption_options_leave_the_mount_options_for_the_encryption_field() {
+        let u = parse(
+            "sec",
+            "nfs://10.0.0.5/exports/a?vers=4.1&encryption=luks2&size=10Gi&owner=1000:100\
+             &encryption_key=team-key&nconnect=4",
+        )
+        .unwrap();
+        let e = u.wire.encryption.as_ref().expect("encrypted");
+        assert_eq!(
+            (e.mode.as_str(), e.size_bytes, e.uid, e.gid),
+            ("luks2", 10 << 30, 1000, 100)
+        );
+        assert!(
+            e.key.is_empty(),
+            "a URL names the key's secret, never carries a key"
+        );
+        assert_eq!(u.encryption_key_ref.as_deref(), Some("team-key"));
+        assert_eq!(u.wire.options.keys().collect::<Vec<_>>(), ["nconnect"]);
+        let spec = crate::spec::VolumeSpec::from_wire_unresolved(&u.wire).expect("valid");
+        assert_eq!(spec.encryption.as_ref().map(|e| e.size), Some(10 << 30));
+        // A plain URL has none of it.
+        let u = parse("p", "nfs://10.0.0.5/exports/a").unwrap();
+        assert!(u.wire.encryption.is_none() && u.encryption_key_ref.is_none());
+    }
+
+    #[test]
+    fn encryption_options_without_encryption_are_refused_naming_the_option() {
+        for (url, words) in [
+            (
+                "nfs://h/x?size=10Gi",
+                "volume.options.size: is only for encrypted volumes",
+            ),
+            (
+                "nfs://h/x?owner=1:1",
+                "volume.options.owner: is only for encrypted volumes",
+            ),
+            (
+                "nfs://h/x?encryption_key=k",
+                "volume.options.encryption_key: is only for encrypted volumes",
+            ),
+            (
+                "nfs://h/x?encryption=luks2",
+                "volume.options.size: is required with encryption=luks2",
+            ),
+            (
+                "nfs://h/x?encryption=plain&size=1Gi",
+                "volume.options.encryption: \"plain\" is not an encryption mode",
+            ),
+            (
+                "nfs://h/x?encryption=luks2&size=1Gi&size=2Gi",
+                "option \"size\" is given twice",
+            ),
+            (
+                "nfs://h/x?encryption=luks2&size=32Mi",
+                "volume.options.size: 33554432 bytes is outside 64Mi",
+            ),
+        ] {
+            let e = parse("v", url).unwrap_err();
+            assert!(e.starts_with(words), "{url}: {e}");
+        }
     }
 
     #[test]

@@ -501,17 +501,110 @@ impl Resolver<'_> {
 /// `$ORIGIN` is the directory of the path given, where it is placed in the guest (the host's
 /// loader would use the directory of its real path; they differ only for a symlink).
 pub fn closure(program: &Path, search: &SearchPath) -> Result<Vec<LoaderFile>> {
+    Ok(resolve(program, search)?
+        .into_iter()
+        .map(|r| r.file)
+        .collect())
+}
+
+/// A file of the closure with what placing it elsewhere depends on.
+struct Resolved {
+    file: LoaderFile,
+    /// The name the loader first looks it up by (DT_NEEDED, or PT_INTERP for the interpreter);
+    /// later requests match it by that name or its soname.
+    requested_as: Option<String>,
+    soname: Option<String>,
+    /// It has DT_RPATH or DT_RUNPATH.
+    search_path: bool,
+}
+
+/// The closure like [`closure`], but with every file placed in a private prefix:
+/// the program at `<prefix>/bin/<file name>`, the interpreter and each library at
+/// `<prefix>/lib/<soname or file name>`. Nothing lands in the loader's own directories, so
+/// an image's /lib is never replaced; the guest runs the program as
+/// `<prefix>/lib/<interpreter> --inhibit-cache --library-path <prefix>/lib <prefix>/bin/NAME`.
+/// Refused: a dynamic program without an interpreter to run it, a file with DT_RPATH or
+/// DT_RUNPATH (DT_RPATH is searched before --library-path, and both name host directories),
+/// a library asked for by a name other than the one it gets (the loader searches
+/// --library-path by the DT_NEEDED name) and two files given the same name.
+pub fn closure_into_prefix(
+    program: &Path,
+    search: &SearchPath,
+    prefix: &Path,
+) -> Result<Vec<LoaderFile>> {
+    let shown = program.display();
+    if !prefix.is_absolute() {
+        bail!("prefix {} is not an absolute path", prefix.display());
+    }
+    let resolved = resolve(program, search)?;
+    if resolved.len() < 2 {
+        // Only a dynamic program is run through the prefix's loader.
+        bail!("{shown} has no PT_INTERP: a static program needs no prefix");
+    }
+    let mut out: Vec<LoaderFile> = Vec::with_capacity(resolved.len());
+    for r in resolved {
+        let source = r.file.source.display();
+        if r.search_path {
+            bail!(
+                "{shown}: {source} has DT_RPATH or DT_RUNPATH, which name host directories; \
+                 not supported in a private prefix"
+            );
+        }
+        let host_name = || {
+            r.file
+                .source
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+                .with_context(|| format!("{shown}: {source} has no UTF-8 file name"))
+        };
+        let (dir, name) = match r.file.role {
+            Role::Program => ("bin", host_name()?),
+            Role::Interpreter => ("lib", r.soname.clone().map_or_else(host_name, Ok)?),
+            Role::Library => {
+                let name = r.soname.clone().map_or_else(host_name, Ok)?;
+                if let Some(other) = r.requested_as.as_ref().filter(|n| **n != name) {
+                    bail!(
+                        "{shown} needs {other}, found as {source} whose soname is {name}: \
+                         the loader would look for {other} in the prefix; not supported"
+                    );
+                }
+                ("lib", name)
+            }
+        };
+        let guest_path = normalize(&prefix.join(dir).join(&name));
+        if let Some(prev) = out.iter().find(|f| f.guest_path == guest_path) {
+            bail!(
+                "{shown}: {} and {source} would both be {}",
+                prev.source.display(),
+                guest_path.display()
+            );
+        }
+        out.push(LoaderFile {
+            guest_path,
+            ..r.file
+        });
+    }
+    Ok(out)
+}
+
+fn resolve(program: &Path, search: &SearchPath) -> Result<Vec<Resolved>> {
     let abs = std::path::absolute(program)
         .with_context(|| format!("{}: making the path absolute", program.display()))?;
     let path = normalize(&abs);
     let shown = path.display().to_string();
     let data = fs::read(&path).with_context(|| format!("reading {shown}"))?;
     let info = parse_elf(&data).with_context(|| shown.clone())?;
-    let mut out = vec![LoaderFile {
-        role: Role::Program,
-        guest_path: path.clone(),
-        source: path.clone(),
-        mode: 0o755,
+    let mut out = vec![Resolved {
+        file: LoaderFile {
+            role: Role::Program,
+            guest_path: path.clone(),
+            source: path.clone(),
+            mode: 0o755,
+        },
+        requested_as: None,
+        soname: info.soname.clone(),
+        search_path: info.rpath.is_some() || info.runpath.is_some(),
     }];
     let Some(interp) = info.interpreter.clone() else {
         if !info.needed.is_empty() {
@@ -588,15 +681,21 @@ pub fn closure(program: &Path, search: &SearchPath) -> Result<Vec<LoaderFile>> {
         }
     }
     for (i, o) in r.objects.iter().enumerate().skip(1) {
-        out.push(LoaderFile {
-            role: if i == 1 {
-                Role::Interpreter
-            } else {
-                Role::Library
+        out.push(Resolved {
+            file: LoaderFile {
+                role: if i == 1 {
+                    Role::Interpreter
+                } else {
+                    Role::Library
+                },
+                guest_path: o.guest.clone(),
+                source: o.host.clone(),
+                mode: mode_of(&o.host)?,
             },
-            guest_path: o.guest.clone(),
-            source: o.host.clone(),
-            mode: mode_of(&o.host)?,
+            // `add` puts the name it was first asked for by first.
+            requested_as: o.names.first().cloned(),
+            soname: o.info.soname.clone(),
+            search_path: o.info.rpath.is_some() || o.info.runpath.is_some(),
         });
     }
     Ok(out)
@@ -841,6 +940,119 @@ mod tests {
                 "{} needs libc.so.6: not found in {}",
                 prog.display(),
                 dir.path().join("bin/../lib").display()
+            )
+        );
+    }
+
+    const PREFIX: &str = "/usr/lib/cnfs/tools";
+
+    #[test]
+    fn prefix_closure_puts_the_program_in_bin_and_loader_and_libraries_in_lib() {
+        let (dir, prog) = fixture("prefix", Link::NoPath);
+        let lib = dir.path().join("lib");
+        let search = SearchPath {
+            conf_dirs: vec![lib.clone()],
+            system_dirs: SYSTEM_DIRS.iter().map(PathBuf::from).collect(),
+        };
+        let files = closure_into_prefix(&prog, &search, Path::new(PREFIX)).expect("closure");
+        let plain = closure(&prog, &search).expect("plain closure");
+        // The same files, in the same order, with the same roles and modes: only placed apart.
+        assert_eq!(files.len(), plain.len());
+        for (f, p) in files.iter().zip(&plain) {
+            assert_eq!((&f.source, f.role, f.mode), (&p.source, p.role, p.mode));
+        }
+        let prog_file = at(&files, "/usr/lib/cnfs/tools/bin/prog");
+        assert_eq!((prog_file.role, prog_file.mode), (Role::Program, 0o755));
+        assert_eq!(prog_file.source, prog);
+        let loader = at(&files, "/usr/lib/cnfs/tools/lib/ld-linux-x86-64.so.2");
+        assert_eq!(loader.role, Role::Interpreter);
+        assert_eq!(loader.source, Path::new(INTERP));
+        assert_eq!(
+            at(&files, "/usr/lib/cnfs/tools/lib/liba.so").source,
+            lib.join("liba.so")
+        );
+        assert_eq!(
+            at(&files, "/usr/lib/cnfs/tools/lib/libb.so").source,
+            lib.join("libb.so")
+        );
+        at(&files, "/usr/lib/cnfs/tools/lib/libc.so.6");
+        let outside: Vec<String> = guest_paths(&files)
+            .into_iter()
+            .filter(|p| !p.starts_with("/usr/lib/cnfs/tools/"))
+            .collect();
+        assert_eq!(outside, Vec::<String>::new());
+    }
+
+    #[test]
+    fn prefix_closure_refuses_rpath_static_programs_and_a_relative_prefix() {
+        let (dir, prog) = fixture("prefix-rpath", Link::Rpath);
+        let e = format!(
+            "{:#}",
+            closure_into_prefix(&prog, &host(), Path::new(PREFIX)).expect_err("DT_RPATH")
+        );
+        assert_eq!(
+            e,
+            format!(
+                "{0}: {0} has DT_RPATH or DT_RUNPATH, which name host directories; not \
+                 supported in a private prefix",
+                prog.display()
+            )
+        );
+        let e = format!(
+            "{:#}",
+            closure_into_prefix(Path::new("/bin/busybox"), &host(), Path::new(PREFIX))
+                .expect_err("static")
+        );
+        assert_eq!(
+            e,
+            "/bin/busybox has no PT_INTERP: a static program needs no prefix"
+        );
+        let e = format!(
+            "{:#}",
+            closure_into_prefix(&prog, &host(), Path::new("usr/lib/x")).expect_err("relative")
+        );
+        assert_eq!(e, "prefix usr/lib/x is not an absolute path");
+        drop(dir);
+    }
+
+    #[test]
+    fn prefix_closure_refuses_a_library_whose_soname_is_not_the_name_asked_for() {
+        let (dir, prog) = fixture("prefix-soname", Link::NoPath);
+        let lib = dir.path().join("lib");
+        // libb.so answers to another soname: in the prefix it would be `libb.so.2`, and the
+        // loader, asked for `libb.so` by liba.so, would not find it there.
+        let out = Command::new("cc")
+            .current_dir(dir.path())
+            .args([
+                "-shared",
+                "-fPIC",
+                "-Wl,-soname,libb.so.2",
+                "-o",
+                "lib/libb.so",
+                "b.c",
+            ])
+            .output()
+            .expect("running cc");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let search = SearchPath {
+            conf_dirs: vec![lib.clone()],
+            system_dirs: SYSTEM_DIRS.iter().map(PathBuf::from).collect(),
+        };
+        let e = format!(
+            "{:#}",
+            closure_into_prefix(&prog, &search, Path::new(PREFIX)).expect_err("soname")
+        );
+        assert_eq!(
+            e,
+            format!(
+                "{} needs libb.so, found as {} whose soname is libb.so.2: the loader would \
+                 look for libb.so in the prefix; not supported",
+                prog.display(),
+                lib.join("libb.so").display()
             )
         );
     }

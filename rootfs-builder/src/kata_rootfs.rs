@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _, Result};
 
 use crate::archive::read_input;
-use crate::{modules, DEFAULT_AGENT_PORT};
+use crate::elf_closure::SearchPath;
+use crate::{luks2_tools, modules, DEFAULT_AGENT_PORT};
 
 const UNIT_DIR: &str = "usr/lib/systemd/system";
 const UNIT_NAME: &str = "cnfs-agent.service";
@@ -40,6 +41,12 @@ pub struct Args {
     /// A module only installed, for cnfs-agent to load on demand (repeatable).
     #[arg(long, value_name = "NAME", requires = "kernel_tree")]
     pub module: Vec<String>,
+    /// This host's cryptsetup and mke2fs with their loader and libraries under
+    /// /usr/lib/cnfs/tools (nothing of the rootfs's own /lib is replaced), and with
+    /// `--kernel-tree` the modules of LUKS2 volumes (loop, dm-crypt, xts, aesni-intel and
+    /// their dependencies), installed for cnfs-agent to load.
+    #[arg(long)]
+    pub luks2_tools: bool,
 }
 
 /// The systemd unit. No mount namespace isolation may be added to it.
@@ -58,6 +65,8 @@ StartLimitIntervalSec=0
 ExecStart=/usr/bin/cnfs-agent --vsock-port {port}
 Restart=always
 RestartSec=1
+# Stop and restart signal the agent only: its helpers (LUKS2 lock holders) must outlive it.
+KillMode=process
 # Do not set PrivateMounts=, ProtectSystem=, ProtectHome=, PrivateTmp=, ReadOnlyPaths= or
 # any other option that gives the service its own mount namespace: the agent's mounts must
 # land in the guest's root mount namespace, which kata-agent shares with the containers.
@@ -95,6 +104,13 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let modules = module_list(&args.modules_load)?;
     let agent = read_input(&args.agent, "--agent")?;
+    // Resolved and read before anything is written: a missing tool leaves the rootfs as it was.
+    let tool_files = if args.luks2_tools {
+        luks2_tools::files(&luks2_tools::host_tools(), &SearchPath::host()?)?
+    } else {
+        Vec::new()
+    };
+    let tools = luks2_tools::read(&tool_files)?;
 
     install_file(root, "usr/bin", "cnfs-agent", &agent, 0o755)?;
     install_file(root, UNIT_DIR, UNIT_NAME, unit(args.port).as_bytes(), 0o644)?;
@@ -119,13 +135,21 @@ pub fn run(args: &Args) -> Result<()> {
         let text: String = modules.iter().map(|m| format!("{m}\n")).collect();
         install_file(root, dir, name, text.as_bytes(), 0o644)?;
     }
+    for (f, data) in &tools {
+        let path = f.archive_path()?;
+        let (dir, name) = path.rsplit_once('/').context("tool path")?;
+        install_file(root, dir, name, data, f.mode)?;
+    }
     if let (Some(tree), Some(rel)) = (&args.kernel_tree, &args.kernel_release) {
         let mut t = crate::archive::Tree::new();
-        let names: Vec<String> = modules
+        let mut names: Vec<String> = modules
             .iter()
             .map(|m| m.to_string())
             .chain(args.module.iter().cloned())
             .collect();
+        if args.luks2_tools {
+            names.extend(luks2_tools::modules());
+        }
         modules::add_to_tree(&mut t, tree, rel, &names)?;
         for (path, data) in t.files() {
             let (dir, name) = path.rsplit_once('/').context("module path")?;
@@ -231,6 +255,7 @@ mod tests {
             kernel_tree: None,
             kernel_release: None,
             module: vec![],
+            luks2_tools: false,
         }
     }
 
@@ -282,6 +307,8 @@ mod tests {
         assert!(text.contains("ExecStart=/usr/bin/cnfs-agent --vsock-port 4242\n"));
         assert!(text.contains("After=systemd-modules-load.service\n"));
         assert!(text.contains("Restart=always\n"));
+        // Helpers the agent leaves behind survive its restart (LUKS2 lock holders).
+        assert!(text.contains("\nKillMode=process\n"), "{text}");
         assert!(!text
             .lines()
             .any(|l| l.starts_with("PrivateMounts=") || l.starts_with("ProtectSystem=")));
@@ -296,6 +323,73 @@ mod tests {
             "nfs\nnfsv3\nnfsv4\nceph\n"
         );
         assert_eq!(mode(&r.join("etc/modules-load.d")), 0o755);
+    }
+
+    #[test]
+    fn luks2_tools_install_under_the_prefix_and_leave_the_rootfs_lib_alone() {
+        let dir = TempDir::new("kata-luks2");
+        let mut args = rootfs(&dir);
+        let r = args.rootfs.clone();
+        // The image's own libc and loader, which must stay as they are.
+        fs::create_dir_all(r.join("usr/lib/x86_64-linux-gnu")).expect("lib");
+        fs::write(r.join("usr/lib/x86_64-linux-gnu/libc.so.6"), b"image libc").expect("libc");
+        fs::create_dir_all(r.join("usr/lib64")).expect("lib64");
+        fs::write(r.join("usr/lib64/ld-linux-x86-64.so.2"), b"image ld").expect("ld");
+        symlink("usr/lib", r.join("lib")).expect("merged /usr");
+        let rel = "6.12.0-test-amd64";
+        args.kernel_tree = Some(luks2_tools::testing::kernel_tree(
+            &dir.path().join("kernel"),
+            rel,
+            &[],
+        ));
+        args.kernel_release = Some(rel.into());
+        args.modules_load = String::new();
+        let before = snapshot(&r);
+        args.luks2_tools = true;
+        run(&args).expect("install");
+
+        let p = r.join("usr/lib/cnfs/tools");
+        let host = |f: &str| fs::read(f).unwrap_or_else(|e| panic!("reading {f}: {e}"));
+        assert_eq!(
+            fs::read(p.join("bin/cryptsetup")).expect("cryptsetup"),
+            host("/usr/sbin/cryptsetup")
+        );
+        assert_eq!(mode(&p.join("bin/cryptsetup")), 0o755);
+        assert_eq!(
+            fs::read(p.join("bin/mke2fs")).expect("mke2fs"),
+            host("/usr/sbin/mke2fs")
+        );
+        assert_eq!(mode(&p.join("lib/ld-linux-x86-64.so.2")), 0o755);
+        assert!(p.join("lib/libcryptsetup.so.12").is_file());
+        assert_eq!(
+            fs::read(p.join("lib/libc.so.6")).expect("libc"),
+            host("/lib/x86_64-linux-gnu/libc.so.6")
+        );
+        // Everything that was there is unchanged (the lib link too).
+        let after = snapshot(&r);
+        for entry in &before {
+            assert!(after.contains(entry), "{} changed", entry.0.display());
+        }
+        // New paths: the agent and its unit, the prefix, and the modules.
+        let stray: Vec<&PathBuf> = after
+            .iter()
+            .map(|(path, _, _)| path)
+            .filter(|path| !before.iter().any(|(b, _, _)| b == *path))
+            .filter(|path| {
+                let rel = path.strip_prefix(&r).expect("under root");
+                !(rel.starts_with("usr/lib/cnfs")
+                    || rel.starts_with("usr/lib/modules")
+                    || rel.starts_with("usr/lib/systemd")
+                    || rel.starts_with("usr/bin")
+                    || rel.starts_with("etc/systemd"))
+            })
+            .collect();
+        assert_eq!(stray, Vec::<&PathBuf>::new());
+        let m = r.join("lib/modules").join(rel);
+        for f in luks2_tools::testing::MODULE_FILES {
+            assert!(m.join(f).is_file(), "{f}");
+        }
+        assert!(!m.join("kernel/drivers/md/dm-zero.ko").exists());
     }
 
     #[test]

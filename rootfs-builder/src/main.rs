@@ -6,6 +6,7 @@ mod archive;
 mod elf_closure;
 mod kata_kernel;
 mod kata_rootfs;
+mod luks2_tools;
 mod modules;
 mod overlay;
 mod test_initrd;

@@ -20,8 +20,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 
 use crate::archive::{gzip, read_input, write_output, Tree};
-use crate::modules;
 use crate::DEFAULT_AGENT_PORT;
+use crate::{luks2_tools, modules};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -49,6 +49,12 @@ pub struct Args {
     /// Kernel module only included, for cnfs-agent to load on demand (repeatable).
     #[arg(long, value_name = "NAME", requires = "kernel_tree")]
     pub module: Vec<String>,
+    /// This host's cryptsetup and mke2fs with their loader and libraries under
+    /// /usr/lib/cnfs/tools (nothing of the image's own /lib is replaced), and with
+    /// `--kernel-tree` the modules of LUKS2 volumes (loop, dm-crypt, xts, aesni-intel and
+    /// their dependencies; Kata's own kernel has them built in).
+    #[arg(long)]
+    pub luks2_tools: bool,
     /// Where to write the archive.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
@@ -74,13 +80,19 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
     // answers it (see guest-agent-ext/src/idmap.rs).
     t.symlink("sbin/request-key", "/usr/bin/cnfs-agent")?;
     let mut conf = format!("then={}\nargs=--vsock-port {}\n", args.then, args.port);
+    if args.luks2_tools {
+        luks2_tools::add_to_tree(&mut t)?;
+    }
     if let (Some(tree), Some(rel)) = (&args.kernel_tree, &args.kernel_release) {
-        let names: Vec<String> = args
+        let mut names: Vec<String> = args
             .boot_module
             .iter()
             .chain(&args.module)
             .cloned()
             .collect();
+        if args.luks2_tools {
+            names.extend(luks2_tools::modules());
+        }
         modules::add_to_tree(&mut t, tree, rel, &names)?;
         if !args.boot_module.is_empty() {
             conf.push_str(&format!("modules={}\n", args.boot_module.join(" ")));
@@ -112,6 +124,8 @@ pub fn run(args: &Args) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::testutil::{gunzip, read_newc, TempDir};
 
@@ -128,6 +142,7 @@ mod tests {
             kernel_release: None,
             boot_module: vec![],
             module: vec![],
+            luks2_tools: false,
         }
     }
 
@@ -226,6 +241,126 @@ mod tests {
         a.boot_module = vec!["nosuch".into()];
         let e = build(&a).expect_err("unknown module");
         assert!(format!("{e:#}").contains("nosuch"), "{e:#}");
+    }
+
+    /// Entries of the overlay built from `a`, by name: (mode, data).
+    fn entries_of(a: &Args) -> BTreeMap<String, (u32, Vec<u8>)> {
+        read_newc(&build(a).expect("build"))
+            .into_iter()
+            .map(|e| (e.name, (e.mode, e.data)))
+            .collect()
+    }
+
+    fn with_luks2_kernel(dir: &TempDir, a: &mut Args) {
+        let rel = "6.12.0-test-amd64";
+        a.kernel_tree = Some(luks2_tools::testing::kernel_tree(
+            &dir.path().join("kernel"),
+            rel,
+            &[],
+        ));
+        a.kernel_release = Some(rel.into());
+    }
+
+    #[test]
+    fn luks2_tools_land_under_the_private_prefix_with_their_loader() {
+        let dir = TempDir::new("overlay-luks2");
+        let mut a = args(&dir);
+        with_luks2_kernel(&dir, &mut a);
+        let without = entries_of(&a);
+        a.luks2_tools = true;
+        let with = entries_of(&a);
+        let host = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("reading {p}: {e}"));
+        let p = "usr/lib/cnfs/tools";
+        for (name, mode, source) in [
+            ("bin/cryptsetup", 0o100_755, "/usr/sbin/cryptsetup"),
+            ("bin/mke2fs", 0o100_755, "/usr/sbin/mke2fs"),
+            (
+                "lib/ld-linux-x86-64.so.2",
+                0o100_755,
+                "/lib64/ld-linux-x86-64.so.2",
+            ),
+        ] {
+            let (m, data) = &with[&format!("{p}/{name}")];
+            assert_eq!(*m, mode, "{name}");
+            assert!(*data == host(source), "{name} holds {source}");
+        }
+        for lib in [
+            "libcryptsetup.so.12",
+            "libext2fs.so.2",
+            "libc.so.6",
+            "libcrypto.so.3",
+        ] {
+            let (m, data) = &with[&format!("{p}/lib/{lib}")];
+            assert_eq!(m & 0o170_000, 0o100_000, "{lib} is a regular file");
+            assert!(!data.is_empty(), "{lib}");
+        }
+        // Everything the flag adds is under the prefix, or a module.
+        let added: Vec<&String> = with.keys().filter(|n| !without.contains_key(*n)).collect();
+        let stray: Vec<&&String> = added
+            .iter()
+            .filter(|n| !(n.starts_with(&format!("{p}/")) || n.starts_with("lib/modules/")))
+            .filter(|n| !["usr/lib/cnfs", p].contains(&n.as_str()))
+            .collect();
+        assert_eq!(stray, Vec::<&&String>::new());
+        // And nothing that was there changed, modules.dep aside (it lists the new modules).
+        for (name, entry) in &without {
+            if !name.ends_with("/modules.dep") {
+                assert_eq!(with.get(name), Some(entry), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_overlay_with_luks2_tools_leaves_the_images_lib_untouched() {
+        let dir = TempDir::new("overlay-luks2-lib");
+        let mut a = args(&dir);
+        a.luks2_tools = true;
+        let with = entries_of(&a);
+        // No entry at the loader's own paths or for a base directory, which would replace
+        // the image's libc or its `lib -> usr/lib` link.
+        let touching: Vec<&String> = with
+            .keys()
+            .filter(|n| {
+                ["lib", "lib64", "usr/lib", "usr/lib64"].contains(&n.as_str())
+                    || n.starts_with("lib/")
+                    || n.starts_with("lib64/")
+                    || n.starts_with("usr/lib/x86_64-linux-gnu")
+            })
+            .collect();
+        assert_eq!(touching, Vec::<&String>::new());
+        assert!(with.contains_key("usr/lib/cnfs/tools/lib/libc.so.6"));
+        // Without --kernel-tree (Kata's kernel has dm-crypt built in) no module is shipped.
+        assert!(
+            !with.keys().any(|n| n.contains("modules")),
+            "{:?}",
+            with.keys()
+        );
+    }
+
+    #[test]
+    fn luks2_tools_ship_the_dm_crypt_module_closure_with_a_kernel_tree() {
+        let dir = TempDir::new("overlay-luks2-mods");
+        let mut a = args(&dir);
+        with_luks2_kernel(&dir, &mut a);
+        a.luks2_tools = true;
+        let with = entries_of(&a);
+        let m = "lib/modules/6.12.0-test-amd64";
+        for f in luks2_tools::testing::MODULE_FILES {
+            assert!(
+                with.contains_key(&format!("{m}/{f}")),
+                "{f}: {:?}",
+                with.keys()
+            );
+        }
+        assert!(!with.keys().any(|n| n.contains("dm-zero")));
+        let dep = String::from_utf8_lossy(&with[&format!("{m}/modules.dep")].1).into_owned();
+        assert!(
+            dep.contains("kernel/drivers/md/dm-crypt.ko: kernel/drivers/md/dm-mod.ko\n"),
+            "{dep}"
+        );
+        // Loaded on demand by the agent, not at boot.
+        let conf = String::from_utf8_lossy(&with["etc/cnfs/init.conf"].1).into_owned();
+        assert!(!conf.contains("modules="), "{conf}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::archive::{gzip, read_input, write_output, Tree};
 use crate::elf_closure::{self, LoaderFile, SearchPath};
-use crate::modules;
+use crate::{luks2_tools, modules};
 
 const INIT: &str = include_str!("test-init.sh");
 const AGENT: &str = "cnfs-agent";
@@ -70,6 +70,11 @@ pub struct Args {
     /// Kernel module only included, for the agent to load on demand (repeatable).
     #[arg(long, value_name = "NAME")]
     pub module: Vec<String>,
+    /// This host's cryptsetup and mke2fs with their loader and libraries under
+    /// /usr/lib/cnfs/tools, and the modules of LUKS2 volumes (loop, dm-crypt, xts,
+    /// aesni-intel and their dependencies).
+    #[arg(long)]
+    pub luks2_tools: bool,
     /// Where to write the gzip'ed cpio.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
@@ -131,6 +136,9 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
             .with_context(|| format!("{flag} {}", s.name))?;
     }
     add_binaries(&mut t, &args.binary)?;
+    if args.luks2_tools {
+        luks2_tools::add_to_tree(&mut t)?;
+    }
     let services = std::iter::once(AGENT).chain(args.service.iter().map(|s| s.name.as_str()));
     t.file("etc/cnfs/services", 0o644, lines(services))?;
     t.file(
@@ -139,12 +147,15 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
         lines(args.boot_module.iter().map(String::as_str)),
     )?;
 
-    let names: Vec<String> = args
+    let mut names: Vec<String> = args
         .boot_module
         .iter()
         .chain(&args.module)
         .cloned()
         .collect();
+    if args.luks2_tools {
+        names.extend(luks2_tools::modules());
+    }
     modules::add_to_tree(&mut t, &args.kernel_tree, rel, &names)?;
     Ok(t)
 }
@@ -241,6 +252,7 @@ mod tests {
             binary: Vec::new(),
             boot_module: vec!["x".into(), "ext4".into()],
             module: Vec::new(),
+            luks2_tools: false,
             out,
         };
         (tree, args)
@@ -407,6 +419,43 @@ mod tests {
         assert_eq!(entry(&entries, "lib/modules").mode, 0o040_755);
         entry(&entries, &format!("lib/modules/{REL}/modules.dep"));
         assert_eq!(entry(&entries, "bin/busybox").data, b"busybox binary");
+    }
+
+    #[test]
+    fn luks2_tools_and_their_modules_go_into_the_test_initrd_beside_binary_closures() {
+        let dir = TempDir::new("initrd-luks2");
+        let (_, mut args) = fake_tree(&dir);
+        args.kernel_tree = luks2_tools::testing::kernel_tree(
+            &dir.path().join("luks2-kernel"),
+            REL,
+            &["kernel/a/x.ko: kernel/a/y.ko", "kernel/a/y.ko:"],
+        );
+        // sshfs-like: a --binary closure at the loader's paths, next to the prefix's own.
+        args.binary = vec!["/bin/ls".into()];
+        args.luks2_tools = true;
+        let entries = read_newc(&build_tree(&args).expect("build").to_newc().expect("newc"));
+        let m = format!("lib/modules/{REL}");
+        for f in luks2_tools::testing::MODULE_FILES {
+            entry(&entries, &format!("{m}/{f}"));
+        }
+        assert!(entries.iter().all(|e| !e.name.contains("dm-zero")));
+        let p = "usr/lib/cnfs/tools";
+        for f in ["bin/cryptsetup", "bin/mke2fs", "lib/ld-linux-x86-64.so.2"] {
+            assert_eq!(entry(&entries, &format!("{p}/{f}")).mode, 0o100_755, "{f}");
+        }
+        entry(&entries, &format!("{p}/lib/libcryptsetup.so.12"));
+        // Two copies of libc, each where its own loader looks.
+        let host_libc = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6").expect("libc");
+        assert_eq!(
+            entry(&entries, &format!("{p}/lib/libc.so.6")).data,
+            host_libc
+        );
+        assert_eq!(
+            entry(&entries, "lib/x86_64-linux-gnu/libc.so.6").data,
+            host_libc
+        );
+        // The boot modules and the loop-free ones are still there.
+        assert_eq!(entry(&entries, "etc/cnfs/boot-modules").data, b"x\next4\n");
     }
 
     #[test]

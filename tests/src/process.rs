@@ -142,3 +142,23 @@ pub fn processes() -> Vec<(u32, Vec<String>)> {
         })
         .collect()
 }
+
+/// The files under `dir` (recursively) whose bytes contain `needle`, like `grep -r -l -a`:
+/// how tests prove that a plaintext canary or a key reached no file of a server's store.
+pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> anyhow::Result<Vec<String>> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(p.display().to_string());
+                }
+            }
+        }
+    }
+    Ok(hits)
+}

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use cnfs_protocols::agent::{self, Health};
 use cnfs_testbed::ganesha::EXPORT;
+use cnfs_testbed::guest::AGENT_PID_SH;
 use cnfs_testbed::vm::ctx;
 use cnfs_testbed::{code_of, message_of, mount_request, nfs_volume, TestBed};
 use ttrpc::Code;
@@ -264,7 +265,9 @@ async fn unmount_list_stats_idempotency_and_least_privilege() -> anyhow::Result<
         ping.capabilities,
         ["CAP_SYSLOG", "CAP_SYS_ADMIN", "CAP_SYS_MODULE"]
     );
-    let status = g.ok("cat /proc/$(pidof cnfs-agent)/status").await?;
+    let status = g
+        .ok(&format!("{AGENT_PID_SH}; cat /proc/$a/status"))
+        .await?;
     let cap = |k: &str| {
         status
             .lines()

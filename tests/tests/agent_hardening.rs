@@ -29,10 +29,13 @@ struct Proc {
 
 async fn agent_proc(g: &GuestExec) -> anyhow::Result<Proc> {
     let out = g
-        .ok(&format!("{AGENT_PID}; grep -E '^(VmRSS|Threads):' /proc/$a/status | tr -s ' \\t' ' '; \
+        .ok(&format!(
+            "{AGENT_PID}; grep -E '^(VmRSS|Threads):' /proc/$a/status | tr -s ' \\t' ' '; \
              echo fds $(ls /proc/$a/fd | wc -l); n=0; \
-             for s in /proc/[0-9]*/status; do grep -qE \"^PPid:[[:space:]]+$a\\$\" $s 2>/dev/null && n=$((n+1)); done; \
-             echo children $n"))
+             for s in /proc/[0-9]*/status; do grep -qE \"^PPid:[[:space:]]+$a\\$\" $s 2>/dev/null \
+               && ! grep -qs cnfs-tool-runner ${{s%/status}}/cmdline && n=$((n+1)); done; \
+             echo children $n"
+        ))
         .await?;
     let field = |key: &str| -> anyhow::Result<u64> {
         let line = out

@@ -228,6 +228,76 @@ async fn cephfs_admin_and_restricted_keys_move_data_and_keys_stay_hidden() -> an
         )
         .await?;
     }
+
+    // 6. An encrypted volume on CephFS: a LUKS2 container in /enc, ext4 inside, in the guest.
+    g.ok("mkdir -p /run/cnfs/volumes/whole/enc").await?;
+    let enc_request = |name: &str| {
+        let mut r = Vol {
+            name,
+            path: "/enc",
+            ..sub_like(&whole)
+        }
+        .request(180_000);
+        r.volume.mut_or_insert_default().encryption =
+            protobuf::MessageField::some(agent::Encryption {
+                mode: "luks2".into(),
+                key: b"ceph volume key".to_vec(),
+                size_bytes: 128 << 20,
+                ..Default::default()
+            });
+        r
+    };
+    agent
+        .mount(ctx(Duration::from_secs(240)), &enc_request("enc"))
+        .await?;
+    let canary = "CNFS-CEPHFS-PLAINTEXT-CANARY";
+    let enc_sum = g
+        .ok(&format!(
+            "echo {canary} > /run/cnfs/volumes/enc/c.txt && sync && md5sum /run/cnfs/volumes/enc/c.txt"
+        ))
+        .await?;
+    assert!(g
+        .ok("cat /proc/mounts")
+        .await?
+        .contains("/run/cnfs/volumes/enc ext4 "));
+    let container = ceph.try_read_file("/enc/cnfs-volume.luks2")?;
+    assert_eq!(container.len(), 128 << 20);
+    assert_eq!(
+        &container[..6],
+        b"LUKS\xba\xbe",
+        "a LUKS2 header on the pool"
+    );
+    assert!(
+        !container
+            .windows(canary.len())
+            .any(|w| w == canary.as_bytes()),
+        "plaintext in the pool"
+    );
+    // A second opener (its own client session: `noshare`) meets the MDS's lock.
+    let e = agent
+        .mount(ctx(Duration::from_secs(240)), &enc_request("enc2"))
+        .await
+        .expect_err("the container is held");
+    assert_eq!(code_of(&e), Code::FAILED_PRECONDITION, "{e:?}");
+    assert!(message_of(&e).contains("in use by another client"), "{e:?}");
+    let u = agent
+        .unmount(
+            ctx(T),
+            &agent::UnmountRequest {
+                name: "enc".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(u.method, "umount", "{u:?}");
+    assert_eq!(
+        g.ok("ls /sys/block | grep -c '^dm-' || true").await?.trim(),
+        "0"
+    );
+    agent
+        .mount(ctx(Duration::from_secs(240)), &enc_request("enc"))
+        .await?;
+    assert_eq!(g.ok("md5sum /run/cnfs/volumes/enc/c.txt").await?, enc_sum);
     Ok(())
 }
 

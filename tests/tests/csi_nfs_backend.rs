@@ -1,18 +1,34 @@
-//! The CSI controller's NFS backend against a real nfs-ganesha (no VM): the user-space NFSv3
-//! client runs on a thread inside the test's network namespace, and every effect is checked
-//! on the server side, in the exported host directory.
+//! The CSI controller's NFS backend against a real nfs-ganesha: the user-space NFSv3 client
+//! runs on a thread inside the test's network namespace, and every effect is checked on the
+//! server side, in the exported host directory. One case boots a guest: an encrypted
+//! (`encryption: luks2`) volume from CreateVolume to NodeUnpublishVolume, the real `cnfs-csi`
+//! binary (no capability) playing both services and the test playing kubelet and the CNFS
+//! shim (hand-off record and node-publish secret → the agent's Mount).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cnfs_csi::backend::nfs::NfsShare;
 use cnfs_csi::backend::{BackendError, OnDelete};
+use cnfs_csi::csi::controller_client::ControllerClient;
+use cnfs_csi::csi::node_client::NodeClient;
+use cnfs_csi::csi::volume_capability::access_mode::Mode;
+use cnfs_csi::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+use cnfs_csi::csi::{
+    CapacityRange, ControllerExpandVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest,
+    NodePublishVolumeRequest, NodeUnpublishVolumeRequest, VolumeCapability,
+};
+use cnfs_protocols::agent;
+use cnfs_protocols::handoff::{self, HandoffDir};
 use cnfs_testbed::ganesha::EXPORT;
-use cnfs_testbed::process::run;
-use cnfs_testbed::{Ganesha, NetNs, TempDir};
+use cnfs_testbed::process::{files_containing, run};
+use cnfs_testbed::vm::ctx;
+use cnfs_testbed::{mount_request, Artifacts, Ganesha, NetNs, TempDir, Vm};
 
 /// Budget of an operation that should succeed (generous: a loaded two-core machine).
 const T: Duration = Duration::from_secs(20);
@@ -340,5 +356,419 @@ fn failures_are_classified_and_bounded() -> anyhow::Result<()> {
 
     // The server itself is unharmed by all of this.
     assert!(bed.run(good.dir_exists("by-name", T))?);
+    Ok(())
+}
+
+/// The `cnfs-csi` binary of this build, brought up to date first (this package's tests do not
+/// build another package's binaries; a stale one would test old code).
+fn csi_binary() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/cnfs-csi
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    BUILT.call_once(|| {
+        let mut c = Command::new(env!("CARGO"));
+        c.args(["build", "--quiet", "-p", "cnfs-csi", "--bin", "cnfs-csi"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            c.arg("--release");
+        }
+        let st = c.status().expect("cargo runs");
+        assert!(st.success(), "building cnfs-csi");
+    });
+    profile_dir.join("cnfs-csi")
+}
+
+/// `cnfs-csi all` in the test's network namespace (the controller reaches ganesha there),
+/// with every capability gone before exec, as the node DaemonSet runs it.
+struct Csi {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Csi {
+    fn start(ns: &NetNs, dir: &Path, handoff_dir: &Path) -> anyhow::Result<Self> {
+        let socket = dir.join("csi.sock");
+        let log = dir.join("cnfs-csi.log");
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name))
+            .args([
+                "setpriv",
+                "--bounding-set=-all",
+                "--inh-caps=-all",
+                "--ambient-caps=-all",
+                "--no-new-privs",
+            ])
+            .arg(csi_binary())
+            .arg("--endpoint")
+            .arg(&socket)
+            .args(["all", "--node-id", "node-a", "--handoff-dir"])
+            .arg(handoff_dir)
+            .args(["--kata-sandbox-root", "/nonexistent/kata"])
+            .args([
+                "--config",
+                "/nonexistent/csi.toml",
+                "--backend-timeout",
+                "10",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let end = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            anyhow::ensure!(Instant::now() < end, "cnfs-csi did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Csi { child, socket, log })
+    }
+}
+
+impl Drop for Csi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A hand-off directory on tmpfs (the node plugin writes keys nowhere else), removed at drop.
+struct ShmDir(PathBuf);
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rwo() -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_csi_volume_is_a_luks2_container_on_the_share_that_only_the_guest_reads(
+) -> anyhow::Result<()> {
+    // Raw bytes of the Kubernetes secret's value, a trailing newline included.
+    const VOLUME_KEY: &str = "csi-e2e volume key: 3f9a0c17d2b84e61\n";
+    const SIZE: i64 = 128 << 20;
+    let art = Artifacts::locate()?;
+    let dir = TempDir::new("csi-luks2")?;
+    let ns = NetNs::create()?;
+    let nfs = Ganesha::start(&ns, dir.path())?;
+    let handoff_dir = ShmDir(PathBuf::from(format!(
+        "/dev/shm/cnfs-csi-luks2-{}",
+        cnfs_testbed::unique_id()
+    )));
+    let csi = Csi::start(&ns, dir.path(), &handoff_dir.0)?;
+    let channel = cnfs_csi::client::connect(&csi.socket).await?;
+    let mut controller = ControllerClient::new(channel.clone());
+    let mut node = NodeClient::new(channel);
+
+    // CreateVolume of an `encryption: luks2` class: a directory on the share, and a source
+    // that tells the node side the mode and the container's size.
+    let name = format!("pvc-{}", cnfs_testbed::unique_id());
+    let vol = controller
+        .create_volume(CreateVolumeRequest {
+            name: name.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: SIZE,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![rwo()],
+            parameters: HashMap::from([
+                ("fs".to_string(), "nfs".to_string()),
+                ("server".to_string(), ns.host_ip.clone()),
+                ("share".to_string(), EXPORT.to_string()),
+                ("vers".to_string(), "4.1".to_string()),
+                ("onDelete".to_string(), "delete".to_string()),
+                ("encryption".to_string(), "luks2".to_string()),
+            ]),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert!(vol.volume_id.starts_with("nfs+luks2#"), "{}", vol.volume_id);
+    assert_eq!(vol.capacity_bytes, SIZE);
+    let source = &vol.volume_context["source"];
+    assert_eq!(
+        source,
+        &format!(
+            "nfs://{}{EXPORT}/{name}?vers=4.1&encryption=luks2&size={SIZE}",
+            ns.host_ip
+        )
+    );
+    let server_dir = nfs.export_dir.join(&name);
+    assert!(server_dir.is_dir(), "{} not created", server_dir.display());
+    // Its size is fixed: expansion is refused, saying so.
+    let e = controller
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 2 * SIZE,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("expansion refused");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("size is fixed"), "{e:?}");
+
+    // NodePublishVolume with the key in the node-publish secret, as kubelet sends it.
+    let pod_dir = dir
+        .path()
+        .join("kubelet/pods/uid-1/volumes/kubernetes.io~csi/pv-1");
+    std::fs::create_dir_all(&pod_dir)?;
+    let target = pod_dir.join("mount").display().to_string();
+    let mut context = vol.volume_context.clone();
+    context.insert("csi.storage.k8s.io/pod.namespace".into(), "team-a".into());
+    context.insert("csi.storage.k8s.io/pod.name".into(), "app".into());
+    node.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        target_path: target.clone(),
+        volume_capability: Some(rwo()),
+        volume_context: context,
+        secrets: HashMap::from([("encryptionKey".to_string(), VOLUME_KEY.to_string())]),
+        ..Default::default()
+    })
+    .await?;
+
+    // The shim's part: the record and the key from the hand-off, the spec, the agent's Mount.
+    let h = HandoffDir::new(&handoff_dir.0);
+    let record = h.read_record(&target)?.expect("record");
+    assert!(record.has_secret, "{record:?}");
+    assert!(
+        !std::fs::read_to_string(h.record_path(&target))?.contains("volume key"),
+        "the record holds no key"
+    );
+    let secret = h.read_secret(&target)?.expect("the key beside the record");
+    let (spec, wire) = record.volume_spec(Some(&secret))?;
+    let enc = spec.encryption.as_ref().expect("encrypted");
+    assert_eq!(enc.key.expose(), VOLUME_KEY.as_bytes());
+    assert_eq!(enc.size, SIZE as u64);
+
+    let vm = Vm::boot(&art, &ns, dir.path()).await?;
+    let g = &vm.exec;
+    let a = vm.agent().await?;
+    let guest_name = handoff::guest_volume_name(&target);
+    let t = Duration::from_secs(240);
+    // First use: two argon2 passes and mkfs under TCG.
+    a.mount(ctx(t), &mount_request(wire, 180_000)).await?;
+    let mounts = g.ok("cat /proc/mounts").await?;
+    assert!(
+        mounts.contains(&format!("/run/cnfs/volumes/{guest_name} ext4 ")),
+        "{mounts}"
+    );
+
+    // A container's write, through its own bind mount of the volume.
+    let canary = format!("CNFS-CSI-PLAINTEXT-CANARY-{}", cnfs_testbed::unique_id());
+    g.ok(&format!(
+        "unshare -m sh -c 'mkdir -p /tmp/ctr && mount --bind /run/cnfs/volumes/{guest_name} \
+         /tmp/ctr && for i in 1 2 3 4 5 6 7 8; do echo {canary} >> /tmp/ctr/canary.txt; done \
+         && sync'"
+    ))
+    .await?;
+    assert_eq!(
+        g.ok(&format!("cat /run/cnfs/volumes/{guest_name}/canary.txt"))
+            .await?
+            .lines()
+            .filter(|l| *l == canary)
+            .count(),
+        8
+    );
+
+    // Sandbox delete (the shim unmounts), then kubelet's NodeUnpublishVolume.
+    a.unmount(
+        ctx(t),
+        &agent::UnmountRequest {
+            name: guest_name.clone(),
+            timeout_ms: 30_000,
+            force: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await?;
+
+    // The share holds one stock LUKS2 container and no plaintext.
+    let container = server_dir.join("cnfs-volume.luks2");
+    let listing: Vec<String> = std::fs::read_dir(&server_dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listing, ["cnfs-volume.luks2"], "no temp file left");
+    assert_eq!(std::fs::metadata(&container)?.len(), SIZE as u64);
+    let out = Command::new("cryptsetup")
+        .args(["isLuks", "--type", "luks2"])
+        .arg(&container)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "host cryptsetup isLuks: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        files_containing(&nfs.export_dir, canary.as_bytes())?.is_empty(),
+        "plaintext on the server"
+    );
+    assert!(
+        files_containing(&nfs.export_dir, VOLUME_KEY.as_bytes())?.is_empty(),
+        "key on the server"
+    );
+
+    // Nothing is left: in the guest no volume or backing mount, dm device or bound loop; on
+    // the node no target, record or key.
+    let dm = g.ok("ls /sys/block | grep '^dm-' || true").await?;
+    let loops = g
+        .ok("for l in /sys/block/loop*/loop/backing_file; do [ -e \"$l\" ] && cat \"$l\"; done; true")
+        .await?;
+    let left = g
+        .ok("grep -E 'cnfs/(backing|volumes)' /proc/mounts || true")
+        .await?;
+    assert!(
+        dm.trim().is_empty() && loops.trim().is_empty() && left.trim().is_empty(),
+        "left in the guest: dm={dm:?} loops={loops:?} mounts={left:?}"
+    );
+    assert!(!Path::new(&target).exists(), "target left");
+    assert!(h.read_record(&target)?.is_none() && h.read_secret(&target)?.is_none());
+
+    // DeleteVolume finds the provisioner through the encrypted id.
+    controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await?;
+    assert!(!server_dir.exists(), "onDelete=delete removed it");
+
+    // The key is in nothing the plugin logged.
+    let log = std::fs::read_to_string(&csi.log)?;
+    assert!(log.contains("NodePublishVolume"), "{log}");
+    assert!(!log.contains("volume key"), "{log}");
+    drop(vm);
+    Ok(())
+}
+
+/// The example in configs/kubernetes/example-csi-luks2.yaml is what the driver accepts: the
+/// class's parameters plan an encrypted NFS volume, the claim asks for a mode and a size the
+/// controller takes, the secret the class names (templates resolved for the claim) holds
+/// `encryptionKey`, and a publish with it is valid.
+#[test]
+fn the_luks2_csi_example_is_a_class_claim_and_secret_the_driver_accepts() -> anyhow::Result<()> {
+    use cnfs_csi::backend::nfs::{NfsVolume, PARAMETERS};
+    use cnfs_protocols::spec::EncryptionMode;
+    use serde::Deserialize;
+    use serde_json::Value as Json;
+
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/kubernetes/example-csi-luks2.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    let docs: Vec<Json> = serde_yaml::Deserializer::from_str(&text)
+        .map(Json::deserialize)
+        .collect::<Result<_, _>>()?;
+    let of = |kind: &str| -> anyhow::Result<&Json> {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .ok_or_else(|| anyhow::anyhow!("no {kind} in {}", path.display()))
+    };
+    let (class, claim, secret, pod) = (
+        of("StorageClass")?,
+        of("PersistentVolumeClaim")?,
+        of("Secret")?,
+        of("Pod")?,
+    );
+    assert_eq!(class["provisioner"], "csi.cnfs.io");
+    assert_eq!(class["allowVolumeExpansion"], false, "the size is fixed");
+    let params: HashMap<String, String> = serde_json::from_value(class["parameters"].clone())?;
+    assert_eq!(
+        cnfs_csi::encryption::from_parameters(&params).map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        Some(EncryptionMode::Luks2)
+    );
+    // Every parameter is one the controller reads or external-provisioner consumes.
+    for k in params.keys() {
+        assert!(
+            PARAMETERS.contains(&k.as_str())
+                || k == cnfs_csi::encryption::PARAMETER
+                || k.starts_with("csi.storage.k8s.io/node-publish-secret-"),
+            "parameter {k}"
+        );
+    }
+    let driver_params: HashMap<String, String> = params
+        .iter()
+        .filter(|(k, _)| !k.contains('/') && k.as_str() != "encryption")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let (_, planned) = NfsVolume::plan("pvc-0a1b", &driver_params)
+        .map_err(|e| anyhow::anyhow!("the class's parameters: {e}"))?;
+
+    // The claim: a single-node mode and a size the controller turns into a container.
+    let modes: Vec<String> = serde_json::from_value(claim["spec"]["accessModes"].clone())?;
+    assert!(
+        modes
+            .iter()
+            .all(|m| m == "ReadWriteOncePod" || m == "ReadWriteOnce"),
+        "{modes:?}"
+    );
+    let storage = claim["spec"]["resources"]["requests"]["storage"]
+        .as_str()
+        .unwrap_or_default();
+    let size = cnfs_protocols::spec::encryption::parse_size("storage", storage)?;
+    let size = cnfs_csi::encryption::container_size(cnfs_csi::backend::Capacity {
+        required: size,
+        limit: 0,
+    })
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+
+    // The secret the class names for this claim exists and holds encryptionKey.
+    let resolve = |t: &str| {
+        t.replace(
+            "${pvc.name}",
+            claim["metadata"]["name"].as_str().unwrap_or_default(),
+        )
+        .replace(
+            "${pvc.namespace}",
+            claim["metadata"]["namespace"].as_str().unwrap_or_default(),
+        )
+    };
+    assert_eq!(
+        resolve(&params["csi.storage.k8s.io/node-publish-secret-name"]),
+        secret["metadata"]["name"]
+    );
+    assert_eq!(
+        resolve(&params["csi.storage.k8s.io/node-publish-secret-namespace"]),
+        secret["metadata"]["namespace"]
+    );
+    let key = secret["stringData"]["encryptionKey"]
+        .as_str()
+        .expect("stringData.encryptionKey");
+
+    // The pod runs under the CNFS runtime class, and a publish of the volume with that secret
+    // is valid.
+    assert_eq!(pod["spec"]["runtimeClassName"], "kata-cnfs");
+    let source = cnfs_csi::encryption::add_to_source(&planned, EncryptionMode::Luks2, size);
+    let p = cnfs_csi::node::validate_publish(&NodePublishVolumeRequest {
+        volume_id: "nfs+luks2#delete#10.0.0.5#/exports/k8s#pvc-0a1b".into(),
+        target_path: "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/pvc-0a1b/mount".into(),
+        volume_capability: Some(rwo()),
+        volume_context: HashMap::from([("source".to_string(), source)]),
+        secrets: HashMap::from([("encryptionKey".to_string(), key.to_string())]),
+        ..Default::default()
+    })
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(p.record.has_secret);
     Ok(())
 }

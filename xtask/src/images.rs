@@ -272,6 +272,8 @@ pub fn build_all(k: &crate::setup::KernelTree) -> anyhow::Result<()> {
     for m in VOLUME_MODULES {
         overlay.args(["--module", m]);
     }
+    // Encrypted volumes: cryptsetup and mke2fs under /usr/lib/cnfs/tools, and their modules.
+    overlay.arg("--luks2-tools");
     crate::sh(overlay.arg("--out").arg(work.join("cnfs-overlay.cpio.gz")))?;
 
     let version = env!("CARGO_PKG_VERSION").to_string();

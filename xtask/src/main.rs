@@ -224,6 +224,9 @@ fn guest(kernel: Kernel) -> anyhow::Result<setup::KernelTree> {
                 "--program=cnfs-fuse-starter={}",
                 bin.join("cnfs-fuse-starter").display()
             ))
+            // LUKS2 volumes: Debian's cryptsetup and mke2fs under /usr/lib/cnfs/tools, and
+            // the loop, dm-crypt, xts and aesni-intel modules.
+            .arg("--luks2-tools")
             // The bench's workload, the same code on every file system path.
             .arg(format!(
                 "--program=cnfs-io-bench={}",

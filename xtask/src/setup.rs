@@ -16,8 +16,9 @@ use crate::{root, sh};
 /// calls mount(2), cpio to build initrds exactly as Kata's osbuilder does, mmdebstrap for a
 /// systemd guest root built the way osbuilder builds its image roots, Samba (server and
 /// smbclient) for SMB volumes, sshfs (copied with its libraries into the test guest) and
-/// openssh-sftp-server (its server, run on the host) for FUSE volumes. (QEMU comes from
-/// backports, below.)
+/// openssh-sftp-server (its server, run on the host) for FUSE volumes, cryptsetup-bin and
+/// e2fsprogs (cryptsetup and mke2fs, copied with their libraries into the test guest's
+/// /usr/lib/cnfs/tools) for LUKS2 volumes. (QEMU comes from backports, below.)
 const PACKAGES: &[&str] = &[
     "containerd",
     "runc",
@@ -42,6 +43,9 @@ const PACKAGES: &[&str] = &[
     // FUSE volumes: the guest runs Debian's unmodified sshfs against the host's sftp-server.
     "sshfs",
     "openssh-sftp-server",
+    // LUKS2 volumes: the guest runs Debian's cryptsetup and mke2fs (`--luks2-tools`).
+    "cryptsetup-bin",
+    "e2fsprogs",
 ];
 
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/cnfs-bookworm-backports.sources";

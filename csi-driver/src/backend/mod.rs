@@ -123,6 +123,9 @@ pub struct Plan {
     pub id_fields: String,
     /// The parameters that make the id long, named when it would be too long.
     pub id_from: &'static str,
+    /// The volume URL the node side will mount, when it is known before anything is made
+    /// (NFS, SMB; not CephFS, whose URL names the cluster's fsid): checked before creating.
+    pub source: Option<String>,
 }
 
 /// A volume made (or found).

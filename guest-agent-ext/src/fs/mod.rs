@@ -1,8 +1,9 @@
 //! One mount handler per file system behind one trait, registered in one table: adding a file
-//! system is one new file and one line in `Registry::default`.
+//! system is one new file and one line in `Registry::new`.
 
 mod cephfs;
 pub mod fuse;
+pub mod luks2;
 mod nfs;
 mod smb;
 
@@ -155,10 +156,13 @@ pub trait MountHandler: Send + Sync {
 
 pub struct Registry {
     handlers: Vec<Box<dyn MountHandler>>,
+    /// Encrypted volumes: a layer over the NFS or CephFS handler, chosen by the spec's
+    /// `encryption`, not by its file system.
+    luks2: luks2::Luks2,
 }
 
-impl Default for Registry {
-    fn default() -> Self {
+impl Registry {
+    pub fn new(tools: crate::tools::ToolClient, volumes: VolumeLocks, log: slog::Logger) -> Self {
         Registry {
             handlers: vec![
                 Box::new(nfs::Nfs),
@@ -166,11 +170,10 @@ impl Default for Registry {
                 Box::new(smb::Smb),
                 Box::new(fuse::Fuse),
             ],
+            luks2: luks2::Luks2::new(tools, volumes, log),
         }
     }
-}
 
-impl Registry {
     pub fn get(&self, fs: &str) -> Option<&dyn MountHandler> {
         self.handlers
             .iter()
@@ -178,13 +181,26 @@ impl Registry {
             .map(|h| h.as_ref())
     }
 
+    /// The handler that mounts `spec`: the encryption layer when it asks for one.
+    pub fn for_spec(&self, spec: &VolumeSpec) -> Option<&dyn MountHandler> {
+        match spec.encryption {
+            Some(_) => Some(&self.luks2),
+            None => self.get(spec.fs_name()),
+        }
+    }
+
+    pub fn luks2(&self) -> &luks2::Luks2 {
+        &self.luks2
+    }
+
     /// The handler whose mounts show `kernel_type` in mountinfo (for a volume adopted
     /// without a spec).
     pub fn for_kernel_type(&self, kernel_type: &str) -> Option<&dyn MountHandler> {
         self.handlers
             .iter()
-            .find(|h| h.kernel_types().contains(&kernel_type))
             .map(|h| h.as_ref())
+            .chain(std::iter::once(&self.luks2 as &dyn MountHandler))
+            .find(|h| h.kernel_types().contains(&kernel_type))
     }
 
     pub fn all(&self) -> impl Iterator<Item = &dyn MountHandler> {

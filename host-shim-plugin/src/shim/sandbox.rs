@@ -157,13 +157,14 @@ impl Sandbox {
             })?;
             let mut wire = v.spec.to_wire(false);
             let kind = v.spec.source.kind();
+            let refuse = |code, e: &dyn std::fmt::Display| {
+                Refusal::new(
+                    code,
+                    format!("annotation \"cnfs.io/volume.{}\": {e}", v.name()),
+                )
+            };
+            let mut resolved = false;
             if let (true, Some(name)) = (kind.needs_secret(), &v.secret_ref) {
-                let refuse = |code, e: &dyn std::fmt::Display| {
-                    Refusal::new(
-                        code,
-                        format!("annotation \"cnfs.io/volume.{}\": {e}", v.name()),
-                    )
-                };
                 let secret = self
                     .secrets
                     .resolve(&namespace, name)
@@ -177,13 +178,26 @@ impl Sandbox {
                 })?;
                 kind.apply_credentials(&format!("secret {name}"), &mut wire, &creds)
                     .map_err(|e| refuse(ttrpc::Code::FAILED_PRECONDITION, &e))?;
-                // The agent re-validates; check the resolved key here too, without echoing it.
-                VolumeSpec::from_wire(&wire).map_err(|e| {
-                    Refusal::new(
-                        ttrpc::Code::INVALID_ARGUMENT,
-                        format!("annotation \"cnfs.io/volume.{}\": {e}", v.name()),
+                resolved = true;
+            }
+            // An encrypted volume's key: the secret file's bytes, exactly.
+            if let (Some(name), Some(encryption)) =
+                (&v.encryption_key_ref, wire.encryption.as_mut())
+            {
+                let key = self.secrets.resolve_bytes(&namespace, name).map_err(|e| {
+                    refuse(
+                        ttrpc::Code::FAILED_PRECONDITION,
+                        &format!("encryption_key={name}: {e}"),
                     )
                 })?;
+                encryption.key = key.expose().to_vec();
+                resolved = true;
+            }
+            if resolved {
+                // The agent re-validates; check the resolved values here too, without
+                // echoing them.
+                VolumeSpec::from_wire(&wire)
+                    .map_err(|e| refuse(ttrpc::Code::INVALID_ARGUMENT, &e))?;
             }
             out.push((v, wire));
         }
@@ -680,5 +694,94 @@ mod tests {
         assert_eq!(r.code, ttrpc::Code::PERMISSION_DENIED, "{r:?}");
         assert!(r.message.contains("team-a"), "{r:?}");
         let _ = std::fs::remove_dir_all(&c.dir);
+    }
+
+    /// A sandbox whose policy allows encrypted NFS volumes of team-a, with the key secret
+    /// `sec-key` holding `key` (none: no such file).
+    fn encrypted_pod(tag: &str, key: Option<&[u8]>) -> (std::path::PathBuf, Sandbox) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cnfs-sb-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let secrets = dir.join("secrets");
+        std::fs::create_dir_all(secrets.join("team-a")).expect("dir");
+        for d in [&secrets, &secrets.join("team-a")] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        }
+        if let Some(key) = key {
+            let f = secrets.join("team-a/sec-key");
+            std::fs::write(&f, key).expect("key");
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let policy = dir.join("policy.toml");
+        std::fs::write(
+            &policy,
+            "[[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"nfs\"]\n\
+             servers = [\"10.0.0.0/8\"]\nexport_prefixes = [\"/exports\"]\n\
+             options = [\"encryption\", \"size\"]\n",
+        )
+        .expect("policy");
+        let cfg = ShimConfig {
+            policy: Some(policy),
+            secrets_dir: secrets,
+            ..ShimConfig::default()
+        };
+        let log = Logger::root(slog::Discard, slog::o!());
+        (dir, Sandbox::new(cfg, log).expect("sandbox"))
+    }
+
+    fn encrypted_annotations() -> HashMap<String, String> {
+        [
+            (CRI_SANDBOX_NAMESPACE, "team-a"),
+            (
+                "cnfs.io/volume.sec",
+                "nfs://10.0.0.5/exports/sec?encryption=luks2&size=1Gi&encryption_key=sec-key",
+            ),
+            ("cnfs.io/mount.sec", "/sec"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn an_encrypted_volume_gets_the_key_secrets_exact_bytes() {
+        let key = b"\x00binary key\r\n";
+        let (dir, sandbox) = encrypted_pod("luks-key", Some(key));
+        let after = sandbox
+            .prepare_sandbox("sb1", &encrypted_annotations())
+            .expect("prepared");
+        let After::MountVolumes { volumes, .. } = after;
+        let e = volumes[0].1.encryption.as_ref().expect("encrypted");
+        assert_eq!(e.key, key, "the file's bytes, untrimmed");
+        assert_eq!(e.size_bytes, 1 << 30);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_missing_or_bad_key_secret_is_refused_naming_annotation_and_option_not_content() {
+        let (dir, sandbox) = encrypted_pod("luks-nokey", None);
+        let r = match sandbox.prepare_sandbox("sb1", &encrypted_annotations()) {
+            Err(r) => r,
+            Ok(_) => panic!("no key secret: must be refused"),
+        };
+        assert_eq!(r.code, ttrpc::Code::FAILED_PRECONDITION, "{r:?}");
+        assert!(
+            r.message.starts_with(
+                "cnfs: annotation \"cnfs.io/volume.sec\": encryption_key=sec-key: secret \
+                 \"sec-key\" for namespace team-a does not exist"
+            ),
+            "{r:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        // Too long a key: refused by the spec's rule, without its content.
+        let (dir, sandbox) = encrypted_pod("luks-longkey", Some(&[b'S'; 1025]));
+        let r = match sandbox.prepare_sandbox("sb1", &encrypted_annotations()) {
+            Err(r) => r,
+            Ok(_) => panic!("a 1025-byte key: must be refused"),
+        };
+        assert_eq!(r.code, ttrpc::Code::INVALID_ARGUMENT, "{r:?}");
+        assert!(r.message.contains("volume.encryption.key"), "{r:?}");
+        assert!(!r.message.contains("SSSS"), "{r:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

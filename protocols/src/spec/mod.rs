@@ -32,11 +32,13 @@ fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Spec
 }
 
 mod cephfs;
+pub mod encryption;
 pub mod fuse;
 mod nfs;
 mod smb;
 
 pub use cephfs::CephFsSource;
+pub use encryption::{Encryption, EncryptionMode, SecretBytes};
 pub use fuse::FuseSource;
 pub use nfs::{NfsSource, NfsVersion};
 pub use smb::{SmbSource, SmbVersion};
@@ -50,6 +52,9 @@ pub struct VolumeSpec {
     /// File-system options that passed the allowlist, without the ones folded into typed
     /// fields (`vers`, `ro`).
     pub options: BTreeMap<String, String>,
+    /// Set: the volume is an encrypted container on the share (its options were refused
+    /// where they would keep locks in the guest).
+    pub encryption: Option<Encryption>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +152,25 @@ pub enum FieldValue {
 type Typed = BTreeMap<String, (String, String)>;
 
 /// Options every file system refuses.
-const RESERVED: &[(&str, &str)] = &[("context", "SELinux contexts are not supported")];
+const RESERVED: &[(&str, &str)] = &[
+    ("context", "SELinux contexts are not supported"),
+    (
+        encryption::OPT_ENCRYPTION,
+        "not a mount option: encryption goes in volume.encryption (the URL's encryption=luks2)",
+    ),
+    (
+        encryption::OPT_SIZE,
+        "not a mount option: the size of an encrypted volume goes in volume.encryption",
+    ),
+    (
+        encryption::OPT_OWNER,
+        "not a mount option: the owner of an encrypted volume goes in volume.encryption",
+    ),
+    (
+        encryption::OPT_ENCRYPTION_KEY,
+        "not a mount option: names the host-side secret that holds an encrypted volume's key",
+    ),
+];
 
 impl FsKind {
     pub const ALL: &'static [FsKind] = &[FsKind::Nfs, FsKind::CephFs, FsKind::Smb, FsKind::Fuse];
@@ -424,9 +447,9 @@ impl VolumeSpec {
     }
 
     /// The host's form before secrets are resolved: the same checks, except that the
-    /// secret's values (a CephFS key, SMB credentials) may still be absent (the pod names a
-    /// host-side secret; they are filled in just before the request leaves for the guest,
-    /// which validates them with `from_wire`).
+    /// secret's values (a CephFS key, SMB credentials, an encryption key) may still be
+    /// absent (the pod names a host-side secret; they are filled in just before the request
+    /// leaves for the guest, which validates them with `from_wire`).
     pub fn from_wire_unresolved(w: &agent::VolumeSpec) -> Result<Self, SpecError> {
         Self::validate(w, false)
     }
@@ -512,11 +535,19 @@ impl VolumeSpec {
             Some(agent::volume_spec::Source::Fuse(f)) => Source::Fuse(fuse::parse(f, &options)?),
             None => return err("volume.source", "is required"),
         };
+        let encryption = match w.encryption.as_ref() {
+            Some(e) => {
+                encryption::refuse_unsafe(&source, &options)?;
+                Some(encryption::from_wire(e, require_secret)?)
+            }
+            None => None,
+        };
         Ok(VolumeSpec {
             name: w.name.clone(),
             source,
             read_only,
             options,
+            encryption,
         })
     }
 
@@ -538,6 +569,11 @@ impl VolumeSpec {
             Source::Smb(s) => agent::volume_spec::Source::Smb(s.to_wire(with_secret)),
             Source::Fuse(f) => agent::volume_spec::Source::Fuse(f.to_wire()),
         });
+        w.encryption = self
+            .encryption
+            .as_ref()
+            .map(|e| e.to_wire(with_secret))
+            .into();
         w
     }
 
@@ -902,6 +938,21 @@ mod tests {
         for (w, field) in cases {
             let e = VolumeSpec::from_wire(&w).expect_err(field);
             assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
+    fn encryption_options_given_as_mount_options_are_refused_with_where_they_go() {
+        for (key, words) in [
+            ("encryption", "encryption goes in volume.encryption"),
+            ("size", "goes in volume.encryption"),
+            ("owner", "goes in volume.encryption"),
+            ("encryption_key", "names the host-side secret"),
+        ] {
+            let w = with_opt(nfs("10.0.0.1", "/x", ""), key, "v");
+            let e = VolumeSpec::from_wire(&w).expect_err(key);
+            assert_eq!(e.field, format!("volume.options.{key}"));
+            assert!(e.reason.contains(words), "{e}");
         }
     }
 

@@ -30,13 +30,13 @@ const VIRTIOFS: &str = "/mnt/virtiofs";
 
 /// One workload step: `cnfs-io-bench` arguments after the directory, and whether the guest's
 /// caches are dropped first (a cold step).
-struct Step {
+pub(super) struct Step {
     name: &'static str,
     args: String,
     cold: bool,
 }
 
-fn steps() -> Vec<Step> {
+pub(super) fn steps() -> Vec<Step> {
     let s = |name, args: String, cold| Step { name, args, cold };
     vec![
         s("write", format!("write {{dir}} {FILE_MIB}"), false),
@@ -51,10 +51,10 @@ fn steps() -> Vec<Step> {
 }
 
 /// A path under test: where it is mounted in the guest.
-struct Path_ {
-    label: String,
-    root: String,
-    nfs: bool,
+pub(super) struct Path_ {
+    pub(super) label: String,
+    pub(super) root: String,
+    pub(super) nfs: bool,
 }
 
 /// The NFS client's per-operation counts of the mount at `mount_point`
@@ -94,7 +94,7 @@ async fn drop_caches(g: &GuestExec) -> anyhow::Result<()> {
 
 /// Runs every step once on `p` in directory `dir`; seconds per step, and the NFS operations
 /// each step cost.
-async fn round(
+pub(super) async fn round(
     g: &GuestExec,
     p: &Path_,
     dir: &str,
@@ -140,6 +140,40 @@ async fn round(
     }
     g.ok(&format!("rm -rf {dir}")).await?;
     Ok(out)
+}
+
+/// Seconds per step.
+pub(super) type Secs = Vec<Vec<Vec<f64>>>;
+/// NFS operations per step.
+pub(super) type Ops = Vec<Vec<BTreeMap<String, u64>>>;
+
+/// `ROUNDS` rounds of every step on every path: `secs[path][step]` the seconds of each
+/// round, `ops[path][step]` the NFS operations of the last.
+pub(super) async fn rounds(
+    g: &GuestExec,
+    paths: &[Path_],
+    what: &str,
+) -> anyhow::Result<(Secs, Ops)> {
+    let n_steps = steps().len();
+    let mut secs = vec![vec![Vec::new(); n_steps]; paths.len()];
+    let mut ops = vec![vec![BTreeMap::new(); n_steps]; paths.len()];
+    for r in 0..ROUNDS {
+        // Alternate the order so that drift on this shared machine does not favour one path.
+        let mut order: Vec<usize> = (0..paths.len()).collect();
+        if r % 2 == 1 {
+            order.reverse();
+        }
+        for &i in &order {
+            let p = &paths[i];
+            let d = format!("{}/bench-{i}-{r}", p.root);
+            for (s, (t, o)) in round(g, p, &d).await?.into_iter().enumerate() {
+                secs[i][s].push(t);
+                ops[i][s] = o;
+            }
+        }
+        eprintln!("bench: {what} round {} of {ROUNDS} done", r + 1);
+    }
+    Ok((secs, ops))
 }
 
 fn virtiofsd() -> anyhow::Result<std::path::PathBuf> {
@@ -233,26 +267,7 @@ pub async fn run(variants: &[String]) -> anyhow::Result<()> {
         g.ok("uname -r").await?.trim(),
         version_of(&virtiofsd()?)
     );
-    // results[path][step] = seconds of each round; ops[path][step] = NFS ops of the last.
-    let n_steps = steps().len();
-    let mut secs = vec![vec![Vec::new(); n_steps]; paths.len()];
-    let mut ops = vec![vec![BTreeMap::new(); n_steps]; paths.len()];
-    for r in 0..ROUNDS {
-        // Alternate the order so that drift on this shared machine does not favour one path.
-        let mut order: Vec<usize> = (0..paths.len()).collect();
-        if r % 2 == 1 {
-            order.reverse();
-        }
-        for &i in &order {
-            let p = &paths[i];
-            let d = format!("{}/bench-{i}-{r}", p.root);
-            for (s, (t, o)) in round(g, p, &d).await?.into_iter().enumerate() {
-                secs[i][s].push(t);
-                ops[i][s] = o;
-            }
-        }
-        eprintln!("bench: data path round {} of {ROUNDS} done", r + 1);
-    }
+    let (mut secs, ops) = rounds(g, &paths, "data path").await?;
     print_table(&paths, &mut secs, &ops);
     for p in paths.iter().filter(|p| p.nfs) {
         let opts = g
@@ -272,7 +287,11 @@ fn version_of(bin: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn print_table(paths: &[Path_], secs: &mut [Vec<Vec<f64>>], ops: &[Vec<BTreeMap<String, u64>>]) {
+pub(super) fn print_table(
+    paths: &[Path_],
+    secs: &mut [Vec<Vec<f64>>],
+    ops: &[Vec<BTreeMap<String, u64>>],
+) {
     let steps = steps();
     let what = |name: &str| match name {
         "write" => format!("write {FILE_MIB} MiB + fsync"),

@@ -13,6 +13,7 @@ use cnfs_testbed::{mount_request, nfs_volume, TestBed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod data_path;
+mod encryption;
 mod pod_start;
 
 /// Which part of the bench to run.
@@ -26,6 +27,8 @@ pub enum Part {
     Data,
     /// Sandbox Create through the wrapper vs straight to the delegate.
     PodStart,
+    /// Plain NFS vs an encrypted (luks2) volume on the same server.
+    Encryption,
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -60,6 +63,9 @@ pub async fn run(part: Part, nfs_variants: &[String]) -> anyhow::Result<()> {
     }
     if matches!(part, Part::All | Part::PodStart) {
         pod_start::run().await?;
+    }
+    if matches!(part, Part::All | Part::Encryption) {
+        encryption::run().await?;
     }
     Ok(())
 }

@@ -187,6 +187,7 @@ impl Provisioner for CephFs {
         Ok(Plan {
             id_fields: SubvolumeId::plan(req.name, req.parameters)?.id_fields(),
             id_from: "clusterID, fsName and subvolumeGroup",
+            source: None,
         })
     }
 

@@ -163,10 +163,11 @@ impl Provisioner for Nfs {
     }
 
     fn plan(&self, _: &Context<'_>, req: &CreateRequest<'_>) -> Result<Plan, BackendError> {
-        let (v, _) = NfsVolume::plan(req.name, req.parameters)?;
+        let (v, source) = NfsVolume::plan(req.name, req.parameters)?;
         Ok(Plan {
             id_fields: v.id_fields(),
             id_from: "server and share",
+            source: Some(source),
         })
     }
 

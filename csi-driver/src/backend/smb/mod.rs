@@ -218,11 +218,11 @@ impl Provisioner for Smb {
     }
 
     fn plan(&self, _: &Context<'_>, req: &CreateRequest<'_>) -> Result<Plan, BackendError> {
+        let planned = SmbVolume::plan(req.name, req.parameters)?;
         Ok(Plan {
-            id_fields: SmbVolume::plan(req.name, req.parameters)?
-                .volume
-                .id_fields(),
+            id_fields: planned.volume.id_fields(),
             id_from: "server, share and subDir",
+            source: Some(planned.source),
         })
     }
 

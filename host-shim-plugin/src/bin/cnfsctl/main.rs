@@ -58,11 +58,13 @@ Exit codes:
 Errors go to stderr as one line: \"cnfsctl: <message>\".
 
 JSON output (--json), one object per command; keys are stable:
-  ping     {agent, version, sandbox_id, filesystems[], capabilities[], uptime_ms, volumes}
+  ping     {agent, version, sandbox_id, filesystems[], capabilities[], encryption_modes[],
+            uptime_ms, volumes}
   list     {volumes: [{name, fs, fs_type, state, source, device, mount_point, read_only,
             options{}, nfs{server, export, version} | null,
             cephfs{monitors[], fs_name, path, client, fsid} | null,
-            smb{server, share, path, version, domain} | null}]}
+            smb{server, share, path, version, domain} | null,
+            encryption{mode, size_bytes, uid, gid} | null}]}
   stats    {name, health (healthy|unresponsive|error|not mounted|unknown), health_detail,
             total_bytes, used_bytes, free_bytes, available_bytes, total_inodes, used_inodes,
             free_inodes, probe_ms, warnings[]}
@@ -72,6 +74,8 @@ JSON output (--json), one object per command; keys are stable:
 Examples:
   cnfsctl --sandbox 3f2a... ping
   cnfsctl --sandbox 3f2a... mount --name data --nfs 10.0.0.5:/exports/data -o hard -o rsize=65536
+  cnfsctl --sandbox 3f2a... mount --name sec --key-file /root/sec.key \
+          --source 'nfs://10.0.0.5/exports/sec?vers=4.1&encryption=luks2&size=10Gi&owner=1000:1000'
   cnfsctl --url hvsock:///run/vc/firecracker/3f2a.../root/kata.hvsock:17230 --json list";
 
 /// Talk to the CNFS agent inside a Kata sandbox's VM.
@@ -120,7 +124,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Agent version, sandbox, file systems, capabilities, uptime, volume count.
+    /// Agent version, sandbox, file systems, capabilities, encryption modes, uptime, volume
+    /// count.
     Ping,
     /// Every volume the agent knows.
     List,
@@ -158,7 +163,8 @@ struct MountArgs {
     nfs: Option<String>,
 
     /// Any volume in the annotations' URL grammar: nfs://, cephfs://, smb://
-    /// (e.g. smb://files/data/team?vers=3.1.1). Credentials come from --secret-file.
+    /// (e.g. smb://files/data/team?vers=3.1.1). Credentials come from --secret-file; an
+    /// encrypted volume's key (encryption=luks2&size=10Gi) from --key-file.
     #[arg(long, value_name = "URL")]
     source: Option<String>,
 
@@ -167,6 +173,12 @@ struct MountArgs {
     /// here, sent to the guest only, never printed.
     #[arg(long, value_name = "PATH", requires = "source")]
     secret_file: Option<PathBuf>,
+
+    /// The key of a --source volume with encryption=luks2: the file's bytes, exactly (no
+    /// newline is trimmed: the same file opens the container with `cryptsetup --key-file`).
+    /// 1 to 1024 bytes. Read here, sent to the guest only, never printed.
+    #[arg(long, value_name = "PATH", requires = "source")]
+    key_file: Option<PathBuf>,
 
     /// NFS version: 3, 4.0, 4.1 or 4.2 [default: 4.1].
     #[arg(long, value_name = "VERSION")]

@@ -123,6 +123,7 @@ pub(crate) fn render_ping(addr: &AgentAddress, p: &agent::PingResponse, json: bo
             "sandbox_id": p.sandbox_id,
             "filesystems": p.filesystems,
             "capabilities": p.capabilities,
+            "encryption_modes": p.encryption_modes,
             "uptime_ms": p.uptime_ms,
             "volumes": p.volumes,
         }));
@@ -133,6 +134,7 @@ pub(crate) fn render_ping(addr: &AgentAddress, p: &agent::PingResponse, json: bo
         ("sandbox", or_dash(&p.sandbox_id)),
         ("filesystems", list_or_dash(&p.filesystems)),
         ("capabilities", list_or_dash(&p.capabilities)),
+        ("encryption", list_or_dash(&p.encryption_modes)),
         ("uptime", human_duration_ms(p.uptime_ms)),
         ("volumes", p.volumes.to_string()),
     ])
@@ -148,6 +150,20 @@ fn spec_source(v: &agent::VolumeSpec) -> String {
 
 fn spec_fs(v: &agent::VolumeSpec) -> &'static str {
     FsKind::of_wire(v).map_or("", |k| k.name())
+}
+
+/// An encrypted volume's mode, size and owner, never its key (the agent blanks it in List
+/// as well).
+fn encryption_json(v: &agent::VolumeSpec) -> Value {
+    match v.encryption.as_ref() {
+        Some(e) => json!({
+            "mode": e.mode,
+            "size_bytes": e.size_bytes,
+            "uid": e.uid,
+            "gid": e.gid,
+        }),
+        None => Value::Null,
+    }
 }
 
 pub(crate) fn render_list(r: &agent::ListResponse, json: bool) -> String {
@@ -196,6 +212,7 @@ pub(crate) fn render_list(r: &agent::ListResponse, json: bool) -> String {
                     };
                     out[kind.name()] = fields;
                 }
+                out["encryption"] = encryption_json(v);
                 out
             })
             .collect();
@@ -219,6 +236,10 @@ pub(crate) fn render_list(r: &agent::ListResponse, json: bool) -> String {
             let mut state = or_dash(&s.state);
             if v.read_only {
                 state.push_str(",ro");
+            }
+            if let Some(e) = v.encryption.as_ref() {
+                state.push(',');
+                state.push_str(&clean(&e.mode));
             }
             vec![
                 or_dash(&v.name),
@@ -380,5 +401,49 @@ mod tests {
         assert_eq!(human_duration_ms(1500), "1.5s");
         assert_eq!(human_duration_ms(3_723_000), "1h 2m 3s");
         assert_eq!(percent(1, 0), "-");
+    }
+
+    #[test]
+    fn a_listing_shows_encryption_but_never_a_key() {
+        let mut v = agent::VolumeSpec {
+            name: "sec".into(),
+            ..Default::default()
+        };
+        v.set_nfs(agent::NfsSource {
+            server: "10.0.0.5".into(),
+            export: "/exports/sec".into(),
+            version: "4.1".into(),
+            ..Default::default()
+        });
+        // Even if a key came back, it is not shown.
+        v.encryption = Some(agent::Encryption {
+            mode: "luks2".into(),
+            key: b"LeakedKeyBytes".to_vec(),
+            size_bytes: 1 << 30,
+            uid: 1000,
+            gid: 100,
+            ..Default::default()
+        })
+        .into();
+        let r = agent::ListResponse {
+            volumes: vec![agent::VolumeStatus {
+                volume: Some(v).into(),
+                state: "mounted".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let j: Value = serde_json::from_str(&render_list(&r, true)).expect("json");
+        assert_eq!(
+            j["volumes"][0]["encryption"],
+            json!({"mode": "luks2", "size_bytes": 1u64 << 30, "uid": 1000, "gid": 100})
+        );
+        let t = render_list(&r, false);
+        assert!(t.contains("mounted,luks2"), "{t}");
+        for shown in [render_list(&r, true), t] {
+            assert!(!shown.contains("LeakedKey"), "{shown}");
+            // Nor as bytes: 76 = 'L', 101 = 'e'.
+            assert!(!shown.contains("76, 101"), "{shown}");
+        }
     }
 }

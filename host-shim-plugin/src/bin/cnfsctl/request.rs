@@ -1,11 +1,12 @@
 //! The mount request built from the command line and checked here, with the same rules the
 //! agent applies, before anything reaches the guest: `--nfs SERVER:/EXPORT` or a `--source`
-//! URL (with its `--secret-file`), `-o` options, `--ro`.
+//! URL (with its `--secret-file`, and `--key-file` for an encrypted one), `-o` options, `--ro`.
 
 use std::collections::HashMap;
 
 use anyhow::Context;
 use cnfs_protocols::agent;
+use cnfs_protocols::spec::encryption::MAX_KEY;
 use cnfs_protocols::spec::VolumeSpec;
 
 use crate::call::InvalidArgument;
@@ -16,6 +17,14 @@ use crate::MountArgs;
 fn url_volume(m: &MountArgs, url: &str) -> anyhow::Result<agent::VolumeSpec> {
     let parsed = cnfs_protocols::volume_url::parse(&m.name, url)
         .map_err(|e| InvalidArgument(format!("--source: {e}")))?;
+    if parsed.encryption_key_ref.is_some() {
+        return Err(InvalidArgument(
+            "--source: encryption_key= names a secret of the shim's secret directory; give \
+             --key-file"
+                .into(),
+        )
+        .into());
+    }
     if parsed.secret_ref.is_some() {
         return Err(InvalidArgument(
             "--source: secret= names a secret of the shim's secret directory; give --secret-file"
@@ -62,7 +71,46 @@ fn url_volume(m: &MountArgs, url: &str) -> anyhow::Result<agent::VolumeSpec> {
         }
         (None, false) => {}
     }
+    encryption_key(m, &mut wire)?;
     Ok(wire)
+}
+
+/// An encrypted volume's key: --key-file's bytes, exactly. Required when the URL says
+/// encryption=, refused otherwise; its content is never shown.
+fn encryption_key(m: &MountArgs, wire: &mut agent::VolumeSpec) -> anyhow::Result<()> {
+    let encryption = wire.encryption.as_mut();
+    let (path, encryption) = match (&m.key_file, encryption) {
+        (None, None) => return Ok(()),
+        (Some(_), None) => {
+            return Err(InvalidArgument(
+                "--key-file: only for encrypted volumes (encryption=luks2 in --source)".into(),
+            )
+            .into())
+        }
+        (None, Some(e)) => {
+            return Err(InvalidArgument(format!(
+                "--key-file: the --source volume is encrypted (encryption={}): give the key's file",
+                e.mode
+            ))
+            .into())
+        }
+        (Some(path), Some(e)) => (path, e),
+    };
+    let meta = std::fs::metadata(path).with_context(|| format!("--key-file {}", path.display()))?;
+    // Checked before reading, so that a wrong path (a disk image) is not read whole.
+    if meta.len() > MAX_KEY as u64 {
+        return Err(InvalidArgument(format!(
+            "--key-file {}: larger than {MAX_KEY} bytes",
+            path.display()
+        ))
+        .into());
+    }
+    let key = std::fs::read(path).with_context(|| format!("--key-file {}", path.display()))?;
+    if key.is_empty() {
+        return Err(InvalidArgument(format!("--key-file {}: is empty", path.display())).into());
+    }
+    encryption.key = key;
+    Ok(())
 }
 
 /// Builds and validates the wire request (the same rules the agent applies).
@@ -157,6 +205,7 @@ mod tests {
             nfs: Some(nfs.into()),
             source: None,
             secret_file: None,
+            key_file: None,
             version: None,
             ro: false,
             options: opts.iter().map(|s| s.to_string()).collect(),
@@ -218,6 +267,84 @@ mod tests {
             e.to_string().contains("line 2") && !e.to_string().contains("s3cr"),
             "{e}"
         );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    const LUKS_URL: &str = "nfs://10.0.0.5/exports/sec?encryption=luks2&size=1Gi&owner=1000:100";
+
+    fn key_file(dir: &std::path::Path, bytes: &[u8]) -> std::path::PathBuf {
+        std::fs::create_dir_all(dir).expect("dir");
+        let file = dir.join("key");
+        std::fs::write(&file, bytes).expect("write");
+        file
+    }
+
+    #[test]
+    fn the_key_file_is_sent_as_its_exact_bytes() {
+        let dir = std::env::temp_dir().join(format!("cnfsctl-key-{}", std::process::id()));
+        // Binary, a NUL, trailing white space and newlines: all of it is the key.
+        let bytes = b"\x00\xffk3y with space \r\n\n";
+        let mut m = mount_args("unused:/x", &[]);
+        m.nfs = None;
+        m.source = Some(LUKS_URL.into());
+        m.key_file = Some(key_file(&dir, bytes));
+        let r = mount_request(&m, None).expect("valid");
+        let e = r.volume.encryption.as_ref().expect("encrypted");
+        assert_eq!(e.key, bytes);
+        assert_eq!(
+            (e.mode.as_str(), e.size_bytes, e.uid, e.gid),
+            ("luks2", 1 << 30, 1000, 100)
+        );
+        assert!(r.volume.options.is_empty(), "{:?}", r.volume.options);
+        // 1024 bytes is the most.
+        m.key_file = Some(key_file(&dir, &[b'k'; MAX_KEY]));
+        mount_request(&m, None).expect("1024 bytes");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_key_file_is_required_for_encrypted_volumes_only_and_never_echoed() {
+        let dir = std::env::temp_dir().join(format!("cnfsctl-nokey-{}", std::process::id()));
+        let mut m = mount_args("unused:/x", &[]);
+        m.nfs = None;
+        m.source = Some(LUKS_URL.into());
+        let e = mount_request(&m, None).expect_err("no key file");
+        assert_eq!(exit_code(&e), EXIT_INVALID);
+        assert!(
+            e.to_string()
+                .starts_with("--key-file: the --source volume is encrypted"),
+            "{e}"
+        );
+        m.source = Some("nfs://10.0.0.5/exports/plain".into());
+        m.key_file = Some(key_file(&dir, b"SecretKeyBytes"));
+        let e = mount_request(&m, None).expect_err("key file for a plain volume");
+        assert_eq!(exit_code(&e), EXIT_INVALID);
+        assert_eq!(
+            e.to_string(),
+            "--key-file: only for encrypted volumes (encryption=luks2 in --source)"
+        );
+        m.source = Some(LUKS_URL.into());
+        for (bytes, words) in [
+            (&b""[..], "is empty"),
+            (&[b'S'; MAX_KEY + 1][..], "larger than 1024 bytes"),
+        ] {
+            m.key_file = Some(key_file(&dir, bytes));
+            let e = mount_request(&m, None).expect_err(words);
+            assert_eq!(exit_code(&e), EXIT_INVALID);
+            assert!(format!("{e:#}").contains(words), "{e:#}");
+            assert!(!format!("{e:#}").contains("SSSS"), "{e:#}");
+        }
+        // A refusal after the key was read never shows it either.
+        m.source = Some("nfs://10.0.0.5/exports/sec?vers=3&encryption=luks2&size=1Gi".into());
+        m.key_file = Some(key_file(&dir, b"SecretKeyBytes"));
+        let e = mount_request(&m, None).expect_err("NFSv3");
+        assert_eq!(exit_code(&e), EXIT_INVALID);
+        let shown = format!("{e:#} {e:?}");
+        assert!(shown.contains("volume.nfs.version"), "{shown}");
+        assert!(!shown.contains("SecretKey"), "{shown}");
+        m.source = Some(format!("{LUKS_URL}&encryption_key=team"));
+        let e = mount_request(&m, None).expect_err("secret reference");
+        assert!(e.to_string().contains("give --key-file"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
     }
 

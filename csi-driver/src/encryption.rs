@@ -1,0 +1,343 @@
+//! Encrypted (`luks2`) volumes through CSI (design: docs/design/encryption-luks2.md §6.1,
+//! §5.3): the StorageClass parameter, the container's size from the capacity range, how the
+//! controller tells the node side (the volume URL's `encryption=luks2&size=<bytes>`), the
+//! volume id marker that lets DeleteVolume and ControllerExpandVolume know a volume is
+//! encrypted, and inline volumes' `encryption`/`size` attributes. The key itself is the
+//! node-publish secret's `encryptionKey`, read where the hand-off turns into a spec
+//! (`cnfs_protocols::handoff`).
+
+use std::collections::HashMap;
+
+use cnfs_protocols::spec::encryption::{self, MAX_SIZE, MIN_SIZE};
+use cnfs_protocols::spec::EncryptionMode;
+use tonic::Status;
+
+use crate::backend::Capacity;
+use crate::bounds::echo;
+use crate::capability::invalid;
+
+pub use cnfs_protocols::handoff::ENCRYPTION_KEY_SECRET;
+
+/// The StorageClass parameter (and inline volume attribute) that asks for encryption.
+pub const PARAMETER: &str = "encryption";
+/// The inline volume attribute with the container's size.
+pub const SIZE_ATTRIBUTE: &str = "size";
+/// File systems whose StorageClasses may ask for encryption. CephFS waits for the quota
+/// headroom and growth of design §6.1; the guest serves luks2 on SMB not yet.
+pub const PROVISIONED_ON: &[&str] = &["nfs"];
+/// LUKS2 is opened with 4 KiB sectors: the container is a whole number of them.
+pub const ALIGN: u64 = 4096;
+
+/// `parameters.encryption`: `None` when absent, else the one mode there is.
+pub fn from_parameters(p: &HashMap<String, String>) -> Result<Option<EncryptionMode>, Status> {
+    let Some(v) = p.get(PARAMETER) else {
+        return Ok(None);
+    };
+    mode("parameters.encryption", v).map(Some)
+}
+
+/// An `encryption` value: `luks2`, nothing else.
+pub fn mode(field: &str, v: &str) -> Result<EncryptionMode, Status> {
+    match v {
+        "luks2" => Ok(EncryptionMode::Luks2),
+        _ => Err(invalid(
+            field,
+            format!("{} is not supported (the only value is luks2)", echo(v)),
+        )),
+    }
+}
+
+/// The container's size for a capacity range: `required_bytes` rounded up to 4 KiB (else
+/// `limit_bytes` rounded down), 64 MiB to 64 TiB, within `limit_bytes`.
+pub fn container_size(c: Capacity) -> Result<u64, Status> {
+    let size = if c.required > 0 {
+        c.required.div_ceil(ALIGN).saturating_mul(ALIGN)
+    } else if c.limit > 0 {
+        c.limit - c.limit % ALIGN
+    } else {
+        return Err(invalid(
+            "capacity_range.required_bytes",
+            "is required for encryption=luks2: it is the size of the volume's container file",
+        ));
+    };
+    if size < MIN_SIZE {
+        return Err(Status::out_of_range(format!(
+            "capacity_range: {size} bytes is below the {MIN_SIZE} bytes (64 MiB) an encrypted \
+             (luks2) volume needs at least (its LUKS2 header alone takes 16 MiB): request 64Mi \
+             or more"
+        )));
+    }
+    if size > MAX_SIZE {
+        return Err(Status::out_of_range(format!(
+            "capacity_range: {size} bytes is above the {MAX_SIZE} bytes (64 TiB) of the largest \
+             encrypted (luks2) volume"
+        )));
+    }
+    if c.limit > 0 && size > c.limit {
+        return Err(Status::out_of_range(format!(
+            "capacity_range: required_bytes rounded up to whole 4 KiB sectors is {size} bytes, \
+             above limit_bytes ({})",
+            c.limit
+        )));
+    }
+    Ok(size)
+}
+
+/// `source` with `encryption=<mode>&size=<bytes>` added to its query.
+pub fn add_to_source(source: &str, mode: EncryptionMode, size: u64) -> String {
+    let sep = if source.contains('?') { '&' } else { '?' };
+    format!(
+        "{source}{sep}{}={}&{}={size}",
+        encryption::OPT_ENCRYPTION,
+        mode.as_str(),
+        encryption::OPT_SIZE
+    )
+}
+
+/// Whether a volume URL describes an encrypted volume (false for one that does not parse:
+/// whoever reads it refuses it then).
+pub fn source_is_encrypted(source: &str) -> bool {
+    cnfs_protocols::volume_url::parse("check", source)
+        .map(|u| u.wire.encryption.is_some())
+        .unwrap_or(false)
+}
+
+/// The first field of an encrypted volume's id: `<fs>+luks2`, so that DeleteVolume finds the
+/// provisioner and ControllerExpandVolume knows, from the id alone, that the size is fixed.
+pub fn id_head(fs: &str, mode: Option<EncryptionMode>) -> String {
+    match mode {
+        Some(m) => format!("{fs}+{}", m.as_str()),
+        None => fs.to_string(),
+    }
+}
+
+/// The inverse of [`id_head`]: the file system and the mode; `None` for a marker that is not
+/// a mode.
+pub fn split_id_head(head: &str) -> Option<(&str, Option<EncryptionMode>)> {
+    match head.split_once('+') {
+        None => Some((head, None)),
+        Some((fs, "luks2")) => Some((fs, Some(EncryptionMode::Luks2))),
+        Some(_) => None,
+    }
+}
+
+/// An inline (or static) volume's `encryption` and `size` attributes folded into its source
+/// URL, the form the hand-off record keeps and the shim reads. `size` is a byte count or a
+/// whole number of Ki, Mi, Gi or Ti, as in a volume URL; it is written as bytes.
+pub fn source_with_attributes(
+    source: &str,
+    ctx: &HashMap<String, String>,
+) -> Result<String, Status> {
+    let enc = ctx.get(PARAMETER);
+    let size = ctx.get(SIZE_ATTRIBUTE);
+    let field = |k: &str| format!("volume_context.{k}");
+    match (enc, size) {
+        (None, None) => Ok(source.to_string()),
+        (Some(_), None) => Err(invalid(
+            &field(SIZE_ATTRIBUTE),
+            "is required with encryption (the container's size, like 10Gi)",
+        )),
+        (None, Some(_)) => Err(invalid(
+            &field(SIZE_ATTRIBUTE),
+            "is only for encrypted volumes (add encryption: luks2)",
+        )),
+        (Some(e), Some(s)) => {
+            let mode = mode(&field(PARAMETER), e)?;
+            let bytes = encryption::parse_size(&field(SIZE_ATTRIBUTE), s)
+                .map_err(|e| invalid(&e.field, e.reason))?;
+            if bytes % ALIGN != 0 {
+                return Err(invalid(
+                    &field(SIZE_ATTRIBUTE),
+                    format!("{bytes} bytes is not a whole number of 4 KiB sectors"),
+                ));
+            }
+            if source_is_encrypted(source) {
+                return Err(invalid(
+                    &field(PARAMETER),
+                    "the source already says encryption=; give it in one place only",
+                ));
+            }
+            Ok(add_to_source(source, mode, bytes))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn cap(required: u64, limit: u64) -> Capacity {
+        Capacity { required, limit }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn only_luks2_is_an_encryption_parameter_and_others_are_refused_by_name() {
+        let p = |v: &str| HashMap::from([(PARAMETER.to_string(), v.to_string())]);
+        assert_eq!(from_parameters(&HashMap::new()).unwrap(), None);
+        assert_eq!(
+            from_parameters(&p("luks2")).unwrap(),
+            Some(EncryptionMode::Luks2)
+        );
+        for bad in ["LUKS2", "luks", "", "luks2 ", "fscrypt"] {
+            let e = from_parameters(&p(bad)).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}");
+            assert!(
+                e.message().starts_with("parameters.encryption: ")
+                    && e.message().contains("the only value is luks2"),
+                "{bad:?}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_container_size_is_the_capacity_rounded_up_to_4_kib() {
+        assert_eq!(container_size(cap(64 * MIB, 0)).unwrap(), 64 * MIB);
+        assert_eq!(
+            container_size(cap(100 * MIB + 1, 0)).unwrap(),
+            100 * MIB + 4096
+        );
+        assert_eq!(
+            container_size(cap(100 * MIB + 4095, 0)).unwrap(),
+            100 * MIB + 4096
+        );
+        // Only a limit: rounded down, so that it stays within it.
+        assert_eq!(
+            container_size(cap(0, 100 * MIB + 5000)).unwrap(),
+            100 * MIB + 4096
+        );
+        assert_eq!(container_size(cap(64 * MIB, 64 * MIB)).unwrap(), 64 * MIB);
+    }
+
+    #[test]
+    fn a_capacity_below_64_mib_or_missing_or_past_its_limit_is_refused_with_why() {
+        let e = container_size(cap(64 * MIB - 4096, 0)).unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange);
+        assert!(
+            e.message()
+                .starts_with("capacity_range: 67104768 bytes is below")
+                && e.message().contains("64 MiB"),
+            "{e:?}"
+        );
+        let e = container_size(cap(0, 0)).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(
+            e.message()
+                .starts_with("capacity_range.required_bytes: is required for encryption=luks2"),
+            "{e:?}"
+        );
+        let e = container_size(cap(100 * MIB + 1, 100 * MIB + 10)).unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange);
+        assert!(e.message().contains("above limit_bytes"), "{e:?}");
+        let e = container_size(cap(MAX_SIZE + 1, 0)).unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange);
+        assert!(e.message().contains("64 TiB"), "{e:?}");
+    }
+
+    #[test]
+    fn the_source_carries_the_mode_and_the_size_in_bytes_and_parses_back() {
+        let s = add_to_source(
+            "nfs://10.0.0.5/exports/k8s/pvc-1",
+            EncryptionMode::Luks2,
+            1 << 30,
+        );
+        assert_eq!(
+            s,
+            "nfs://10.0.0.5/exports/k8s/pvc-1?encryption=luks2&size=1073741824"
+        );
+        let s = add_to_source(
+            "nfs://10.0.0.5/e/pvc-1?vers=4.1",
+            EncryptionMode::Luks2,
+            1 << 30,
+        );
+        assert_eq!(
+            s,
+            "nfs://10.0.0.5/e/pvc-1?vers=4.1&encryption=luks2&size=1073741824"
+        );
+        let u = cnfs_protocols::volume_url::parse("v", &s).expect("parses");
+        let e = u.wire.encryption.as_ref().expect("encrypted");
+        assert_eq!((e.mode.as_str(), e.size_bytes), ("luks2", 1 << 30));
+        assert!(source_is_encrypted(&s));
+        assert!(!source_is_encrypted("nfs://10.0.0.5/e/pvc-1?vers=4.1"));
+    }
+
+    #[test]
+    fn id_heads_mark_encrypted_volumes_and_unknown_marks_are_none() {
+        assert_eq!(id_head("nfs", None), "nfs");
+        assert_eq!(id_head("nfs", Some(EncryptionMode::Luks2)), "nfs+luks2");
+        assert_eq!(
+            split_id_head("nfs+luks2"),
+            Some(("nfs", Some(EncryptionMode::Luks2)))
+        );
+        assert_eq!(split_id_head("nfs"), Some(("nfs", None)));
+        assert_eq!(split_id_head("nfs+plain"), None);
+        assert_eq!(split_id_head("nfs+"), None);
+    }
+
+    #[test]
+    fn inline_attributes_fold_into_the_source_or_are_refused_by_name() {
+        let src = "nfs://10.0.0.5/e/inline?vers=4.1";
+        let ctx = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(source_with_attributes(src, &ctx(&[])).unwrap(), src);
+        assert_eq!(
+            source_with_attributes(src, &ctx(&[("encryption", "luks2"), ("size", "1Gi")])).unwrap(),
+            format!("{src}&encryption=luks2&size=1073741824")
+        );
+        for (pairs, field, words) in [
+            (
+                &[("encryption", "luks2")][..],
+                "volume_context.size",
+                "is required with encryption",
+            ),
+            (
+                &[("size", "1Gi")][..],
+                "volume_context.size",
+                "is only for encrypted volumes",
+            ),
+            (
+                &[("encryption", "aes"), ("size", "1Gi")][..],
+                "volume_context.encryption",
+                "the only value is luks2",
+            ),
+            (
+                &[("encryption", "luks2"), ("size", "1G")][..],
+                "volume_context.size",
+                "is not a size like 10Gi",
+            ),
+            (
+                &[("encryption", "luks2"), ("size", "32Mi")][..],
+                "volume_context.size",
+                "is outside 64Mi",
+            ),
+            (
+                &[("encryption", "luks2"), ("size", "67108865")][..],
+                "volume_context.size",
+                "not a whole number of 4 KiB sectors",
+            ),
+        ] {
+            let e = source_with_attributes(src, &ctx(pairs)).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{pairs:?}");
+            assert!(
+                e.message().starts_with(&format!("{field}: ")) && e.message().contains(words),
+                "{pairs:?}: {e:?}"
+            );
+        }
+        let e = source_with_attributes(
+            "nfs://h/e/x?encryption=luks2&size=1Gi",
+            &ctx(&[("encryption", "luks2"), ("size", "1Gi")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("volume_context.encryption: the source already"),
+            "{e:?}"
+        );
+    }
+}

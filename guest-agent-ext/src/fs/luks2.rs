@@ -1,0 +1,1370 @@
+//! Encrypted volumes (`encryption=luks2`): a container file on the network share, a loop
+//! device, dm-crypt and ext4, all in the guest kernel. The share is mounted at
+//! `/run/cnfs/backing/<name>` (never bound into a container); the container is its
+//! `cnfs-volume.luks2`; the dm-crypt mapping is `cnfs-<name>`; ext4 is the volume.
+//!
+//! Rules that keep data safe (docs/design/encryption-luks2.md §4, §5):
+//! - only a name that does not exist is ever formatted, and never in place: a new container
+//!   is formatted as a temporary file made with O_EXCL and published with link(2), which
+//!   fails when another guest published first. An existing file that is not LUKS2 is
+//!   refused, never formatted;
+//! - one writer: an OFD lock on one byte past any data, taken on the very open file the loop
+//!   device keeps, so it lasts exactly as long as the loop and the server frees it when the
+//!   guest dies (NFSv4 lease). Taken before anything is read.
+//! - whatever fails or is abandoned (the caller gone, the agent's deadline), the stack is
+//!   taken down again from the kernel's own state, under a per-volume lock.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cnfs_protocols::keyed_lock::KeyedLocks;
+use cnfs_protocols::spec::{Encryption, Source, VolumeSpec};
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use slog::{info, warn, Logger};
+use tokio::time::Instant;
+
+use super::{vfs_flags, Attempt, Context, MountHandler, MountPlan};
+use crate::blockdev::{self, Sysfs};
+use crate::error::AgentError;
+use crate::killable::{self, Outcome};
+use crate::kmod;
+use crate::mountinfo::{self, MountEntry};
+use crate::tools::command::{dm_name, is_temp_container, TEMP_PREFIX};
+use crate::tools::{Command, Exit, ToolClient, ToolOutcome};
+
+/// Where backing shares are mounted (0700: only the agent reaches the container files).
+pub const BACKING_ROOT: &str = "/run/cnfs/backing";
+/// The container's fixed name in the volume's directory: nobody chooses what is formatted.
+pub const CONTAINER: &str = "cnfs-volume.luks2";
+/// The byte the single-writer lock covers: far past any data, so it never meets I/O.
+const LOCK_BYTE: i64 = 1 << 62;
+/// Bound for taking a stack down when nobody waits for it (an abandoned mount).
+const CLEANUP_BOUND: Duration = Duration::from_secs(15);
+
+pub fn backing_dir(name: &str) -> PathBuf {
+    Path::new(BACKING_ROOT).join(name)
+}
+
+/// What the first 4 KiB at offset 0 and the LUKS2 secondary-header offsets hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    Absent,
+    NotRegular,
+    Luks2,
+    Luks1,
+    NotLuks,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    CreateAndFormat,
+    Open,
+    Refuse(AgentError),
+}
+
+/// Formatting is reachable only from `Absent`: whatever an existing file holds, it is
+/// opened or refused.
+pub fn decide(found: Found, read_only: bool, file: &str) -> Action {
+    match found {
+        Found::Absent if read_only => Action::Refuse(AgentError::NotFound(format!(
+            "{file} does not exist: nothing to open read-only"
+        ))),
+        Found::Absent => Action::CreateAndFormat,
+        Found::Luks2 => Action::Open,
+        Found::Luks1 => Action::Refuse(AgentError::FailedPrecondition(format!(
+            "{file} is a LUKS1 container; CNFS opens LUKS2 only"
+        ))),
+        Found::NotLuks | Found::NotRegular => {
+            Action::Refuse(AgentError::FailedPrecondition(format!(
+                "{file} exists and is not a LUKS2 container (no LUKS2 header at offset 0 or at \
+                 any secondary offset); CNFS never formats an existing file: move it away or \
+                 restore its header"
+            )))
+        }
+    }
+}
+
+/// LUKS2 keeps a second header copy at one of these offsets (cryptsetup's `hdr2_offsets`).
+const SECONDARY_OFFSETS: [i64; 9] = [
+    0x4000, 0x8000, 0x10000, 0x20000, 0x40000, 0x80000, 0x100000, 0x200000, 0x400000,
+];
+
+/// The kind of container from the bytes read at offset 0 (`primary`) and at the secondary
+/// offsets. Either LUKS2 copy is enough: cryptsetup opens from the good one.
+fn classify_magic(primary: &[u8; 8], secondaries: &[[u8; 8]]) -> Found {
+    let version = |b: &[u8; 8]| u16::from_be_bytes([b[6], b[7]]);
+    if primary[..6] == *b"LUKS\xba\xbe" {
+        return match version(primary) {
+            2 => Found::Luks2,
+            1 => Found::Luks1,
+            _ => Found::NotLuks,
+        };
+    }
+    if secondaries
+        .iter()
+        .any(|s| s[..6] == *b"SKUL\xba\xbe" && version(s) == 2)
+    {
+        return Found::Luks2;
+    }
+    Found::NotLuks
+}
+
+/// The answer of the child that opens the container and binds it to a loop device.
+#[derive(Debug, PartialEq, Eq)]
+enum Opened {
+    /// Bound to loop `n`; `found` is what the file held.
+    Loop {
+        n: u32,
+        found: Found,
+    },
+    /// Not bound (absent, or not something to open).
+    Not(Found),
+    /// The single-writer lock is held by another client.
+    InUse,
+    Failed {
+        step: &'static str,
+        errno: Errno,
+    },
+}
+
+const STEPS: [&str; 7] = ["open", "stat", "lock", "read", "grow", "loop", "link"];
+
+/// Opens `path` (creating it exclusively if `create`), locks it, reads its headers and, if it
+/// is LUKS2 or new, binds it to a loop device. In a killable child: a dead server can hang
+/// any step.
+async fn open_and_bind(
+    path: &Path,
+    create: bool,
+    read_only: bool,
+    size: u64,
+    budget: Duration,
+) -> Result<Opened, AgentError> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| AgentError::Internal("container path has a NUL byte".into()))?;
+    let outcome = killable::run(budget, || {
+        Ok(open_and_bind_child(&c, create, read_only, size))
+    })
+    .await;
+    let p = match outcome {
+        Outcome::Done(p) => p,
+        Outcome::Failed(e) => {
+            return Err(AgentError::Internal(format!(
+                "opening {}: {}",
+                path.display(),
+                e.desc()
+            )))
+        }
+        Outcome::TimedOut => {
+            return Err(AgentError::Deadline(format!(
+                "opening {}: the server did not answer within {budget:?}",
+                path.display()
+            )))
+        }
+    };
+    let found = match p[4] {
+        0 => Found::Absent,
+        1 => Found::NotRegular,
+        2 => Found::Luks2,
+        3 => Found::Luks1,
+        _ => Found::NotLuks,
+    };
+    Ok(match p[0] {
+        0 => Opened::Loop {
+            n: p[3] as u32,
+            found,
+        },
+        1 => Opened::Not(found),
+        2 => Opened::InUse,
+        _ => Opened::Failed {
+            step: STEPS.get(p[1] as usize).copied().unwrap_or("?"),
+            errno: Errno::from_raw(p[2] as i32),
+        },
+    })
+}
+
+/// The child's half of [`open_and_bind`]: system calls only, nothing allocated. Payload:
+/// `[result (0 bound, 1 not bound, 2 in use, 3 failed), step, errno, loop, found, 0]`.
+fn open_and_bind_child(
+    path: &std::ffi::CStr,
+    create: bool,
+    read_only: bool,
+    size: u64,
+) -> killable::Payload {
+    let fail = |step: u64, e: Errno| [3, step, e as u64, 0, 0, 0];
+    let mut flags = libc::O_CLOEXEC | libc::O_NOFOLLOW;
+    flags |= if read_only {
+        libc::O_RDONLY
+    } else {
+        libc::O_RDWR
+    };
+    if create {
+        flags |= libc::O_CREAT | libc::O_EXCL;
+    }
+    // SAFETY: a NUL-terminated path that outlives the call.
+    let fd = unsafe { libc::open(path.as_ptr(), flags, 0o600 as libc::c_uint) };
+    if fd < 0 {
+        return match Errno::last() {
+            Errno::ENOENT if !create => [1, 0, 0, 0, 0, 0],
+            // O_NOFOLLOW on a symlink.
+            Errno::ELOOP => [1, 0, 0, 0, 1, 0],
+            e => fail(0, e),
+        };
+    }
+    let answer = bind_open_file(fd, create, read_only, size, fail);
+    // SAFETY: closes the descriptor opened above; the loop, if bound, holds its own reference.
+    unsafe { libc::close(fd) };
+    answer
+}
+
+fn bind_open_file(
+    fd: libc::c_int,
+    create: bool,
+    read_only: bool,
+    size: u64,
+    fail: impl Fn(u64, Errno) -> killable::Payload,
+) -> killable::Payload {
+    match nix::sys::stat::fstat(fd) {
+        Ok(st) if st.st_mode & libc::S_IFMT != libc::S_IFREG => return [1, 0, 0, 0, 1, 0],
+        Ok(_) => {}
+        Err(e) => return fail(1, e),
+    }
+    // The single-writer lock, on this open file description (OFD): it stays with the file
+    // the loop device keeps, not with this short-lived process.
+    let lock = libc::flock {
+        l_type: if read_only {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: LOCK_BYTE,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads one `struct flock` from a value on the stack.
+    if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &lock as *const libc::flock) } < 0 {
+        return match Errno::last() {
+            Errno::EAGAIN | Errno::EACCES => [2, 2, 0, 0, 0, 0],
+            e => fail(2, e),
+        };
+    }
+    let found = if create {
+        0
+    } else {
+        let mut primary = [0u8; 8];
+        let mut secondaries = [[0u8; 8]; SECONDARY_OFFSETS.len()];
+        // SAFETY: `fd` is open for the whole of this function (its caller closes it after).
+        let file = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if let Err(e) = nix::sys::uio::pread(file, &mut primary, 0) {
+            return fail(3, e);
+        }
+        for (i, off) in SECONDARY_OFFSETS.iter().enumerate() {
+            // A short file reads zeros there (nothing is read past its end): no magic.
+            if let Err(e) = nix::sys::uio::pread(file, &mut secondaries[i], *off) {
+                return fail(3, e);
+            }
+        }
+        match classify_magic(&primary, &secondaries) {
+            Found::Luks2 => 2,
+            Found::Luks1 => return [1, 0, 0, 0, 3, 0],
+            _ => return [1, 0, 0, 0, 4, 0],
+        }
+    };
+    if create {
+        // cryptsetup's 4 KiB sectors need a size in whole sectors: rounded up.
+        let Ok(len) = libc::off_t::try_from(size.div_ceil(4096).saturating_mul(4096)) else {
+            return fail(4, Errno::EFBIG);
+        };
+        // Sparse: only what is written takes space on the server.
+        // SAFETY: ftruncate(2) on a descriptor this child opened.
+        if unsafe { libc::ftruncate(fd, len) } < 0 {
+            return fail(4, Errno::last());
+        }
+    }
+    match blockdev::attach(fd, read_only) {
+        Ok(n) => [0, 0, 0, u64::from(n), found, 0],
+        Err(e) => fail(5, e),
+    }
+}
+
+/// One system call on a path (link, unlink) in a killable child.
+async fn path_call(
+    what: &str,
+    budget: Duration,
+    op: impl FnOnce() -> Result<(), Errno>,
+) -> Result<(), AgentError> {
+    match killable::run(budget, || op().map(|()| [0; 6])).await {
+        Outcome::Done(_) => Ok(()),
+        Outcome::Failed(e) => Err(AgentError::Internal(format!("{what}: {}", e.desc()))),
+        Outcome::TimedOut => Err(AgentError::Deadline(format!(
+            "{what}: the server did not answer within {budget:?}"
+        ))),
+    }
+}
+
+pub struct Luks2 {
+    tools: ToolClient,
+    /// Per-volume: one build or teardown of a name's stack at a time.
+    stacks: Arc<KeyedLocks<String>>,
+    /// The volume table's locks: a stack left by a failed or abandoned mount is taken down
+    /// under its volume's lock, so never between a later Mount's build and its mount.
+    volumes: super::VolumeLocks,
+    /// Two argon2 passes at a time at most (64 MiB each): 16 at once would not fit a small
+    /// guest's memory.
+    argon2: Arc<tokio::sync::Semaphore>,
+    /// Keyed digests (SipHash, random keys of this process) of the keys of mounted volumes,
+    /// in memory only: a repeated Mount with another key is refused, not "already mounted".
+    keys: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    digest: std::collections::hash_map::RandomState,
+    log: Logger,
+}
+
+impl Luks2 {
+    pub fn new(tools: ToolClient, volumes: super::VolumeLocks, log: Logger) -> Self {
+        Luks2 {
+            tools,
+            stacks: Arc::new(KeyedLocks::new()),
+            volumes,
+            argon2: Arc::new(tokio::sync::Semaphore::new(2)),
+            keys: std::sync::Mutex::new(std::collections::HashMap::new()),
+            digest: std::collections::hash_map::RandomState::new(),
+            log,
+        }
+    }
+
+    /// The modes this guest can serve (empty without the runner or the tools).
+    pub fn modes(&self) -> Vec<String> {
+        match self.tools.missing() {
+            None => vec!["luks2".to_string()],
+            Some(_) => Vec::new(),
+        }
+    }
+
+    fn stack(&self, name: &str) -> Stack {
+        Stack {
+            name: name.to_string(),
+            tools: self.tools.clone(),
+            locks: self.stacks.clone(),
+            volumes: self.volumes.clone(),
+            argon2: self.argon2.clone(),
+            log: self.log.clone(),
+        }
+    }
+
+    fn key_digest(&self, key: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        self.digest.hash_one(key)
+    }
+
+    /// Records the key a volume was mounted with (in memory only).
+    pub fn remember_key(&self, name: &str, key: &[u8]) {
+        let d = self.key_digest(key);
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), d);
+    }
+
+    pub fn forget_key(&self, name: &str) {
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    /// False when `name` is known to be mounted with another key (unknown after an agent
+    /// restart: then any key passes, as the mount itself is unchanged).
+    pub fn key_matches(&self, name: &str, key: &[u8]) -> bool {
+        let d = self.key_digest(key);
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        !matches!(keys.get(name), Some(known) if *known != d)
+    }
+
+    /// The volume's ext4 did not unmount in time: its I/O may wait on a dead server. If the
+    /// share does not answer a statfs within 2 s either, makes the
+    /// backing share fail that I/O at once, so that ext4 (which records the errors) and the
+    /// stack under it can let go: an NFS share is shut down through its superblock's sysfs
+    /// `shutdown` (Linux 6.7+; every later request fails with EIO, which a forced unmount
+    /// alone does not do), any other one is force-unmounted (CephFS then fails its requests).
+    /// `None` when the volume has no backing share.
+    pub async fn stuck(&self, name: &str) -> Option<String> {
+        let backing = backing_dir(name);
+        let entries = mountinfo::read().unwrap_or_default();
+        let entry = mountinfo::find(&entries, &backing)?.clone();
+        let knob = Path::new("/sys/fs/nfs").join(&entry.dev).join("shutdown");
+        let budget = Duration::from_secs(2);
+        // A slow server that still answers keeps its writes: only a share that does not
+        // answer a statfs at all is given up.
+        let probe = cstring(&backing).ok()?;
+        let answered = killable::run(budget, || crate::volumes::statfs(&probe)).await;
+        if matches!(answered, Outcome::Done(_)) {
+            return Some("backing: its server answers; not shut down".into());
+        }
+        if entry.fs_type.starts_with("nfs") && knob.exists() {
+            let Ok(path) = cstring(&knob) else {
+                return Some("backing: shutdown path has a NUL byte".into());
+            };
+            let outcome = killable::run(budget, || {
+                let fd = nix::fcntl::open(
+                    path.as_c_str(),
+                    nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )?;
+                // SAFETY: `fd` was just opened by this child and is closed right after.
+                let file = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                let written = nix::unistd::write(file, b"1");
+                let _ = nix::unistd::close(fd);
+                written.map(|_| [0; 6])
+            })
+            .await;
+            warn!(self.log, "share of an encrypted volume shut down: its server does not answer";
+                "volume" => name, "outcome" => format!("{outcome:?}"));
+            return Some(format!("backing: NFS client shut down ({outcome:?})"));
+        }
+        let Ok(target) = cstring(&backing) else {
+            return Some("backing: path has a NUL byte".into());
+        };
+        let outcome = killable::run(budget, || {
+            nix::mount::umount2(target.as_c_str(), MntFlags::MNT_FORCE).map(|()| [0; 6])
+        })
+        .await;
+        Some(format!("backing: forced ({outcome:?})"))
+    }
+
+    /// Names whose stack an earlier agent left half built or half taken down (a backing
+    /// directory, but no volume among `mounted`).
+    pub fn leftovers(mounted: &[String]) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(BACKING_ROOT) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| cnfs_protocols::spec::validate_name("name", n).is_ok())
+            .filter(|n| !mounted.contains(n))
+            .collect()
+    }
+
+    /// [`Luks2::teardown`] as a task of its own (for leftovers found at start-up); it skips a
+    /// stack whose volume is mounted by the time it runs.
+    pub fn teardown_unless_mounted(
+        &self,
+        name: &str,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let stack = self.stack(name);
+        async move {
+            let volume = cnfs_protocols::spec::mount_point(&stack.name);
+            if mountinfo::find(&mountinfo::read().unwrap_or_default(), &volume).is_some() {
+                return;
+            }
+            let notes = stack.down(CLEANUP_BOUND).await;
+            info!(stack.log, "cleared what an earlier agent left of an encrypted volume";
+                "volume" => stack.name.as_str(), "steps" => notes.join("; "));
+        }
+    }
+
+    /// Takes down what is left of `name`'s stack (dm-crypt, loop, backing share) after its
+    /// volume was unmounted; bounded by `budget`. Returns the steps that did not finish
+    /// plainly.
+    pub async fn teardown(&self, name: &str, budget: Duration) -> Vec<String> {
+        self.stack(name).down(budget).await
+    }
+}
+
+/// The handle on one volume's stack; everything is found again from the kernel by name.
+#[derive(Clone)]
+struct Stack {
+    name: String,
+    tools: ToolClient,
+    locks: Arc<KeyedLocks<String>>,
+    volumes: super::VolumeLocks,
+    argon2: Arc<tokio::sync::Semaphore>,
+    log: Logger,
+}
+
+impl Stack {
+    /// A cryptsetup call that runs argon2 (format, open), at most two at a time.
+    async fn argon2_call(
+        &self,
+        cmd: Command,
+        key: &[u8],
+        budget: Duration,
+    ) -> Result<ToolOutcome, AgentError> {
+        let started = Instant::now();
+        let _permit = tokio::time::timeout(budget, self.argon2.acquire())
+            .await
+            .map_err(|_| {
+                AgentError::Deadline(format!(
+                    "volume {}: waited {budget:?} for other volumes' key derivations",
+                    self.name
+                ))
+            })?
+            .map_err(|_| AgentError::Internal("key derivation semaphore closed".into()))?;
+        let left = budget.saturating_sub(started.elapsed());
+        self.tools.call(cmd, Some(key), left).await
+    }
+
+    /// Takes the stack down under its volume's lock unless the volume is mounted by then:
+    /// for a stack that a failed or abandoned Mount left (a later Mount of the name may
+    /// have built and mounted its own meanwhile).
+    async fn down_unless_mounted(&self) -> Vec<String> {
+        let _v = self.volumes.lock(&self.name).await;
+        let volume = cnfs_protocols::spec::mount_point(&self.name);
+        if mountinfo::find(&mountinfo::read().unwrap_or_default(), &volume).is_some() {
+            return Vec::new();
+        }
+        self.down(CLEANUP_BOUND).await
+    }
+
+    async fn down(&self, budget: Duration) -> Vec<String> {
+        let deadline = Instant::now() + budget;
+        let _g = self.locks.lock(&self.name).await;
+        self.down_locked(deadline).await
+    }
+
+    /// dm-crypt closed (deferred if still held), loops cleared (the kernel defers that too),
+    /// the backing share unmounted (plain, force, detach). The OFD lock goes with the loop's
+    /// last reference to the file.
+    async fn down_locked(&self, deadline: Instant) -> Vec<String> {
+        let mut notes = self.down_dm_and_loops(deadline).await;
+        notes.extend(unmount_backing(&backing_dir(&self.name), deadline).await);
+        if !notes.is_empty() {
+            warn!(self.log, "encrypted volume taken down with difficulty";
+                "volume" => &self.name, "steps" => notes.join("; "));
+        }
+        notes
+    }
+
+    /// dm-crypt and the loops under it (and any loop on a file of the share), not the share.
+    async fn down_dm_and_loops(&self, deadline: Instant) -> Vec<String> {
+        let mut notes = Vec::new();
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let sysfs = Sysfs::default();
+        let mut loops = Vec::new();
+        if let Some(kname) = sysfs.dm_by_name(&dm_name(&self.name)) {
+            loops.extend(sysfs.loop_slaves(&kname));
+            let close = |deferred| Command::LuksClose {
+                name: self.name.clone(),
+                deferred,
+            };
+            let bound = || left().max(Duration::from_secs(1));
+            let closed = self.tools.call(close(false), None, bound()).await;
+            if !matches!(
+                closed,
+                Ok(ToolOutcome {
+                    exit: Exit::Code(0),
+                    ..
+                })
+            ) {
+                let deferred = self.tools.call(close(true), None, bound()).await;
+                notes.push(format!(
+                    "dm: close failed ({}); deferred removal: {}",
+                    describe(&closed),
+                    describe(&deferred)
+                ));
+            }
+        }
+        loops.extend(sysfs.loops_under(&backing_dir(&self.name)));
+        loops.sort_unstable();
+        loops.dedup();
+        for n in loops {
+            let outcome = killable::run(left().max(Duration::from_millis(500)), || {
+                blockdev::detach(n).map(|()| [0; 6])
+            })
+            .await;
+            if outcome != Outcome::Done([0; 6]) {
+                notes.push(format!("loop{n}: clear: {outcome:?}"));
+                continue;
+            }
+            // A clear is deferred while someone still has the device open (udev's blkid
+            // probe): the file, and its lock, go only then. Waited for, briefly, so that
+            // this guest's next open does not meet its own lock.
+            let until = Instant::now() + left().min(Duration::from_secs(3));
+            while sysfs.loop_bound(n) && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if sysfs.loop_bound(n) {
+                notes.push(format!("loop{n}: cleared when released"));
+            }
+        }
+        notes
+    }
+}
+
+fn describe(r: &Result<ToolOutcome, AgentError>) -> String {
+    match r {
+        Ok(o) => format!("{:?}: {}", o.exit, o.stderr.trim()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Unmounts the backing share if mounted: plain (the loop's deferred rundown may need a
+/// moment: EBUSY is retried), then force, then detach; removes its directory.
+async fn unmount_backing(backing: &Path, deadline: Instant) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mounted = || mountinfo::find(&mountinfo::read().unwrap_or_default(), backing).is_some();
+    if !mounted() {
+        let _ = std::fs::remove_dir(backing);
+        return notes;
+    }
+    let Ok(target) = CString::new(backing.as_os_str().as_bytes()) else {
+        return vec!["backing: path has a NUL byte".into()];
+    };
+    let target = target.as_c_str();
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let mut done = false;
+    let mut hung = false;
+    // Plain, retried while busy for up to 40% of the time left (a loop's deferred rundown
+    // lets go of the file a moment after LOOP_CLR_FD).
+    let plain_until = Instant::now() + left() * 2 / 5;
+    loop {
+        let slice =
+            (plain_until.saturating_duration_since(Instant::now())).max(Duration::from_millis(500));
+        match killable::run(slice, || {
+            nix::mount::umount2(target, MntFlags::empty()).map(|()| [0; 6])
+        })
+        .await
+        {
+            Outcome::Done(_) | Outcome::Failed(Errno::EINVAL) => {
+                done = true;
+                break;
+            }
+            Outcome::Failed(Errno::EBUSY) if Instant::now() < plain_until => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => {
+                hung = other == Outcome::TimedOut;
+                notes.push(format!("backing umount: {other:?}"));
+                break;
+            }
+        }
+    }
+    // Still busy: something above still uses the share (a mapping whose removal was
+    // deferred, an ext4 that containers still hold after a forced Unmount). Forcing it would
+    // fail their I/O, so it is only detached: it goes when they let go. Only a share that
+    // does not answer at all is forced first.
+    let steps: &[(&str, MntFlags)] = if hung {
+        &[
+            ("force", MntFlags::MNT_FORCE),
+            ("detach", MntFlags::MNT_DETACH),
+        ]
+    } else {
+        &[("detach", MntFlags::MNT_DETACH)]
+    };
+    if !done {
+        for (step, flag) in steps {
+            let slice = (left() / 2).max(Duration::from_millis(500));
+            match killable::run(slice, || {
+                nix::mount::umount2(target, *flag).map(|()| [0; 6])
+            })
+            .await
+            {
+                Outcome::Done(_) | Outcome::Failed(Errno::EINVAL) => {
+                    notes.push(format!("backing: {step}"));
+                    break;
+                }
+                other => notes.push(format!("backing {step}: {other:?}")),
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(backing);
+    notes
+}
+
+/// A built stack nobody has mounted yet: taken down again when dropped (the mount failed,
+/// or its caller went away), unless the mount took it over.
+struct Built {
+    stack: Option<Stack>,
+    dm_kernel_name: String,
+}
+
+impl Built {
+    fn keep(mut self) {
+        self.stack = None;
+    }
+}
+
+impl Drop for Built {
+    fn drop(&mut self) {
+        if let Some(stack) = self.stack.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    stack.down_unless_mounted().await;
+                });
+            }
+        }
+    }
+}
+
+struct Luks2Attempt {
+    built: Option<Built>,
+}
+
+impl Attempt for Luks2Attempt {
+    fn undo(&mut self) {
+        // Dropping it takes the stack down, in the background, under the volume's stack lock.
+        self.built = None;
+    }
+
+    fn into_attachment(
+        mut self: Box<Self>,
+        _log: &Logger,
+        _locks: &super::VolumeLocks,
+    ) -> Option<Box<dyn super::Attachment>> {
+        if let Some(b) = self.built.take() {
+            b.keep();
+        }
+        None
+    }
+}
+
+fn encryption(spec: &VolumeSpec) -> Result<&Encryption, AgentError> {
+    spec.encryption
+        .as_ref()
+        .ok_or_else(|| AgentError::Internal("luks2 handler given a spec without encryption".into()))
+}
+
+#[async_trait]
+impl MountHandler for Luks2 {
+    fn name(&self) -> &'static str {
+        "luks2"
+    }
+
+    fn kernel_types(&self) -> &'static [&'static str] {
+        &["ext4"]
+    }
+
+    fn recognises(&self, spec: &VolumeSpec, e: &MountEntry) -> bool {
+        spec.encryption.is_some()
+            && e.fs_type == "ext4"
+            && Sysfs::default().dm_by_name(&dm_name(&spec.name)).is_some()
+    }
+
+    async fn plan(&self, spec: &VolumeSpec, ctx: &Context<'_>) -> Result<MountPlan, AgentError> {
+        let name = &spec.name;
+        let enc = encryption(spec)?;
+        if let Some(why) = self.tools.missing() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {name}: encryption=luks2 needs cryptsetup and mke2fs in the guest: {why}"
+            )));
+        }
+        if !matches!(spec.source, Source::Nfs(_) | Source::CephFs(_)) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {name}: encryption=luks2 is served on NFSv4 and CephFS shares only so far"
+            )));
+        }
+        let deadline = Instant::now() + ctx.budget;
+        let dir = ctx.modules_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+            for m in ["loop", "dm_mod", "dm_crypt", "xts"] {
+                kmod::ensure(&dir, m).map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+            }
+            // Faster AES where the CPU has it; none is no error.
+            let _ = kmod::ensure(&dir, "aesni_intel");
+            Ok(())
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("module loading task: {e}")))??;
+
+        // The build runs in a task of its own holding the stack lock: if this plan is
+        // abandoned (its caller's deadline), the task still finishes, and what it built is
+        // taken down (dropping `Built`).
+        let stack = self.stack(name);
+        let spec2 = spec.clone();
+        let enc2 = enc.clone();
+        let client_id = ctx.client_id.to_string();
+        let modules_dir = ctx.modules_dir.to_path_buf();
+        let log = self.log.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _g = stack.locks.lock(&stack.name).await;
+            let ctx = Context {
+                modules_dir: &modules_dir,
+                client_id: &client_id,
+                budget: deadline.saturating_duration_since(Instant::now()),
+            };
+            let built = build(&stack, &spec2, &enc2, &ctx, deadline, &log).await;
+            let built = match built {
+                Ok(b) => b,
+                Err(e) => {
+                    stack.down_locked(Instant::now() + CLEANUP_BOUND).await;
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            // Nobody waits for it any more (the caller's deadline): taken down at once, with
+            // the stack lock still held, so no later build of the name can come between. (If
+            // the receiver is dropped with it unread, `Built`'s drop takes it down.)
+            if let Err(Ok(b)) = tx.send(Ok(built)) {
+                b.keep();
+                stack.down_locked(Instant::now() + CLEANUP_BOUND).await;
+            }
+        });
+        let built = rx
+            .await
+            .map_err(|_| AgentError::Internal(format!("volume {name}: the build task ended")))??;
+        Ok(MountPlan {
+            source: format!("/dev/{}", built.dm_kernel_name),
+            fs_type: "ext4".into(),
+            flags: vfs_flags(spec),
+            data: "errors=remount-ro".into(),
+            attempt: Box::new(Luks2Attempt { built: Some(built) }),
+        })
+    }
+}
+
+/// Backing share, container (formatted first if new), loop, dm-crypt. Called with the
+/// stack lock held; on error the caller takes down what is there.
+async fn build(
+    stack: &Stack,
+    spec: &VolumeSpec,
+    enc: &Encryption,
+    ctx: &Context<'_>,
+    deadline: Instant,
+    log: &Logger,
+) -> Result<Built, AgentError> {
+    let name = &stack.name;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    // What an earlier attempt left (an agent killed midway) goes first.
+    let leftovers = stack.down_locked(deadline).await;
+    if !leftovers.is_empty() {
+        info!(log, "cleared what an earlier attempt left"; "volume" => name.as_str(),
+            "steps" => leftovers.join("; "));
+    }
+    mount_backing(spec, ctx, deadline).await?;
+    let dir = backing_dir(name);
+    let file = dir.join(CONTAINER);
+    let shown = format!("volume {name}: {CONTAINER} on the share");
+    let mut formatted = false;
+    loop {
+        let opened = open_and_bind(&file, false, spec.read_only, 0, left()).await?;
+        match opened {
+            Opened::Loop { n, found: _ } => {
+                let started = Instant::now();
+                luks_open(stack, n, enc, spec.read_only, left(), &shown).await?;
+                let dm = Sysfs::default().dm_by_name(&dm_name(name)).ok_or_else(|| {
+                    AgentError::Internal(format!(
+                        "volume {name}: dm-crypt mapping not found after opening"
+                    ))
+                })?;
+                info!(log, "encrypted container opened"; "volume" => name.as_str(),
+                    "loop" => n, "dio" => Sysfs::default().loop_dio(n).unwrap_or(false),
+                    "dm" => &dm, "open_ms" => started.elapsed().as_millis() as u64);
+                if !spec.read_only {
+                    remove_abandoned(&dir, left(), log).await;
+                }
+                return Ok(Built {
+                    stack: Some(stack.clone()),
+                    dm_kernel_name: dm,
+                });
+            }
+            Opened::InUse => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "{shown} is in use by another client (server-side lock held); if that guest \
+                     crashed, the server frees it after its lease (NFSv4: the server's lease \
+                     time; CephFS: the MDS session timeout)"
+                )))
+            }
+            Opened::Failed { step, errno } => {
+                let m = format!("{shown}: {step}: {}", errno.desc());
+                return Err(match errno {
+                    Errno::EACCES | Errno::EPERM => AgentError::PermissionDenied(format!(
+                        "{m} (the server refuses the guest's root: check the export's squash \
+                         rules)"
+                    )),
+                    Errno::EISDIR | Errno::ENOLCK | Errno::EROFS | Errno::EFBIG => {
+                        AgentError::FailedPrecondition(m)
+                    }
+                    _ => AgentError::Internal(m),
+                });
+            }
+            Opened::Not(found) => match decide(found, spec.read_only, &shown) {
+                Action::Refuse(e) => return Err(e),
+                Action::Open => {
+                    return Err(AgentError::Internal(format!(
+                        "{shown}: opened but not bound"
+                    )))
+                }
+                Action::CreateAndFormat if formatted => {
+                    return Err(AgentError::Internal(format!(
+                        "{shown}: gone again right after it was published"
+                    )))
+                }
+                Action::CreateAndFormat => {
+                    format_new(stack, &dir, enc, deadline, log).await?;
+                    formatted = true;
+                }
+            },
+        }
+    }
+}
+
+/// Mounts the share that holds the container at `/run/cnfs/backing/<name>`, with the
+/// inner file system's own handler.
+async fn mount_backing(
+    spec: &VolumeSpec,
+    ctx: &Context<'_>,
+    deadline: Instant,
+) -> Result<(), AgentError> {
+    let name = &spec.name;
+    let inner: &dyn MountHandler = match spec.source {
+        Source::Nfs(_) => &super::nfs::Nfs,
+        Source::CephFs(_) => &super::cephfs::CephFs,
+        _ => {
+            return Err(AgentError::Internal(format!(
+                "volume {name}: no backing handler for {}",
+                spec.fs_name()
+            )))
+        }
+    };
+    let mut plan = inner.plan(spec, ctx).await?;
+    // A superblock (CephFS: a client session) of its own, never shared with another mount of
+    // the same export: a dead server's share can then be shut down or forced (see `stuck`)
+    // without touching any other volume, and a second opener in this guest meets the
+    // server's lock, not a local one.
+    match spec.source {
+        Source::Nfs(_) => plan.data.push_str(",nosharecache"),
+        Source::CephFs(_) => plan.data.push_str(",noshare"),
+        _ => {}
+    }
+    let mut attempt = plan.attempt;
+    let backing = backing_dir(name);
+    create_private_dir(Path::new(BACKING_ROOT))?;
+    // Holds only the container: nothing on it is executed or a device.
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if spec.read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    let what = format!("volume {name}'s share ({})", plan.source);
+    let outcome = crate::volumes::mount_in_child(
+        &what,
+        &backing,
+        &plan.source,
+        &plan.fs_type,
+        flags,
+        plan.data,
+        attempt.keep_fd(),
+        deadline,
+    )
+    .await?;
+    let failed = match outcome {
+        Outcome::Done(_) => return Ok(()),
+        Outcome::Failed(e) => attempt
+            .failed(&what, e)
+            .unwrap_or_else(|| AgentError::from_mount_errno(&what, e)),
+        Outcome::TimedOut => AgentError::Deadline(format!(
+            "mounting {what}: the server did not answer in time"
+        )),
+    };
+    attempt.undo();
+    Err(failed)
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir)
+    {
+        Ok(()) => Ok(()),
+        Err(e) => Err(AgentError::Internal(format!(
+            "creating {}: {e}",
+            dir.display()
+        ))),
+    }
+}
+
+async fn luks_open(
+    stack: &Stack,
+    n: u32,
+    enc: &Encryption,
+    read_only: bool,
+    budget: Duration,
+    shown: &str,
+) -> Result<(), AgentError> {
+    let out = stack
+        .argon2_call(
+            Command::LuksOpen {
+                device: n,
+                name: stack.name.clone(),
+                read_only,
+            },
+            enc.key.expose(),
+            budget,
+        )
+        .await?;
+    match out.exit {
+        Exit::Code(0) => Ok(()),
+        Exit::Code(2) => Err(AgentError::PermissionDenied(format!(
+            "{shown}: the key does not open it (no key slot accepts it); nothing was changed"
+        ))),
+        Exit::Code(1) => Err(AgentError::FailedPrecondition(format!(
+            "{shown}: cryptsetup cannot open it (cryptsetup: {}); if its LUKS2 header is \
+             damaged, restore it from a header backup (cryptsetup luksHeaderRestore); CNFS \
+             never reformats it",
+            first_line(&out.stderr)
+        ))),
+        Exit::Code(5) => Err(AgentError::FailedPrecondition(format!(
+            "{shown}: a device-mapper device {} exists already and could not be removed",
+            dm_name(&stack.name)
+        ))),
+        Exit::Code(3) => Err(AgentError::FailedPrecondition(format!(
+            "{shown}: the guest has too little memory for the key slot's cost"
+        ))),
+        Exit::TimedOut => Err(AgentError::Deadline(format!(
+            "{shown}: opening took longer than {budget:?}"
+        ))),
+        other => Err(AgentError::Internal(format!(
+            "{shown}: cryptsetup open: {other:?}: {}",
+            first_line(&out.stderr)
+        ))),
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+}
+
+/// Requires a tool to have exited 0; anything else is an INTERNAL error naming the step.
+fn succeeded(step: &str, out: ToolOutcome) -> Result<(), AgentError> {
+    match out.exit {
+        Exit::Code(0) => Ok(()),
+        Exit::TimedOut => Err(AgentError::Deadline(format!("{step}: took too long"))),
+        other => Err(AgentError::Internal(format!(
+            "{step}: {other:?}: {}",
+            first_line(&out.stderr)
+        ))),
+    }
+}
+
+/// A new container: formatted as a temporary file no other guest can know, then published
+/// under the fixed name with link(2) (EEXIST: another guest was first; its container is
+/// opened instead). The temporary name is removed on every path.
+async fn format_new(
+    stack: &Stack,
+    dir: &Path,
+    enc: &Encryption,
+    deadline: Instant,
+    log: &Logger,
+) -> Result<(), AgentError> {
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let temp = dir.join(format!("{TEMP_PREFIX}{:016x}", random_u64()?));
+    let result = format_temp(stack, &temp, enc, deadline, log).await;
+    // The temp stack goes whatever happened; then the name is published or dropped.
+    let notes = stack
+        .down_dm_and_loops(Instant::now() + CLEANUP_BOUND)
+        .await;
+    let published = match result {
+        Ok(()) if notes.is_empty() => {
+            let (t, f) = (cstring(&temp)?, cstring(&dir.join(CONTAINER))?);
+            match killable::run(left(), || {
+                nix::unistd::linkat(
+                    None,
+                    t.as_c_str(),
+                    None,
+                    f.as_c_str(),
+                    nix::fcntl::AtFlags::empty(),
+                )
+                .map(|()| [0; 6])
+            })
+            .await
+            {
+                Outcome::Done(_) => Ok(()),
+                // EEXIST: another client published first. ENOENT: our temp is gone, which
+                // only an opener of a published container does (see `remove_abandoned`).
+                Outcome::Failed(Errno::EEXIST | Errno::ENOENT) => {
+                    info!(log, "another client published the container first; opening theirs";
+                        "volume" => stack.name.as_str());
+                    Ok(())
+                }
+                Outcome::Failed(e) => Err(AgentError::Internal(format!(
+                    "publishing {CONTAINER} (link): {}",
+                    e.desc()
+                ))),
+                Outcome::TimedOut => Err(AgentError::Deadline(format!(
+                    "publishing {CONTAINER}: the server did not answer"
+                ))),
+            }
+        }
+        Ok(()) => Err(AgentError::Internal(format!(
+            "formatting {CONTAINER}: could not release the new container: {}",
+            notes.join("; ")
+        ))),
+        Err(e) => Err(e),
+    };
+    let t = cstring(&temp)?;
+    let removed = path_call(
+        "removing the temporary container",
+        left().max(Duration::from_millis(500)),
+        || nix::unistd::unlink(t.as_c_str()),
+    )
+    .await;
+    if let Err(e) = removed {
+        warn!(log, "temporary container left on the share"; "volume" => stack.name.as_str(),
+            "file" => temp.display().to_string(), "error" => %e);
+    }
+    published
+}
+
+async fn format_temp(
+    stack: &Stack,
+    temp: &Path,
+    enc: &Encryption,
+    deadline: Instant,
+    log: &Logger,
+) -> Result<(), AgentError> {
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let started = Instant::now();
+    let n = match open_and_bind(temp, true, false, enc.size, left()).await? {
+        Opened::Loop { n, .. } => n,
+        Opened::Failed { step, errno } => {
+            return Err(AgentError::Internal(format!(
+                "creating {}: {step}: {}",
+                temp.display(),
+                errno.desc()
+            )))
+        }
+        other => {
+            return Err(AgentError::Internal(format!(
+                "creating {}: {other:?}",
+                temp.display()
+            )))
+        }
+    };
+    let key = enc.key.expose();
+    let out = stack
+        .argon2_call(
+            Command::LuksFormat {
+                device: n,
+                label_name: stack.name.clone(),
+            },
+            key,
+            left(),
+        )
+        .await?;
+    succeeded("cryptsetup luksFormat", out)?;
+    let formatted = started.elapsed();
+    let open = stack
+        .argon2_call(
+            Command::LuksOpen {
+                device: n,
+                name: stack.name.clone(),
+                read_only: false,
+            },
+            key,
+            left(),
+        )
+        .await?;
+    succeeded("cryptsetup open (new container)", open)?;
+    let mkfs = stack
+        .tools
+        .call(
+            Command::Mkfs {
+                name: stack.name.clone(),
+                uid: enc.uid,
+                gid: enc.gid,
+            },
+            None,
+            left(),
+        )
+        .await?;
+    succeeded("mke2fs", mkfs)?;
+    info!(log, "new encrypted container formatted"; "volume" => stack.name.as_str(),
+        "size" => enc.size, "format_ms" => formatted.as_millis() as u64,
+        "total_ms" => started.elapsed().as_millis() as u64);
+    Ok(())
+}
+
+/// Removes the temporary containers in `dir` once the published one is open and locked by
+/// us: a formatter whose agent died left them, and a live formatter will find the published
+/// name taken anyway (its link fails, EEXIST, or ENOENT once its temp is gone, and it opens
+/// the published one). Bounded; a share that stops answering leaves them for next time.
+async fn remove_abandoned(dir: &Path, budget: Duration, log: &Logger) {
+    let d = dir.to_path_buf();
+    let listing = tokio::task::spawn_blocking(move || -> Vec<PathBuf> {
+        std::fs::read_dir(&d)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_str().is_some_and(is_temp_container))
+                    .map(|e| e.path())
+                    .take(64)
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    let Ok(Ok(temps)) = tokio::time::timeout(budget.min(Duration::from_secs(2)), listing).await
+    else {
+        return;
+    };
+    for t in temps {
+        let Ok(c) = cstring(&t) else { continue };
+        let gone = path_call(
+            "removing an abandoned temporary container",
+            Duration::from_secs(2),
+            || match nix::unistd::unlink(c.as_c_str()) {
+                Err(Errno::ENOENT) => Ok(()),
+                other => other,
+            },
+        )
+        .await;
+        info!(log, "abandoned temporary container removed"; "file" => t.display().to_string(),
+            "outcome" => format!("{gone:?}"));
+    }
+}
+
+fn cstring(p: &Path) -> Result<CString, AgentError> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| AgentError::Internal(format!("{}: NUL byte in path", p.display())))
+}
+
+fn random_u64() -> Result<u64, AgentError> {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom(2) writes at most 8 bytes into the buffer on the stack.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        return Err(AgentError::Internal("getrandom failed".into()));
+    }
+    Ok(u64::from_le_bytes(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn found_strategy() -> impl Strategy<Value = Found> {
+        prop_oneof![
+            Just(Found::Absent),
+            Just(Found::NotRegular),
+            Just(Found::Luks2),
+            Just(Found::Luks1),
+            Just(Found::NotLuks),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn only_an_absent_container_is_ever_formatted(found in found_strategy(), ro in any::<bool>()) {
+            let formats = matches!(decide(found, ro, "f"), Action::CreateAndFormat);
+            prop_assert_eq!(formats, found == Found::Absent && !ro);
+        }
+
+        #[test]
+        fn arbitrary_bytes_without_a_luks2_magic_are_not_luks2(p in any::<[u8; 8]>(), s in any::<[u8; 8]>()) {
+            prop_assume!(p[..6] != *b"LUKS\xba\xbe" && s[..6] != *b"SKUL\xba\xbe");
+            prop_assert_eq!(classify_magic(&p, &[s]), Found::NotLuks);
+        }
+    }
+
+    #[test]
+    fn headers_are_classified_from_either_copy() {
+        let luks2 = *b"LUKS\xba\xbe\x00\x02";
+        let luks1 = *b"LUKS\xba\xbe\x00\x01";
+        let second = *b"SKUL\xba\xbe\x00\x02";
+        let zero = [0u8; 8];
+        assert_eq!(classify_magic(&luks2, &[zero]), Found::Luks2);
+        assert_eq!(classify_magic(&luks1, &[zero]), Found::Luks1);
+        assert_eq!(classify_magic(&zero, &[zero, second]), Found::Luks2);
+        assert_eq!(classify_magic(&zero, &[zero]), Found::NotLuks);
+        assert_eq!(
+            classify_magic(&zero, &[*b"SKUL\xba\xbe\x00\x01"]),
+            Found::NotLuks,
+            "a secondary copy only exists in LUKS2"
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_file_and_say_nothing_is_formatted() {
+        match decide(
+            Found::NotLuks,
+            false,
+            "volume v: cnfs-volume.luks2 on the share",
+        ) {
+            Action::Refuse(AgentError::FailedPrecondition(m)) => {
+                assert!(
+                    m.contains("cnfs-volume.luks2") && m.contains("never formats"),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        match decide(Found::Absent, true, "f") {
+            Action::Refuse(AgentError::NotFound(m)) => assert!(m.contains("read-only"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_file_is_created_exclusively_and_an_existing_plain_file_is_reported_not_bound() {
+        // Runs without root: opening and reading work, the loop step is not reached.
+        let dir = std::env::temp_dir().join(format!("cnfs-luks2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let f = dir.join(CONTAINER);
+        std::fs::write(&f, vec![0x5au8; 8192]).expect("write");
+        let got = open_and_bind(&f, false, false, 0, Duration::from_secs(5))
+            .await
+            .expect("answer");
+        assert_eq!(got, Opened::Not(Found::NotLuks));
+        let got = open_and_bind(&f, true, false, 1 << 20, Duration::from_secs(5))
+            .await
+            .expect("answer");
+        assert!(
+            matches!(
+                got,
+                Opened::Failed {
+                    step: "open",
+                    errno: Errno::EEXIST
+                }
+            ),
+            "{got:?}"
+        );
+        assert_eq!(std::fs::read(&f).expect("read").len(), 8192, "untouched");
+        let missing = dir.join("absent");
+        let got = open_and_bind(&missing, false, false, 0, Duration::from_secs(5))
+            .await
+            .expect("answer");
+        assert_eq!(got, Opened::Not(Found::Absent));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_file_locked_by_another_open_file_is_in_use() {
+        let dir = std::env::temp_dir().join(format!("cnfs-luks2-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let f = dir.join(CONTAINER);
+        let mut hdr = vec![0u8; 8192];
+        hdr[..8].copy_from_slice(b"LUKS\xba\xbe\x00\x02");
+        std::fs::write(&f, hdr).expect("write");
+        let holder = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f)
+            .expect("open");
+        let lock = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: LOCK_BYTE,
+            l_len: 1,
+            l_pid: 0,
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_OFD_SETLK reads a struct flock on the stack.
+        let rc = unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+        assert_eq!(rc, 0, "test lock");
+        let got = open_and_bind(&f, false, false, 0, Duration::from_secs(5))
+            .await
+            .expect("answer");
+        assert_eq!(got, Opened::InUse);
+        drop(holder);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
