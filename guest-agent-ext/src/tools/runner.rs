@@ -465,6 +465,10 @@ fn run_tool(
         }
         Ended::Deadline => {
             tool.kill();
+            // A moment for the killed tool to be gone before the answer: the agent takes
+            // the stack down next, and a cryptsetup still finishing a mapping behind its
+            // back would leave one. (Stuck in the kernel, it is answered for anyway.)
+            let _ = tool.wait(pidfd.as_ref(), reply, Instant::now() + KILL_GRACE);
             Some(Exit::TimedOut)
         }
     };
@@ -495,6 +499,9 @@ fn run_tool(
         duration_ms: millis(started.elapsed()),
     }))
 }
+
+/// How long a tool killed at its deadline is waited for before the answer.
+const KILL_GRACE: Duration = Duration::from_secs(2);
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
