@@ -248,6 +248,21 @@ impl Sysfs {
             .find(|k| self.read(&format!("block/{k}/dm/name")).as_deref() == Some(dm_name))
     }
 
+    /// The names of all device-mapper devices.
+    pub fn dm_names(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.root.join("block")) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = dir
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|k| k.starts_with("dm-"))
+            .filter_map(|k| self.read(&format!("block/{k}/dm/name")))
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The loop devices a device-mapper device sits on (`loopN` numbers).
     pub fn loop_slaves(&self, dm: &str) -> Vec<u32> {
         let Ok(dir) = std::fs::read_dir(self.root.join("block").join(dm).join("slaves")) else {
@@ -342,6 +357,10 @@ mod tests {
         let s = Sysfs::at(t.path());
         assert_eq!(s.dm_by_name("cnfs-data").as_deref(), Some("dm-3"));
         assert_eq!(s.dm_by_name("cnfs-nope"), None);
+        assert_eq!(
+            s.dm_names(),
+            vec!["cnfs-data".to_string(), "other".to_string()]
+        );
         assert_eq!(s.loop_slaves("dm-3"), vec![7]);
         // "data" must not match "data2"'s directory.
         assert_eq!(s.loops_under(Path::new("/run/cnfs/backing/data")), vec![7]);

@@ -437,16 +437,29 @@ impl Luks2 {
     }
 
     /// Names whose stack an earlier agent left half built or half taken down (a backing
-    /// directory, but no volume among `mounted`).
+    /// directory or a `cnfs-<name>` mapping, but no volume among `mounted`). A mapping counts
+    /// too: a share detached lazily is no longer found by its path.
     pub fn leftovers(mounted: &[String]) -> Vec<String> {
-        let Ok(dir) = std::fs::read_dir(BACKING_ROOT) else {
-            return Vec::new();
-        };
-        dir.flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
+        let dirs = std::fs::read_dir(BACKING_ROOT)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let mappings = Sysfs::default()
+            .dm_names()
+            .into_iter()
+            .filter_map(|n| n.strip_prefix("cnfs-").map(str::to_string));
+        let mut names: Vec<String> = dirs
+            .into_iter()
+            .chain(mappings)
             .filter(|n| cnfs_protocols::spec::validate_name("name", n).is_ok())
             .filter(|n| !mounted.contains(n))
-            .collect()
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// [`Luks2::teardown`] as a task of its own (for leftovers found at start-up); it skips a
@@ -1201,20 +1214,23 @@ async fn remove_abandoned(dir: &Path, budget: Duration, log: &Logger) {
             })
             .unwrap_or_default()
     });
-    let Ok(Ok(temps)) = tokio::time::timeout(budget.min(Duration::from_secs(2)), listing).await
-    else {
+    // At most 2 s of the mount's time in all: what is left stays for the next opener.
+    let until = Instant::now() + budget.min(Duration::from_secs(2));
+    let Ok(Ok(temps)) = tokio::time::timeout_at(until, listing).await else {
         return;
     };
     for t in temps {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
         let Ok(c) = cstring(&t) else { continue };
-        let gone = path_call(
-            "removing an abandoned temporary container",
-            Duration::from_secs(2),
-            || match nix::unistd::unlink(c.as_c_str()) {
+        let gone = path_call("removing an abandoned temporary container", left, || {
+            match nix::unistd::unlink(c.as_c_str()) {
                 Err(Errno::ENOENT) => Ok(()),
                 other => other,
-            },
-        )
+            }
+        })
         .await;
         info!(log, "abandoned temporary container removed"; "file" => t.display().to_string(),
             "outcome" => format!("{gone:?}"));
