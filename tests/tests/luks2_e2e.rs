@@ -400,9 +400,11 @@ async fn an_encrypted_volume_keeps_its_data_and_its_secrets() -> anyhow::Result<
     // detaches it, and neither shuts the share down nor forces it: the process keeps reading
     // and writing its data, and the stack goes once it lets go.
     mount(&a, luks2_volume("sec", &server, "sec", KEY)).await?;
-    g.ok("(cd /run/cnfs/volumes/sec && exec sleep 600) >/dev/null 2>&1 &")
-        .await?;
-    let holder = g.ok("sleep 0.5; pidof sleep").await?.trim().to_string();
+    let holder = g
+        .ok("(cd /run/cnfs/volumes/sec && exec sleep 600) >/dev/null 2>&1 & echo $!")
+        .await?
+        .trim()
+        .to_string();
     let u = unmount(&a, "sec").await?;
     assert_eq!(u.method, "detach", "{u:?}");
     assert!(
