@@ -113,9 +113,7 @@ fn controller_service(a: ControllerArgs, log: &slog::Logger) -> anyhow::Result<C
 }
 
 fn logger() -> slog::Logger {
-    // One write per record (slog_json writes a record in pieces): a line is never cut in
-    // the container's log by the process ending, as the last "stopped" once was under load.
-    let drain = slog_json::Json::new(std::io::LineWriter::new(std::io::stderr()))
+    let drain = slog_json::Json::new(std::io::stderr())
         .add_default_keys()
         .build()
         .fuse();

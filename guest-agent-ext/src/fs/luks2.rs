@@ -784,8 +784,8 @@ impl MountHandler for Luks2 {
         .map_err(|e| AgentError::Internal(format!("module loading task: {e}")))??;
 
         // The build runs in a task of its own holding the stack lock: if this plan is
-        // abandoned (its caller's deadline), the task still finishes and takes down what it
-        // built; a failed build is taken down before its error is answered.
+        // abandoned (its caller's deadline), the task still finishes, and what it built is
+        // taken down (dropping `Built`).
         let stack = self.stack(name);
         let spec2 = spec.clone();
         let enc2 = enc.clone();
