@@ -239,7 +239,7 @@ impl ControllerService {
                 ),
             ));
         }
-        // Encrypted: the container's size, fixed now; a quota (CephFS) holds it with headroom.
+        // Encrypted: the container's size, fixed now (NFS has no quota to hold it).
         let size = match encrypted {
             Some(_) if !encryption::PROVISIONED_ON.contains(&provisioner.name()) => {
                 return Err(invalid(
@@ -271,7 +271,7 @@ impl ControllerService {
             name: &name,
             parameters: p,
             secrets: &req.secrets,
-            capacity: size.map_or(capacity, encryption::backend_capacity),
+            capacity,
         };
         let ctx = self.context();
         let plan = provisioner.plan(&ctx, &creq).map_err(status)?;
@@ -685,8 +685,8 @@ mod tests {
                     1 << 30,
                 ),
                 tonic::Code::InvalidArgument,
-                "parameters.encryption: luks2 volumes are provisioned on fs nfs, cephfs only \
-                 so far, not smb",
+                "parameters.encryption: luks2 volumes are provisioned on fs nfs only so far, \
+                 not smb",
             ),
         ] {
             let e = c.create(&req).await.unwrap_err();
@@ -701,67 +701,23 @@ mod tests {
 
     #[tokio::test]
     async fn expanding_an_encrypted_volume_is_failed_precondition_saying_the_size_is_fixed() {
-        for id in [
-            "nfs+luks2#delete#127.0.0.1#/exports/k8s#pvc-1",
-            // Before any cluster is looked up or contacted (none is configured here).
-            "cephfs+luks2#prod#cephfs#csi#pvc-2",
-        ] {
-            let e = service()
-                .expand(&ControllerExpandVolumeRequest {
-                    volume_id: id.into(),
-                    capacity_range: Some(CapacityRange {
-                        required_bytes: 2 << 30,
-                        limit_bytes: 0,
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .unwrap_err();
-            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{id}");
-            assert!(
-                e.message().contains("is encrypted (luks2)")
-                    && e.message().contains("size is fixed when it is created"),
-                "{id}: {e:?}"
-            );
-        }
-    }
-
-    #[tokio::test]
-    async fn an_encrypted_cephfs_class_is_provisioned_no_longer_refused_for_its_fs() {
-        use crate::csi::volume_capability::access_mode::Mode;
-        let v = made_by("cephfs+luks2#prod#cephfs#csi#pvc-2").expect("ours");
-        assert_eq!(v.provisioner.name(), "cephfs");
-        assert_eq!(v.fields, "prod#cephfs#csi#pvc-2");
-        assert_eq!(v.encryption, Some(EncryptionMode::Luks2));
-        // It gets past the encryption checks to the CephFS provisioner, which looks the
-        // cluster up in the controller's config (empty here) before contacting anything.
-        let mut req = encrypted(
-            &[
-                ("fs", "cephfs"),
-                ("clusterID", "prod"),
-                ("fsName", "cephfs"),
-            ],
-            Mode::SingleNodeWriter as i32,
-            1 << 30,
-        );
-        for k in ["server", "share", "vers"] {
-            req.parameters.remove(k);
-        }
-        let e = service().create(&req).await.unwrap_err();
-        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        let e = service()
+            .expand(&ControllerExpandVolumeRequest {
+                volume_id: "nfs+luks2#delete#127.0.0.1#/exports/k8s#pvc-1".into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 2 << 30,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(
-            e.message()
-                .starts_with("clusterID \"prod\" is not in the controller's config"),
+            e.message().contains("is encrypted (luks2)")
+                && e.message().contains("size is fixed when it is created"),
             "{e:?}"
         );
-        // The encryption rules still hold for it: a capacity below 64 MiB is refused first.
-        req.capacity_range = Some(CapacityRange {
-            required_bytes: 32 << 20,
-            limit_bytes: 0,
-        });
-        let e = service().create(&req).await.unwrap_err();
-        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
-        assert!(e.message().contains("64 MiB"), "{e:?}");
     }
 
     #[test]
