@@ -102,6 +102,14 @@ async fn nothing_left_within(g: &GuestExec, within: Duration) -> anyhow::Result<
     }
 }
 
+/// The names in a server directory, as the host sees them.
+fn names_in(dir: &Path) -> anyhow::Result<Vec<String>> {
+    Ok(std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect())
+}
+
 fn sha256(p: &Path) -> anyhow::Result<String> {
     let out = std::process::Command::new("sha256sum").arg(p).output()?;
     anyhow::ensure!(out.status.success(), "sha256sum {}", p.display());
@@ -169,10 +177,7 @@ async fn an_encrypted_volume_keeps_its_data_and_its_secrets() -> anyhow::Result<
 
     // The host sees one stock LUKS2 file and no plaintext or key bytes anywhere.
     let container = export.join("sec/cnfs-volume.luks2");
-    let listing: Vec<String> = std::fs::read_dir(export.join("sec"))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let listing = names_in(&export.join("sec"))?;
     assert_eq!(
         listing,
         vec!["cnfs-volume.luks2".to_string()],
@@ -364,10 +369,7 @@ async fn an_encrypted_volume_keeps_its_data_and_its_secrets() -> anyhow::Result<
     let temps = std::fs::read_dir(export.join("crash"))?.count();
     assert_eq!(temps, 1, "the killed format left its temporary container");
     mount(&a, luks2_volume("crash", &server, "crash", KEY)).await?;
-    let listing: Vec<String> = std::fs::read_dir(export.join("crash"))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let listing = names_in(&export.join("crash"))?;
     assert_eq!(
         listing,
         vec!["cnfs-volume.luks2".to_string()],
