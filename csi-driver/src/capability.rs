@@ -1,6 +1,7 @@
 //! Volume capabilities CNFS can honour: file-system access (never block) in any access mode,
-//! since NFS and CephFS are shared file systems; an encrypted volume (one ext4 in a LUKS2
-//! container, opened by one guest) in single-node modes only.
+//! since NFS and CephFS are shared file systems; a luks2 volume (one ext4 in a LUKS2
+//! container, opened by one guest) in single-node modes only. A gocryptfs volume is shared
+//! like a plain one (every guest runs its own gocryptfs over the same encrypted tree).
 
 use cnfs_protocols::spec::{EncryptionMode, FsKind};
 use tonic::Status;
@@ -86,16 +87,17 @@ pub fn check(field: &str, cap: Option<&VolumeCapability>) -> Result<Access, Stat
     })
 }
 
-/// Refuses, for an encrypted volume, the access modes that would open it on several nodes:
-/// its ext4 lives in one guest's kernel, and a second writer (or a reader of a file system
-/// another kernel is changing) would see it corrupt. The server-side lock would refuse the
-/// second guest at mount time anyway; this says why before anything is made.
+/// Refuses, for a single-guest encrypted volume (luks2), the access modes that would open it
+/// on several nodes: its ext4 lives in one guest's kernel, and a second writer (or a reader
+/// of a file system another kernel is changing) would see it corrupt. The server-side lock
+/// would refuse the second guest at mount time anyway; this says why before anything is
+/// made. A shared mode (gocryptfs) takes every access mode.
 pub fn refuse_shared(
     field: &str,
     cap: &VolumeCapability,
     mode: EncryptionMode,
 ) -> Result<(), Status> {
-    let Some(m) = cap.access_mode.as_ref() else {
+    let Some(m) = cap.access_mode.as_ref().filter(|_| mode.single_guest()) else {
         return Ok(());
     };
     match Mode::try_from(m.mode) {
@@ -207,6 +209,32 @@ mod tests {
                 .unwrap()
                 .read_only
         );
+    }
+
+    #[test]
+    fn gocryptfs_volumes_take_every_access_mode_as_plain_ones_do() {
+        let m = || AccessType::Mount(MountVolume::default());
+        for mode in [
+            Mode::MultiNodeReaderOnly,
+            Mode::MultiNodeSingleWriter,
+            Mode::MultiNodeMultiWriter,
+            Mode::SingleNodeWriter,
+            Mode::SingleNodeReaderOnly,
+            Mode::SingleNodeSingleWriter,
+            Mode::SingleNodeMultiWriter,
+        ] {
+            refuse_shared("c", &cap(m(), mode), EncryptionMode::Gocryptfs)
+                .unwrap_or_else(|e| panic!("{mode:?}: {e:?}"));
+        }
+        // Block access stays refused by the general check, whatever the mode.
+        let block = cap(
+            AccessType::Block(BlockVolume {}),
+            Mode::MultiNodeMultiWriter,
+        );
+        assert!(check("c", Some(&block))
+            .unwrap_err()
+            .message()
+            .contains("block"));
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //!
 //! `DeleteVolume` gets nothing but the volume id (and secrets), so the id carries what it
 //! needs: `<fs>#<fields>`, where `<fs>` picks the provisioner and the fields are its own.
-//! An encrypted volume's id starts `<fs>+luks2#` (see [`crate::encryption`]), so that
-//! `ControllerExpandVolume` knows from the id that its size is fixed.
+//! An encrypted volume's id starts `<fs>+<mode>#` (`nfs+luks2#`, `nfs+gocryptfs#`; see
+//! [`crate::encryption`]), so that `ControllerExpandVolume` knows from the id whether its size
+//! is fixed (luks2) or its class decides, as for a plain volume (gocryptfs).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -74,7 +75,7 @@ fn check_name(name: &str) -> Result<(), Status> {
 }
 
 /// The id of a volume about to be made (`<head>#<fields>`, the head being the file system,
-/// `+luks2` when encrypted), refused before anything is made if it would break CSI's string
+/// `+<mode>` when encrypted), refused before anything is made if it would break CSI's string
 /// limit (the limits bind what a plugin sends as well); the error names the parameters that
 /// make it long.
 fn fitting_id(head: &str, plan: &Plan) -> Result<String, Status> {
@@ -91,6 +92,23 @@ fn fitting_id(head: &str, plan: &Plan) -> Result<String, Status> {
         ));
     }
     Ok(encoded)
+}
+
+/// The guest holds an encrypted volume's source to the same rules (luks2 refuses NFSv3,
+/// nolock...; gocryptfs only FUSE): refused now, before anything is made.
+fn check_encrypted_source(source: &str) -> Result<(), Status> {
+    cnfs_protocols::volume_url::parse("check", source)
+        .and_then(|u| {
+            cnfs_protocols::spec::VolumeSpec::from_wire_unresolved(&u.wire)
+                .map_err(|e| e.to_string())
+        })
+        .map(|_| ())
+        .map_err(|e| {
+            invalid(
+                "parameters",
+                format!("an encrypted volume {} is refused: {e}", echo(source)),
+            )
+        })
 }
 
 pub struct ControllerService {
@@ -151,7 +169,7 @@ struct MadeBy<'a> {
     encryption: Option<EncryptionMode>,
 }
 
-/// The parts of volume `id` (`<fs>[+luks2]#<fields>`); `None` for an id no provisioner made.
+/// The parts of volume `id` (`<fs>[+<mode>]#<fields>`); `None` for an id no provisioner made.
 fn parse_id(id: &str) -> Option<MadeBy<'_>> {
     let (head, fields) = id.split_once('#')?;
     let (fs, encryption) = encryption::split_id_head(head)?;
@@ -239,20 +257,21 @@ impl ControllerService {
                 ),
             ));
         }
-        // Encrypted: the container's size, fixed now (NFS has no quota to hold it).
+        // luks2: the container's size, fixed now (NFS has no quota to hold it). gocryptfs has
+        // no size: its capacity is the class's, as for a plain volume.
         let size = match encrypted {
-            Some(_) if !encryption::PROVISIONED_ON.contains(&provisioner.name()) => {
+            Some(mode) if !encryption::PROVISIONED_ON.contains(&provisioner.name()) => {
                 return Err(invalid(
                     "parameters.encryption",
                     format!(
-                        "luks2 volumes are provisioned on fs {} only so far, not {}",
+                        "{mode} volumes are provisioned on fs {} only so far, not {}",
                         encryption::PROVISIONED_ON.join(", "),
                         provisioner.name()
                     ),
                 ))
             }
-            Some(_) => Some(encryption::container_size(capacity)?),
-            None => None,
+            Some(mode) if mode.has_size() => Some(encryption::container_size(capacity)?),
+            Some(_) | None => None,
         };
         // The provisioner sees its own parameters only.
         let own: HashMap<String, String>;
@@ -276,25 +295,12 @@ impl ControllerService {
         let ctx = self.context();
         let plan = provisioner.plan(&ctx, &creq).map_err(status)?;
         let volume_id = fitting_id(&encryption::id_head(provisioner.name(), encrypted), &plan)?;
-        let with_encryption = |source: &str| match (encrypted, size) {
-            (Some(mode), Some(size)) => encryption::add_to_source(source, mode, size),
-            _ => source.to_string(),
+        let with_encryption = |source: &str| match encrypted {
+            Some(mode) => encryption::add_to_source(source, mode, size),
+            None => source.to_string(),
         };
         if let (Some(_), Some(planned)) = (encrypted, &plan.source) {
-            // The guest holds the source to the same rules (luks2 refuses NFSv3, nolock...):
-            // refused now, before anything is made.
-            let source = with_encryption(planned);
-            cnfs_protocols::volume_url::parse("check", &source)
-                .and_then(|u| {
-                    cnfs_protocols::spec::VolumeSpec::from_wire_unresolved(&u.wire)
-                        .map_err(|e| e.to_string())
-                })
-                .map_err(|e| {
-                    invalid(
-                        "parameters",
-                        format!("an encrypted volume {} is refused: {e}", echo(&source)),
-                    )
-                })?;
+            check_encrypted_source(&with_encryption(planned))?;
         }
         let created = provisioner.create(&ctx, &creq).await.map_err(status)?;
         Ok(Volume {
@@ -357,12 +363,14 @@ impl ControllerService {
         }
         self.exists(&req.volume_id, &req.secrets).await?;
         // Encrypted as its id says, or as the context or parameters the CO passes say.
-        let encrypted = match made_by(&req.volume_id)?.encryption {
+        let from_source = || {
+            req.volume_context
+                .get(crate::node::SOURCE)
+                .and_then(|s| encryption::source_mode(s))
+        };
+        let encrypted = match made_by(&req.volume_id)?.encryption.or_else(from_source) {
             Some(m) => Some(m),
-            None => match req.volume_context.get(crate::node::SOURCE) {
-                Some(s) if encryption::source_is_encrypted(s) => Some(EncryptionMode::Luks2),
-                _ => encryption::from_parameters(&req.parameters)?,
-            },
+            None => encryption::from_parameters(&req.parameters)?,
         };
         for (i, c) in req.volume_capabilities.iter().enumerate() {
             let field = format!("volume_capabilities[{i}]");
@@ -397,7 +405,8 @@ impl ControllerService {
         let size = requested_size(req.capacity_range.as_ref())?
             .ok_or_else(|| invalid("capacity_range", "is required"))?;
         let v = made_by(&req.volume_id)?;
-        if let Some(mode) = v.encryption {
+        // A gocryptfs volume has no size of its own: its class decides, as for a plain one.
+        if let Some(mode) = v.encryption.filter(|m| m.has_size()) {
             return Err(Status::failed_precondition(format!(
                 "volume {} is encrypted ({}): its container's size is fixed when it is created \
                  (CNFS cannot grow it yet); make a larger volume and copy the data",
@@ -648,7 +657,7 @@ mod tests {
             (
                 encrypted(&[("encryption", "plain")], RWO as i32, 1 << 30),
                 tonic::Code::InvalidArgument,
-                "parameters.encryption: \"plain\" is not supported (the only value is luks2)",
+                "parameters.encryption: \"plain\" is not supported (luks2 or gocryptfs)",
             ),
             (
                 encrypted(&[], Mode::MultiNodeMultiWriter as i32, 1 << 30),
@@ -697,6 +706,135 @@ mod tests {
                 e.message()
             );
         }
+    }
+
+    #[test]
+    fn a_gocryptfs_volumes_id_reaches_its_provisioner_and_says_gocryptfs() {
+        let v = made_by("nfs+gocryptfs#delete#10.0.0.5#/exports/k8s#pvc-1").expect("ours");
+        assert_eq!(v.provisioner.name(), "nfs");
+        assert_eq!(v.fields, "delete#10.0.0.5#/exports/k8s#pvc-1");
+        assert_eq!(v.encryption, Some(EncryptionMode::Gocryptfs));
+        assert_eq!(
+            encryption::id_head("nfs", Some(EncryptionMode::Gocryptfs)),
+            "nfs+gocryptfs"
+        );
+    }
+
+    #[tokio::test]
+    async fn gocryptfs_create_volume_takes_multi_node_modes_and_no_size_from_the_capacity() {
+        use crate::csi::volume_capability::access_mode::Mode;
+        let c = service();
+        // A share long enough that the id overflows CSI's 128 bytes (136 bytes with its
+        // "nfs+gocryptfs" head): refused after the access mode and the sizing and before
+        // anything is made, so an error about the id means the request got past both (luks2 would refuse ReadWriteMany, and a 1-byte
+        // capacity, before that).
+        let share = format!("/exports/{}", "d".repeat(90));
+        for mode in [
+            Mode::MultiNodeMultiWriter,
+            Mode::MultiNodeReaderOnly,
+            Mode::MultiNodeSingleWriter,
+            Mode::SingleNodeWriter,
+        ] {
+            for required in [0, 1, 1 << 30] {
+                let req = encrypted(
+                    &[
+                        ("encryption", "gocryptfs"),
+                        ("share", &share),
+                        ("vers", "3"),
+                    ],
+                    mode as i32,
+                    required,
+                );
+                let e = c.create(&req).await.unwrap_err();
+                assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+                assert!(
+                    e.message()
+                        .starts_with("parameters: the volume id would be 136 bytes"),
+                    "{mode:?} {required}: {e:?}"
+                );
+            }
+        }
+        // The same request with luks2 stops at the access mode.
+        let req = encrypted(
+            &[("share", &share)],
+            Mode::MultiNodeMultiWriter as i32,
+            1 << 30,
+        );
+        let e = c.create(&req).await.unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("volume_capabilities[0].access_mode.mode: MULTI_NODE_MULTI_WRITER"),
+            "{e:?}"
+        );
+        // Other classes than nfs are refused naming the mode.
+        let req = encrypted(
+            &[
+                ("encryption", "gocryptfs"),
+                ("fs", "smb"),
+                ("share", "data"),
+                ("vers", "3.1.1"),
+            ],
+            Mode::MultiNodeMultiWriter as i32,
+            0,
+        );
+        let e = c.create(&req).await.unwrap_err();
+        assert_eq!(
+            e.message(),
+            "parameters.encryption: gocryptfs volumes are provisioned on fs nfs only so far, not \
+             smb"
+        );
+    }
+
+    #[test]
+    fn a_gocryptfs_source_is_held_to_its_own_rules_before_anything_is_made() {
+        // NFSv3 and nolock: no lock to keep, so gocryptfs takes them; luks2 does not.
+        for planned in [
+            "nfs://127.0.0.1/exports/k8s/pvc-1?vers=3",
+            "nfs://127.0.0.1/exports/k8s/pvc-1?vers=4.1&nolock",
+        ] {
+            check_encrypted_source(&encryption::add_to_source(
+                planned,
+                EncryptionMode::Gocryptfs,
+                None,
+            ))
+            .unwrap_or_else(|e| panic!("{planned}: {e:?}"));
+            let e = check_encrypted_source(&encryption::add_to_source(
+                planned,
+                EncryptionMode::Luks2,
+                1 << 30,
+            ))
+            .unwrap_err();
+            assert!(
+                e.message().starts_with("parameters: an encrypted volume"),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn expanding_a_gocryptfs_volume_is_what_its_class_answers_for_a_plain_one() {
+        let expand = |id: &str| {
+            let c = service();
+            let req = ControllerExpandVolumeRequest {
+                volume_id: id.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 2 << 30,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            };
+            async move { c.expand(&req).await.unwrap_err() }
+        };
+        let plain = expand("nfs#delete#127.0.0.1#/exports/k8s#pvc-1").await;
+        let e = expand("nfs+gocryptfs#delete#127.0.0.1#/exports/k8s#pvc-1").await;
+        // NFS classes have no quota to grow, for a plain volume and a gocryptfs one alike; the
+        // luks2 refusal ("size is fixed") is not it.
+        assert_eq!((e.code(), e.message()), (plain.code(), plain.message()));
+        assert!(
+            e.message().starts_with("nfs volumes have no quota to grow"),
+            "{e:?}"
+        );
+        assert!(!e.message().contains("encrypted"), "{e:?}");
     }
 
     #[tokio::test]

@@ -1,14 +1,19 @@
-//! Encrypted (`luks2`) volumes through CSI (design: docs/design/encryption-luks2.md §6.1,
-//! §5.3): the StorageClass parameter, the container's size from the capacity range, how the
-//! controller tells the node side (the volume URL's `encryption=luks2&size=<bytes>`), the
-//! volume id marker that lets DeleteVolume and ControllerExpandVolume know a volume is
+//! Encrypted volumes through CSI (design: docs/design/encryption-luks2.md §6.1, §5.3): the
+//! StorageClass parameter (`encryption: luks2` or `encryption: gocryptfs`), luks2's container
+//! size from the capacity range, how the controller tells the node side (the volume URL's
+//! `encryption=luks2&size=<bytes>` or `encryption=gocryptfs`), the volume id marker
+//! (`<fs>+<mode>#`) that lets DeleteVolume and ControllerExpandVolume know a volume is
 //! encrypted, and inline volumes' `encryption`/`size` attributes. The key itself is the
 //! node-publish secret's `encryptionKey`, read where the hand-off turns into a spec
 //! (`cnfs_protocols::handoff`).
+//!
+//! The mode answers what differs: luks2 has a size (the capacity, fixed: no expansion) and
+//! one guest at a time (single-node access modes only); gocryptfs has neither, so its
+//! capacity, expansion and access modes are those of a plain volume of its class.
 
 use std::collections::HashMap;
 
-use cnfs_protocols::spec::encryption::{self, MAX_SIZE, MIN_SIZE};
+use cnfs_protocols::spec::encryption::{self, MAX_SIZE, MIN_SIZE, MODE_LIST};
 use cnfs_protocols::spec::EncryptionMode;
 use tonic::Status;
 
@@ -20,15 +25,15 @@ pub use cnfs_protocols::handoff::ENCRYPTION_KEY_SECRET;
 
 /// The StorageClass parameter (and inline volume attribute) that asks for encryption.
 pub const PARAMETER: &str = "encryption";
-/// The inline volume attribute with the container's size.
+/// The inline volume attribute with the container's size (luks2 only).
 pub const SIZE_ATTRIBUTE: &str = "size";
-/// File systems whose StorageClasses may ask for encryption. CephFS waits for the quota
-/// headroom and growth of design §6.1; the guest serves luks2 on SMB not yet.
+/// File systems whose StorageClasses may ask for encryption (either mode). CephFS waits for
+/// the quota headroom and growth of design §6.1; the guest serves luks2 on SMB not yet.
 pub const PROVISIONED_ON: &[&str] = &["nfs"];
 /// LUKS2 is opened with 4 KiB sectors: the container is a whole number of them.
 pub const ALIGN: u64 = 4096;
 
-/// `parameters.encryption`: `None` when absent, else the one mode there is.
+/// `parameters.encryption`: `None` when absent, else the mode it names.
 pub fn from_parameters(p: &HashMap<String, String>) -> Result<Option<EncryptionMode>, Status> {
     let Some(v) = p.get(PARAMETER) else {
         return Ok(None);
@@ -36,15 +41,13 @@ pub fn from_parameters(p: &HashMap<String, String>) -> Result<Option<EncryptionM
     mode("parameters.encryption", v).map(Some)
 }
 
-/// An `encryption` value: `luks2`, nothing else.
+/// An `encryption` value: `luks2` or `gocryptfs`, exactly.
 pub fn mode(field: &str, v: &str) -> Result<EncryptionMode, Status> {
-    match v {
-        "luks2" => Ok(EncryptionMode::Luks2),
-        _ => Err(invalid(
-            field,
-            format!("{} is not supported (the only value is luks2)", echo(v)),
-        )),
-    }
+    EncryptionMode::ALL
+        .iter()
+        .copied()
+        .find(|m| m.as_str() == v)
+        .ok_or_else(|| invalid(field, format!("{} is not supported ({MODE_LIST})", echo(v))))
 }
 
 /// The container's size for a capacity range: `required_bytes` rounded up to 4 KiB (else
@@ -83,27 +86,33 @@ pub fn container_size(c: Capacity) -> Result<u64, Status> {
     Ok(size)
 }
 
-/// `source` with `encryption=<mode>&size=<bytes>` added to its query.
-pub fn add_to_source(source: &str, mode: EncryptionMode, size: u64) -> String {
+/// `source` with `encryption=<mode>` and, for a mode with a size (luks2), `&size=<bytes>`
+/// added to its query.
+pub fn add_to_source(source: &str, mode: EncryptionMode, size: impl Into<Option<u64>>) -> String {
     let sep = if source.contains('?') { '&' } else { '?' };
-    format!(
-        "{source}{sep}{}={}&{}={size}",
-        encryption::OPT_ENCRYPTION,
-        mode.as_str(),
-        encryption::OPT_SIZE
-    )
+    let mut out = format!("{source}{sep}{}={mode}", encryption::OPT_ENCRYPTION);
+    if let Some(size) = size.into() {
+        out.push_str(&format!("&{}={size}", encryption::OPT_SIZE));
+    }
+    out
 }
 
-/// Whether a volume URL describes an encrypted volume (false for one that does not parse:
-/// whoever reads it refuses it then).
+/// The encryption mode a volume URL describes (`None` for a plain one, and for one that does
+/// not parse: whoever reads it refuses it then).
+pub fn source_mode(source: &str) -> Option<EncryptionMode> {
+    let url = cnfs_protocols::volume_url::parse("check", source).ok()?;
+    let e = url.wire.encryption.as_ref()?;
+    EncryptionMode::parse("mode", &e.mode).ok()
+}
+
+/// Whether a volume URL describes an encrypted volume.
 pub fn source_is_encrypted(source: &str) -> bool {
-    cnfs_protocols::volume_url::parse("check", source)
-        .map(|u| u.wire.encryption.is_some())
-        .unwrap_or(false)
+    source_mode(source).is_some()
 }
 
-/// The first field of an encrypted volume's id: `<fs>+luks2`, so that DeleteVolume finds the
-/// provisioner and ControllerExpandVolume knows, from the id alone, that the size is fixed.
+/// The first field of an encrypted volume's id: `<fs>+<mode>`, so that DeleteVolume finds the
+/// provisioner and ControllerExpandVolume knows, from the id alone, whether the size is fixed
+/// (luks2) or the volume's class decides (gocryptfs).
 pub fn id_head(fs: &str, mode: Option<EncryptionMode>) -> String {
     match mode {
         Some(m) => format!("{fs}+{}", m.as_str()),
@@ -116,14 +125,17 @@ pub fn id_head(fs: &str, mode: Option<EncryptionMode>) -> String {
 pub fn split_id_head(head: &str) -> Option<(&str, Option<EncryptionMode>)> {
     match head.split_once('+') {
         None => Some((head, None)),
-        Some((fs, "luks2")) => Some((fs, Some(EncryptionMode::Luks2))),
-        Some(_) => None,
+        Some((fs, marker)) => EncryptionMode::ALL
+            .iter()
+            .find(|m| m.as_str() == marker)
+            .map(|m| (fs, Some(*m))),
     }
 }
 
 /// An inline (or static) volume's `encryption` and `size` attributes folded into its source
-/// URL, the form the hand-off record keeps and the shim reads. `size` is a byte count or a
-/// whole number of Ki, Mi, Gi or Ti, as in a volume URL; it is written as bytes.
+/// URL, the form the hand-off record keeps and the shim reads. `size` (luks2 only, required
+/// there) is a byte count or a whole number of Ki, Mi, Gi or Ti, as in a volume URL; it is
+/// written as bytes.
 pub fn source_with_attributes(
     source: &str,
     ctx: &HashMap<String, String>,
@@ -131,18 +143,34 @@ pub fn source_with_attributes(
     let enc = ctx.get(PARAMETER);
     let size = ctx.get(SIZE_ATTRIBUTE);
     let field = |k: &str| format!("volume_context.{k}");
-    match (enc, size) {
-        (None, None) => Ok(source.to_string()),
-        (Some(_), None) => Err(invalid(
-            &field(SIZE_ATTRIBUTE),
-            "is required with encryption (the container's size, like 10Gi)",
-        )),
-        (None, Some(_)) => Err(invalid(
-            &field(SIZE_ATTRIBUTE),
-            "is only for encrypted volumes (add encryption: luks2)",
-        )),
-        (Some(e), Some(s)) => {
-            let mode = mode(&field(PARAMETER), e)?;
+    let Some(enc) = enc else {
+        return match size {
+            None => Ok(source.to_string()),
+            Some(_) => Err(invalid(
+                &field(SIZE_ATTRIBUTE),
+                "is only for encrypted volumes (add encryption: luks2)",
+            )),
+        };
+    };
+    let mode = mode(&field(PARAMETER), enc)?;
+    let bytes = match (mode.has_size(), size) {
+        (true, None) => {
+            return Err(invalid(
+                &field(SIZE_ATTRIBUTE),
+                format!("is required with encryption: {mode} (the container's size, like 10Gi)"),
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(invalid(
+                &field(SIZE_ATTRIBUTE),
+                format!(
+                    "is refused with encryption: {mode}: only luks2 volumes have a size ({mode} \
+                     shares the file system's space)"
+                ),
+            ))
+        }
+        (false, None) => None,
+        (true, Some(s)) => {
             let bytes = encryption::parse_size(&field(SIZE_ATTRIBUTE), s)
                 .map_err(|e| invalid(&e.field, e.reason))?;
             if bytes % ALIGN != 0 {
@@ -151,15 +179,16 @@ pub fn source_with_attributes(
                     format!("{bytes} bytes is not a whole number of 4 KiB sectors"),
                 ));
             }
-            if source_is_encrypted(source) {
-                return Err(invalid(
-                    &field(PARAMETER),
-                    "the source already says encryption=; give it in one place only",
-                ));
-            }
-            Ok(add_to_source(source, mode, bytes))
+            Some(bytes)
         }
+    };
+    if source_is_encrypted(source) {
+        return Err(invalid(
+            &field(PARAMETER),
+            "the source already says encryption=; give it in one place only",
+        ));
     }
+    Ok(add_to_source(source, mode, bytes))
 }
 
 #[cfg(test)]
@@ -174,19 +203,33 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     #[test]
-    fn only_luks2_is_an_encryption_parameter_and_others_are_refused_by_name() {
+    fn luks2_and_gocryptfs_are_the_encryption_parameters_and_others_are_refused_by_name() {
         let p = |v: &str| HashMap::from([(PARAMETER.to_string(), v.to_string())]);
         assert_eq!(from_parameters(&HashMap::new()).unwrap(), None);
         assert_eq!(
             from_parameters(&p("luks2")).unwrap(),
             Some(EncryptionMode::Luks2)
         );
-        for bad in ["LUKS2", "luks", "", "luks2 ", "fscrypt"] {
+        assert_eq!(
+            from_parameters(&p("gocryptfs")).unwrap(),
+            Some(EncryptionMode::Gocryptfs)
+        );
+        for bad in [
+            "LUKS2",
+            "luks",
+            "",
+            "luks2 ",
+            "fscrypt",
+            "GOCRYPTFS",
+            "gocryptfs ",
+            "gocrypt",
+        ] {
             let e = from_parameters(&p(bad)).unwrap_err();
             assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}");
             assert!(
                 e.message().starts_with("parameters.encryption: ")
-                    && e.message().contains("the only value is luks2"),
+                    && e.message()
+                        .ends_with("is not supported (luks2 or gocryptfs)"),
                 "{bad:?}: {e:?}"
             );
         }
@@ -260,7 +303,27 @@ mod tests {
         let e = u.wire.encryption.as_ref().expect("encrypted");
         assert_eq!((e.mode.as_str(), e.size_bytes), ("luks2", 1 << 30));
         assert!(source_is_encrypted(&s));
+        assert_eq!(source_mode(&s), Some(EncryptionMode::Luks2));
         assert!(!source_is_encrypted("nfs://10.0.0.5/e/pvc-1?vers=4.1"));
+        assert_eq!(source_mode("nfs://10.0.0.5/e/pvc-1?vers=4.1"), None);
+    }
+
+    #[test]
+    fn a_gocryptfs_source_carries_the_mode_and_no_size_and_parses_back() {
+        let s = add_to_source(
+            "nfs://10.0.0.5/e/pvc-1?vers=3",
+            EncryptionMode::Gocryptfs,
+            None,
+        );
+        assert_eq!(s, "nfs://10.0.0.5/e/pvc-1?vers=3&encryption=gocryptfs");
+        assert_eq!(
+            add_to_source("nfs://10.0.0.5/e/pvc-1", EncryptionMode::Gocryptfs, None),
+            "nfs://10.0.0.5/e/pvc-1?encryption=gocryptfs"
+        );
+        let u = cnfs_protocols::volume_url::parse("v", &s).expect("parses");
+        let e = u.wire.encryption.as_ref().expect("encrypted");
+        assert_eq!((e.mode.as_str(), e.size_bytes), ("gocryptfs", 0));
+        assert_eq!(source_mode(&s), Some(EncryptionMode::Gocryptfs));
     }
 
     #[test]
@@ -271,8 +334,17 @@ mod tests {
             split_id_head("nfs+luks2"),
             Some(("nfs", Some(EncryptionMode::Luks2)))
         );
+        assert_eq!(
+            id_head("nfs", Some(EncryptionMode::Gocryptfs)),
+            "nfs+gocryptfs"
+        );
+        assert_eq!(
+            split_id_head("nfs+gocryptfs"),
+            Some(("nfs", Some(EncryptionMode::Gocryptfs)))
+        );
         assert_eq!(split_id_head("nfs"), Some(("nfs", None)));
         assert_eq!(split_id_head("nfs+plain"), None);
+        assert_eq!(split_id_head("nfs+GOCRYPTFS"), None);
         assert_eq!(split_id_head("nfs+"), None);
     }
 
@@ -286,6 +358,10 @@ mod tests {
                 .collect()
         };
         assert_eq!(source_with_attributes(src, &ctx(&[])).unwrap(), src);
+        assert_eq!(
+            source_with_attributes(src, &ctx(&[("encryption", "gocryptfs")])).unwrap(),
+            format!("{src}&encryption=gocryptfs")
+        );
         assert_eq!(
             source_with_attributes(src, &ctx(&[("encryption", "luks2"), ("size", "1Gi")])).unwrap(),
             format!("{src}&encryption=luks2&size=1073741824")
@@ -304,7 +380,13 @@ mod tests {
             (
                 &[("encryption", "aes"), ("size", "1Gi")][..],
                 "volume_context.encryption",
-                "the only value is luks2",
+                "\"aes\" is not supported (luks2 or gocryptfs)",
+            ),
+            (
+                &[("encryption", "gocryptfs"), ("size", "1Gi")][..],
+                "volume_context.size",
+                "is refused with encryption: gocryptfs: only luks2 volumes have a size \
+                 (gocryptfs shares the file system's space)",
             ),
             (
                 &[("encryption", "luks2"), ("size", "1G")][..],
@@ -329,15 +411,26 @@ mod tests {
                 "{pairs:?}: {e:?}"
             );
         }
-        let e = source_with_attributes(
-            "nfs://h/e/x?encryption=luks2&size=1Gi",
-            &ctx(&[("encryption", "luks2"), ("size", "1Gi")]),
-        )
-        .unwrap_err();
-        assert!(
-            e.message()
-                .starts_with("volume_context.encryption: the source already"),
-            "{e:?}"
-        );
+        for (source, pairs) in [
+            (
+                "nfs://h/e/x?encryption=luks2&size=1Gi",
+                &[("encryption", "luks2"), ("size", "1Gi")][..],
+            ),
+            (
+                "nfs://h/e/x?encryption=gocryptfs",
+                &[("encryption", "gocryptfs")][..],
+            ),
+            (
+                "nfs://h/e/x?encryption=luks2&size=1Gi",
+                &[("encryption", "gocryptfs")][..],
+            ),
+        ] {
+            let e = source_with_attributes(source, &ctx(pairs)).unwrap_err();
+            assert!(
+                e.message()
+                    .starts_with("volume_context.encryption: the source already"),
+                "{source}: {e:?}"
+            );
+        }
     }
 }

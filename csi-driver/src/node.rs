@@ -713,8 +713,91 @@ mod tests {
         let e = validate_publish(&req).unwrap_err();
         assert!(
             e.message().starts_with("volume_context.encryption: ")
-                && e.message().contains("the only value is luks2"),
+                && e.message()
+                    .contains("is not supported (luks2 or gocryptfs)"),
             "{e:?}"
+        );
+    }
+
+    const SHARED: &str = "nfs://10.0.0.5/exports/k8s/pvc-2?vers=3&encryption=gocryptfs";
+    /// One line: gocryptfs reads its password so.
+    const SHARED_KEY: &str = "0123456789abcdef shared key";
+
+    #[test]
+    fn a_gocryptfs_publish_takes_every_access_mode_and_keeps_the_key_beside_the_record() {
+        for mode in [
+            Mode::MultiNodeMultiWriter,
+            Mode::MultiNodeSingleWriter,
+            Mode::MultiNodeReaderOnly,
+            Mode::SingleNodeWriter,
+            Mode::SingleNodeMultiWriter,
+        ] {
+            let mut req = request(SHARED, mode, Some(SHARED_KEY));
+            req.volume_id = "nfs+gocryptfs#delete#10.0.0.5#/exports/k8s#pvc-2".into();
+            let p = validate_publish(&req).unwrap_or_else(|e| panic!("{mode:?}: {e:?}"));
+            assert!(p.record.has_secret, "the shim must read the secret file");
+            assert_eq!(p.record.source, SHARED);
+            assert_eq!(p.record.read_only, mode == Mode::MultiNodeReaderOnly);
+            let (spec, wire) = p
+                .record
+                .volume_spec(p.secret.as_ref())
+                .expect("the shim's view");
+            let e = spec.encryption.as_ref().expect("encrypted");
+            assert_eq!(e.mode, cnfs_protocols::spec::EncryptionMode::Gocryptfs);
+            assert_eq!((e.key.expose(), e.size), (SHARED_KEY.as_bytes(), 0));
+            assert_eq!(wire.encryption.key, SHARED_KEY.as_bytes());
+            let json = serde_json::to_string(&p.record).expect("json");
+            assert!(!json.contains("shared key"), "{json}");
+        }
+    }
+
+    #[test]
+    fn a_gocryptfs_publish_refuses_a_missing_key_or_one_with_a_newline_naming_the_secret() {
+        let e = validate_publish(&request(SHARED, Mode::MultiNodeMultiWriter, None)).unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(
+            e.message()
+                .starts_with("secrets.encryptionKey: is required"),
+            "{e:?}"
+        );
+        // A key as `kubectl create secret --from-file` of an `echo`ed file stores it.
+        for key in ["secret-value\n", "secret\nvalue", "secret\0value"] {
+            let e = validate_publish(&request(SHARED, Mode::MultiNodeMultiWriter, Some(key)))
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert_eq!(
+                e.message(),
+                "secrets.encryptionKey: gocryptfs reads its password as one line: the key must \
+                 not contain a newline or NUL byte"
+            );
+        }
+    }
+
+    #[test]
+    fn inline_gocryptfs_attribute_makes_the_volume_encrypted_without_a_size() {
+        let mut req = request(
+            "nfs://10.0.0.5/exports/inline?vers=4.1",
+            Mode::MultiNodeMultiWriter,
+            Some(SHARED_KEY),
+        );
+        req.volume_context.extend([
+            ("encryption".to_string(), "gocryptfs".to_string()),
+            (EPHEMERAL.to_string(), "true".to_string()),
+        ]);
+        let p = validate_publish(&req).expect("valid");
+        assert_eq!(
+            p.record.source,
+            "nfs://10.0.0.5/exports/inline?vers=4.1&encryption=gocryptfs"
+        );
+        assert!(p.record.ephemeral && p.record.has_secret);
+        // A size is refused naming the attribute.
+        req.volume_context
+            .insert("size".to_string(), "1Gi".to_string());
+        let e = validate_publish(&req).unwrap_err();
+        assert_eq!(
+            e.message(),
+            "volume_context.size: is refused with encryption: gocryptfs: only luks2 volumes have \
+             a size (gocryptfs shares the file system's space)"
         );
     }
 }

@@ -434,6 +434,69 @@ async fn controller_follows_csi_sanity_against_a_real_nfs_server() -> anyhow::Re
         "deleted by its luks2 id"
     );
 
+    // A gocryptfs volume: its id and source say gocryptfs, no size (the capacity is a plain
+    // NFS volume's: none); every access mode is confirmed, as for a plain volume, and
+    // expansion is answered as for one.
+    let mut gocryptfs = params.clone();
+    gocryptfs.insert("encryption".into(), "gocryptfs".into());
+    let shared = c
+        .create_volume(CreateVolumeRequest {
+            name: "pvc-gocryptfs-1".into(),
+            parameters: gocryptfs,
+            volume_capabilities: vec![cap(Mode::MultiNodeMultiWriter)],
+            capacity_range: Some(CapacityRange {
+                required_bytes: 1 << 30,
+                limit_bytes: 0,
+            }),
+            ..create.clone()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert!(
+        shared.volume_id.starts_with("nfs+gocryptfs#delete#"),
+        "{shared:?}"
+    );
+    assert_eq!(shared.capacity_bytes, 0, "no size: a plain NFS volume's");
+    assert!(
+        shared.volume_context["source"].ends_with("/pvc-gocryptfs-1?vers=4.1&encryption=gocryptfs"),
+        "{shared:?}"
+    );
+    assert!(nfs.export_dir.join("pvc-gocryptfs-1").is_dir());
+    for mode in [
+        Mode::MultiNodeMultiWriter,
+        Mode::MultiNodeReaderOnly,
+        Mode::SingleNodeWriter,
+    ] {
+        let r = c
+            .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+                volume_id: shared.volume_id.clone(),
+                volume_capabilities: vec![cap(mode)],
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert!(r.confirmed.is_some(), "{mode:?}: {r:?}");
+    }
+    let plain = err(c.controller_expand_volume(expand.clone()).await);
+    let grown = err(c
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: shared.volume_id.clone(),
+            ..expand.clone()
+        })
+        .await);
+    assert_eq!(grown, plain, "as for a plain NFS volume");
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: shared.volume_id.clone(),
+        ..Default::default()
+    })
+    .await?;
+    assert!(
+        !nfs.export_dir.join("pvc-gocryptfs-1").exists(),
+        "deleted by its gocryptfs id"
+    );
+
     // A server that does not answer: UNAVAILABLE within the backend bound, never a hang.
     let t = std::time::Instant::now();
     let (code, msg) = err(c

@@ -1,6 +1,8 @@
 //! Least privilege: after start-up the agent keeps only what mounting needs. CAP_SYS_ADMIN
 //! for mount(2)/umount2(2); CAP_SYSLOG to read the kernel log records of its own failed
-//! mounts (`kmsg.rs`: with `dmesg_restrict = 1` nothing else may); CAP_SYS_MODULE only when
+//! mounts (`kmsg.rs`: with `dmesg_restrict = 1` nothing else may); CAP_CHOWN to give a new
+//! encrypted tree (gocryptfs) to the volume's owner before it is published, and back to root
+//! to remove it when another guest published first; CAP_SYS_MODULE only when
 //! the guest kernel loads modules (a kernel with the file systems built in has no
 //! /proc/modules). Everything else is dropped
 //! from every set, the bounding set included, so no child can regain it.
@@ -8,7 +10,11 @@
 use caps::{CapSet, Capability, CapsHashSet};
 
 pub fn keep_set() -> Vec<Capability> {
-    let mut keep = vec![Capability::CAP_SYS_ADMIN, Capability::CAP_SYSLOG];
+    let mut keep = vec![
+        Capability::CAP_SYS_ADMIN,
+        Capability::CAP_SYSLOG,
+        Capability::CAP_CHOWN,
+    ];
     if std::path::Path::new("/proc/modules").exists() {
         keep.push(Capability::CAP_SYS_MODULE);
     }

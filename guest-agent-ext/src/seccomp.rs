@@ -140,6 +140,15 @@ const ALLOWED: &[(&str, &[libc::c_long])] = &[
         &[libc::SYS_link, libc::SYS_linkat],
     ),
     (
+        "giving a new encrypted tree to the volume's owner (gocryptfs)",
+        &[
+            libc::SYS_chown,
+            libc::SYS_fchownat,
+            libc::SYS_lchown,
+            libc::SYS_fchown,
+        ],
+    ),
+    (
         "the agent's work: mount children, modules",
         &[
             libc::SYS_fork,

@@ -135,7 +135,7 @@ impl Volumes {
 
     /// Encryption modes this guest can mount (none without the tool runner and its tools).
     pub fn encryption_modes(&self) -> Vec<String> {
-        self.registry.luks2().modes()
+        self.registry.encryption_modes()
     }
 
     pub fn sandbox_id(&self) -> String {

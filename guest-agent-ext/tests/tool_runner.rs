@@ -559,3 +559,184 @@ async fn mkfs_is_refused_on_a_mapping_over_a_published_container() {
     }
     assert_eq!(bed.recorded("ran"), None, "mke2fs ran");
 }
+
+/// A gocryptfs fake: records its argv, stdin, capabilities, session and what its FUSE
+/// descriptor (the last argument, `/dev/fd/N`) points at, then exits with the code in
+/// `$R/exit` once that file appears (the test's stand-in for an unmount).
+const GOCRYPTFS_FAKE: &str = "printf '%s\\n' \"$@\" > \"$R/argv\"
+/bin/cat > \"$R/stdin\"
+/bin/cat /proc/$$/status > \"$R/status\"
+/bin/cut -d' ' -f6 /proc/$$/stat > \"$R/session\"
+for a in \"$@\"; do last=\"$a\"; done
+/bin/readlink \"/proc/$$/fd/${last#/dev/fd/}\" > \"$R/fd\"
+echo $$ > \"$R/pid\"
+while [ ! -e \"$R/exit\" ]; do /bin/sleep 0.05; done
+exit $(/bin/cat \"$R/exit\")";
+
+fn fuse_device() -> std::os::fd::OwnedFd {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .expect("this test needs /dev/fuse")
+        .into()
+}
+
+fn serve(name: &str) -> Command {
+    Command::GocryptfsServe {
+        name: name.into(),
+        read_only: false,
+    }
+}
+
+#[tokio::test]
+async fn a_daemon_gets_its_key_its_descriptor_and_its_own_capabilities_and_outlives_the_runner() {
+    let bed = bed();
+    bed.fake("gocryptfs", GOCRYPTFS_FAKE);
+    let client = bed.client();
+    let key = b"shared \x01 key";
+    let daemon = client
+        .start_daemon(serve("data"), key, &fuse_device(), Duration::from_secs(10))
+        .await
+        .expect("started");
+    let pid = bed.pid("pid").await;
+    assert_eq!(daemon.pid as i32, pid);
+    let argv = String::from_utf8(bed.recorded("argv").expect("argv")).expect("utf-8");
+    let args: Vec<&str> = argv.lines().collect();
+    assert_eq!(
+        &args[..7],
+        &[
+            "-fg",
+            "-q",
+            "-allow_other",
+            "-sharedstorage",
+            "-nosyslog",
+            "--",
+            "/run/cnfs/backing/data/cnfs-volume.gocryptfs"
+        ],
+        "{argv}"
+    );
+    assert!(args[7].starts_with("/dev/fd/"), "{argv}");
+    assert_eq!(bed.recorded("stdin").as_deref(), Some(&key[..]));
+    assert_eq!(
+        String::from_utf8_lossy(&bed.recorded("fd").expect("fd")).trim(),
+        "/dev/fuse"
+    );
+    // Its own session (setsid): not in the runner's group, not killed with it.
+    assert_eq!(
+        String::from_utf8_lossy(&bed.recorded("session").expect("session")).trim(),
+        pid.to_string()
+    );
+    // CAP_CHOWN 0, DAC_OVERRIDE 1, DAC_READ_SEARCH 2, FOWNER 3, FSETID 4, SETGID 6,
+    // SETUID 7; not SYS_ADMIN (21), MKNOD (27) or SETPCAP (8), which the runner holds.
+    let status = String::from_utf8(bed.recorded("status").expect("status")).expect("utf-8");
+    let bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(str::trim)
+        .unwrap_or_default();
+    assert_eq!(bnd, format!("{:016x}", 0b1101_1111u64), "{status}");
+
+    // The runner goes (the agent's restart); the daemon serves on.
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the daemon died with the runner"
+    );
+    std::fs::write(bed.record.join("exit"), "0").expect("stop it");
+    assert_gone(pid).await;
+}
+
+#[tokio::test]
+async fn a_daemon_that_exits_reports_its_code_to_a_caller_still_listening() {
+    let bed = bed();
+    bed.fake("gocryptfs", GOCRYPTFS_FAKE);
+    std::fs::write(bed.record.join("exit"), "12").expect("exit code");
+    let client = bed.client();
+    let daemon = client
+        .start_daemon(
+            serve("data"),
+            b"wrong",
+            &fuse_device(),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("started");
+    assert_eq!(
+        daemon.exited(Duration::from_secs(10)).await,
+        Some(Exit::Code(12))
+    );
+}
+
+#[tokio::test]
+async fn a_daemon_is_refused_without_a_fuse_descriptor_or_with_another_one() {
+    let bed = bed();
+    bed.fake("gocryptfs", GOCRYPTFS_FAKE);
+    let client = bed.client();
+    match client
+        .call(serve("data"), Some(b"k"), Duration::from_secs(5))
+        .await
+    {
+        Err(AgentError::Invalid(e)) => {
+            assert_eq!(e.field, "gocryptfs_serve.fuse_fd");
+            assert!(e.reason.contains("is required"), "{e:?}");
+        }
+        other => panic!("served without a descriptor: {other:?}"),
+    }
+    let null: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").expect("null").into();
+    match client
+        .start_daemon(serve("data"), b"k", &null, Duration::from_secs(5))
+        .await
+    {
+        Err(AgentError::FailedPrecondition(m)) => {
+            assert!(m.contains("is not /dev/fuse"), "{m}")
+        }
+        Err(other) => panic!("wrong refusal: {other:?}"),
+        Ok(d) => panic!("served /dev/null (pid {})", d.pid),
+    }
+    assert!(bed.recorded("argv").is_none(), "the fake ran");
+}
+
+#[tokio::test]
+async fn gocryptfs_init_runs_only_in_a_temp_directory_of_a_valid_volume() {
+    let bed = bed();
+    bed.fake(
+        "gocryptfs",
+        "printf '%s\\n' \"$@\" > \"$R/argv\"\n/bin/cat > \"$R/stdin\"",
+    );
+    let client = bed.client();
+    let out = client
+        .call(
+            Command::GocryptfsInit {
+                name: "data".into(),
+                temp: "0123456789abcdef".into(),
+            },
+            Some(b"k3y"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("runs");
+    assert_eq!(out.exit, Exit::Code(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&bed.recorded("argv").expect("argv")),
+        "-init\n-q\n--\n/run/cnfs/backing/data/.cnfs-volume.gocryptfs.new-0123456789abcdef\n"
+    );
+    assert_eq!(bed.recorded("stdin").as_deref(), Some(&b"k3y"[..]));
+    for temp in ["../../etc", "0123456789ABCDEF", "0123"] {
+        match client
+            .call(
+                Command::GocryptfsInit {
+                    name: "data".into(),
+                    temp: temp.into(),
+                },
+                Some(b"k"),
+                Duration::from_secs(5),
+            )
+            .await
+        {
+            Err(AgentError::Invalid(e)) => assert_eq!(e.field, "gocryptfs_init.temp", "{e:?}"),
+            other => panic!("{temp:?} accepted: {other:?}"),
+        }
+    }
+}

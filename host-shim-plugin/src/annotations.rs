@@ -12,8 +12,11 @@
 //! ever named here; its value is resolved on the host (see `secrets`).
 //!
 //! An encrypted volume (NFSv4, CephFS, SMB) adds `encryption=luks2&size=10Gi
-//! [&owner=<uid>:<gid>]&encryption_key=<host-side secret name>`: the secret file's raw bytes
-//! are the key, read from the same directory and under the same rules as `secret=`.
+//! [&owner=<uid>:<gid>]&encryption_key=<host-side secret name>`; a shared one (NFS of any
+//! version, CephFS, SMB; several pods at once) `encryption=gocryptfs[&owner=<uid>:<gid>]
+//! &encryption_key=<name>`, without a size. The secret file's raw bytes are the key, read
+//! from the same directory and under the same rules as `secret=` (gocryptfs: one line, so
+//! no newline or NUL byte in the file, a trailing newline included).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -390,6 +393,46 @@ mod tests {
             ("cnfs.io/mount.d", "/d"),
         ]);
         assert!(parse(&a).expect("valid")[0].encryption_key_ref.is_none());
+    }
+
+    #[test]
+    fn a_gocryptfs_volume_names_its_key_secret_and_has_no_size() {
+        let a = ann(&[
+            (
+                "cnfs.io/volume.shared",
+                "nfs://10.0.0.5/exports/shared?vers=3&encryption=gocryptfs&owner=1000:100\
+                 &encryption_key=shared-key&nolock",
+            ),
+            ("cnfs.io/mount.shared", "/shared"),
+        ]);
+        let v = parse(&a).expect("valid");
+        assert_eq!(v[0].encryption_key_ref.as_deref(), Some("shared-key"));
+        let e = v[0].spec.encryption.as_ref().expect("encrypted");
+        assert_eq!(e.mode, spec::EncryptionMode::Gocryptfs);
+        assert_eq!((e.size, e.uid, e.gid), (0, 1000, 100));
+        assert!(e.key.is_empty());
+        assert_eq!(v[0].spec.options.keys().collect::<Vec<_>>(), ["nolock"]);
+        for (url, want) in [
+            (
+                "nfs://10.0.0.5/x?encryption=gocryptfs",
+                "volume.options.encryption_key: encryption=gocryptfs needs encryption_key=<name \
+                 of a host-side secret holding the key>",
+            ),
+            (
+                "nfs://10.0.0.5/x?encryption=gocryptfs&size=1Gi&encryption_key=k",
+                "volume.options.size: is refused with encryption=gocryptfs: only luks2 volumes \
+                 have a size (gocryptfs shares the file system's space)",
+            ),
+            (
+                "fuse://?sidecar=sshfs&encryption=gocryptfs&encryption_key=k",
+                "volume.encryption: FUSE volumes cannot be encrypted by CNFS",
+            ),
+        ] {
+            let a = ann(&[("cnfs.io/volume.v", url), ("cnfs.io/mount.v", "/v")]);
+            let e = parse(&a).expect_err(url);
+            assert_eq!(e.annotation, "cnfs.io/volume.v", "{e}");
+            assert_eq!(e.reason, want, "{url}");
+        }
     }
 
     #[test]

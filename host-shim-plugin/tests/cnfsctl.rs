@@ -306,9 +306,121 @@ async fn cnfsctl_finds_the_guest_via_kata_monitor_socket_and_manages_an_nfs_volu
     assert!(j["method"].is_string() && j["attempts"].is_array(), "{j}");
     assert!(!guest_has_mount(&bed, "tmp").await);
 
-    // The same guest, an encrypted volume.
+    // The same guest, an encrypted volume, then a shared encrypted one.
     an_encrypted_volume_is_mounted_with_its_key_file_and_the_key_is_never_shown(&bed, &via_url)
-        .await
+        .await?;
+    a_shared_encrypted_volume_is_mounted_with_a_one_line_key_file(&bed, &via_url).await
+}
+
+/// `--source nfs://...?encryption=gocryptfs --key-file F`: the guest initialises a gocryptfs
+/// tree on the export and serves it; `list` says gocryptfs with no size and no key; the
+/// server holds the tree and no plaintext; a key file ending in a newline is refused before
+/// the guest is asked, naming the file and not the key.
+async fn a_shared_encrypted_volume_is_mounted_with_a_one_line_key_file(
+    bed: &TestBed,
+    via_url: &[&str],
+) -> anyhow::Result<()> {
+    let marker = format!("CNFSCTL-GOCRYPTFS-KEY-{}", std::process::id());
+    let key = format!("\u{1}{marker} \u{fe}").into_bytes();
+    let key_file = bed.dir.path().join("shared.key");
+    std::fs::write(&key_file, &key)?;
+    let echoed_file = bed.dir.path().join("echoed.key");
+    std::fs::write(&echoed_file, [&key[..], b"\n"].concat())?;
+    std::fs::create_dir_all(bed.nfs.export_dir.join("shr"))?;
+    let source = format!("nfs://{}{EXPORT}/shr?encryption=gocryptfs", bed.ns.host_ip);
+    let mut outputs: Vec<u8> = Vec::new();
+    let key_arg = key_file.display().to_string();
+    let r = slow(
+        via_url,
+        &[
+            "mount",
+            "--name",
+            "shr",
+            "--source",
+            &source,
+            "--key-file",
+            &key_arg,
+        ],
+    )
+    .await;
+    outputs.extend_from_slice(format!("{}{}", r.stdout, r.stderr).as_bytes());
+    let r = r.ok();
+    assert!(r.stdout.contains("/run/cnfs/volumes/shr"), "{}", r.stdout);
+    let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
+    assert!(
+        mounts.contains("/run/cnfs/volumes/shr fuse.gocryptfs "),
+        "{mounts}"
+    );
+    let r = slow(via_url, &["--json", "list"]).await;
+    outputs.extend_from_slice(r.stdout.as_bytes());
+    let j = r.ok().json();
+    let vols = j["volumes"].as_array().cloned().unwrap_or_default();
+    let shr = vols
+        .iter()
+        .find(|v| v["name"] == "shr")
+        .unwrap_or_else(|| panic!("shr listed: {j}"));
+    assert_eq!(
+        shr["encryption"],
+        serde_json::json!({"mode": "gocryptfs", "size_bytes": 0, "uid": 0, "gid": 0}),
+        "{j}"
+    );
+    let canary = format!("CNFSCTL-SHARED-CANARY-{}", std::process::id());
+    bed.vm
+        .exec
+        .ok(&format!(
+            "echo {canary} > /run/cnfs/volumes/shr/canary.txt && sync"
+        ))
+        .await?;
+    let r = slow(via_url, &["unmount", "shr"]).await;
+    outputs.extend_from_slice(format!("{}{}", r.stdout, r.stderr).as_bytes());
+    r.ok();
+    assert!(!guest_has_mount(bed, "shr").await);
+    let tree = bed.nfs.export_dir.join("shr/cnfs-volume.gocryptfs");
+    assert!(
+        tree.join("gocryptfs.conf").is_file(),
+        "no tree on the server"
+    );
+    assert!(
+        files_holding(&bed.nfs.export_dir, canary.as_bytes()).is_empty(),
+        "plaintext on the server"
+    );
+
+    // `echo key > file` leaves a newline gocryptfs would cut: refused locally (exit 4).
+    let echoed = echoed_file.display().to_string();
+    let r = slow(
+        via_url,
+        &[
+            "mount",
+            "--name",
+            "shr",
+            "--source",
+            &source,
+            "--key-file",
+            &echoed,
+        ],
+    )
+    .await;
+    outputs.extend_from_slice(format!("{}{}", r.stdout, r.stderr).as_bytes());
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(
+        r.stderr.contains("--key-file") && r.stderr.contains("newline"),
+        "{r:?}"
+    );
+    assert!(!guest_has_mount(bed, "shr").await);
+    assert_eq!(leaks(&outputs, &key, &marker), Vec::<String>::new());
+    Ok(())
+}
+
+/// cnfsctl with the guest found by `via_url` and a long request deadline (first use of an
+/// encrypted volume derives keys and makes file systems under TCG).
+async fn slow(via_url: &[&str], rest: &[&str]) -> Run {
+    let a: Vec<&str> = via_url
+        .iter()
+        .chain(&["--timeout", "120"])
+        .chain(rest)
+        .copied()
+        .collect();
+    cnfsctl(&a).await
 }
 
 /// Bytes in no output: raw, and as the escapes or numbers a careless printer would make of
@@ -396,32 +508,23 @@ async fn an_encrypted_volume_is_mounted_with_its_key_file_and_the_key_is_never_s
     );
     let mut outputs: Vec<u8> = Vec::new();
     // First use formats (two argon2 passes and mkfs under TCG): a long request deadline.
-    let run = |rest: &[&str]| {
-        let a: Vec<String> = via_url
-            .iter()
-            .chain(&["--timeout", "120"])
-            .chain(rest)
-            .map(|s| s.to_string())
-            .collect();
-        async move {
-            let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-            cnfsctl(&refs).await
-        }
-    };
     let keep = |outputs: &mut Vec<u8>, r: &Run| {
         outputs.extend_from_slice(r.stdout.as_bytes());
         outputs.extend_from_slice(r.stderr.as_bytes());
     };
 
-    let r = run(&[
-        "mount",
-        "--name",
-        "sec",
-        "--source",
-        &source,
-        "--key-file",
-        &key_arg,
-    ])
+    let r = slow(
+        via_url,
+        &[
+            "mount",
+            "--name",
+            "sec",
+            "--source",
+            &source,
+            "--key-file",
+            &key_arg,
+        ],
+    )
     .await;
     keep(&mut outputs, &r);
     let r = r.ok();
@@ -431,7 +534,7 @@ async fn an_encrypted_volume_is_mounted_with_its_key_file_and_the_key_is_never_s
     assert!(mounts.contains("/run/cnfs/backing/sec nfs4 "), "{mounts}");
 
     // list: the table's state says luks2, the JSON has the mode and size; no key anywhere.
-    let r = run(&["list"]).await;
+    let r = slow(via_url, &["list"]).await;
     keep(&mut outputs, &r);
     let r = r.ok();
     let row = r
@@ -444,7 +547,7 @@ async fn an_encrypted_volume_is_mounted_with_its_key_file_and_the_key_is_never_s
         "{}",
         r.stdout
     );
-    let r = run(&["--json", "list"]).await;
+    let r = slow(via_url, &["--json", "list"]).await;
     keep(&mut outputs, &r);
     let j = r.ok().json();
     let vols = j["volumes"].as_array().cloned().unwrap_or_default();
@@ -472,7 +575,7 @@ async fn an_encrypted_volume_is_mounted_with_its_key_file_and_the_key_is_never_s
             "for i in 1 2 3 4; do echo {canary} >> /run/cnfs/volumes/sec/canary.txt; done && sync"
         ))
         .await?;
-    let r = run(&["unmount", "sec"]).await;
+    let r = slow(via_url, &["unmount", "sec"]).await;
     keep(&mut outputs, &r);
     r.ok();
     let mounts = bed.vm.exec.ok("cat /proc/mounts").await?;
@@ -512,15 +615,18 @@ async fn an_encrypted_volume_is_mounted_with_its_key_file_and_the_key_is_never_s
     );
 
     // A wrong key: exit 8 (PERMISSION_DENIED), the reason named, nothing mounted.
-    let r = run(&[
-        "mount",
-        "--name",
-        "sec",
-        "--source",
-        &source,
-        "--key-file",
-        &wrong_arg,
-    ])
+    let r = slow(
+        via_url,
+        &[
+            "mount",
+            "--name",
+            "sec",
+            "--source",
+            &source,
+            "--key-file",
+            &wrong_arg,
+        ],
+    )
     .await;
     keep(&mut outputs, &r);
     assert_eq!(r.code, 8, "{r:?}");
@@ -541,7 +647,7 @@ async fn an_encrypted_volume_is_mounted_with_its_key_file_and_the_key_is_never_s
     );
 
     // No --key-file for an encrypted URL: refused locally (exit 4), the flag named.
-    let r = run(&["mount", "--name", "sec", "--source", &source]).await;
+    let r = slow(via_url, &["mount", "--name", "sec", "--source", &source]).await;
     keep(&mut outputs, &r);
     assert_eq!(r.code, 4, "{r:?}");
     assert!(

@@ -19,7 +19,9 @@
 //!
 //! An encrypted volume (`encryption=luks2&size=10Gi[&owner=1000:1000]`) needs an entry whose
 //! `options` name `encryption` and `size`, and `owner` when it sets an owner other than
-//! 0:0: those are URL options, not mount options, but a pod chooses them all the same.
+//! 0:0: those are URL options, not mount options, but a pod chooses them all the same. A
+//! gocryptfs volume (`encryption=gocryptfs[&owner=...]`) has no size: `encryption` (and
+//! `owner`) suffice.
 //!
 //! `servers` and `export_prefixes` are required when an entry lists a file system with
 //! servers (all but `fuse`, whose daemon picks its own: a network policy bounds where it
@@ -234,7 +236,7 @@ impl Rule {
             let owner = (e.uid, e.gid) != (0, 0);
             let keys = [
                 (encryption::OPT_ENCRYPTION, true),
-                (encryption::OPT_SIZE, true),
+                (encryption::OPT_SIZE, e.mode.has_size()),
                 (encryption::OPT_OWNER, owner),
             ];
             for (key, _) in keys.iter().filter(|(_, used)| *used) {
@@ -489,6 +491,37 @@ export_prefixes = ["/public"]
         };
         let parsed = cnfs_protocols::volume_url::parse("sec", &url).expect("url");
         VolumeSpec::from_wire_unresolved(&parsed.wire).expect("valid spec")
+    }
+
+    #[test]
+    fn a_gocryptfs_volume_needs_encryption_and_owner_listed_but_no_size() {
+        let gocryptfs = |query: &str| {
+            let url = format!("nfs://10.1.2.3/exports/team-a/shared?encryption=gocryptfs{query}");
+            let parsed = cnfs_protocols::volume_url::parse("shared", &url).expect("url");
+            VolumeSpec::from_wire_unresolved(&parsed.wire).expect("valid spec")
+        };
+        let denied = |p: &Policy, v: &VolumeSpec| match p.check("team-a", v) {
+            Err(PolicyError::Denied { reason, .. }) => reason,
+            other => panic!("expected a denial, got {other:?}"),
+        };
+        let p = team_a("[\"nconnect\"]");
+        assert_eq!(
+            denied(&p, &gocryptfs("")),
+            "option encryption is not allowed"
+        );
+        let p = team_a("[\"encryption\"]");
+        p.check("team-a", &gocryptfs("")).expect("no size to allow");
+        p.check("team-a", &gocryptfs("&owner=0:0"))
+            .expect("owner 0:0 is the default");
+        assert_eq!(
+            denied(&p, &gocryptfs("&owner=1000:1000")),
+            "option owner is not allowed"
+        );
+        let p = team_a("[\"encryption\", \"owner\"]");
+        p.check("team-a", &gocryptfs("&owner=1000:1000"))
+            .expect("allowed");
+        // The same entry still denies a luks2 volume its size.
+        assert_eq!(denied(&p, &encrypted(None)), "option size is not allowed");
     }
 
     fn team_a(options: &str) -> Policy {

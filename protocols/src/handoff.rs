@@ -128,7 +128,10 @@ impl Record {
             (None, Some(_)) => {
                 return Err(err(
                     &key_field,
-                    "is only for encrypted volumes (the source has no encryption=luks2)".into(),
+                    format!(
+                        "is only for encrypted volumes (the source has no encryption={})",
+                        crate::spec::encryption::MODE_LIST
+                    ),
                 ))
             }
             (None, None) => {}
@@ -454,6 +457,39 @@ mod tests {
     }
 
     #[test]
+    fn a_gocryptfs_volumes_key_is_one_line_of_secrets_encryption_key() {
+        let mut r = record("/t");
+        r.source = "nfs://10.0.0.5/e?vers=4.1&encryption=gocryptfs".into();
+        let s = NodeSecret::from_pairs([(ENCRYPTION_KEY_SECRET, " k3y, spaces kept ")]);
+        let (spec, wire) = r.volume_spec(Some(&s)).unwrap();
+        let e = spec.encryption.as_ref().expect("encrypted");
+        assert_eq!(e.mode, crate::spec::EncryptionMode::Gocryptfs);
+        assert_eq!(e.key.expose(), b" k3y, spaces kept ");
+        assert_eq!(e.size, 0);
+        assert_eq!(wire.encryption.key, b" k3y, spaces kept ");
+        // A newline anywhere (`kubectl create secret --from-file` of an `echo`ed file) is
+        // refused on the secret's key, without its value.
+        for key in ["Secret-key\n", "Secret\nkey", "Secret\0key"] {
+            let s = NodeSecret::from_pairs([(ENCRYPTION_KEY_SECRET, key)]);
+            let e = r.volume_spec(Some(&s)).unwrap_err();
+            assert_eq!(e.field, "secrets.encryptionKey", "{e}");
+            assert!(
+                e.reason
+                    .starts_with("gocryptfs reads its password as one line"),
+                "{e}"
+            );
+            assert!(!e.to_string().contains("Secret"), "{e}");
+        }
+        // Required as for luks2.
+        let e = r.volume_spec(None).unwrap_err();
+        assert_eq!(e.field, "secrets.encryptionKey");
+        assert!(
+            e.reason.starts_with("is required for encrypted volumes"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_missing_empty_oversized_or_stray_encryption_key_is_refused_naming_it_not_its_value() {
         let mut r = record("/t");
         r.source = "nfs://10.0.0.5/e?encryption=luks2&size=1Gi".into();
@@ -479,7 +515,10 @@ mod tests {
         let s = NodeSecret::from_pairs([(ENCRYPTION_KEY_SECRET, "secret-value")]);
         let e = r.volume_spec(Some(&s)).unwrap_err();
         assert_eq!(e.field, "secrets.encryptionKey");
-        assert!(e.reason.starts_with("is only for encrypted volumes"), "{e}");
+        assert_eq!(
+            e.reason,
+            "is only for encrypted volumes (the source has no encryption=luks2 or gocryptfs)"
+        );
         assert!(!e.to_string().contains("secret-value"), "{e}");
     }
 

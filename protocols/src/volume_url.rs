@@ -7,7 +7,8 @@
 //! - `fuse://?sidecar=<container>[&socket=<path in it>][&<option>...]`
 //!
 //! Any of them but `fuse://` may be encrypted: `encryption=luks2&size=<n>[Ki|Mi|Gi|Ti]
-//! [&owner=<uid>:<gid>][&encryption_key=<ref>]` (see [`crate::spec::encryption`]).
+//! [&owner=<uid>:<gid>][&encryption_key=<ref>]`, or `encryption=gocryptfs[&owner=<uid>:<gid>]
+//! [&encryption_key=<ref>]` (no size; see [`crate::spec::encryption`]).
 //!
 //! The scheme is the file system's name ([`FsKind`]); each file system's module reads its
 //! own authority and path. `secret=` names a secret held elsewhere, for file systems that
@@ -113,8 +114,9 @@ pub fn parse(name: &str, url: &str) -> Result<VolumeUrl, String> {
     let encryption = encryption::from_url_options(&mut options)?;
     if encryption.is_none() && encryption_key_ref.is_some() {
         return Err(format!(
-            "volume.options.{}: is only for encrypted volumes (add encryption=luks2)",
-            encryption::OPT_ENCRYPTION_KEY
+            "volume.options.{}: is only for encrypted volumes (add encryption={})",
+            encryption::OPT_ENCRYPTION_KEY,
+            encryption::MODE_LIST
         ));
     }
     let mut wire = agent::VolumeSpec {
@@ -231,6 +233,41 @@ mod tests {
         // A plain URL has none of it.
         let u = parse("p", "nfs://10.0.0.5/exports/a").unwrap();
         assert!(u.wire.encryption.is_none() && u.encryption_key_ref.is_none());
+    }
+
+    #[test]
+    fn a_gocryptfs_url_names_its_key_secret_takes_an_owner_and_refuses_a_size() {
+        let u = parse(
+            "shared",
+            "nfs://10.0.0.5/exports/a?vers=3&encryption=gocryptfs&owner=1000:100\
+             &encryption_key=team-key&nolock",
+        )
+        .unwrap();
+        let e = u.wire.encryption.as_ref().expect("encrypted");
+        assert_eq!(
+            (e.mode.as_str(), e.size_bytes, e.uid, e.gid),
+            ("gocryptfs", 0, 1000, 100)
+        );
+        assert!(e.key.is_empty());
+        assert_eq!(u.encryption_key_ref.as_deref(), Some("team-key"));
+        assert_eq!(u.wire.options.keys().collect::<Vec<_>>(), ["nolock"]);
+        // NFSv3 and nolock are fine: gocryptfs takes no server-side lock.
+        let spec = crate::spec::VolumeSpec::from_wire_unresolved(&u.wire).expect("valid");
+        assert_eq!(spec.encryption.as_ref().map(|e| e.size), Some(0));
+        for (url, want) in [
+            (
+                "nfs://h/x?encryption=gocryptfs&size=10Gi",
+                "volume.options.size: is refused with encryption=gocryptfs: only luks2 volumes \
+                 have a size (gocryptfs shares the file system's space)",
+            ),
+            (
+                "nfs://h/x?encryption_key=k",
+                "volume.options.encryption_key: is only for encrypted volumes (add \
+                 encryption=luks2 or gocryptfs)",
+            ),
+        ] {
+            assert_eq!(parse("v", url).unwrap_err(), want, "{url}");
+        }
     }
 
     #[test]

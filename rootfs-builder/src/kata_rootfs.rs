@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _, Result};
 
 use crate::archive::read_input;
-use crate::elf_closure::SearchPath;
-use crate::{luks2_tools, modules, DEFAULT_AGENT_PORT};
+use crate::{modules, tools, DEFAULT_AGENT_PORT};
 
 const UNIT_DIR: &str = "usr/lib/systemd/system";
 const UNIT_NAME: &str = "cnfs-agent.service";
@@ -41,12 +40,8 @@ pub struct Args {
     /// A module only installed, for cnfs-agent to load on demand (repeatable).
     #[arg(long, value_name = "NAME", requires = "kernel_tree")]
     pub module: Vec<String>,
-    /// This host's cryptsetup and mke2fs with their loader and libraries under
-    /// /usr/lib/cnfs/tools (nothing of the rootfs's own /lib is replaced), and with
-    /// `--kernel-tree` the modules of LUKS2 volumes (loop, dm-crypt, xts, aesni-intel and
-    /// their dependencies), installed for cnfs-agent to load.
-    #[arg(long)]
-    pub luks2_tools: bool,
+    #[command(flatten)]
+    pub tools: tools::Flags,
 }
 
 /// The systemd unit. No mount namespace isolation may be added to it.
@@ -105,12 +100,8 @@ pub fn run(args: &Args) -> Result<()> {
     let modules = module_list(&args.modules_load)?;
     let agent = read_input(&args.agent, "--agent")?;
     // Resolved and read before anything is written: a missing tool leaves the rootfs as it was.
-    let tool_files = if args.luks2_tools {
-        luks2_tools::files(&luks2_tools::host_tools(), &SearchPath::host()?)?
-    } else {
-        Vec::new()
-    };
-    let tools = luks2_tools::read(&tool_files)?;
+    let tool_sets = args.tools.sets();
+    let tool_files = tools::load(&tool_sets)?;
 
     install_file(root, "usr/bin", "cnfs-agent", &agent, 0o755)?;
     install_file(root, UNIT_DIR, UNIT_NAME, unit(args.port).as_bytes(), 0o644)?;
@@ -135,10 +126,10 @@ pub fn run(args: &Args) -> Result<()> {
         let text: String = modules.iter().map(|m| format!("{m}\n")).collect();
         install_file(root, dir, name, text.as_bytes(), 0o644)?;
     }
-    for (f, data) in &tools {
-        let path = f.archive_path()?;
+    for l in &tool_files {
+        let path = l.file.archive_path()?;
         let (dir, name) = path.rsplit_once('/').context("tool path")?;
-        install_file(root, dir, name, data, f.mode)?;
+        install_file(root, dir, name, &l.data, l.file.mode)?;
     }
     if let (Some(tree), Some(rel)) = (&args.kernel_tree, &args.kernel_release) {
         let mut t = crate::archive::Tree::new();
@@ -147,9 +138,7 @@ pub fn run(args: &Args) -> Result<()> {
             .map(|m| m.to_string())
             .chain(args.module.iter().cloned())
             .collect();
-        if args.luks2_tools {
-            names.extend(luks2_tools::modules());
-        }
+        names.extend(tools::modules(&tool_sets));
         modules::add_to_tree(&mut t, tree, rel, &names)?;
         for (path, data) in t.files() {
             let (dir, name) = path.rsplit_once('/').context("module path")?;
@@ -255,7 +244,7 @@ mod tests {
             kernel_tree: None,
             kernel_release: None,
             module: vec![],
-            luks2_tools: false,
+            tools: tools::Flags::default(),
         }
     }
 
@@ -325,27 +314,62 @@ mod tests {
         assert_eq!(mode(&r.join("etc/modules-load.d")), 0o755);
     }
 
-    #[test]
-    fn luks2_tools_install_under_the_prefix_and_leave_the_rootfs_lib_alone() {
-        let dir = TempDir::new("kata-luks2");
-        let mut args = rootfs(&dir);
+    const REL: &str = "6.12.0-test-amd64";
+
+    /// A merged-/usr rootfs with its own libc and loader, which must stay as they are, and a
+    /// kernel tree with the LUKS2 modules and the `extra` modules.dep lines.
+    fn rootfs_with_its_own_lib(dir: &TempDir, extra: &[&str]) -> Args {
+        let mut args = rootfs(dir);
         let r = args.rootfs.clone();
-        // The image's own libc and loader, which must stay as they are.
         fs::create_dir_all(r.join("usr/lib/x86_64-linux-gnu")).expect("lib");
         fs::write(r.join("usr/lib/x86_64-linux-gnu/libc.so.6"), b"image libc").expect("libc");
         fs::create_dir_all(r.join("usr/lib64")).expect("lib64");
         fs::write(r.join("usr/lib64/ld-linux-x86-64.so.2"), b"image ld").expect("ld");
         symlink("usr/lib", r.join("lib")).expect("merged /usr");
-        let rel = "6.12.0-test-amd64";
-        args.kernel_tree = Some(luks2_tools::testing::kernel_tree(
+        args.kernel_tree = Some(tools::testing::kernel_tree(
             &dir.path().join("kernel"),
-            rel,
-            &[],
+            REL,
+            extra,
         ));
-        args.kernel_release = Some(rel.into());
+        args.kernel_release = Some(REL.into());
         args.modules_load = String::new();
+        args
+    }
+
+    /// Everything of `before` is unchanged in `after`, and every new path is the agent, its
+    /// unit, the tools prefix or a module.
+    fn only_cnfs_paths_were_added(
+        r: &Path,
+        before: &[(PathBuf, u32, Vec<u8>)],
+        after: &[(PathBuf, u32, Vec<u8>)],
+    ) {
+        for entry in before {
+            assert!(after.contains(entry), "{} changed", entry.0.display());
+        }
+        let stray: Vec<&PathBuf> = after
+            .iter()
+            .map(|(path, _, _)| path)
+            .filter(|path| !before.iter().any(|(b, _, _)| b == *path))
+            .filter(|path| {
+                let rel = path.strip_prefix(r).expect("under root");
+                !(rel.starts_with("usr/lib/cnfs")
+                    || rel.starts_with("usr/lib/modules")
+                    || rel.starts_with("usr/lib/systemd")
+                    || rel.starts_with("usr/bin")
+                    || rel.starts_with("etc/systemd"))
+            })
+            .collect();
+        assert_eq!(stray, Vec::<&PathBuf>::new());
+    }
+
+    #[test]
+    fn luks2_tools_install_under_the_prefix_and_leave_the_rootfs_lib_alone() {
+        let dir = TempDir::new("kata-luks2");
+        let mut args = rootfs_with_its_own_lib(&dir, &[]);
+        let r = args.rootfs.clone();
+        let rel = REL;
         let before = snapshot(&r);
-        args.luks2_tools = true;
+        args.tools.luks2_tools = true;
         run(&args).expect("install");
 
         let p = r.join("usr/lib/cnfs/tools");
@@ -366,30 +390,50 @@ mod tests {
             host("/lib/x86_64-linux-gnu/libc.so.6")
         );
         // Everything that was there is unchanged (the lib link too).
-        let after = snapshot(&r);
-        for entry in &before {
-            assert!(after.contains(entry), "{} changed", entry.0.display());
-        }
-        // New paths: the agent and its unit, the prefix, and the modules.
-        let stray: Vec<&PathBuf> = after
-            .iter()
-            .map(|(path, _, _)| path)
-            .filter(|path| !before.iter().any(|(b, _, _)| b == *path))
-            .filter(|path| {
-                let rel = path.strip_prefix(&r).expect("under root");
-                !(rel.starts_with("usr/lib/cnfs")
-                    || rel.starts_with("usr/lib/modules")
-                    || rel.starts_with("usr/lib/systemd")
-                    || rel.starts_with("usr/bin")
-                    || rel.starts_with("etc/systemd"))
-            })
-            .collect();
-        assert_eq!(stray, Vec::<&PathBuf>::new());
+        only_cnfs_paths_were_added(&r, &before, &snapshot(&r));
         let m = r.join("lib/modules").join(rel);
-        for f in luks2_tools::testing::MODULE_FILES {
+        for f in tools::testing::MODULE_FILES {
             assert!(m.join(f).is_file(), "{f}");
         }
         assert!(!m.join("kernel/drivers/md/dm-zero.ko").exists());
+    }
+
+    #[test]
+    fn gocryptfs_tools_install_beside_the_luks2_tools_and_leave_the_rootfs_lib_alone() {
+        let dir = TempDir::new("kata-gocryptfs");
+        let mut args = rootfs_with_its_own_lib(&dir, &[tools::testing::FUSE_MODULE]);
+        let r = args.rootfs.clone();
+        let before = snapshot(&r);
+        args.tools.luks2_tools = true;
+        args.tools.gocryptfs_tools = true;
+        run(&args).expect("install");
+
+        let p = r.join("usr/lib/cnfs/tools");
+        let host = |f: &str| fs::read(f).unwrap_or_else(|e| panic!("reading {f}: {e}"));
+        assert_eq!(
+            fs::read(p.join("bin/gocryptfs")).expect("gocryptfs"),
+            host("/usr/bin/gocryptfs")
+        );
+        assert_eq!(mode(&p.join("bin/gocryptfs")), 0o755);
+        assert!(p.join("bin/cryptsetup").is_file());
+        assert_eq!(
+            fs::read(p.join("lib/libcrypto.so.3")).expect("libcrypto"),
+            host("/lib/x86_64-linux-gnu/libcrypto.so.3")
+        );
+        assert_eq!(
+            fs::read(p.join("lib/libc.so.6")).expect("libc"),
+            host("/lib/x86_64-linux-gnu/libc.so.6")
+        );
+        only_cnfs_paths_were_added(&r, &before, &snapshot(&r));
+        // FUSE is a module in this kernel: installed for the agent to load.
+        let m = r.join("lib/modules").join(REL);
+        assert!(m.join("kernel/fs/fuse/fuse.ko").is_file());
+        let dep = fs::read_to_string(m.join("modules.dep")).expect("modules.dep");
+        assert!(dep.contains("kernel/fs/fuse/fuse.ko:\n"), "{dep}");
+        // A second run finds everything in place.
+        let first = snapshot(&r);
+        run(&args).expect("again");
+        assert_eq!(first, snapshot(&r));
     }
 
     #[test]

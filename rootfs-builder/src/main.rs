@@ -6,10 +6,10 @@ mod archive;
 mod elf_closure;
 mod kata_kernel;
 mod kata_rootfs;
-mod luks2_tools;
 mod modules;
 mod overlay;
 mod test_initrd;
+mod tools;
 
 use std::process::ExitCode;
 
@@ -51,6 +51,65 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("cnfs-rootfs-builder: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn every_image_mode_takes_both_tool_flags() {
+        let tools = |args: &[&str]| -> crate::tools::Flags {
+            let line = ["cnfs-rootfs-builder"].iter().chain(args);
+            match Cli::try_parse_from(line).expect("parses").command {
+                Command::TestInitrd(a) => a.tools,
+                Command::KataRootfs(a) => a.tools,
+                Command::InitrdOverlay(a) => a.tools,
+                Command::KataKernel(_) => panic!("no tools in kata-kernel"),
+            }
+        };
+        let both = ["--luks2-tools", "--gocryptfs-tools"];
+        for mode in [
+            &[
+                "test-initrd",
+                "--kernel-tree=k",
+                "--kernel-release=r",
+                "--busybox=b",
+                "--out=o",
+            ][..],
+            &["kata-rootfs", "--rootfs=r"],
+            &["initrd-overlay", "--out=o"],
+        ] {
+            let base: Vec<&str> = mode.iter().copied().chain(["--agent=a"]).collect();
+            let t = tools(&base);
+            assert!(!t.luks2_tools && !t.gocryptfs_tools, "{mode:?}");
+            let only: Vec<&str> = base.iter().copied().chain(["--gocryptfs-tools"]).collect();
+            let t = tools(&only);
+            assert!(!t.luks2_tools && t.gocryptfs_tools, "{mode:?}");
+            let all: Vec<&str> = base.iter().copied().chain(both).collect();
+            let t = tools(&all);
+            assert!(t.luks2_tools && t.gocryptfs_tools, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn the_tool_flags_help_names_the_debian_packages() {
+        let mut cli = Cli::command();
+        for mode in ["test-initrd", "kata-rootfs", "initrd-overlay"] {
+            let help = cli
+                .find_subcommand_mut(mode)
+                .expect(mode)
+                .render_long_help()
+                .to_string();
+            assert!(help.contains("(Debian package gocryptfs)"), "{help}");
+            assert!(
+                help.contains("(Debian packages cryptsetup-bin and e2fsprogs)"),
+                "{help}"
+            );
         }
     }
 }

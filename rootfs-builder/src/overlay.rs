@@ -21,7 +21,7 @@ use anyhow::{bail, Result};
 
 use crate::archive::{gzip, read_input, write_output, Tree};
 use crate::DEFAULT_AGENT_PORT;
-use crate::{luks2_tools, modules};
+use crate::{modules, tools};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -49,12 +49,8 @@ pub struct Args {
     /// Kernel module only included, for cnfs-agent to load on demand (repeatable).
     #[arg(long, value_name = "NAME", requires = "kernel_tree")]
     pub module: Vec<String>,
-    /// This host's cryptsetup and mke2fs with their loader and libraries under
-    /// /usr/lib/cnfs/tools (nothing of the image's own /lib is replaced), and with
-    /// `--kernel-tree` the modules of LUKS2 volumes (loop, dm-crypt, xts, aesni-intel and
-    /// their dependencies; Kata's own kernel has them built in).
-    #[arg(long)]
-    pub luks2_tools: bool,
+    #[command(flatten)]
+    pub tools: tools::Flags,
     /// Where to write the archive.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
@@ -80,9 +76,8 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
     // answers it (see guest-agent-ext/src/idmap.rs).
     t.symlink("sbin/request-key", "/usr/bin/cnfs-agent")?;
     let mut conf = format!("then={}\nargs=--vsock-port {}\n", args.then, args.port);
-    if args.luks2_tools {
-        luks2_tools::add_to_tree(&mut t)?;
-    }
+    let tool_sets = args.tools.sets();
+    tools::add_to_tree(&mut t, &tool_sets)?;
     if let (Some(tree), Some(rel)) = (&args.kernel_tree, &args.kernel_release) {
         let mut names: Vec<String> = args
             .boot_module
@@ -90,9 +85,7 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
             .chain(&args.module)
             .cloned()
             .collect();
-        if args.luks2_tools {
-            names.extend(luks2_tools::modules());
-        }
+        names.extend(tools::modules(&tool_sets));
         modules::add_to_tree(&mut t, tree, rel, &names)?;
         if !args.boot_module.is_empty() {
             conf.push_str(&format!("modules={}\n", args.boot_module.join(" ")));
@@ -142,7 +135,7 @@ mod tests {
             kernel_release: None,
             boot_module: vec![],
             module: vec![],
-            luks2_tools: false,
+            tools: tools::Flags::default(),
         }
     }
 
@@ -253,7 +246,7 @@ mod tests {
 
     fn with_luks2_kernel(dir: &TempDir, a: &mut Args) {
         let rel = "6.12.0-test-amd64";
-        a.kernel_tree = Some(luks2_tools::testing::kernel_tree(
+        a.kernel_tree = Some(tools::testing::kernel_tree(
             &dir.path().join("kernel"),
             rel,
             &[],
@@ -267,7 +260,7 @@ mod tests {
         let mut a = args(&dir);
         with_luks2_kernel(&dir, &mut a);
         let without = entries_of(&a);
-        a.luks2_tools = true;
+        a.tools.luks2_tools = true;
         let with = entries_of(&a);
         let host = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("reading {p}: {e}"));
         let p = "usr/lib/cnfs/tools";
@@ -314,20 +307,11 @@ mod tests {
     fn the_overlay_with_luks2_tools_leaves_the_images_lib_untouched() {
         let dir = TempDir::new("overlay-luks2-lib");
         let mut a = args(&dir);
-        a.luks2_tools = true;
+        a.tools.luks2_tools = true;
         let with = entries_of(&a);
         // No entry at the loader's own paths or for a base directory, which would replace
         // the image's libc or its `lib -> usr/lib` link.
-        let touching: Vec<&String> = with
-            .keys()
-            .filter(|n| {
-                ["lib", "lib64", "usr/lib", "usr/lib64"].contains(&n.as_str())
-                    || n.starts_with("lib/")
-                    || n.starts_with("lib64/")
-                    || n.starts_with("usr/lib/x86_64-linux-gnu")
-            })
-            .collect();
-        assert_eq!(touching, Vec::<&String>::new());
+        assert_eq!(touching_the_images_lib(&with), Vec::<&String>::new());
         assert!(with.contains_key("usr/lib/cnfs/tools/lib/libc.so.6"));
         // Without --kernel-tree (Kata's kernel has dm-crypt built in) no module is shipped.
         assert!(
@@ -342,10 +326,10 @@ mod tests {
         let dir = TempDir::new("overlay-luks2-mods");
         let mut a = args(&dir);
         with_luks2_kernel(&dir, &mut a);
-        a.luks2_tools = true;
+        a.tools.luks2_tools = true;
         let with = entries_of(&a);
         let m = "lib/modules/6.12.0-test-amd64";
-        for f in luks2_tools::testing::MODULE_FILES {
+        for f in tools::testing::MODULE_FILES {
             assert!(
                 with.contains_key(&format!("{m}/{f}")),
                 "{f}: {:?}",
@@ -361,6 +345,138 @@ mod tests {
         // Loaded on demand by the agent, not at boot.
         let conf = String::from_utf8_lossy(&with["etc/cnfs/init.conf"].1).into_owned();
         assert!(!conf.contains("modules="), "{conf}");
+    }
+
+    /// Entry names that would replace the image's loader, libc or a base directory link.
+    fn touching_the_images_lib(with: &BTreeMap<String, (u32, Vec<u8>)>) -> Vec<&String> {
+        with.keys()
+            .filter(|n| {
+                ["lib", "lib64", "usr/lib", "usr/lib64"].contains(&n.as_str())
+                    || n.starts_with("lib/")
+                    || n.starts_with("lib64/")
+                    || n.starts_with("usr/lib/x86_64-linux-gnu")
+            })
+            .collect()
+    }
+
+    /// A kernel tree as Debian's 6.12 cloud kernel has FUSE: built in.
+    fn with_gocryptfs_kernel(dir: &TempDir, a: &mut Args) {
+        with_luks2_kernel(dir, a);
+        tools::testing::with_fuse_built_in(
+            a.kernel_tree.as_deref().expect("tree"),
+            a.kernel_release.as_deref().expect("release"),
+        );
+    }
+
+    #[test]
+    fn gocryptfs_tools_add_only_their_program_beside_the_luks2_tools() {
+        let dir = TempDir::new("overlay-gocryptfs");
+        let mut a = args(&dir);
+        with_gocryptfs_kernel(&dir, &mut a);
+        let without = entries_of(&a);
+        let p = "usr/lib/cnfs/tools";
+        let added = |with: &BTreeMap<String, (u32, Vec<u8>)>| -> Vec<String> {
+            with.keys()
+                .filter(|n| !without.contains_key(*n))
+                .cloned()
+                .collect()
+        };
+        let host = |p: &str| std::fs::read(p).unwrap_or_else(|e| panic!("reading {p}: {e}"));
+
+        // Alone: the program, the loader, libcrypto and libc under the prefix; FUSE is built
+        // into this kernel, so no module.
+        a.tools.gocryptfs_tools = true;
+        let alone = entries_of(&a);
+        assert_eq!(
+            added(&alone),
+            [
+                "usr/lib/cnfs",
+                p,
+                &format!("{p}/bin"),
+                &format!("{p}/bin/gocryptfs"),
+                &format!("{p}/lib"),
+                &format!("{p}/lib/ld-linux-x86-64.so.2"),
+                &format!("{p}/lib/libc.so.6"),
+                &format!("{p}/lib/libcrypto.so.3"),
+            ]
+        );
+        let (m, data) = &alone[&format!("{p}/bin/gocryptfs")];
+        assert_eq!(*m, 0o100_755);
+        assert!(*data == host("/usr/bin/gocryptfs"), "bin/gocryptfs");
+        let (m, data) = &alone[&format!("{p}/lib/ld-linux-x86-64.so.2")];
+        assert_eq!(*m, 0o100_755, "the runner execs the loader");
+        assert!(*data == host("/lib64/ld-linux-x86-64.so.2"));
+
+        // With --luks2-tools: one prefix, and gocryptfs adds only its program to it.
+        a.tools.luks2_tools = true;
+        let both = entries_of(&a);
+        a.tools.gocryptfs_tools = false;
+        let luks2 = entries_of(&a);
+        let extra: Vec<&String> = both.keys().filter(|n| !luks2.contains_key(*n)).collect();
+        assert_eq!(extra, [&format!("{p}/bin/gocryptfs")]);
+        for (name, entry) in &luks2 {
+            assert_eq!(both.get(name), Some(entry), "{name}");
+        }
+        // modules.dep aside: it lists the LUKS2 modules in `both`.
+        for (name, entry) in alone.iter().filter(|(n, _)| !n.ends_with("/modules.dep")) {
+            assert_eq!(both.get(name), Some(entry), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_overlay_with_gocryptfs_tools_leaves_the_images_lib_untouched() {
+        let dir = TempDir::new("overlay-gocryptfs-lib");
+        let mut a = args(&dir);
+        for luks2 in [false, true] {
+            a.tools.luks2_tools = luks2;
+            a.tools.gocryptfs_tools = true;
+            let with = entries_of(&a);
+            assert_eq!(touching_the_images_lib(&with), Vec::<&String>::new());
+            assert!(with.contains_key("usr/lib/cnfs/tools/bin/gocryptfs"));
+            assert!(with.contains_key("usr/lib/cnfs/tools/lib/libcrypto.so.3"));
+            assert!(!with.keys().any(|n| n.contains("modules")), "{luks2}");
+        }
+    }
+
+    #[test]
+    fn gocryptfs_tools_ship_fuse_only_where_the_kernel_has_it_as_a_module() {
+        let dir = TempDir::new("overlay-gocryptfs-mods");
+        let rel = "6.12.0-test-amd64";
+        let m = format!("lib/modules/{rel}");
+        let mut a = args(&dir);
+        a.kernel_release = Some(rel.into());
+        a.tools.gocryptfs_tools = true;
+
+        // A module: fuse.ko and its modules.dep line, loaded on demand.
+        a.kernel_tree = Some(tools::testing::kernel_tree(
+            &dir.path().join("modular"),
+            rel,
+            &[tools::testing::FUSE_MODULE],
+        ));
+        let with = entries_of(&a);
+        assert!(with.contains_key(&format!("{m}/kernel/fs/fuse/fuse.ko")));
+        let dep = String::from_utf8_lossy(&with[&format!("{m}/modules.dep")].1).into_owned();
+        assert_eq!(dep, "kernel/fs/fuse/fuse.ko:\n");
+        let conf = String::from_utf8_lossy(&with["etc/cnfs/init.conf"].1).into_owned();
+        assert!(!conf.contains("modules="), "{conf}");
+
+        // Built in: nothing to copy, and no error.
+        with_gocryptfs_kernel(&dir, &mut a);
+        let with = entries_of(&a);
+        assert!(
+            !with.keys().any(|n| n.contains("fuse")),
+            "{:?}",
+            with.keys()
+        );
+
+        // Neither: the build stops naming the module.
+        a.kernel_tree = Some(tools::testing::kernel_tree(
+            &dir.path().join("no-fuse"),
+            rel,
+            &[],
+        ));
+        let e = format!("{:#}", build(&a).expect_err("no fuse"));
+        assert!(e.contains("kernel module \"fuse\""), "{e}");
     }
 
     #[test]

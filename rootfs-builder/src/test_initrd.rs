@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::archive::{gzip, read_input, write_output, Tree};
 use crate::elf_closure::{self, LoaderFile, SearchPath};
-use crate::{luks2_tools, modules};
+use crate::{modules, tools};
 
 const INIT: &str = include_str!("test-init.sh");
 const AGENT: &str = "cnfs-agent";
@@ -70,11 +70,8 @@ pub struct Args {
     /// Kernel module only included, for the agent to load on demand (repeatable).
     #[arg(long, value_name = "NAME")]
     pub module: Vec<String>,
-    /// This host's cryptsetup and mke2fs with their loader and libraries under
-    /// /usr/lib/cnfs/tools, and the modules of LUKS2 volumes (loop, dm-crypt, xts,
-    /// aesni-intel and their dependencies).
-    #[arg(long)]
-    pub luks2_tools: bool,
+    #[command(flatten)]
+    pub tools: tools::Flags,
     /// Where to write the gzip'ed cpio.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
@@ -136,9 +133,8 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
             .with_context(|| format!("{flag} {}", s.name))?;
     }
     add_binaries(&mut t, &args.binary)?;
-    if args.luks2_tools {
-        luks2_tools::add_to_tree(&mut t)?;
-    }
+    let tool_sets = args.tools.sets();
+    tools::add_to_tree(&mut t, &tool_sets)?;
     let services = std::iter::once(AGENT).chain(args.service.iter().map(|s| s.name.as_str()));
     t.file("etc/cnfs/services", 0o644, lines(services))?;
     t.file(
@@ -153,9 +149,7 @@ pub fn build_tree(args: &Args) -> Result<Tree> {
         .chain(&args.module)
         .cloned()
         .collect();
-    if args.luks2_tools {
-        names.extend(luks2_tools::modules());
-    }
+    names.extend(tools::modules(&tool_sets));
     modules::add_to_tree(&mut t, &args.kernel_tree, rel, &names)?;
     Ok(t)
 }
@@ -252,7 +246,7 @@ mod tests {
             binary: Vec::new(),
             boot_module: vec!["x".into(), "ext4".into()],
             module: Vec::new(),
-            luks2_tools: false,
+            tools: tools::Flags::default(),
             out,
         };
         (tree, args)
@@ -425,17 +419,17 @@ mod tests {
     fn luks2_tools_and_their_modules_go_into_the_test_initrd_beside_binary_closures() {
         let dir = TempDir::new("initrd-luks2");
         let (_, mut args) = fake_tree(&dir);
-        args.kernel_tree = luks2_tools::testing::kernel_tree(
+        args.kernel_tree = tools::testing::kernel_tree(
             &dir.path().join("luks2-kernel"),
             REL,
             &["kernel/a/x.ko: kernel/a/y.ko", "kernel/a/y.ko:"],
         );
         // sshfs-like: a --binary closure at the loader's paths, next to the prefix's own.
         args.binary = vec!["/bin/ls".into()];
-        args.luks2_tools = true;
+        args.tools.luks2_tools = true;
         let entries = read_newc(&build_tree(&args).expect("build").to_newc().expect("newc"));
         let m = format!("lib/modules/{REL}");
-        for f in luks2_tools::testing::MODULE_FILES {
+        for f in tools::testing::MODULE_FILES {
             entry(&entries, &format!("{m}/{f}"));
         }
         assert!(entries.iter().all(|e| !e.name.contains("dm-zero")));
@@ -456,6 +450,57 @@ mod tests {
         );
         // The boot modules and the loop-free ones are still there.
         assert_eq!(entry(&entries, "etc/cnfs/boot-modules").data, b"x\next4\n");
+    }
+
+    #[test]
+    fn gocryptfs_tools_and_fuse_go_into_the_test_initrd_beside_the_luks2_tools() {
+        let dir = TempDir::new("initrd-gocryptfs");
+        let (_, mut args) = fake_tree(&dir);
+        args.kernel_tree = tools::testing::kernel_tree(
+            &dir.path().join("fuse-kernel"),
+            REL,
+            &[
+                "kernel/a/x.ko: kernel/a/y.ko",
+                "kernel/a/y.ko:",
+                tools::testing::FUSE_MODULE,
+            ],
+        );
+        args.tools.luks2_tools = true;
+        args.tools.gocryptfs_tools = true;
+        let entries = read_newc(&build_tree(&args).expect("build").to_newc().expect("newc"));
+        let p = "usr/lib/cnfs/tools";
+        let gocryptfs = entry(&entries, &format!("{p}/bin/gocryptfs"));
+        assert_eq!(gocryptfs.mode, 0o100_755);
+        assert_eq!(
+            gocryptfs.data,
+            std::fs::read("/usr/bin/gocryptfs").expect("host gocryptfs")
+        );
+        entry(&entries, &format!("{p}/bin/cryptsetup"));
+        entry(&entries, &format!("{p}/lib/libcrypto.so.3"));
+        // One prefix lib: each name once (the archive refuses a second entry anyway).
+        let libs: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| e.name.strip_prefix(&format!("{p}/lib/")))
+            .collect();
+        assert_eq!(
+            libs.iter().filter(|l| **l == "libcrypto.so.3").count(),
+            1,
+            "{libs:?}"
+        );
+        // fuse is a module here, loaded by the agent on demand, not at boot.
+        let m = format!("lib/modules/{REL}");
+        entry(&entries, &format!("{m}/kernel/fs/fuse/fuse.ko"));
+        for f in tools::testing::MODULE_FILES {
+            entry(&entries, &format!("{m}/{f}"));
+        }
+        assert_eq!(entry(&entries, "etc/cnfs/boot-modules").data, b"x\next4\n");
+        // Nothing at the loader's own paths without --binary.
+        assert!(
+            entries
+                .iter()
+                .all(|e| !e.name.starts_with("lib/x86_64-linux-gnu") && e.name != "lib64"),
+            "the prefix's libraries stay under it"
+        );
     }
 
     #[test]

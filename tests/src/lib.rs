@@ -114,6 +114,36 @@ pub fn mount_request(
     }
 }
 
+/// Mount through `a` with the agent's deadline `timeout_ms`; the call itself waits 240 s.
+pub async fn mount_within(
+    a: &cnfs_protocols::agent_ttrpc::AgentClient,
+    spec: cnfs_protocols::agent::VolumeSpec,
+    timeout_ms: u32,
+) -> Result<cnfs_protocols::agent::MountResponse, ttrpc::Error> {
+    a.mount(
+        vm::ctx(std::time::Duration::from_secs(240)),
+        &mount_request(spec, timeout_ms),
+    )
+    .await
+}
+
+/// Unmount through `a` with the agent's deadline `timeout_ms`.
+pub async fn unmount_within(
+    a: &cnfs_protocols::agent_ttrpc::AgentClient,
+    name: &str,
+    timeout_ms: u32,
+) -> anyhow::Result<cnfs_protocols::agent::UnmountResponse> {
+    Ok(a.unmount(
+        vm::ctx(std::time::Duration::from_secs(240)),
+        &cnfs_protocols::agent::UnmountRequest {
+            name: name.into(),
+            timeout_ms,
+            ..Default::default()
+        },
+    )
+    .await?)
+}
+
 /// The status code of a failed agent call (`UNKNOWN` for a transport error).
 pub fn code_of(e: &ttrpc::Error) -> ttrpc::Code {
     match e {

@@ -298,6 +298,60 @@ async fn cephfs_admin_and_restricted_keys_move_data_and_keys_stay_hidden() -> an
         .mount(ctx(Duration::from_secs(240)), &enc_request("enc"))
         .await?;
     assert_eq!(g.ok("md5sum /run/cnfs/volumes/enc/c.txt").await?, enc_sum);
+
+    // 7. A shared encrypted (gocryptfs) volume on CephFS: the tree in /shr, no plaintext in
+    // the pool under the plaintext name, the data read back after a remount.
+    g.ok("mkdir -p /run/cnfs/volumes/whole/shr").await?;
+    let shared_request = |name: &str| {
+        let mut r = Vol {
+            name,
+            path: "/shr",
+            ..sub_like(&whole)
+        }
+        .request(180_000);
+        r.volume.mut_or_insert_default().encryption =
+            protobuf::MessageField::some(agent::Encryption {
+                mode: "gocryptfs".into(),
+                key: b"ceph shared key".to_vec(),
+                ..Default::default()
+            });
+        r
+    };
+    agent
+        .mount(ctx(Duration::from_secs(240)), &shared_request("shr"))
+        .await?;
+    assert!(g
+        .ok("cat /proc/mounts")
+        .await?
+        .contains("/run/cnfs/volumes/shr fuse.gocryptfs "));
+    let shr_sum = g
+        .ok(&format!(
+            "echo {canary} > /run/cnfs/volumes/shr/c.txt && sync && md5sum /run/cnfs/volumes/shr/c.txt"
+        ))
+        .await?;
+    let conf = ceph.try_read_file("/shr/cnfs-volume.gocryptfs/gocryptfs.conf")?;
+    assert!(
+        String::from_utf8_lossy(&conf).contains("\"EncryptedKey\""),
+        "a gocryptfs configuration in the pool"
+    );
+    assert!(
+        ceph.try_read_file("/shr/cnfs-volume.gocryptfs/c.txt")
+            .is_err(),
+        "a plaintext name in the pool"
+    );
+    agent
+        .unmount(
+            ctx(T),
+            &agent::UnmountRequest {
+                name: "shr".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    agent
+        .mount(ctx(Duration::from_secs(240)), &shared_request("shr"))
+        .await?;
+    assert_eq!(g.ok("md5sum /run/cnfs/volumes/shr/c.txt").await?, shr_sum);
     Ok(())
 }
 

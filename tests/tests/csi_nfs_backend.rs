@@ -671,25 +671,12 @@ async fn an_encrypted_csi_volume_is_a_luks2_container_on_the_share_that_only_the
 fn the_luks2_csi_example_is_a_class_claim_and_secret_the_driver_accepts() -> anyhow::Result<()> {
     use cnfs_csi::backend::nfs::{NfsVolume, PARAMETERS};
     use cnfs_protocols::spec::EncryptionMode;
-    use serde::Deserialize;
-    use serde_json::Value as Json;
 
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/kubernetes/example-csi-luks2.yaml");
-    let text = std::fs::read_to_string(&path)?;
-    let docs: Vec<Json> = serde_yaml::Deserializer::from_str(&text)
-        .map(Json::deserialize)
-        .collect::<Result<_, _>>()?;
-    let of = |kind: &str| -> anyhow::Result<&Json> {
-        docs.iter()
-            .find(|d| d["kind"] == kind)
-            .ok_or_else(|| anyhow::anyhow!("no {kind} in {}", path.display()))
-    };
-    let (class, claim, secret, pod) = (
-        of("StorageClass")?,
-        of("PersistentVolumeClaim")?,
-        of("Secret")?,
-        of("Pod")?,
+    let ex = Example::read("example-csi-luks2.yaml")?;
+    let (class, claim, pod) = (
+        ex.of("StorageClass")?,
+        ex.of("PersistentVolumeClaim")?,
+        ex.of("Pod")?,
     );
     assert_eq!(class["provisioner"], "csi.cnfs.io");
     assert_eq!(class["allowVolumeExpansion"], false, "the size is fixed");
@@ -734,27 +721,8 @@ fn the_luks2_csi_example_is_a_class_claim_and_secret_the_driver_accepts() -> any
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
 
     // The secret the class names for this claim exists and holds encryptionKey.
-    let resolve = |t: &str| {
-        t.replace(
-            "${pvc.name}",
-            claim["metadata"]["name"].as_str().unwrap_or_default(),
-        )
-        .replace(
-            "${pvc.namespace}",
-            claim["metadata"]["namespace"].as_str().unwrap_or_default(),
-        )
-    };
-    assert_eq!(
-        resolve(&params["csi.storage.k8s.io/node-publish-secret-name"]),
-        secret["metadata"]["name"]
-    );
-    assert_eq!(
-        resolve(&params["csi.storage.k8s.io/node-publish-secret-namespace"]),
-        secret["metadata"]["namespace"]
-    );
-    let key = secret["stringData"]["encryptionKey"]
-        .as_str()
-        .expect("stringData.encryptionKey");
+    let key = ex.key_for_claim(&params)?;
+    let key = key.as_str();
 
     // The pod runs under the CNFS runtime class, and a publish of the volume with that secret
     // is valid.
@@ -771,4 +739,289 @@ fn the_luks2_csi_example_is_a_class_claim_and_secret_the_driver_accepts() -> any
     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     assert!(p.record.has_secret);
     Ok(())
+}
+
+fn rwx() -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode {
+            mode: Mode::MultiNodeMultiWriter as i32,
+        }),
+    }
+}
+
+/// A ReadWriteMany `encryption: gocryptfs` claim, published to two pods (two targets, two
+/// hand-offs) whose guest volumes see each other's files, while the share holds only the
+/// encrypted tree. One guest serves both pods here (each pod has its own guest in a cluster;
+/// each volume is its own NFS superblock and gocryptfs daemon either way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_encrypted_csi_volume_serves_two_pods_that_see_each_others_files(
+) -> anyhow::Result<()> {
+    const VOLUME_KEY: &str = "csi-e2e shared key: 7c1e5a93b0d24f68";
+    let art = Artifacts::locate()?;
+    let dir = TempDir::new("csi-gocryptfs")?;
+    let ns = NetNs::create()?;
+    let nfs = Ganesha::start(&ns, dir.path())?;
+    let handoff_dir = ShmDir(PathBuf::from(format!(
+        "/dev/shm/cnfs-csi-gocryptfs-{}",
+        cnfs_testbed::unique_id()
+    )));
+    let csi = Csi::start(&ns, dir.path(), &handoff_dir.0)?;
+    let channel = cnfs_csi::client::connect(&csi.socket).await?;
+    let mut controller = ControllerClient::new(channel.clone());
+    let mut node = NodeClient::new(channel);
+
+    let name = format!("pvc-{}", cnfs_testbed::unique_id());
+    let vol = controller
+        .create_volume(CreateVolumeRequest {
+            name: name.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 1 << 30,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![rwx()],
+            parameters: HashMap::from([
+                ("fs".to_string(), "nfs".to_string()),
+                ("server".to_string(), ns.host_ip.clone()),
+                ("share".to_string(), EXPORT.to_string()),
+                ("vers".to_string(), "4.1".to_string()),
+                ("onDelete".to_string(), "delete".to_string()),
+                ("encryption".to_string(), "gocryptfs".to_string()),
+            ]),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert!(
+        vol.volume_id.starts_with("nfs+gocryptfs#"),
+        "{}",
+        vol.volume_id
+    );
+    assert_eq!(
+        vol.volume_context["source"],
+        format!(
+            "nfs://{}{EXPORT}/{name}?vers=4.1&encryption=gocryptfs",
+            ns.host_ip
+        ),
+        "no size: the volume shares the file system's space"
+    );
+    let server_dir = nfs.export_dir.join(&name);
+
+    // Two pods publish it, each with the key in its node-publish secret.
+    let h = HandoffDir::new(&handoff_dir.0);
+    let mut targets = Vec::new();
+    let mut wires = Vec::new();
+    for pod in ["uid-1", "uid-2"] {
+        let pod_dir = dir
+            .path()
+            .join(format!("kubelet/pods/{pod}/volumes/kubernetes.io~csi/pv-1"));
+        std::fs::create_dir_all(&pod_dir)?;
+        let target = pod_dir.join("mount").display().to_string();
+        let mut context = vol.volume_context.clone();
+        context.insert("csi.storage.k8s.io/pod.namespace".into(), "team-a".into());
+        context.insert("csi.storage.k8s.io/pod.name".into(), format!("app-{pod}"));
+        node.node_publish_volume(NodePublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            target_path: target.clone(),
+            volume_capability: Some(rwx()),
+            volume_context: context,
+            secrets: HashMap::from([("encryptionKey".to_string(), VOLUME_KEY.to_string())]),
+            ..Default::default()
+        })
+        .await?;
+        let record = h.read_record(&target)?.expect("record");
+        let secret = h.read_secret(&target)?.expect("the key beside the record");
+        let (spec, wire) = record.volume_spec(Some(&secret))?;
+        let enc = spec.encryption.as_ref().expect("encrypted");
+        assert_eq!(enc.key.expose(), VOLUME_KEY.as_bytes());
+        assert_eq!(enc.mode.as_str(), "gocryptfs");
+        wires.push((handoff::guest_volume_name(&target), wire));
+        targets.push(target);
+    }
+
+    let vm = Vm::boot(&art, &ns, dir.path()).await?;
+    let g = &vm.exec;
+    let a = vm.agent().await?;
+    let t = Duration::from_secs(240);
+    for (_, wire) in &wires {
+        a.mount(ctx(t), &mount_request(wire.clone(), 180_000))
+            .await?;
+    }
+    let (one, two) = (&wires[0].0, &wires[1].0);
+    // Each pod's container writes through its own bind; the other pod reads it.
+    let canary = format!("CNFS-CSI-SHARED-CANARY-{}", cnfs_testbed::unique_id());
+    let write = |vol: &str, file: &str, text: &str| {
+        format!(
+            "unshare -m sh -c 'mkdir -p /tmp/ctr && mount --bind /run/cnfs/volumes/{vol} \
+             /tmp/ctr && echo {text} > /tmp/ctr/{file} && sync'"
+        )
+    };
+    g.ok(&write(one, "from-one.txt", &canary)).await?;
+    g.ok(&write(two, "from-two.txt", "second-pod")).await?;
+    assert_eq!(
+        g.ok(&format!("cat /run/cnfs/volumes/{two}/from-one.txt"))
+            .await?
+            .trim(),
+        canary
+    );
+    let seen = g
+        .ok(&format!(
+            "for i in $(seq 1 50); do cat /run/cnfs/volumes/{one}/from-two.txt 2>/dev/null && break; sleep 0.2; done"
+        ))
+        .await?;
+    assert_eq!(seen.trim(), "second-pod");
+
+    for ((guest_name, _), target) in wires.iter().zip(&targets) {
+        a.unmount(
+            ctx(t),
+            &agent::UnmountRequest {
+                name: guest_name.clone(),
+                timeout_ms: 30_000,
+                force: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            target_path: target.clone(),
+        })
+        .await?;
+        assert!(h.read_record(target)?.is_none() && h.read_secret(target)?.is_none());
+    }
+
+    // The share holds the encrypted tree only: no plaintext, no plaintext name, no key.
+    let listing: Vec<String> = std::fs::read_dir(&server_dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listing, ["cnfs-volume.gocryptfs"], "no temp directory left");
+    for needle in [canary.as_bytes(), VOLUME_KEY.as_bytes(), b"from-one"] {
+        assert!(
+            files_containing(&nfs.export_dir, needle)?.is_empty(),
+            "{} on the server",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    let names: Vec<String> = std::fs::read_dir(server_dir.join("cnfs-volume.gocryptfs"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.contains("from-")),
+        "plaintext names: {names:?}"
+    );
+    let left = g
+        // No literal "gocryptfs" in this shell's own command line, which the grep reads too.
+        .ok("grep -E 'cnfs/(backing|volumes|gocryptf[s])' /proc/mounts; grep -ls 'gocryptf[s]' /proc/[0-9]*/cmdline; true")
+        .await?;
+    assert!(left.trim().is_empty(), "left in the guest: {left}");
+
+    controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await?;
+    assert!(!server_dir.exists(), "onDelete=delete removed it");
+    let log = std::fs::read_to_string(&csi.log)?;
+    assert!(!log.contains("shared key"), "{log}");
+    drop(vm);
+    Ok(())
+}
+
+/// configs/kubernetes/example-csi-gocryptfs.yaml is what the driver accepts: the class plans
+/// a gocryptfs volume on NFS, the claim is ReadWriteMany, the secret the class names for the
+/// claim holds `encryptionKey`, and the Deployment's pods run under the CNFS runtime class.
+#[test]
+fn the_gocryptfs_csi_example_is_a_shared_class_claim_and_secret_the_driver_accepts(
+) -> anyhow::Result<()> {
+    use cnfs_protocols::spec::EncryptionMode;
+
+    let ex = Example::read("example-csi-gocryptfs.yaml")?;
+    let (class, claim, deploy) = (
+        ex.of("StorageClass")?,
+        ex.of("PersistentVolumeClaim")?,
+        ex.of("Deployment")?,
+    );
+    assert_eq!(class["provisioner"], "csi.cnfs.io");
+    let params: HashMap<String, String> = serde_json::from_value(class["parameters"].clone())?;
+    assert_eq!(
+        cnfs_csi::encryption::from_parameters(&params).map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        Some(EncryptionMode::Gocryptfs)
+    );
+    let modes: Vec<String> = serde_json::from_value(claim["spec"]["accessModes"].clone())?;
+    assert_eq!(modes, ["ReadWriteMany"]);
+    let key = ex.key_for_claim(&params)?;
+    assert!(
+        EncryptionMode::Gocryptfs
+            .refuses_key(key.as_bytes())
+            .is_none(),
+        "the example key is one line"
+    );
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(pod["runtimeClassName"], "kata-cnfs");
+    assert_eq!(
+        pod["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        claim["metadata"]["name"]
+    );
+    assert!(deploy["spec"]["replicas"].as_u64().unwrap_or(0) >= 2);
+    Ok(())
+}
+
+/// The documents of an example under configs/kubernetes/, by kind.
+struct Example {
+    path: PathBuf,
+    docs: Vec<serde_json::Value>,
+}
+
+impl Example {
+    fn read(file: &str) -> anyhow::Result<Example> {
+        use serde::Deserialize;
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs/kubernetes")
+            .join(file);
+        let text = std::fs::read_to_string(&path)?;
+        let docs = serde_yaml::Deserializer::from_str(&text)
+            .map(serde_json::Value::deserialize)
+            .collect::<Result<_, _>>()?;
+        Ok(Example { path, docs })
+    }
+
+    fn of(&self, kind: &str) -> anyhow::Result<&serde_json::Value> {
+        self.docs
+            .iter()
+            .find(|d| d["kind"] == kind)
+            .ok_or_else(|| anyhow::anyhow!("no {kind} in {}", self.path.display()))
+    }
+
+    /// The class's node-publish secret (name, namespace templates resolved for the claim)
+    /// is the example's Secret; returns its `encryptionKey`.
+    fn key_for_claim(&self, params: &HashMap<String, String>) -> anyhow::Result<String> {
+        let (claim, secret) = (self.of("PersistentVolumeClaim")?, self.of("Secret")?);
+        let resolve = |t: &str| {
+            t.replace(
+                "${pvc.name}",
+                claim["metadata"]["name"].as_str().unwrap_or_default(),
+            )
+            .replace(
+                "${pvc.namespace}",
+                claim["metadata"]["namespace"].as_str().unwrap_or_default(),
+            )
+        };
+        assert_eq!(
+            resolve(&params["csi.storage.k8s.io/node-publish-secret-name"]),
+            secret["metadata"]["name"]
+        );
+        assert_eq!(
+            resolve(&params["csi.storage.k8s.io/node-publish-secret-namespace"]),
+            secret["metadata"]["namespace"]
+        );
+        Ok(secret["stringData"]["encryptionKey"]
+            .as_str()
+            .expect("stringData.encryptionKey")
+            .to_string())
+    }
 }

@@ -279,9 +279,16 @@ async fn the_readme_recipe_boots_an_osbuilder_initrd_with_debians_kernel_and_a_s
         .await?;
     assert_eq!(list.volumes.len(), 1);
     assert_eq!(list.volumes[0].state, "mounted");
-    assert!(vm
-        .console_text()
-        .contains("cnfs-agent was killed by SIGKILL; restarting"));
+    // The supervisor's line may reach the console a moment after the new agent answers
+    // (or the old one's last answer): waited for, not raced.
+    let said =
+        cnfs_testbed::process::wait_for(Duration::from_secs(30), "the restart line", || async {
+            vm.console_text()
+                .contains("cnfs-agent was killed by SIGKILL; restarting")
+                .then_some(())
+        })
+        .await;
+    assert!(said.is_ok(), "no restart line on the console");
 
     // A running container holds its own copy of the volume (a bind in its namespace): an
     // Unmount would leave it reading and writing while reporting the volume gone, so it is

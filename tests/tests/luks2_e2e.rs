@@ -42,19 +42,11 @@ async fn mount(
     a: &AgentClient,
     spec: agent::VolumeSpec,
 ) -> Result<agent::MountResponse, ttrpc::Error> {
-    a.mount(ctx(T), &mount_request(spec, MOUNT_MS)).await
+    cnfs_testbed::mount_within(a, spec, MOUNT_MS).await
 }
 
 async fn unmount(a: &AgentClient, name: &str) -> anyhow::Result<agent::UnmountResponse> {
-    Ok(a.unmount(
-        ctx(T),
-        &agent::UnmountRequest {
-            name: name.into(),
-            timeout_ms: 30_000,
-            ..Default::default()
-        },
-    )
-    .await?)
+    cnfs_testbed::unmount_within(a, name, 30_000).await
 }
 
 async fn stats(
@@ -150,7 +142,11 @@ async fn an_encrypted_volume_keeps_its_data_and_its_secrets() -> anyhow::Result<
     let server = ganesha.server_ip.clone();
 
     let ping = a.ping(ctx(T), &agent::PingRequest::new()).await?;
-    assert_eq!(ping.encryption_modes, vec!["luks2".to_string()], "{ping:?}");
+    assert_eq!(
+        ping.encryption_modes,
+        vec!["luks2".to_string(), "gocryptfs".to_string()],
+        "{ping:?}"
+    );
 
     // First use formats. The volume is ext4 on dm-crypt, its root owned as asked.
     let first = mount(&a, luks2_volume("sec", &server, "sec", KEY)).await?;

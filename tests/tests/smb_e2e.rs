@@ -235,7 +235,49 @@ async fn smb_volumes_are_sealed_move_data_both_ways_and_hide_the_password() -> a
         .expect_err("2.1 on an encrypted share");
     assert_eq!(code_of(&e), Code::PERMISSION_DENIED, "{e:?}");
 
-    for name in ["files", "team", "plain"] {
+    // A shared encrypted (gocryptfs) volume on the share: the tree on the server, no
+    // plaintext, the data read back after a remount.
+    std::fs::create_dir_all(share.join("gc"))?;
+    std::os::unix::fs::chown(share.join("gc"), bed.smb.uid_of(ALICE), None)?;
+    let gc = |name: &str| {
+        let mut r = request(name, &ip, "data", "/gc", (ALICE, ALICE_PW), &[], 120_000);
+        r.volume.mut_or_insert_default().encryption =
+            protobuf::MessageField::some(agent::Encryption {
+                mode: "gocryptfs".into(),
+                key: b"smb shared key".to_vec(),
+                ..Default::default()
+            });
+        r
+    };
+    agent.mount(ctx(T), &gc("gc")).await?;
+    let canary = "CNFS-SMB-GOCRYPTFS-CANARY";
+    let sum = g
+        .ok(&format!(
+            "echo {canary} > /run/cnfs/volumes/gc/c.txt && sync && md5sum /run/cnfs/volumes/gc/c.txt"
+        ))
+        .await?;
+    let tree = share.join("gc/cnfs-volume.gocryptfs");
+    assert!(
+        tree.join("gocryptfs.conf").is_file(),
+        "no tree on the share"
+    );
+    assert!(
+        cnfs_testbed::process::files_containing(&share, canary.as_bytes())?.is_empty(),
+        "plaintext on the share"
+    );
+    agent
+        .unmount(
+            ctx(T),
+            &agent::UnmountRequest {
+                name: "gc".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    agent.mount(ctx(T), &gc("gc")).await?;
+    assert_eq!(g.ok("md5sum /run/cnfs/volumes/gc/c.txt").await?, sum);
+
+    for name in ["files", "team", "plain", "gc"] {
         agent
             .unmount(
                 ctx(T),
@@ -247,6 +289,7 @@ async fn smb_volumes_are_sealed_move_data_both_ways_and_hide_the_password() -> a
             .await?;
     }
     assert!(!g.ok("cat /proc/mounts").await?.contains("cifs"));
+    assert!(!g.ok("cat /proc/mounts").await?.contains("gocryptfs"));
     Ok(())
 }
 

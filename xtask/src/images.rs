@@ -272,8 +272,9 @@ pub fn build_all(k: &crate::setup::KernelTree) -> anyhow::Result<()> {
     for m in VOLUME_MODULES {
         overlay.args(["--module", m]);
     }
-    // Encrypted volumes: cryptsetup and mke2fs under /usr/lib/cnfs/tools, and their modules.
-    overlay.arg("--luks2-tools");
+    // Encrypted volumes: cryptsetup and mke2fs (luks2) and gocryptfs under
+    // /usr/lib/cnfs/tools, sharing one copy of each library, and their modules.
+    overlay.args(["--luks2-tools", "--gocryptfs-tools"]);
     crate::sh(overlay.arg("--out").arg(work.join("cnfs-overlay.cpio.gz")))?;
 
     let version = env!("CARGO_PKG_VERSION").to_string();

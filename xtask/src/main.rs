@@ -227,6 +227,9 @@ fn guest(kernel: Kernel) -> anyhow::Result<setup::KernelTree> {
             // LUKS2 volumes: Debian's cryptsetup and mke2fs under /usr/lib/cnfs/tools, and
             // the loop, dm-crypt, xts and aesni-intel modules.
             .arg("--luks2-tools")
+            // gocryptfs volumes: Debian's gocryptfs in the same prefix (its libraries are
+            // cryptsetup's), and fuse.ko where FUSE is a module (6.12 cloud has it built in).
+            .arg("--gocryptfs-tools")
             // The bench's workload, the same code on every file system path.
             .arg(format!(
                 "--program=cnfs-io-bench={}",

@@ -18,7 +18,8 @@ use crate::{root, sh};
 /// smbclient) for SMB volumes, sshfs (copied with its libraries into the test guest) and
 /// openssh-sftp-server (its server, run on the host) for FUSE volumes, cryptsetup-bin and
 /// e2fsprogs (cryptsetup and mke2fs, copied with their libraries into the test guest's
-/// /usr/lib/cnfs/tools) for LUKS2 volumes. (QEMU comes from backports, below.)
+/// /usr/lib/cnfs/tools) for LUKS2 volumes, gocryptfs (copied the same way) for gocryptfs
+/// volumes. (QEMU comes from backports, below.)
 const PACKAGES: &[&str] = &[
     "containerd",
     "runc",
@@ -46,6 +47,8 @@ const PACKAGES: &[&str] = &[
     // LUKS2 volumes: the guest runs Debian's cryptsetup and mke2fs (`--luks2-tools`).
     "cryptsetup-bin",
     "e2fsprogs",
+    // gocryptfs volumes: the guest runs Debian's gocryptfs 2.3 (`--gocryptfs-tools`).
+    "gocryptfs",
 ];
 
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/cnfs-bookworm-backports.sources";

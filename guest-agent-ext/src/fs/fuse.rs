@@ -87,7 +87,7 @@ fn fuse_source(spec: &VolumeSpec) -> Result<&FuseSource, AgentError> {
 
 /// A fresh descriptor of the FUSE device (close-on-exec; kept across the mount child's
 /// fork by `killable::run_keeping`).
-fn open_device() -> Result<OwnedFd, AgentError> {
+pub(super) fn open_device() -> Result<OwnedFd, AgentError> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -38,13 +38,13 @@ use crate::tools::command::{dm_name, is_temp_container, TEMP_PREFIX};
 use crate::tools::{Command, Exit, ToolClient, ToolOutcome};
 
 /// Where backing shares are mounted (0700: only the agent reaches the container files).
-pub const BACKING_ROOT: &str = "/run/cnfs/backing";
+pub use crate::tools::command::BACKING_ROOT;
 /// The container's fixed name in the volume's directory: nobody chooses what is formatted.
 pub const CONTAINER: &str = "cnfs-volume.luks2";
 /// The byte the single-writer lock covers: far past any data, so it never meets I/O.
 const LOCK_BYTE: i64 = 1 << 62;
 /// Bound for taking a stack down when nobody waits for it (an abandoned mount).
-const CLEANUP_BOUND: Duration = Duration::from_secs(15);
+pub(super) const CLEANUP_BOUND: Duration = Duration::from_secs(15);
 
 pub fn backing_dir(name: &str) -> PathBuf {
     Path::new(BACKING_ROOT).join(name)
@@ -293,13 +293,20 @@ fn bind_open_file(
 }
 
 /// One system call on a path (link, unlink) in a killable child.
-async fn path_call(
+pub(super) async fn path_call(
     what: &str,
     budget: Duration,
     op: impl FnOnce() -> Result<(), Errno>,
 ) -> Result<(), AgentError> {
     match killable::run(budget, || op().map(|()| [0; 6])).await {
         Outcome::Done(_) => Ok(()),
+        Outcome::Failed(e @ (Errno::EACCES | Errno::EPERM)) => {
+            Err(AgentError::PermissionDenied(format!(
+                "{what}: {} (the server refuses the guest's root here: check the share's \
+                 permissions and squash rules)",
+                e.desc()
+            )))
+        }
         Outcome::Failed(e) => Err(AgentError::Internal(format!("{what}: {}", e.desc()))),
         Outcome::TimedOut => Err(AgentError::Deadline(format!(
             "{what}: the server did not answer within {budget:?}"
@@ -345,7 +352,67 @@ impl Luks2 {
         }
     }
 
-    fn stack(&self, name: &str) -> Stack {
+    /// Builds `layer`'s stack for `spec` in a task of its own holding the stack lock: if the
+    /// caller is gone (its deadline), the task still finishes, and what it built is taken
+    /// down at once, with the lock still held, so no later build of the name comes between
+    /// (or by `Built`'s drop if the result is dropped unread). A failed build is taken down
+    /// the same way.
+    pub(super) async fn build_detached(
+        &self,
+        layer: Layer,
+        spec: &VolumeSpec,
+        enc: &Encryption,
+        ctx: &Context<'_>,
+        deadline: Instant,
+    ) -> Result<Built, AgentError> {
+        let name = spec.name.clone();
+        let stack = self.stack(&name);
+        let (spec, enc) = (spec.clone(), enc.clone());
+        let client_id = ctx.client_id.to_string();
+        let modules_dir = ctx.modules_dir.to_path_buf();
+        let log = self.log.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _g = stack.locks.lock(&stack.name).await;
+            let ctx = Context {
+                modules_dir: &modules_dir,
+                client_id: &client_id,
+                budget: deadline.saturating_duration_since(Instant::now()),
+            };
+            let built = async {
+                // What an earlier attempt left (an agent killed midway) goes first.
+                let leftovers = stack.down_locked(deadline).await;
+                if !leftovers.is_empty() {
+                    info!(log, "cleared what an earlier attempt left";
+                        "volume" => stack.name.as_str(), "steps" => leftovers.join("; "));
+                }
+                mount_backing(&spec, &ctx, deadline).await?;
+                match layer {
+                    Layer::Luks2 => build(&stack, &spec, &enc, deadline, &log).await,
+                    Layer::Gocryptfs => {
+                        super::gocryptfs::build(&stack, &spec, &enc, deadline, &log).await
+                    }
+                }
+            }
+            .await;
+            match built {
+                Ok(b) => {
+                    if let Err(Ok(b)) = tx.send(Ok(b)) {
+                        b.keep();
+                        stack.down_locked(Instant::now() + CLEANUP_BOUND).await;
+                    }
+                }
+                Err(e) => {
+                    stack.down_locked(Instant::now() + CLEANUP_BOUND).await;
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+        rx.await
+            .map_err(|_| AgentError::Internal(format!("volume {name}: the build task ended")))?
+    }
+
+    pub(super) fn stack(&self, name: &str) -> Stack {
         Stack {
             name: name.to_string(),
             tools: self.tools.clone(),
@@ -393,47 +460,7 @@ impl Luks2 {
     /// alone does not do), any other one is force-unmounted (CephFS then fails its requests).
     /// `None` when the volume has no backing share.
     pub async fn stuck(&self, name: &str) -> Option<String> {
-        let backing = backing_dir(name);
-        let entries = mountinfo::read().unwrap_or_default();
-        let entry = mountinfo::find(&entries, &backing)?.clone();
-        let knob = Path::new("/sys/fs/nfs").join(&entry.dev).join("shutdown");
-        let budget = Duration::from_secs(2);
-        // A slow server that still answers keeps its writes: only a share that does not
-        // answer a statfs at all is given up.
-        let probe = cstring(&backing).ok()?;
-        let answered = killable::run(budget, || crate::volumes::statfs(&probe)).await;
-        if matches!(answered, Outcome::Done(_)) {
-            return Some("backing: its server answers; not shut down".into());
-        }
-        if entry.fs_type.starts_with("nfs") && knob.exists() {
-            let Ok(path) = cstring(&knob) else {
-                return Some("backing: shutdown path has a NUL byte".into());
-            };
-            let outcome = killable::run(budget, || {
-                let fd = nix::fcntl::open(
-                    path.as_c_str(),
-                    nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
-                    nix::sys::stat::Mode::empty(),
-                )?;
-                // SAFETY: `fd` was just opened by this child and is closed right after.
-                let file = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                let written = nix::unistd::write(file, b"1");
-                let _ = nix::unistd::close(fd);
-                written.map(|_| [0; 6])
-            })
-            .await;
-            warn!(self.log, "share of an encrypted volume shut down: its server does not answer";
-                "volume" => name, "outcome" => format!("{outcome:?}"));
-            return Some(format!("backing: NFS client shut down ({outcome:?})"));
-        }
-        let Ok(target) = cstring(&backing) else {
-            return Some("backing: path has a NUL byte".into());
-        };
-        let outcome = killable::run(budget, || {
-            nix::mount::umount2(target.as_c_str(), MntFlags::MNT_FORCE).map(|()| [0; 6])
-        })
-        .await;
-        Some(format!("backing: forced ({outcome:?})"))
+        give_up_if_dead(name, &self.log).await
     }
 
     /// Names whose stack an earlier agent left half built or half taken down (a backing
@@ -490,10 +517,10 @@ impl Luks2 {
 
 /// The handle on one volume's stack; everything is found again from the kernel by name.
 #[derive(Clone)]
-struct Stack {
-    name: String,
-    tools: ToolClient,
-    locks: Arc<KeyedLocks<String>>,
+pub(super) struct Stack {
+    pub(super) name: String,
+    pub(super) tools: ToolClient,
+    pub(super) locks: Arc<KeyedLocks<String>>,
     volumes: super::VolumeLocks,
     argon2: Arc<tokio::sync::Semaphore>,
     log: Logger,
@@ -542,8 +569,15 @@ impl Stack {
     /// dm-crypt closed (deferred if still held), loops cleared (the kernel defers that too),
     /// the backing share unmounted (plain, force, detach). The OFD lock goes with the loop's
     /// last reference to the file.
-    async fn down_locked(&self, deadline: Instant) -> Vec<String> {
-        let mut notes = self.down_dm_and_loops(deadline).await;
+    pub(super) async fn down_locked(&self, deadline: Instant) -> Vec<String> {
+        // A gocryptfs volume's FUSE mount first: its daemon keeps files of the share open.
+        let (mut notes, daemon) = super::gocryptfs::unmount_plain(&self.name, deadline).await;
+        notes.extend(self.down_dm_and_loops(deadline).await);
+        if daemon {
+            // A daemon stuck on a dead server would keep the share busy for good: a share
+            // that does not answer is given up (as `stuck` does for luks2's ext4).
+            notes.extend(give_up_if_dead(&self.name, &self.log).await);
+        }
         notes.extend(unmount_backing(&backing_dir(&self.name), deadline).await);
         if !notes.is_empty() {
             warn!(self.log, "encrypted volume taken down with difficulty";
@@ -606,6 +640,51 @@ impl Stack {
         }
         notes
     }
+}
+
+/// See [`Luks2::stuck`]: the share is given up only when it does not answer a statfs in 2 s.
+async fn give_up_if_dead(name: &str, log: &Logger) -> Option<String> {
+    let backing = backing_dir(name);
+    let entries = mountinfo::read().unwrap_or_default();
+    let entry = mountinfo::find(&entries, &backing)?.clone();
+    let knob = Path::new("/sys/fs/nfs").join(&entry.dev).join("shutdown");
+    let budget = Duration::from_secs(2);
+    // A slow server that still answers keeps its writes: only a share that does not
+    // answer a statfs at all is given up.
+    let probe = cstring(&backing).ok()?;
+    let answered = killable::run(budget, || crate::volumes::statfs(&probe)).await;
+    if matches!(answered, Outcome::Done(_)) {
+        return Some("backing: its server answers; not shut down".into());
+    }
+    if entry.fs_type.starts_with("nfs") && knob.exists() {
+        let Ok(path) = cstring(&knob) else {
+            return Some("backing: shutdown path has a NUL byte".into());
+        };
+        let outcome = killable::run(budget, || {
+            let fd = nix::fcntl::open(
+                path.as_c_str(),
+                nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )?;
+            // SAFETY: `fd` was just opened by this child and is closed right after.
+            let file = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let written = nix::unistd::write(file, b"1");
+            let _ = nix::unistd::close(fd);
+            written.map(|_| [0; 6])
+        })
+        .await;
+        warn!(log, "share of an encrypted volume shut down: its server does not answer";
+            "volume" => name, "outcome" => format!("{outcome:?}"));
+        return Some(format!("backing: NFS client shut down ({outcome:?})"));
+    }
+    let Ok(target) = cstring(&backing) else {
+        return Some("backing: path has a NUL byte".into());
+    };
+    let outcome = killable::run(budget, || {
+        nix::mount::umount2(target.as_c_str(), MntFlags::MNT_FORCE).map(|()| [0; 6])
+    })
+    .await;
+    Some(format!("backing: forced ({outcome:?})"))
 }
 
 fn describe(r: &Result<ToolOutcome, AgentError>) -> String {
@@ -690,13 +769,28 @@ async fn unmount_backing(backing: &Path, deadline: Instant) -> Vec<String> {
 
 /// A built stack nobody has mounted yet: taken down again when dropped (the mount failed,
 /// or its caller went away), unless the mount took it over.
-struct Built {
+/// Which encryption layer a stack is built for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Layer {
+    Luks2,
+    Gocryptfs,
+}
+
+pub(super) struct Built {
     stack: Option<Stack>,
     dm_kernel_name: String,
 }
 
 impl Built {
-    fn keep(mut self) {
+    /// A stack built for a mount that has no device of its own (gocryptfs).
+    pub(super) fn without_device(stack: Stack) -> Self {
+        Built {
+            stack: Some(stack),
+            dm_kernel_name: String::new(),
+        }
+    }
+
+    pub(super) fn keep(mut self) {
         self.stack = None;
     }
 }
@@ -713,8 +807,8 @@ impl Drop for Built {
     }
 }
 
-struct Luks2Attempt {
-    built: Option<Built>,
+pub(super) struct Luks2Attempt {
+    pub(super) built: Option<Built>,
 }
 
 impl Attempt for Luks2Attempt {
@@ -735,7 +829,7 @@ impl Attempt for Luks2Attempt {
     }
 }
 
-fn encryption(spec: &VolumeSpec) -> Result<&Encryption, AgentError> {
+pub(super) fn encryption(spec: &VolumeSpec) -> Result<&Encryption, AgentError> {
     spec.encryption
         .as_ref()
         .ok_or_else(|| AgentError::Internal("luks2 handler given a spec without encryption".into()))
@@ -783,43 +877,9 @@ impl MountHandler for Luks2 {
         .await
         .map_err(|e| AgentError::Internal(format!("module loading task: {e}")))??;
 
-        // The build runs in a task of its own holding the stack lock: if this plan is
-        // abandoned (its caller's deadline), the task still finishes, and what it built is
-        // taken down (dropping `Built`).
-        let stack = self.stack(name);
-        let spec2 = spec.clone();
-        let enc2 = enc.clone();
-        let client_id = ctx.client_id.to_string();
-        let modules_dir = ctx.modules_dir.to_path_buf();
-        let log = self.log.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let _g = stack.locks.lock(&stack.name).await;
-            let ctx = Context {
-                modules_dir: &modules_dir,
-                client_id: &client_id,
-                budget: deadline.saturating_duration_since(Instant::now()),
-            };
-            let built = build(&stack, &spec2, &enc2, &ctx, deadline, &log).await;
-            let built = match built {
-                Ok(b) => b,
-                Err(e) => {
-                    stack.down_locked(Instant::now() + CLEANUP_BOUND).await;
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            // Nobody waits for it any more (the caller's deadline): taken down at once, with
-            // the stack lock still held, so no later build of the name can come between. (If
-            // the receiver is dropped with it unread, `Built`'s drop takes it down.)
-            if let Err(Ok(b)) = tx.send(Ok(built)) {
-                b.keep();
-                stack.down_locked(Instant::now() + CLEANUP_BOUND).await;
-            }
-        });
-        let built = rx
-            .await
-            .map_err(|_| AgentError::Internal(format!("volume {name}: the build task ended")))??;
+        let built = self
+            .build_detached(Layer::Luks2, spec, enc, ctx, deadline)
+            .await?;
         Ok(MountPlan {
             source: format!("/dev/{}", built.dm_kernel_name),
             fs_type: "ext4".into(),
@@ -830,25 +890,17 @@ impl MountHandler for Luks2 {
     }
 }
 
-/// Backing share, container (formatted first if new), loop, dm-crypt. Called with the
-/// stack lock held; on error the caller takes down what is there.
+/// Container (formatted first if new), loop, dm-crypt, on the mounted backing share.
+/// Called with the stack lock held; on error the caller takes down what is there.
 async fn build(
     stack: &Stack,
     spec: &VolumeSpec,
     enc: &Encryption,
-    ctx: &Context<'_>,
     deadline: Instant,
     log: &Logger,
 ) -> Result<Built, AgentError> {
     let name = &stack.name;
     let left = || deadline.saturating_duration_since(Instant::now());
-    // What an earlier attempt left (an agent killed midway) goes first.
-    let leftovers = stack.down_locked(deadline).await;
-    if !leftovers.is_empty() {
-        info!(log, "cleared what an earlier attempt left"; "volume" => name.as_str(),
-            "steps" => leftovers.join("; "));
-    }
-    mount_backing(spec, ctx, deadline).await?;
     let dir = backing_dir(name);
     let file = dir.join(CONTAINER);
     let shown = format!("volume {name}: {CONTAINER} on the share");
@@ -927,6 +979,7 @@ async fn mount_backing(
     let inner: &dyn MountHandler = match spec.source {
         Source::Nfs(_) => &super::nfs::Nfs,
         Source::CephFs(_) => &super::cephfs::CephFs,
+        Source::Smb(_) => &super::smb::Smb,
         _ => {
             return Err(AgentError::Internal(format!(
                 "volume {name}: no backing handler for {}",
@@ -942,6 +995,7 @@ async fn mount_backing(
     match spec.source {
         Source::Nfs(_) => plan.data.push_str(",nosharecache"),
         Source::CephFs(_) => plan.data.push_str(",noshare"),
+        Source::Smb(_) => plan.data.push_str(",nosharesock"),
         _ => {}
     }
     let mut attempt = plan.attempt;
@@ -977,7 +1031,7 @@ async fn mount_backing(
     Err(failed)
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
+pub(super) fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
     use std::os::unix::fs::DirBuilderExt;
     match std::fs::DirBuilder::new()
         .mode(0o700)
@@ -1039,7 +1093,7 @@ async fn luks_open(
     }
 }
 
-fn first_line(s: &str) -> &str {
+pub(super) fn first_line(s: &str) -> &str {
     s.lines()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("")
@@ -1237,12 +1291,12 @@ async fn remove_abandoned(dir: &Path, budget: Duration, log: &Logger) {
     }
 }
 
-fn cstring(p: &Path) -> Result<CString, AgentError> {
+pub(super) fn cstring(p: &Path) -> Result<CString, AgentError> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| AgentError::Internal(format!("{}: NUL byte in path", p.display())))
 }
 
-fn random_u64() -> Result<u64, AgentError> {
+pub(super) fn random_u64() -> Result<u64, AgentError> {
     let mut b = [0u8; 8];
     // SAFETY: getrandom(2) writes at most 8 bytes into the buffer on the stack.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };

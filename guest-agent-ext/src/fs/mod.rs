@@ -3,6 +3,7 @@
 
 mod cephfs;
 pub mod fuse;
+pub mod gocryptfs;
 pub mod luks2;
 mod nfs;
 mod smb;
@@ -10,7 +11,7 @@ mod smb;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cnfs_protocols::spec::{VolumeSpec, VFS_FLAGS};
+use cnfs_protocols::spec::{EncryptionMode, VolumeSpec, VFS_FLAGS};
 use nix::errno::Errno;
 use nix::mount::MsFlags;
 
@@ -156,13 +157,16 @@ pub trait MountHandler: Send + Sync {
 
 pub struct Registry {
     handlers: Vec<Box<dyn MountHandler>>,
-    /// Encrypted volumes: a layer over the NFS or CephFS handler, chosen by the spec's
-    /// `encryption`, not by its file system.
-    luks2: luks2::Luks2,
+    /// Encrypted volumes: layers over the NFS, CephFS (and SMB) handlers, chosen by the
+    /// spec's `encryption`, not by its file system. Both build on luks2's stack (backing
+    /// share, teardown, key checks).
+    luks2: std::sync::Arc<luks2::Luks2>,
+    gocryptfs: gocryptfs::Gocryptfs,
 }
 
 impl Registry {
     pub fn new(tools: crate::tools::ToolClient, volumes: VolumeLocks, log: slog::Logger) -> Self {
+        let luks2 = std::sync::Arc::new(luks2::Luks2::new(tools.clone(), volumes, log));
         Registry {
             handlers: vec![
                 Box::new(nfs::Nfs),
@@ -170,7 +174,8 @@ impl Registry {
                 Box::new(smb::Smb),
                 Box::new(fuse::Fuse),
             ],
-            luks2: luks2::Luks2::new(tools, volumes, log),
+            luks2: luks2.clone(),
+            gocryptfs: gocryptfs::Gocryptfs::new(luks2, tools),
         }
     }
 
@@ -183,8 +188,9 @@ impl Registry {
 
     /// The handler that mounts `spec`: the encryption layer when it asks for one.
     pub fn for_spec(&self, spec: &VolumeSpec) -> Option<&dyn MountHandler> {
-        match spec.encryption {
-            Some(_) => Some(&self.luks2),
+        match spec.encryption.as_ref().map(|e| e.mode) {
+            Some(EncryptionMode::Luks2) => Some(self.luks2.as_ref()),
+            Some(EncryptionMode::Gocryptfs) => Some(&self.gocryptfs),
             None => self.get(spec.fs_name()),
         }
     }
@@ -193,13 +199,23 @@ impl Registry {
         &self.luks2
     }
 
+    /// The encryption modes this guest serves (`Ping.encryption_modes`).
+    pub fn encryption_modes(&self) -> Vec<String> {
+        let mut modes = self.luks2.modes();
+        modes.extend(self.gocryptfs.modes());
+        modes
+    }
+
     /// The handler whose mounts show `kernel_type` in mountinfo (for a volume adopted
     /// without a spec).
     pub fn for_kernel_type(&self, kernel_type: &str) -> Option<&dyn MountHandler> {
         self.handlers
             .iter()
             .map(|h| h.as_ref())
-            .chain(std::iter::once(&self.luks2 as &dyn MountHandler))
+            .chain([
+                self.luks2.as_ref() as &dyn MountHandler,
+                &self.gocryptfs as &dyn MountHandler,
+            ])
             .find(|h| h.kernel_types().contains(&kernel_type))
     }
 

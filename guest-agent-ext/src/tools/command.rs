@@ -27,6 +27,13 @@ pub enum Command {
     Mkfs { name: String, uid: u32, gid: u32 },
     /// `cryptsetup --version`.
     Version,
+    /// `gocryptfs -init` of the empty temp directory `<backing>/.cnfs-volume.gocryptfs.new-<temp>`
+    /// of volume `name` (the agent publishes it by renaming it to [`GOCRYPTFS_DIR`]).
+    GocryptfsInit { name: String, temp: String },
+    /// A gocryptfs daemon serving volume `name`'s encrypted tree on the FUSE descriptor sent
+    /// with the request (its mount made by the agent). It outlives the request, the runner and
+    /// the agent; the unmount of its FUSE mount ends it.
+    GocryptfsServe { name: String, read_only: bool },
 }
 
 /// The programs the runner may start (`<tools dir>/bin/<name>`).
@@ -34,15 +41,38 @@ pub enum Command {
 pub enum Tool {
     Cryptsetup,
     Mke2fs,
+    Gocryptfs,
 }
 
 impl Tool {
-    pub const ALL: [Tool; 2] = [Tool::Cryptsetup, Tool::Mke2fs];
+    pub const ALL: [Tool; 3] = [Tool::Cryptsetup, Tool::Mke2fs, Tool::Gocryptfs];
 
     pub fn name(self) -> &'static str {
         match self {
             Tool::Cryptsetup => "cryptsetup",
             Tool::Mke2fs => "mke2fs",
+            Tool::Gocryptfs => "gocryptfs",
+        }
+    }
+
+    /// The capabilities the tool runs with (its bounding set; it runs as root): the
+    /// device-mapper tools need CAP_SYS_ADMIN (dm ioctls) and CAP_MKNOD (/dev/mapper nodes);
+    /// gocryptfs mounts nothing (the agent made its mount) but serves every user of the
+    /// volume as root: it opens their files (DAC), creates files as the caller
+    /// (setreuid/setgroups) and hands them to the caller (chown), as `-allow_other` does.
+    pub fn capabilities(self) -> &'static [caps::Capability] {
+        use caps::Capability as C;
+        match self {
+            Tool::Cryptsetup | Tool::Mke2fs => &[C::CAP_SYS_ADMIN, C::CAP_MKNOD],
+            Tool::Gocryptfs => &[
+                C::CAP_CHOWN,
+                C::CAP_DAC_OVERRIDE,
+                C::CAP_DAC_READ_SEARCH,
+                C::CAP_FOWNER,
+                C::CAP_FSETID,
+                C::CAP_SETUID,
+                C::CAP_SETGID,
+            ],
         }
     }
 }
@@ -65,19 +95,33 @@ impl Command {
             Command::LuksClose { .. } => "luks_close",
             Command::Mkfs { .. } => "mkfs",
             Command::Version => "version",
+            Command::GocryptfsInit { .. } => "gocryptfs_init",
+            Command::GocryptfsServe { .. } => "gocryptfs_serve",
         }
     }
 
     pub fn tool(&self) -> Tool {
         match self {
             Command::Mkfs { .. } => Tool::Mke2fs,
+            Command::GocryptfsInit { .. } | Command::GocryptfsServe { .. } => Tool::Gocryptfs,
             _ => Tool::Cryptsetup,
         }
     }
 
-    /// Whether the command reads a key on stdin (`--key-file=-`).
+    /// Whether the command reads a key on stdin (`--key-file=-`; gocryptfs: one line).
     pub fn takes_key(&self) -> bool {
-        matches!(self, Command::LuksFormat { .. } | Command::LuksOpen { .. })
+        matches!(
+            self,
+            Command::LuksFormat { .. }
+                | Command::LuksOpen { .. }
+                | Command::GocryptfsInit { .. }
+                | Command::GocryptfsServe { .. }
+        )
+    }
+
+    /// Whether the command starts a daemon that serves the FUSE descriptor sent with it.
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, Command::GocryptfsServe { .. })
     }
 
     /// Checks the parameters: names are DNS labels (so `cnfs-<name>` fits a dm name), a key
@@ -90,7 +134,17 @@ impl Command {
             }
             Command::LuksOpen { name, .. }
             | Command::LuksClose { name, .. }
-            | Command::Mkfs { name, .. } => validate_name(&format!("{op}.name"), name)?,
+            | Command::Mkfs { name, .. }
+            | Command::GocryptfsServe { name, .. } => validate_name(&format!("{op}.name"), name)?,
+            Command::GocryptfsInit { name, temp } => {
+                validate_name(&format!("{op}.name"), name)?;
+                if !is_hex16(temp) {
+                    return Err(SpecError {
+                        field: format!("{op}.temp"),
+                        reason: "must be 16 lowercase hex digits".into(),
+                    });
+                }
+            }
             Command::Version => {}
         }
         match (self.takes_key(), key_len) {
@@ -191,8 +245,55 @@ impl Command {
                 a
             }
             Command::Version => s(&["--version"]),
+            Command::GocryptfsInit { name, temp } => {
+                // Defaults otherwise (AES-256-GCM, EME names, scrypt N=2^16): a tree made here
+                // opens with a stock gocryptfs for recovery.
+                let mut a = s(&["-init", "-q", "--"]);
+                a.push(gocryptfs_temp_dir(name, temp));
+                a
+            }
+            Command::GocryptfsServe { name, read_only } => {
+                // -fg: no re-exec to daemonise (the runner starts it detached itself);
+                // -allow_other: as root, new files belong to their creator; -sharedstorage:
+                // other guests write the same tree (no inode-number or stat caching).
+                let mut a = s(&["-fg", "-q", "-allow_other", "-sharedstorage", "-nosyslog"]);
+                if *read_only {
+                    a.push("-ro".into());
+                }
+                a.push("--".into());
+                a.push(gocryptfs_dir(name));
+                // go-fuse serves `/dev/fd/N` without mounting (the descriptor's number is the
+                // same in the daemon: the runner clears its close-on-exec flag only).
+                a.push(FUSE_FD_PLACEHOLDER.into());
+                a
+            }
         }
     }
+}
+
+/// Stands in the daemon's argv for `/dev/fd/<the FUSE descriptor's number>`, which only the
+/// runner knows.
+pub const FUSE_FD_PLACEHOLDER: &str = "/dev/fd/<fuse>";
+
+/// Where the agent mounts volume shares (0700); the runner builds gocryptfs paths under it.
+pub const BACKING_ROOT: &str = "/run/cnfs/backing";
+/// The encrypted tree's fixed name in the volume's directory.
+pub const GOCRYPTFS_DIR: &str = "cnfs-volume.gocryptfs";
+/// The prefix of a new tree's temp directory while it is initialised.
+pub const GOCRYPTFS_TEMP_PREFIX: &str = ".cnfs-volume.gocryptfs.new-";
+
+pub fn gocryptfs_dir(name: &str) -> String {
+    format!("{BACKING_ROOT}/{name}/{GOCRYPTFS_DIR}")
+}
+
+pub fn gocryptfs_temp_dir(name: &str, temp: &str) -> String {
+    format!("{BACKING_ROOT}/{name}/{GOCRYPTFS_TEMP_PREFIX}{temp}")
+}
+
+fn is_hex16(s: &str) -> bool {
+    s.len() == 16
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The dm-crypt mapping (and LUKS2 label) of volume `name`.
@@ -209,12 +310,7 @@ pub const TEMP_PREFIX: &str = ".cnfs-volume.luks2.new-";
 
 /// Whether `file_name` is a new container's temp file: `.cnfs-volume.luks2.new-<16 hex>`.
 pub fn is_temp_container(file_name: &str) -> bool {
-    file_name.strip_prefix(TEMP_PREFIX).is_some_and(|suffix| {
-        suffix.len() == 16
-            && suffix
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+    file_name.strip_prefix(TEMP_PREFIX).is_some_and(is_hex16)
 }
 
 /// The second guard against formatting a published container: `/dev/loop<device>` must be

@@ -114,6 +114,11 @@ pub(crate) enum Reply {
     Failed {
         reason: String,
     },
+    /// A daemon is running (its `Done` follows on the same socket when it exits, if the
+    /// agent still listens).
+    Started {
+        pid: u32,
+    },
 }
 
 /// The agent's handle on the tool runner. Cheap to clone; every clone talks to one runner.
@@ -224,9 +229,14 @@ impl ToolClient {
         })
     }
 
-    /// `None` when the runner is up and the tools are there; else why not, naming the missing
-    /// path and the fix.
+    /// `None` when the runner is up and luks2's tools are there; else why not, naming the
+    /// missing path and the fix.
     pub fn missing(&self) -> Option<String> {
+        self.missing_for(&[Tool::Cryptsetup, Tool::Mke2fs])
+    }
+
+    /// `None` when the runner is up and `tools` are all there; else why not.
+    pub fn missing_for(&self, tools: &[Tool]) -> Option<String> {
         let runner = match &*self.inner {
             Inner::Disabled(reason) => return Some(reason.clone()),
             Inner::Up(r) => r,
@@ -236,9 +246,13 @@ impl ToolClient {
                 "the tool runner exited ({status}); restart the agent"
             ));
         }
-        Tool::ALL.iter().find_map(|tool| {
+        tools.iter().find_map(|tool| {
             let path = runner.tools_dir.join("bin").join(tool.name());
-            (!path.exists()).then(|| format!("{}: not found; {HOW_TO_GET_TOOLS}", path.display()))
+            let fix = match tool {
+                Tool::Gocryptfs => "build the image with cnfs-rootfs-builder ... --gocryptfs-tools",
+                _ => HOW_TO_GET_TOOLS,
+            };
+            (!path.exists()).then(|| format!("{}: not found; {fix}", path.display()))
         })
     }
 
@@ -251,6 +265,57 @@ impl ToolClient {
         key: Option<&[u8]>,
         deadline: Duration,
     ) -> Result<ToolOutcome, AgentError> {
+        let op = cmd.op();
+        let mine = self.send(cmd, key, deadline, None).await?;
+        let reply = tokio::time::timeout(deadline.saturating_add(REPLY_GRACE), recv_reply(&mine))
+            .await
+            .map_err(|_| {
+                AgentError::Deadline(format!(
+                    "tool runner: no answer to {op} within {} ms after its deadline",
+                    REPLY_GRACE.as_millis()
+                ))
+            })??;
+        outcome(op, reply)
+    }
+
+    /// Starts the daemon of `cmd` serving `fuse` (the descriptor of a FUSE mount the agent
+    /// made), `key` on its stdin. The daemon outlives the returned handle, the runner and
+    /// the agent; the handle only tells how it ended, while it is kept.
+    pub async fn start_daemon(
+        &self,
+        cmd: Command,
+        key: &[u8],
+        fuse: &OwnedFd,
+        deadline: Duration,
+    ) -> Result<Daemon, AgentError> {
+        let op = cmd.op();
+        let mine = self.send(cmd, Some(key), deadline, Some(fuse)).await?;
+        let reply = tokio::time::timeout(deadline.saturating_add(REPLY_GRACE), recv_reply(&mine))
+            .await
+            .map_err(|_| {
+                AgentError::Deadline(format!("tool runner: no answer to {op} in time"))
+            })??;
+        match reply {
+            Reply::Started { pid } => Ok(Daemon { pid, replies: mine }),
+            other => Err(match outcome(op, other) {
+                Ok(o) => AgentError::Internal(format!(
+                    "tool runner: {op}: answered {:?} instead of starting it",
+                    o.exit
+                )),
+                Err(e) => e,
+            }),
+        }
+    }
+
+    /// Sends one request; the returned socket carries its answer(s). Dropping it tells the
+    /// runner the caller is gone.
+    async fn send(
+        &self,
+        cmd: Command,
+        key: Option<&[u8]>,
+        deadline: Duration,
+        fuse: Option<&OwnedFd>,
+    ) -> Result<AsyncFd<OwnedFd>, AgentError> {
         let runner = match &*self.inner {
             Inner::Disabled(reason) => return Err(AgentError::FailedPrecondition(reason.clone())),
             Inner::Up(r) => r,
@@ -302,10 +367,12 @@ impl ToolClient {
         // runner kills the tool.
         let mine = register(mine)?;
         let socket = runner.socket().await?;
+        // The reply socket first, then the descriptor a daemon serves.
+        let mut fds = vec![theirs.as_raw_fd()];
+        fds.extend(fuse.map(|f| f.as_raw_fd()));
         loop {
             let mut ready = socket.writable().await.map_err(|e| unavailable(&e))?;
             let sent = ready.try_io(|fd| {
-                let fds = [theirs.as_raw_fd()];
                 sendmsg::<UnixAddr>(
                     fd.as_raw_fd(),
                     &[IoSlice::new(&msg)],
@@ -327,35 +394,49 @@ impl ToolClient {
         }
         drop(msg);
         drop(theirs);
+        Ok(mine)
+    }
+}
 
-        let reply = tokio::time::timeout(deadline.saturating_add(REPLY_GRACE), recv_reply(&mine))
-            .await
-            .map_err(|_| {
-                AgentError::Deadline(format!(
-                    "tool runner: no answer to {op} within {} ms after its deadline",
-                    REPLY_GRACE.as_millis()
-                ))
-            })??;
-        match reply {
-            Reply::Done {
-                exit,
-                stderr,
-                duration_ms,
-            } => Ok(ToolOutcome {
-                exit,
-                stderr,
-                duration: Duration::from_millis(duration_ms),
-            }),
-            Reply::Busy { limit } => Err(AgentError::Busy(format!(
-                "tool runner: {limit} tools are running already; {op} refused, try again"
-            ))),
-            Reply::Invalid { field, reason } => {
-                Err(AgentError::Invalid(SpecError { field, reason }))
-            }
-            Reply::Refused { reason } => Err(AgentError::FailedPrecondition(reason)),
-            Reply::Failed { reason } => {
-                Err(AgentError::Internal(format!("tool runner: {op}: {reason}")))
-            }
+/// A tool's answer as the caller's result.
+fn outcome(op: &str, reply: Reply) -> Result<ToolOutcome, AgentError> {
+    match reply {
+        Reply::Done {
+            exit,
+            stderr,
+            duration_ms,
+        } => Ok(ToolOutcome {
+            exit,
+            stderr,
+            duration: Duration::from_millis(duration_ms),
+        }),
+        Reply::Busy { limit } => Err(AgentError::Busy(format!(
+            "tool runner: {limit} tools are running already; {op} refused, try again"
+        ))),
+        Reply::Invalid { field, reason } => Err(AgentError::Invalid(SpecError { field, reason })),
+        Reply::Refused { reason } => Err(AgentError::FailedPrecondition(reason)),
+        Reply::Failed { reason } => {
+            Err(AgentError::Internal(format!("tool runner: {op}: {reason}")))
+        }
+        Reply::Started { pid } => Err(AgentError::Internal(format!(
+            "tool runner: {op}: started a daemon (pid {pid}) for a command that runs to its end"
+        ))),
+    }
+}
+
+/// A daemon the runner started. Dropping it only stops listening for its exit.
+pub struct Daemon {
+    pub pid: u32,
+    replies: AsyncFd<OwnedFd>,
+}
+
+impl Daemon {
+    /// How the daemon ended, if it ends within `within`; `None` while it runs.
+    pub async fn exited(&self, within: Duration) -> Option<Exit> {
+        match tokio::time::timeout(within, recv_reply(&self.replies)).await {
+            Ok(Ok(Reply::Done { exit, .. })) => Some(exit),
+            // The runner went away (an agent restart) or said something else: unknown.
+            Ok(_) | Err(_) => None,
         }
     }
 }

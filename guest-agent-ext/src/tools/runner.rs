@@ -1,13 +1,15 @@
 //! The tool runner process: the agent's binary started again by `main()` (argv[0]
 //! `cnfs-tool-runner`) before the agent's capability drop and system call filter, since a
-//! filtered process can never exec. It keeps CAP_SYS_ADMIN (dm ioctls) and CAP_MKNOD
-//! (libdevmapper's /dev/mapper nodes without udev) and nothing else, bounding set included,
-//! so the tools it execs as root get only those two; and it installs a deny-list filter of its
-//! own (an allowlist for glibc, OpenSSL, argon2's threads and libdevmapper would not be
-//! maintainable), which the tools inherit.
+//! filtered process can never exec. It keeps the capabilities its tools need and CAP_SETPCAP,
+//! bounding set included, and narrows each tool's bounding set to that tool's own
+//! ([`Tool::capabilities`]) before exec, so a tool run as root gets exactly those; and it
+//! installs a deny-list filter of its own (an allowlist for glibc, OpenSSL, argon2's threads,
+//! libdevmapper and Go's runtime would not be maintainable), which the tools inherit.
 //!
 //! It serves one request per SEQPACKET message, each on a thread of its own (at most
-//! [`MAX_CONCURRENT`]), and dies with the agent (PR_SET_PDEATHSIG), its tools with it.
+//! [`MAX_CONCURRENT`]), and dies with the agent (PR_SET_PDEATHSIG), its tools with it. The
+//! exception is a daemon (gocryptfs), which serves a volume for as long as it is mounted and
+//! so must outlive both: see [`run_daemon`].
 
 use std::io::{IoSliceMut, Read as _, Write as _};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -30,7 +32,9 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetA
 use slog::{error, info, warn, Logger};
 use zeroize::{Zeroize as _, Zeroizing};
 
-use super::command::{check_format_target, check_mkfs_target, Command, Refusal, Tool};
+use super::command::{
+    check_format_target, check_mkfs_target, Command, Refusal, Tool, FUSE_FD_PLACEHOLDER,
+};
 use super::{Exit, Reply, RequestHeader, DEFAULT_TOOLS_DIR, MAX_CONCURRENT, MAX_KEY, MAX_OUTPUT};
 use super::{MAX_REQUEST, RUNNER_ARGV0};
 
@@ -167,7 +171,7 @@ fn start(args: &Args, log: &Logger) -> Result<OwnedFd, String> {
             "tool runner: close_range failed; inherited descriptors stay open"
         );
     }
-    let kept = crate::privileges::drop_all_but(&[Capability::CAP_SYS_ADMIN, Capability::CAP_MKNOD])
+    let kept = crate::privileges::drop_all_but(&runner_capabilities())
         .map_err(|e| format!("dropping capabilities: {e}"))?;
     if args.no_seccomp {
         info!(log, "tool runner started without its system call filter (--no-seccomp)";
@@ -179,6 +183,43 @@ fn start(args: &Args, log: &Logger) -> Result<OwnedFd, String> {
         info!(log, "tool runner started"; "kept" => kept.join(","), "denied_calls" => DENIED.len());
     }
     Ok(socket)
+}
+
+/// What the runner keeps: every tool's capabilities, and CAP_SETPCAP to narrow each tool's
+/// bounding set to its own before exec.
+fn runner_capabilities() -> Vec<Capability> {
+    let mut keep = vec![Capability::CAP_SETPCAP];
+    for tool in Tool::ALL {
+        for &c in tool.capabilities() {
+            if !keep.contains(&c) {
+                keep.push(c);
+            }
+        }
+    }
+    keep
+}
+
+/// The capabilities (by number) the runner holds and `tool` must not: dropped from the
+/// tool's bounding set between fork and exec, so that the tool, running as root, gets exactly
+/// its own.
+fn dropped_for(tool: Tool) -> Vec<libc::c_ulong> {
+    runner_capabilities()
+        .into_iter()
+        .filter(|c| !tool.capabilities().contains(c))
+        .map(|c| libc::c_ulong::from(c.index()))
+        .collect()
+}
+
+/// In a forked child before exec: drops `caps` from the bounding set.
+fn drop_bounding(caps: &[libc::c_ulong]) -> std::io::Result<()> {
+    for &cap in caps {
+        // SAFETY: prctl(2) with integer arguments only; async-signal-safe, touches no memory.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// close_range(2) of `first..=last` (nothing when `first > last`); false on failure.
@@ -232,7 +273,8 @@ fn serve(socket: &OwnedFd, config: Arc<Config>, log: &Logger) -> i32 {
             }
         }
         let mut fds = fds.into_iter();
-        let Some(reply) = fds.next() else {
+        let (reply, passed) = (fds.next(), fds.next());
+        let Some(reply) = reply else {
             if len == 0 {
                 info!(log, "tool runner: the agent closed its socket; stopping");
                 return 0;
@@ -273,7 +315,7 @@ fn serve(socket: &OwnedFd, config: Arc<Config>, log: &Logger) -> i32 {
             .name("tool".into())
             .spawn(move || {
                 let _slot = slot;
-                if let Some(answer) = handle(&header, &key, &reply, &cfg, &thread_log) {
+                if let Some(answer) = handle(&header, &key, passed, &reply, &cfg, &thread_log) {
                     send_reply(&reply, &answer);
                 }
             });
@@ -334,19 +376,46 @@ fn send_reply(reply: &OwnedFd, answer: &Reply) {
 fn handle(
     header: &RequestHeader,
     key: &[u8],
+    passed: Option<OwnedFd>,
     reply: &OwnedFd,
     cfg: &Config,
     log: &Logger,
 ) -> Option<Reply> {
     let cmd = &header.command;
+    let fd_field = || format!("{}.fuse_fd", cmd.op());
+    match (cmd.is_daemon(), passed) {
+        (true, None) => {
+            return Some(Reply::Invalid {
+                field: fd_field(),
+                reason: "is required: the daemon serves the FUSE descriptor sent with it".into(),
+            })
+        }
+        (false, Some(_)) => {
+            return Some(Reply::Invalid {
+                field: fd_field(),
+                reason: "must not be sent: this command serves no descriptor".into(),
+            })
+        }
+        (true, Some(fd)) => {
+            if let Err(e) = check(cmd, header.key_len.map(|n| n as usize), &cfg.sysfs_root)
+                .and_then(|()| check_fuse_device(&fd, &fd_field()))
+            {
+                return Some(refusal_reply(e));
+            }
+            return Some(match run_daemon(cmd, key, fd, reply, cfg, log) {
+                Ok(pid) => Reply::Started { pid },
+                Err(e) => {
+                    warn!(log, "tool runner: could not start the daemon"; "op" => cmd.op(), "error" => %e);
+                    Reply::Failed {
+                        reason: format!("starting {}: {e}", cmd.tool().name()),
+                    }
+                }
+            });
+        }
+        (false, None) => {}
+    }
     if let Err(e) = check(cmd, header.key_len.map(|n| n as usize), &cfg.sysfs_root) {
-        return Some(match e {
-            Refusal::Invalid(e) => Reply::Invalid {
-                field: e.field,
-                reason: e.reason,
-            },
-            Refusal::Refused(reason) => Reply::Refused { reason },
-        });
+        return Some(refusal_reply(e));
     }
     let deadline = Duration::from_millis(header.deadline_ms);
     match run_tool(cmd, key, deadline, reply, cfg) {
@@ -357,6 +426,31 @@ fn handle(
                 reason: format!("starting {}: {e}", cmd.tool().name()),
             })
         }
+    }
+}
+
+fn refusal_reply(e: Refusal) -> Reply {
+    match e {
+        Refusal::Invalid(e) => Reply::Invalid {
+            field: e.field,
+            reason: e.reason,
+        },
+        Refusal::Refused(reason) => Reply::Refused { reason },
+    }
+}
+
+/// The descriptor a daemon is to serve must be an open `/dev/fuse` (10:229).
+fn check_fuse_device(fd: &OwnedFd, field: &str) -> Result<(), Refusal> {
+    let st = nix::sys::stat::fstat(fd.as_raw_fd())
+        .map_err(|e| Refusal::Refused(format!("{field}: fstat: {}", e.desc())))?;
+    let is_char = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
+    let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+    if is_char && (major, minor) == (10, 229) {
+        Ok(())
+    } else {
+        Err(Refusal::Refused(format!(
+            "{field}: is not /dev/fuse (device {major}:{minor}); refusing to serve it"
+        )))
     }
 }
 
@@ -424,7 +518,9 @@ fn run_tool(
             .stdout(Stdio::from(out_tx.try_clone()?))
             .stderr(Stdio::from(out_tx));
         let runner = cfg.runner_pid;
+        let dropped = dropped_for(cmd.tool());
         let pre_exec = move || {
+            drop_bounding(&dropped)?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // The runner may have died before prctl: then the kernel would never kill us.
             if nix::unistd::getppid() != runner {
@@ -433,7 +529,8 @@ fn run_tool(
             Ok(())
         };
         // SAFETY: the closure runs between fork and exec and makes only prctl(2) and
-        // getppid(2), both async-signal-safe; it allocates nothing and takes no lock.
+        // getppid(2), both async-signal-safe; it reads a Vec made before the fork, allocates
+        // nothing and takes no lock.
         unsafe { c.pre_exec(pre_exec) };
         // `c`, holding the pipe's write ends, is dropped at the end of this block, so the
         // read end sees EOF once the tool's copies close.
@@ -498,6 +595,89 @@ fn run_tool(
         stderr,
         duration_ms: millis(started.elapsed()),
     }))
+}
+
+/// Starts a daemon serving `fuse` (gocryptfs) and returns its pid. It gets the key on stdin
+/// (then EOF), no output channel (/dev/null: a Go program dies of SIGPIPE when it writes to
+/// a pipe nobody reads, and its messages may carry names of the volume's files), a session
+/// of its own and no parent-death signal, so that it outlives the runner and the agent: only
+/// the unmount of its FUSE mount ends it. A thread waits for it and sends its exit on
+/// `reply` while the agent still listens (how a wrong key is told from a mount that serves).
+fn run_daemon(
+    cmd: &Command,
+    key: &[u8],
+    fuse: OwnedFd,
+    reply: &OwnedFd,
+    cfg: &Config,
+    log: &Logger,
+) -> std::io::Result<u32> {
+    let started = Instant::now();
+    let fuse_raw = fuse.as_raw_fd();
+    let args: Vec<String> = cmd
+        .args()
+        .into_iter()
+        .map(|a| {
+            if a == FUSE_FD_PLACEHOLDER {
+                format!("/dev/fd/{fuse_raw}")
+            } else {
+                a
+            }
+        })
+        .collect();
+    let mut c = program(&cfg.tools_dir, cmd.tool());
+    c.args(args)
+        .env_clear()
+        .env("LC_ALL", "C")
+        .env("PATH", "/nonexistent")
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let dropped = dropped_for(cmd.tool());
+    let pre_exec = move || {
+        drop_bounding(&dropped)?;
+        nix::unistd::setsid()?;
+        // The one descriptor it serves survives exec, under the same number.
+        fcntl(fuse_raw, FcntlArg::F_SETFD(FdFlag::empty()))?;
+        Ok(())
+    };
+    // SAFETY: the closure runs between fork and exec and makes only prctl(2), setsid(2) and
+    // fcntl(2), all async-signal-safe; it reads a Vec made before the fork, allocates
+    // nothing and takes no lock.
+    unsafe { c.pre_exec(pre_exec) };
+    let mut child = c.spawn()?;
+    drop(fuse);
+    let pid = child.id();
+    if let Some(mut stdin) = child.stdin.take() {
+        // At most MAX_KEY bytes: within a pipe's buffer. A daemon that already exited
+        // (EPIPE) is reported by its exit below.
+        let _ = stdin.write_all(key);
+    }
+    let reply = reply.try_clone()?;
+    let (log, op) = (log.clone(), cmd.op());
+    std::thread::Builder::new()
+        .name("daemon-wait".into())
+        .spawn(move || {
+            let exit = match child.wait() {
+                Ok(status) => match (status.code(), status.signal()) {
+                    (Some(code), _) => Exit::Code(code),
+                    (None, Some(sig)) => Exit::Signal(sig),
+                    (None, None) => Exit::Code(-1),
+                },
+                Err(_) => Exit::Code(-1),
+            };
+            info!(log, "tool runner: daemon ended"; "op" => op, "pid" => pid,
+                "exit" => format!("{exit:?}"));
+            send_reply(
+                &reply,
+                &Reply::Done {
+                    exit,
+                    stderr: String::new(),
+                    duration_ms: millis(started.elapsed()),
+                },
+            );
+        })?;
+    Ok(pid)
 }
 
 /// How long a tool killed at its deadline is waited for before the answer.

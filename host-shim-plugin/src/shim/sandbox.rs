@@ -699,6 +699,15 @@ mod tests {
     /// A sandbox whose policy allows encrypted NFS volumes of team-a, with the key secret
     /// `sec-key` holding `key` (none: no such file).
     fn encrypted_pod(tag: &str, key: Option<&[u8]>) -> (std::path::PathBuf, Sandbox) {
+        encrypted_pod_allowing(tag, key, "[\"encryption\", \"size\"]")
+    }
+
+    /// As [`encrypted_pod`], with the policy entry's `options` list.
+    fn encrypted_pod_allowing(
+        tag: &str,
+        key: Option<&[u8]>,
+        options: &str,
+    ) -> (std::path::PathBuf, Sandbox) {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("cnfs-sb-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -715,9 +724,11 @@ mod tests {
         let policy = dir.join("policy.toml");
         std::fs::write(
             &policy,
-            "[[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"nfs\"]\n\
-             servers = [\"10.0.0.0/8\"]\nexport_prefixes = [\"/exports\"]\n\
-             options = [\"encryption\", \"size\"]\n",
+            format!(
+                "[[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"nfs\"]\n\
+                 servers = [\"10.0.0.0/8\"]\nexport_prefixes = [\"/exports\"]\n\
+                 options = {options}\n"
+            ),
         )
         .expect("policy");
         let cfg = ShimConfig {
@@ -730,12 +741,15 @@ mod tests {
     }
 
     fn encrypted_annotations() -> HashMap<String, String> {
+        annotations_for(
+            "nfs://10.0.0.5/exports/sec?encryption=luks2&size=1Gi&encryption_key=sec-key",
+        )
+    }
+
+    fn annotations_for(url: &str) -> HashMap<String, String> {
         [
             (CRI_SANDBOX_NAMESPACE, "team-a"),
-            (
-                "cnfs.io/volume.sec",
-                "nfs://10.0.0.5/exports/sec?encryption=luks2&size=1Gi&encryption_key=sec-key",
-            ),
+            ("cnfs.io/volume.sec", url),
             ("cnfs.io/mount.sec", "/sec"),
         ]
         .iter()
@@ -782,6 +796,47 @@ mod tests {
         assert_eq!(r.code, ttrpc::Code::INVALID_ARGUMENT, "{r:?}");
         assert!(r.message.contains("volume.encryption.key"), "{r:?}");
         assert!(!r.message.contains("SSSS"), "{r:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    const GOCRYPTFS_URL: &str =
+        "nfs://10.0.0.5/exports/sec?vers=3&encryption=gocryptfs&encryption_key=sec-key";
+
+    #[test]
+    fn a_gocryptfs_volume_gets_the_key_secrets_exact_bytes_under_a_policy_without_size() {
+        let key = b" k3y\r with \xff bytes";
+        let (dir, sandbox) = encrypted_pod_allowing("gocryptfs-key", Some(key), "[\"encryption\"]");
+        let after = sandbox
+            .prepare_sandbox("sb1", &annotations_for(GOCRYPTFS_URL))
+            .expect("prepared");
+        let After::MountVolumes { volumes, .. } = after;
+        let e = volumes[0].1.encryption.as_ref().expect("encrypted");
+        assert_eq!(e.mode, "gocryptfs");
+        assert_eq!(e.key, key, "the file's bytes, untrimmed");
+        assert_eq!(e.size_bytes, 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_gocryptfs_key_secret_ending_in_a_newline_is_refused_naming_the_field_not_the_key() {
+        let (dir, sandbox) = encrypted_pod_allowing(
+            "gocryptfs-nl",
+            Some(b"SecretKeyBytes\n"),
+            "[\"encryption\"]",
+        );
+        let r = match sandbox.prepare_sandbox("sb1", &annotations_for(GOCRYPTFS_URL)) {
+            Err(r) => r,
+            Ok(_) => panic!("a key with a newline: must be refused"),
+        };
+        assert_eq!(r.code, ttrpc::Code::INVALID_ARGUMENT, "{r:?}");
+        assert!(
+            r.message.contains(
+                "volume.encryption.key: gocryptfs reads its password as one line: the key must \
+                 not contain a newline or NUL byte"
+            ),
+            "{r:?}"
+        );
+        assert!(!r.message.contains("SecretKey"), "{r:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

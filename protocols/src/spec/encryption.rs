@@ -1,8 +1,14 @@
-//! Encrypted volumes (`encryption=luks2`, design: docs/design/encryption-luks2.md §6.1): the
-//! guest keeps one LUKS2 container file on the share and mounts the ext4 file system inside
-//! it. Here: the validated form, its URL options (`encryption`, `size`, `owner`), the key as
-//! bytes that never show and are wiped on drop, and the mount options that would defeat the
-//! server-side lock that keeps a second guest out (§5.1, "Refused up front").
+//! Encrypted volumes, two modes:
+//! - `encryption=luks2` (design: docs/design/encryption-luks2.md §6.1): the guest keeps one
+//!   LUKS2 container file on the share and mounts the ext4 file system inside it; a fixed
+//!   `size`, one guest at a time (a server-side lock keeps a second one out).
+//! - `encryption=gocryptfs`: file-level encryption, an encrypted tree on the share that
+//!   gocryptfs serves in the guest; no size (it shares the file system's space), several
+//!   guests at once, the key read as one line of text.
+//!
+//! Here: the validated form, its URL options (`encryption`, `size`, `owner`), the key as
+//! bytes that never show and are wiped on drop, and the mount options that would defeat
+//! luks2's server-side lock (§5.1, "Refused up front").
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,30 +31,86 @@ pub const OPT_OWNER: &str = "owner";
 pub const OPT_ENCRYPTION_KEY: &str = "encryption_key";
 
 /// Every mode a guest may announce in `Ping.encryption_modes`.
-pub const MODES: &[&str] = &["luks2"];
+pub const MODES: &[&str] = &["luks2", "gocryptfs"];
+
+/// The modes as an error lists them: "luks2 or gocryptfs".
+pub const MODE_LIST: &str = "luks2 or gocryptfs";
+
+/// gocryptfs reads its password as one line of text from stdin: these bytes would end it.
+const GOCRYPTFS_KEY_BREAKS: &[u8] = b"\n\0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EncryptionMode {
     /// A LUKS2 container file, opened with cryptsetup, ext4 inside.
     Luks2,
+    /// An encrypted directory tree, served by gocryptfs in the guest.
+    Gocryptfs,
 }
 
 impl EncryptionMode {
+    pub const ALL: &'static [EncryptionMode] = &[EncryptionMode::Luks2, EncryptionMode::Gocryptfs];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EncryptionMode::Luks2 => "luks2",
+            EncryptionMode::Gocryptfs => "gocryptfs",
         }
     }
 
     pub fn parse(field: &str, text: &str) -> Result<Self, SpecError> {
-        match text {
-            "luks2" => Ok(EncryptionMode::Luks2),
-            "" => err(field, "is required (luks2)"),
-            _ => err(
+        if text.is_empty() {
+            return err(field, format!("is required ({MODE_LIST})"));
+        }
+        match Self::ALL.iter().find(|m| m.as_str() == text) {
+            Some(m) => Ok(*m),
+            None => err(
                 field,
-                format!("{:?} is not an encryption mode (luks2)", printable(text)),
+                format!(
+                    "{:?} is not an encryption mode ({MODE_LIST})",
+                    printable(text)
+                ),
             ),
         }
+    }
+
+    /// The volume has a size of its own (luks2's container file); a gocryptfs tree shares
+    /// the file system's space.
+    pub fn has_size(self) -> bool {
+        match self {
+            EncryptionMode::Luks2 => true,
+            EncryptionMode::Gocryptfs => false,
+        }
+    }
+
+    /// Why this mode cannot take `key` (beyond its length, which every mode bounds alike), or
+    /// `None`. The reason never shows the key.
+    pub fn refuses_key(self, key: &[u8]) -> Option<&'static str> {
+        match self {
+            EncryptionMode::Luks2 => None,
+            EncryptionMode::Gocryptfs => key
+                .iter()
+                .any(|b| GOCRYPTFS_KEY_BREAKS.contains(b))
+                .then_some(
+                    "gocryptfs reads its password as one line: the key must not contain a \
+                     newline or NUL byte",
+                ),
+        }
+    }
+
+    /// Only one guest may open the volume at a time (luks2: one kernel's ext4). It holds a
+    /// server-side lock, so options that keep locks in the guest are refused, and so are
+    /// multi-node access modes. gocryptfs volumes are shared (`-sharedstorage`).
+    pub fn single_guest(self) -> bool {
+        match self {
+            EncryptionMode::Luks2 => true,
+            EncryptionMode::Gocryptfs => false,
+        }
+    }
+}
+
+impl fmt::Display for EncryptionMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -114,9 +176,9 @@ pub struct Encryption {
     /// Exact bytes, never trimmed. Empty only in the host's form before the secret is
     /// resolved, and in specs read back without secrets (state files, `List`).
     pub key: SecretBytes,
-    /// Bytes of the container file.
+    /// Bytes of the container file (luks2); 0 for a mode without a size.
     pub size: u64,
-    /// Owner of the new file system's root.
+    /// Owner of the new file system's root (the encrypted tree's root for gocryptfs).
     pub uid: u32,
     pub gid: u32,
 }
@@ -154,8 +216,22 @@ pub(super) fn from_wire(e: &agent::Encryption, require_key: bool) -> Result<Encr
             format!("must be at most {MAX_KEY} bytes (value not shown)"),
         );
     }
-    if !(MIN_SIZE..=MAX_SIZE).contains(&e.size_bytes) {
-        return err("volume.encryption.size_bytes", size_range(e.size_bytes));
+    if let Some(reason) = mode.refuses_key(&e.key) {
+        return err(field, reason);
+    }
+    let size_field = "volume.encryption.size_bytes";
+    if mode.has_size() {
+        if !(MIN_SIZE..=MAX_SIZE).contains(&e.size_bytes) {
+            return err(size_field, size_range(e.size_bytes));
+        }
+    } else if e.size_bytes != 0 {
+        return err(
+            size_field,
+            format!(
+                "must be 0 for {mode}: only luks2 volumes have a size ({mode} shares the file \
+                 system's space)"
+            ),
+        );
     }
     for (field, id) in [
         ("volume.encryption.uid", e.uid),
@@ -178,21 +254,28 @@ fn size_range(n: u64) -> String {
     format!("{n} bytes is outside 64Mi ({MIN_SIZE}) to 64Ti ({MAX_SIZE}) bytes",)
 }
 
-/// Mount options and sources that would keep the lock on the container in the guest, where
-/// a second guest cannot see it: refused before anything is mounted (design §5.1).
+/// Sources no mode encrypts (FUSE), and for a single-guest mode (luks2) the mount options
+/// and sources that would keep the lock on the container in the guest, where a second guest
+/// cannot see it: refused before anything is mounted (design §5.1).
 pub(super) fn refuse_unsafe(
     source: &Source,
     options: &BTreeMap<String, String>,
+    mode: EncryptionMode,
 ) -> Result<(), SpecError> {
     const LOCKS: &str = "luks2 takes a server-side lock on its container so that no second \
                          guest opens it";
+    if let Source::Fuse(_) = source {
+        return err(
+            "volume.encryption",
+            "FUSE volumes cannot be encrypted by CNFS",
+        );
+    }
+    // Shared modes take no lock: NFSv3, nolock, local_lock and nobrl are fine for them.
+    if !mode.single_guest() {
+        return Ok(());
+    }
     match source {
-        Source::Fuse(_) => {
-            return err(
-                "volume.encryption",
-                "FUSE volumes cannot be encrypted by CNFS",
-            )
-        }
+        Source::Fuse(_) => {}
         Source::Nfs(n) if n.version == NfsVersion::V3 => {
             return err(
                 "volume.nfs.version",
@@ -297,7 +380,7 @@ pub fn parse_owner(field: &str, text: &str) -> Result<(u32, u32), SpecError> {
 
 /// Takes `encryption`, `size` and `owner` out of a volume URL's options into the wire form
 /// (key empty: the caller fills it from the secret it names). `size` and `owner` without
-/// `encryption` are refused by name.
+/// `encryption`, and `size` with a mode that has none (gocryptfs), are refused by name.
 pub(crate) fn from_url_options(
     options: &mut BTreeMap<String, String>,
 ) -> Result<Option<agent::Encryption>, String> {
@@ -310,22 +393,33 @@ pub(crate) fn from_url_options(
             .iter()
             .find_map(|(k, v)| v.as_ref().map(|_| *k))
         {
+            // Only luks2 has a size; either mode takes an owner.
+            let add = if k == OPT_SIZE { "luks2" } else { MODE_LIST };
             return Err(format!(
-                "{}: is only for encrypted volumes (add encryption=luks2)",
+                "{}: is only for encrypted volumes (add encryption={add})",
                 field(k)
             ));
         }
         return Ok(None);
     };
     let mode = EncryptionMode::parse(&field(OPT_ENCRYPTION), &mode).map_err(|e| e.to_string())?;
-    let Some(size) = size else {
-        return Err(format!(
-            "{}: is required with encryption={} (the container's size, like 10Gi)",
-            field(OPT_SIZE),
-            mode.as_str()
-        ));
+    let size_bytes = match (mode.has_size(), size) {
+        (true, Some(size)) => parse_size(&field(OPT_SIZE), &size).map_err(|e| e.to_string())?,
+        (true, None) => {
+            return Err(format!(
+                "{}: is required with encryption={mode} (the container's size, like 10Gi)",
+                field(OPT_SIZE),
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(format!(
+                "{}: is refused with encryption={mode}: only luks2 volumes have a size ({mode} \
+                 shares the file system's space)",
+                field(OPT_SIZE),
+            ))
+        }
+        (false, None) => 0,
     };
-    let size_bytes = parse_size(&field(OPT_SIZE), &size).map_err(|e| e.to_string())?;
     let (uid, gid) = match owner {
         Some(o) => parse_owner(&field(OPT_OWNER), &o).map_err(|e| e.to_string())?,
         None => (0, 0),
@@ -606,6 +700,210 @@ mod tests {
         }
     }
 
+    fn gocryptfs(key: &[u8]) -> agent::Encryption {
+        agent::Encryption {
+            mode: "gocryptfs".into(),
+            key: key.to_vec(),
+            size_bytes: 0,
+            uid: 1000,
+            gid: 2000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn both_modes_parse_by_name_and_every_other_name_is_refused_listing_them() {
+        assert_eq!(
+            MODES,
+            EncryptionMode::ALL
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(MODE_LIST, MODES.join(" or "));
+        for m in EncryptionMode::ALL {
+            assert_eq!(EncryptionMode::parse("f", m.as_str()), Ok(*m));
+            assert_eq!(m.to_string(), m.as_str());
+        }
+        let e = EncryptionMode::parse("f", "").expect_err("empty");
+        assert_eq!(e.to_string(), "f: is required (luks2 or gocryptfs)");
+        for bad in ["GOCRYPTFS", "gocryptfs ", "gocrypt", "luks1", "fscrypt"] {
+            let e = EncryptionMode::parse("f", bad).expect_err(bad);
+            assert_eq!(e.field, "f");
+            assert!(
+                e.reason
+                    .ends_with("is not an encryption mode (luks2 or gocryptfs)"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_gocryptfs_spec_has_no_size_keeps_its_owner_and_round_trips() {
+        let key = b"k3y with spaces, \r and \xff bytes";
+        let s = VolumeSpec::from_wire(&nfs("4.1", &[], Some(gocryptfs(key)))).expect("valid");
+        let e = s.encryption.as_ref().expect("encrypted");
+        assert_eq!(e.mode, EncryptionMode::Gocryptfs);
+        assert_eq!(e.key.expose(), key, "no trimming of any byte");
+        assert_eq!((e.size, e.uid, e.gid), (0, 1000, 2000));
+        assert_eq!(VolumeSpec::from_wire(&s.to_wire(true)).expect("valid"), s);
+        // Without secrets: the key blanked, mode and owner kept, and read back as the same
+        // volume by the host's form; the guest's form needs the key.
+        let blank = s.to_wire(false);
+        let w = blank.encryption.as_ref().expect("encryption kept");
+        assert!(w.key.is_empty());
+        assert_eq!(
+            (w.mode.as_str(), w.size_bytes, w.uid, w.gid),
+            ("gocryptfs", 0, 1000, 2000)
+        );
+        let back = VolumeSpec::from_wire_unresolved(&blank).expect("unresolved form");
+        assert_eq!(back.to_wire(false), blank);
+        let e = VolumeSpec::from_wire(&blank).expect_err("no key");
+        assert_eq!(
+            e.to_string(),
+            "volume.encryption.key: is required for gocryptfs"
+        );
+        // 1 and 1024 bytes are the bounds, as for luks2.
+        for n in [1, MAX_KEY] {
+            VolumeSpec::from_wire(&nfs("4.1", &[], Some(gocryptfs(&vec![b'k'; n]))))
+                .expect("bound");
+        }
+        let e = VolumeSpec::from_wire(&nfs("4.1", &[], Some(gocryptfs(&[b'S'; MAX_KEY + 1]))))
+            .expect_err("long");
+        assert_eq!(e.field, "volume.encryption.key");
+        assert!(!e.to_string().contains("SSSS"), "{e}");
+    }
+
+    #[test]
+    fn gocryptfs_refuses_a_size_by_field_saying_only_luks2_volumes_have_one() {
+        for size in [1, MIN_SIZE, 1 << 30, MAX_SIZE] {
+            let mut e = gocryptfs(b"key");
+            e.size_bytes = size;
+            let err = VolumeSpec::from_wire(&nfs("4.1", &[], Some(e))).expect_err("sized");
+            assert_eq!(err.field, "volume.encryption.size_bytes", "{err}");
+            assert!(
+                err.reason
+                    .starts_with("must be 0 for gocryptfs: only luks2 volumes have a size"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_gocryptfs_key_with_a_newline_or_nul_anywhere_is_refused_without_showing_it() {
+        for key in [
+            &b"Secret\n"[..],
+            b"\nSecret",
+            b"Sec\nret",
+            b"Sec\0ret",
+            b"Secret\0",
+            b"\0",
+            b"\n",
+            b"Secret\r\n",
+        ] {
+            for w in [
+                nfs("4.1", &[], Some(gocryptfs(key))),
+                cephfs(gocryptfs(key)),
+                smb(&[], gocryptfs(key)),
+            ] {
+                let e = VolumeSpec::from_wire(&w).expect_err("line break in the key");
+                assert_eq!(e.field, "volume.encryption.key", "{key:?}: {e}");
+                assert_eq!(
+                    e.reason,
+                    "gocryptfs reads its password as one line: the key must not contain a \
+                     newline or NUL byte"
+                );
+                let shown = format!("{e} {e:?}");
+                assert!(!shown.contains("Sec"), "{shown}");
+            }
+            // luks2 takes the same bytes: cryptsetup reads the key file whole.
+            VolumeSpec::from_wire(&nfs("4.1", &[], Some(luks(key)))).expect("luks2 key");
+        }
+    }
+
+    #[test]
+    fn gocryptfs_takes_lock_free_nfs_and_smb_options_but_no_fuse_source() {
+        for w in [
+            nfs("3", &[], Some(gocryptfs(b"key"))),
+            nfs("", &[("vers", "3")], Some(gocryptfs(b"key"))),
+            nfs("4.1", &[("nolock", "")], Some(gocryptfs(b"key"))),
+            nfs("4.2", &[("local_lock", "all")], Some(gocryptfs(b"key"))),
+            nfs("4.2", &[("local_lock", "none")], Some(gocryptfs(b"key"))),
+            smb(&[("nobrl", "")], gocryptfs(b"key")),
+            smb(&[], gocryptfs(b"key")),
+            cephfs(gocryptfs(b"key")),
+        ] {
+            let s = VolumeSpec::from_wire(&w).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                s.encryption.as_ref().map(|e| e.mode),
+                Some(EncryptionMode::Gocryptfs)
+            );
+            VolumeSpec::from_wire_unresolved(&w).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let e = VolumeSpec::from_wire(&fuse(gocryptfs(b"key"))).expect_err("fuse");
+        assert_eq!(e.field, "volume.encryption");
+        assert_eq!(e.reason, "FUSE volumes cannot be encrypted by CNFS");
+    }
+
+    #[test]
+    fn url_options_of_a_gocryptfs_volume_take_an_owner_and_no_size() {
+        let opts = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let mut o = opts(&[
+            ("encryption", "gocryptfs"),
+            ("owner", "1000:2000"),
+            ("nolock", ""),
+        ]);
+        let e = from_url_options(&mut o).expect("valid").expect("encrypted");
+        assert_eq!(
+            (e.mode.as_str(), e.size_bytes, e.uid, e.gid),
+            ("gocryptfs", 0, 1000, 2000)
+        );
+        assert!(e.key.is_empty());
+        assert_eq!(o.keys().collect::<Vec<_>>(), ["nolock"]);
+        let mut o = opts(&[("encryption", "gocryptfs")]);
+        let e = from_url_options(&mut o).expect("valid").expect("encrypted");
+        assert_eq!((e.size_bytes, e.uid, e.gid), (0, 0, 0));
+        for (pairs, want) in [
+            (
+                &[("encryption", "gocryptfs"), ("size", "10Gi")][..],
+                "volume.options.size: is refused with encryption=gocryptfs: only luks2 volumes \
+                 have a size (gocryptfs shares the file system's space)",
+            ),
+            (
+                &[("encryption", "gocryptfs"), ("size", "")][..],
+                "volume.options.size: is refused with encryption=gocryptfs: only luks2 volumes \
+                 have a size (gocryptfs shares the file system's space)",
+            ),
+            (
+                &[("encryption", "gocryptfs"), ("owner", "root")][..],
+                "volume.options.owner: \"root\" is not <uid>:<gid> (decimal numbers, no \
+                 leading zero, at most 4294967294)",
+            ),
+            (
+                &[("owner", "1:1")][..],
+                "volume.options.owner: is only for encrypted volumes (add encryption=luks2 or \
+                 gocryptfs)",
+            ),
+            (
+                &[("size", "1Gi")][..],
+                "volume.options.size: is only for encrypted volumes (add encryption=luks2)",
+            ),
+            (
+                &[("encryption", "gocrypt")][..],
+                "volume.options.encryption: \"gocrypt\" is not an encryption mode (luks2 or \
+                 gocryptfs)",
+            ),
+        ] {
+            let e = from_url_options(&mut opts(pairs)).expect_err(want);
+            assert_eq!(e, want);
+        }
+    }
+
     #[test]
     fn sizes_parse_with_binary_suffixes_within_range() {
         let f = "volume.options.size";
@@ -845,11 +1143,17 @@ mod tests {
                     Just("cephfs://10.0.0.1:6789/sub?fs=a&client=b&secret=ceph"),
                     Just("smb://10.0.0.9/data?secret=smb"),
                 ],
+                mode in prop_oneof![Just(EncryptionMode::Luks2), Just(EncryptionMode::Gocryptfs)],
                 n in MIN_SIZE..=MAX_SIZE,
                 owner in proptest::option::of((0u32..u32::MAX, 0u32..u32::MAX)),
                 key_ref in proptest::option::of("[a-z][a-z0-9-]{0,20}"),
             ) {
-                let mut url = format!("{scheme}&encryption=luks2&size={}", format_size(n));
+                // A size only for the mode that has one.
+                let n = if mode.has_size() { n } else { 0 };
+                let mut url = format!("{scheme}&encryption={mode}");
+                if mode.has_size() {
+                    url.push_str(&format!("&size={}", format_size(n)));
+                }
                 if let Some((u, g)) = owner {
                     url.push_str(&format!("&owner={u}:{g}"));
                 }
@@ -862,7 +1166,7 @@ mod tests {
                 let e = parsed.wire.encryption.as_ref().expect("encryption");
                 prop_assert_eq!(
                     (e.mode.as_str(), e.size_bytes, (e.uid, e.gid)),
-                    ("luks2", n, owner.unwrap_or((0, 0)))
+                    (mode.as_str(), n, owner.unwrap_or((0, 0)))
                 );
                 prop_assert!(e.key.is_empty());
                 for k in ["encryption", "size", "owner", "encryption_key"] {

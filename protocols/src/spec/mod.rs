@@ -156,11 +156,12 @@ const RESERVED: &[(&str, &str)] = &[
     ("context", "SELinux contexts are not supported"),
     (
         encryption::OPT_ENCRYPTION,
-        "not a mount option: encryption goes in volume.encryption (the URL's encryption=luks2)",
+        "not a mount option: encryption goes in volume.encryption (the URL's encryption=luks2 or \
+         encryption=gocryptfs)",
     ),
     (
         encryption::OPT_SIZE,
-        "not a mount option: the size of an encrypted volume goes in volume.encryption",
+        "not a mount option: the size of an encrypted (luks2) volume goes in volume.encryption",
     ),
     (
         encryption::OPT_OWNER,
@@ -537,7 +538,8 @@ impl VolumeSpec {
         };
         let encryption = match w.encryption.as_ref() {
             Some(e) => {
-                encryption::refuse_unsafe(&source, &options)?;
+                let mode = EncryptionMode::parse("volume.encryption.mode", &e.mode)?;
+                encryption::refuse_unsafe(&source, &options, mode)?;
                 Some(encryption::from_wire(e, require_secret)?)
             }
             None => None,

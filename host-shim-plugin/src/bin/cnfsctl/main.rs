@@ -64,7 +64,8 @@ JSON output (--json), one object per command; keys are stable:
             options{}, nfs{server, export, version} | null,
             cephfs{monitors[], fs_name, path, client, fsid} | null,
             smb{server, share, path, version, domain} | null,
-            encryption{mode, size_bytes, uid, gid} | null}]}
+            encryption{mode (luks2|gocryptfs), size_bytes (0 for gocryptfs), uid, gid}
+            | null}]}
   stats    {name, health (healthy|unresponsive|error|not mounted|unknown), health_detail,
             total_bytes, used_bytes, free_bytes, available_bytes, total_inodes, used_inodes,
             free_inodes, probe_ms, warnings[]}
@@ -164,7 +165,8 @@ struct MountArgs {
 
     /// Any volume in the annotations' URL grammar: nfs://, cephfs://, smb://
     /// (e.g. smb://files/data/team?vers=3.1.1). Credentials come from --secret-file; an
-    /// encrypted volume's key (encryption=luks2&size=10Gi) from --key-file.
+    /// encrypted volume's key (encryption=luks2&size=10Gi, or encryption=gocryptfs) from
+    /// --key-file.
     #[arg(long, value_name = "URL")]
     source: Option<String>,
 
@@ -174,9 +176,10 @@ struct MountArgs {
     #[arg(long, value_name = "PATH", requires = "source")]
     secret_file: Option<PathBuf>,
 
-    /// The key of a --source volume with encryption=luks2: the file's bytes, exactly (no
-    /// newline is trimmed: the same file opens the container with `cryptsetup --key-file`).
-    /// 1 to 1024 bytes. Read here, sent to the guest only, never printed.
+    /// The key of an encrypted --source volume: the file's bytes, exactly, 1 to 1024 (no
+    /// newline is trimmed: for luks2 the same file opens the container with `cryptsetup
+    /// --key-file`; gocryptfs reads one line, so its key file has no newline or NUL byte at
+    /// all). Read here, sent to the guest only, never printed.
     #[arg(long, value_name = "PATH", requires = "source")]
     key_file: Option<PathBuf>,
 

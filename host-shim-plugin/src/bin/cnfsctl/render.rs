@@ -446,4 +446,45 @@ mod tests {
             assert!(!shown.contains("76, 101"), "{shown}");
         }
     }
+
+    #[test]
+    fn a_listing_shows_a_gocryptfs_volumes_mode_with_no_size_and_no_key() {
+        let mut v = agent::VolumeSpec {
+            name: "shared".into(),
+            read_only: true,
+            ..Default::default()
+        };
+        v.set_nfs(agent::NfsSource {
+            server: "10.0.0.5".into(),
+            export: "/exports/shared".into(),
+            version: "3".into(),
+            ..Default::default()
+        });
+        v.encryption = Some(agent::Encryption {
+            mode: "gocryptfs".into(),
+            key: b"LeakedKeyBytes".to_vec(),
+            uid: 1000,
+            gid: 100,
+            ..Default::default()
+        })
+        .into();
+        let r = agent::ListResponse {
+            volumes: vec![agent::VolumeStatus {
+                volume: Some(v).into(),
+                state: "mounted".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let j: Value = serde_json::from_str(&render_list(&r, true)).expect("json");
+        assert_eq!(
+            j["volumes"][0]["encryption"],
+            json!({"mode": "gocryptfs", "size_bytes": 0, "uid": 1000, "gid": 100})
+        );
+        let t = render_list(&r, false);
+        assert!(t.contains("mounted,ro,gocryptfs"), "{t}");
+        for shown in [render_list(&r, true), t] {
+            assert!(!shown.contains("LeakedKey"), "{shown}");
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use anyhow::Context;
 use cnfs_protocols::agent;
 use cnfs_protocols::spec::encryption::MAX_KEY;
-use cnfs_protocols::spec::VolumeSpec;
+use cnfs_protocols::spec::{EncryptionMode, VolumeSpec};
 
 use crate::call::InvalidArgument;
 use crate::MountArgs;
@@ -75,15 +75,17 @@ fn url_volume(m: &MountArgs, url: &str) -> anyhow::Result<agent::VolumeSpec> {
     Ok(wire)
 }
 
-/// An encrypted volume's key: --key-file's bytes, exactly. Required when the URL says
-/// encryption=, refused otherwise; its content is never shown.
+/// An encrypted volume's key: --key-file's bytes, exactly (luks2 and gocryptfs alike).
+/// Required when the URL says encryption=, refused otherwise; its content is never shown.
 fn encryption_key(m: &MountArgs, wire: &mut agent::VolumeSpec) -> anyhow::Result<()> {
     let encryption = wire.encryption.as_mut();
     let (path, encryption) = match (&m.key_file, encryption) {
         (None, None) => return Ok(()),
         (Some(_), None) => {
             return Err(InvalidArgument(
-                "--key-file: only for encrypted volumes (encryption=luks2 in --source)".into(),
+                "--key-file: only for encrypted volumes (encryption=luks2 or gocryptfs in \
+                 --source)"
+                    .into(),
             )
             .into())
         }
@@ -108,6 +110,19 @@ fn encryption_key(m: &MountArgs, wire: &mut agent::VolumeSpec) -> anyhow::Result
     let key = std::fs::read(path).with_context(|| format!("--key-file {}", path.display()))?;
     if key.is_empty() {
         return Err(InvalidArgument(format!("--key-file {}: is empty", path.display())).into());
+    }
+    // Named here with the file (the spec would name volume.encryption.key): a file written
+    // with `echo` ends in a newline, which gocryptfs cannot take.
+    if let Some(reason) = EncryptionMode::parse("mode", &encryption.mode)
+        .ok()
+        .and_then(|mode| mode.refuses_key(&key))
+    {
+        return Err(InvalidArgument(format!(
+            "--key-file {}: {reason} (a trailing newline counts: write the file with printf, \
+             not echo)",
+            path.display()
+        ))
+        .into());
     }
     encryption.key = key;
     Ok(())
@@ -321,7 +336,7 @@ mod tests {
         assert_eq!(exit_code(&e), EXIT_INVALID);
         assert_eq!(
             e.to_string(),
-            "--key-file: only for encrypted volumes (encryption=luks2 in --source)"
+            "--key-file: only for encrypted volumes (encryption=luks2 or gocryptfs in --source)"
         );
         m.source = Some(LUKS_URL.into());
         for (bytes, words) in [
@@ -345,6 +360,75 @@ mod tests {
         m.source = Some(format!("{LUKS_URL}&encryption_key=team"));
         let e = mount_request(&m, None).expect_err("secret reference");
         assert!(e.to_string().contains("give --key-file"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    const GOCRYPTFS_URL: &str = "nfs://10.0.0.5/exports/shared?vers=3&encryption=gocryptfs\
+                                 &owner=1000:100";
+
+    #[test]
+    fn a_gocryptfs_key_file_is_sent_as_its_exact_bytes_without_a_size() {
+        let dir = std::env::temp_dir().join(format!("cnfsctl-gkey-{}", std::process::id()));
+        let bytes = b"\xffk3y with space \r";
+        let mut m = mount_args("unused:/x", &[]);
+        m.nfs = None;
+        m.source = Some(GOCRYPTFS_URL.into());
+        m.key_file = Some(key_file(&dir, bytes));
+        let r = mount_request(&m, None).expect("valid");
+        let e = r.volume.encryption.as_ref().expect("encrypted");
+        assert_eq!(e.key, bytes);
+        assert_eq!(
+            (e.mode.as_str(), e.size_bytes, e.uid, e.gid),
+            ("gocryptfs", 0, 1000, 100)
+        );
+        // Required as for luks2.
+        m.key_file = None;
+        let e = mount_request(&m, None).expect_err("no key file");
+        assert_eq!(exit_code(&e), EXIT_INVALID);
+        assert_eq!(
+            e.to_string(),
+            "--key-file: the --source volume is encrypted (encryption=gocryptfs): give the key's \
+             file"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_gocryptfs_key_file_with_a_newline_or_nul_is_refused_naming_the_file_not_the_key() {
+        let dir = std::env::temp_dir().join(format!("cnfsctl-gnl-{}", std::process::id()));
+        let mut m = mount_args("unused:/x", &[]);
+        m.nfs = None;
+        m.source = Some(GOCRYPTFS_URL.into());
+        for bytes in [&b"SecretKey\n"[..], b"Secret\nKey", b"Secret\0Key"] {
+            let file = key_file(&dir, bytes);
+            m.key_file = Some(file.clone());
+            let e = mount_request(&m, None).expect_err("line break");
+            assert_eq!(exit_code(&e), EXIT_INVALID);
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "--key-file {}: gocryptfs reads its password as one line: the key must not \
+                     contain a newline or NUL byte (a trailing newline counts: write the file \
+                     with printf, not echo)",
+                    file.display()
+                )
+            );
+            assert!(!format!("{e:#} {e:?}").contains("Secret"), "{e:#}");
+        }
+        // The same file is a luks2 key.
+        m.source = Some(LUKS_URL.into());
+        m.key_file = Some(key_file(&dir, b"SecretKey\n"));
+        mount_request(&m, None).expect("luks2 takes it");
+        // A size is refused with gocryptfs, naming the option.
+        m.source = Some(format!("{GOCRYPTFS_URL}&size=1Gi"));
+        m.key_file = Some(key_file(&dir, b"k"));
+        let e = mount_request(&m, None).expect_err("size");
+        assert_eq!(exit_code(&e), EXIT_INVALID);
+        assert!(
+            e.to_string()
+                .starts_with("--source: volume.options.size: is refused with encryption=gocryptfs"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
