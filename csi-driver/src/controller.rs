@@ -257,8 +257,8 @@ impl ControllerService {
                 ),
             ));
         }
-        // luks2: the container's size, fixed now (NFS has no quota to hold it). gocryptfs has
-        // no size: its capacity is the class's, as for a plain volume.
+        // luks2: the container's size, fixed now; a quota (CephFS) holds it with headroom.
+        // gocryptfs has no size: its capacity is the class's, as for a plain volume.
         let size = match encrypted {
             Some(mode) if !encryption::PROVISIONED_ON.contains(&provisioner.name()) => {
                 return Err(invalid(
@@ -290,7 +290,7 @@ impl ControllerService {
             name: &name,
             parameters: p,
             secrets: &req.secrets,
-            capacity,
+            capacity: size.map_or(capacity, encryption::backend_capacity),
         };
         let ctx = self.context();
         let plan = provisioner.plan(&ctx, &creq).map_err(status)?;
@@ -694,8 +694,8 @@ mod tests {
                     1 << 30,
                 ),
                 tonic::Code::InvalidArgument,
-                "parameters.encryption: luks2 volumes are provisioned on fs nfs only so far, \
-                 not smb",
+                "parameters.encryption: luks2 volumes are provisioned on fs nfs, cephfs only \
+                 so far, not smb",
             ),
         ] {
             let e = c.create(&req).await.unwrap_err();
@@ -766,7 +766,7 @@ mod tests {
                 .starts_with("volume_capabilities[0].access_mode.mode: MULTI_NODE_MULTI_WRITER"),
             "{e:?}"
         );
-        // Other classes than nfs are refused naming the mode.
+        // Other classes than nfs and cephfs are refused naming the mode.
         let req = encrypted(
             &[
                 ("encryption", "gocryptfs"),
@@ -780,8 +780,8 @@ mod tests {
         let e = c.create(&req).await.unwrap_err();
         assert_eq!(
             e.message(),
-            "parameters.encryption: gocryptfs volumes are provisioned on fs nfs only so far, not \
-             smb"
+            "parameters.encryption: gocryptfs volumes are provisioned on fs nfs, cephfs only so \
+             far, not smb"
         );
     }
 
@@ -839,23 +839,67 @@ mod tests {
 
     #[tokio::test]
     async fn expanding_an_encrypted_volume_is_failed_precondition_saying_the_size_is_fixed() {
-        let e = service()
-            .expand(&ControllerExpandVolumeRequest {
-                volume_id: "nfs+luks2#delete#127.0.0.1#/exports/k8s#pvc-1".into(),
-                capacity_range: Some(CapacityRange {
-                    required_bytes: 2 << 30,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        for id in [
+            "nfs+luks2#delete#127.0.0.1#/exports/k8s#pvc-1",
+            // Before any cluster is looked up or contacted (none is configured here).
+            "cephfs+luks2#prod#cephfs#csi#pvc-2",
+        ] {
+            let e = service()
+                .expand(&ControllerExpandVolumeRequest {
+                    volume_id: id.into(),
+                    capacity_range: Some(CapacityRange {
+                        required_bytes: 2 << 30,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{id}");
+            assert!(
+                e.message().contains("is encrypted (luks2)")
+                    && e.message().contains("size is fixed when it is created"),
+                "{id}: {e:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_encrypted_cephfs_class_is_provisioned_no_longer_refused_for_its_fs() {
+        use crate::csi::volume_capability::access_mode::Mode;
+        let v = made_by("cephfs+luks2#prod#cephfs#csi#pvc-2").expect("ours");
+        assert_eq!(v.provisioner.name(), "cephfs");
+        assert_eq!(v.fields, "prod#cephfs#csi#pvc-2");
+        assert_eq!(v.encryption, Some(EncryptionMode::Luks2));
+        // It gets past the encryption checks to the CephFS provisioner, which looks the
+        // cluster up in the controller's config (empty here) before contacting anything.
+        let mut req = encrypted(
+            &[
+                ("fs", "cephfs"),
+                ("clusterID", "prod"),
+                ("fsName", "cephfs"),
+            ],
+            Mode::SingleNodeWriter as i32,
+            1 << 30,
+        );
+        for k in ["server", "share", "vers"] {
+            req.parameters.remove(k);
+        }
+        let e = service().create(&req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
         assert!(
-            e.message().contains("is encrypted (luks2)")
-                && e.message().contains("size is fixed when it is created"),
+            e.message()
+                .starts_with("clusterID \"prod\" is not in the controller's config"),
             "{e:?}"
         );
+        // The encryption rules still hold for it: a capacity below 64 MiB is refused first.
+        req.capacity_range = Some(CapacityRange {
+            required_bytes: 32 << 20,
+            limit_bytes: 0,
+        });
+        let e = service().create(&req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+        assert!(e.message().contains("64 MiB"), "{e:?}");
     }
 
     #[test]

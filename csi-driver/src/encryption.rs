@@ -27,9 +27,13 @@ pub use cnfs_protocols::handoff::ENCRYPTION_KEY_SECRET;
 pub const PARAMETER: &str = "encryption";
 /// The inline volume attribute with the container's size (luks2 only).
 pub const SIZE_ATTRIBUTE: &str = "size";
-/// File systems whose StorageClasses may ask for encryption (either mode). CephFS waits for
-/// the quota headroom and growth of design §6.1; the guest serves luks2 on SMB not yet.
-pub const PROVISIONED_ON: &[&str] = &["nfs"];
+/// File systems whose StorageClasses may ask for encryption (either mode; the guest serves
+/// luks2 on SMB not yet).
+pub const PROVISIONED_ON: &[&str] = &["nfs", "cephfs"];
+/// What a backend's quota holds beyond a luks2 container: CephFS quotas count file sizes and
+/// the container is one sparse file of exactly its size, so this covers nothing but is cheap
+/// safety (design §6.1).
+pub const QUOTA_HEADROOM: u64 = 64 << 20;
 /// LUKS2 is opened with 4 KiB sectors: the container is a whole number of them.
 pub const ALIGN: u64 = 4096;
 
@@ -84,6 +88,16 @@ pub fn container_size(c: Capacity) -> Result<u64, Status> {
         )));
     }
     Ok(size)
+}
+
+/// The capacity a provisioner is asked for when the volume is a container of `size` bytes:
+/// a quota (CephFS) of the container plus [`QUOTA_HEADROOM`], no limit (the CO's limit binds
+/// the container, whose size is the capacity reported). NFS has no quota and ignores it.
+pub fn backend_capacity(size: u64) -> Capacity {
+    Capacity {
+        required: size.saturating_add(QUOTA_HEADROOM),
+        limit: 0,
+    }
 }
 
 /// `source` with `encryption=<mode>` and, for a mode with a size (luks2), `&size=<bytes>`
@@ -327,6 +341,19 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_quota_holds_the_container_plus_64_mib_with_no_limit() {
+        assert_eq!(
+            backend_capacity(1 << 30),
+            cap((1 << 30) + 64 * MIB, 0),
+            "quota = container + 64 MiB"
+        );
+        assert_eq!(backend_capacity(64 * MIB).size(), Some(128 * MIB));
+        // A subvolume made for it fits the same request again (a retried CreateVolume).
+        assert!(backend_capacity(64 * MIB).fits(Some(128 * MIB)));
+        assert!(!backend_capacity(64 * MIB).fits(Some(64 * MIB)));
+    }
+
+    #[test]
     fn id_heads_mark_encrypted_volumes_and_unknown_marks_are_none() {
         assert_eq!(id_head("nfs", None), "nfs");
         assert_eq!(id_head("nfs", Some(EncryptionMode::Luks2)), "nfs+luks2");
@@ -343,6 +370,14 @@ mod tests {
             Some(("nfs", Some(EncryptionMode::Gocryptfs)))
         );
         assert_eq!(split_id_head("nfs"), Some(("nfs", None)));
+        assert_eq!(
+            id_head("cephfs", Some(EncryptionMode::Luks2)),
+            "cephfs+luks2"
+        );
+        assert_eq!(
+            split_id_head("cephfs+luks2"),
+            Some(("cephfs", Some(EncryptionMode::Luks2)))
+        );
         assert_eq!(split_id_head("nfs+plain"), None);
         assert_eq!(split_id_head("nfs+GOCRYPTFS"), None);
         assert_eq!(split_id_head("nfs+"), None);

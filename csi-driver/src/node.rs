@@ -688,6 +688,35 @@ mod tests {
     }
 
     #[test]
+    fn an_encrypted_cephfs_volume_as_the_controller_makes_it_publishes_with_both_keys() {
+        // The source CreateVolume gives an encrypted CephFS volume.
+        const CEPHFS: &str = "cephfs://10.0.0.1:6789/volumes/csi/pvc-2/0a1b?fs=cephfs\
+                              &encryption=luks2&size=1073741824";
+        const CEPH_KEY: &str = "AQBgTnRmAAAAABAAkm5KbB5ZCVDp3V0q3RyMjA==";
+        let mut req = request(CEPHFS, Mode::SingleNodeWriter, Some(VOLUME_KEY));
+        req.volume_id = "cephfs+luks2#prod#cephfs#csi#pvc-2".into();
+        req.secrets.extend([
+            ("userID".to_string(), "k8s".to_string()),
+            ("userKey".to_string(), CEPH_KEY.to_string()),
+        ]);
+        let p = validate_publish(&req).expect("valid");
+        assert!(p.record.has_secret);
+        let (spec, wire) = p.record.volume_spec(p.secret.as_ref()).expect("valid");
+        assert_eq!(wire.cephfs().client, "k8s");
+        assert_eq!(wire.cephfs().secret, CEPH_KEY);
+        let e = spec.encryption.expect("encrypted");
+        assert_eq!((e.size, e.key.expose()), (1 << 30, VOLUME_KEY.as_bytes()));
+        // Without the encryption key it is refused by name, the CephFS key notwithstanding.
+        req.secrets.remove("encryptionKey");
+        let e = validate_publish(&req).unwrap_err();
+        assert!(
+            e.message()
+                .starts_with("secrets.encryptionKey: is required"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn inline_encryption_and_size_attributes_make_the_volume_encrypted() {
         let mut req = request(
             "nfs://10.0.0.5/exports/inline?vers=4.1",

@@ -629,13 +629,27 @@ async fn a_daemon_gets_its_key_its_descriptor_and_its_own_capabilities_and_outli
     );
     // CAP_CHOWN 0, DAC_OVERRIDE 1, DAC_READ_SEARCH 2, FOWNER 3, FSETID 4, SETGID 6,
     // SETUID 7; not SYS_ADMIN (21), MKNOD (27) or SETPCAP (8), which the runner holds.
+    // Root's exec gives permitted = bounding | inheritable: the runner's empty inheritable
+    // set is what makes the bounding set the whole story.
     let status = String::from_utf8(bed.recorded("status").expect("status")).expect("utf-8");
-    let bnd = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapBnd:"))
-        .map(str::trim)
-        .unwrap_or_default();
-    assert_eq!(bnd, format!("{:016x}", 0b1101_1111u64), "{status}");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    for set in ["CapBnd:", "CapPrm:", "CapEff:"] {
+        assert_eq!(
+            field(set),
+            format!("{:016x}", 0b1101_1111u64),
+            "{set} in\n{status}"
+        );
+    }
+    for set in ["CapInh:", "CapAmb:"] {
+        assert_eq!(field(set), "0000000000000000", "{set} in\n{status}");
+    }
 
     // The runner goes (the agent's restart); the daemon serves on.
     drop(client);
@@ -723,6 +737,24 @@ async fn gocryptfs_init_runs_only_in_a_temp_directory_of_a_valid_volume() {
         "-init\n-q\n--\n/run/cnfs/backing/data/.cnfs-volume.gocryptfs.new-0123456789abcdef\n"
     );
     assert_eq!(bed.recorded("stdin").as_deref(), Some(&b"k3y"[..]));
+    // The runner's own guard: a key gocryptfs would cut at its newline is refused.
+    match client
+        .call(
+            Command::GocryptfsInit {
+                name: "data".into(),
+                temp: "0123456789abcdef".into(),
+            },
+            Some(b"first\nsecond"),
+            Duration::from_secs(5),
+        )
+        .await
+    {
+        Err(AgentError::Invalid(e)) => {
+            assert_eq!(e.field, "gocryptfs_init.key");
+            assert!(!e.reason.contains("second"), "{e:?}");
+        }
+        other => panic!("a two-line key was run: {other:?}"),
+    }
     for temp in ["../../etc", "0123456789ABCDEF", "0123"] {
         match client
             .call(

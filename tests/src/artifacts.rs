@@ -78,3 +78,26 @@ impl Parts {
         Ok(PathBuf::from(text.trim()))
     }
 }
+
+/// The `cnfs-csi` binary of this build, brought up to date first (this package's tests do not
+/// build another package's binaries; a stale one would test old code).
+pub fn csi_binary() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/cnfs-csi
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    BUILT.call_once(|| {
+        let mut c = std::process::Command::new(env!("CARGO"));
+        c.args(["build", "--quiet", "-p", "cnfs-csi", "--bin", "cnfs-csi"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            c.arg("--release");
+        }
+        let st = c.status().expect("cargo runs");
+        assert!(st.success(), "building cnfs-csi");
+    });
+    profile_dir.join("cnfs-csi")
+}

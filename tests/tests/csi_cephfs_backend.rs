@@ -349,3 +349,145 @@ fn unreachable_monitors_are_unavailable_within_the_bound() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// `cnfs-csi controller` in the test's namespace, killed at drop.
+struct Controller(std::process::Child);
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_cephfs_volume_is_a_subvolume_whose_quota_holds_the_container_and_64_mib(
+) -> anyhow::Result<()> {
+    use cnfs_csi::csi::controller_client::ControllerClient;
+    use cnfs_csi::csi::volume_capability::access_mode::Mode;
+    use cnfs_csi::csi::volume_capability::{AccessMode, AccessType, MountVolume};
+    use cnfs_csi::csi::{
+        CapacityRange, ControllerExpandVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest,
+        VolumeCapability,
+    };
+    use std::collections::HashMap;
+    const SIZE: i64 = 128 << 20;
+
+    let dir = TempDir::new("csi-cephfs-luks2")?;
+    let ns = NetNs::create()?;
+    let ceph = tokio::task::block_in_place(|| Ceph::start_blocking(&ns, dir.path()))?;
+    let config = dir.path().join("csi.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[clusters.test]\nmonitors = [\"{}\"]\nfsid = \"{}\"\n",
+            ceph.mon_v2(),
+            ceph.fsid()
+        ),
+    )?;
+    let socket = dir.path().join("csi.sock");
+    let _csi = Controller(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name))
+            .arg(tokio::task::block_in_place(
+                cnfs_testbed::artifacts::csi_binary,
+            ))
+            .arg("--endpoint")
+            .arg(&socket)
+            .arg("controller")
+            .arg("--config")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("cnfs-csi.log"))?)
+            .spawn()?,
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        anyhow::ensure!(Instant::now() < end, "cnfs-csi did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut controller = ControllerClient::new(cnfs_csi::client::connect(&socket).await?);
+    let secrets = HashMap::from([
+        ("adminID".to_string(), "admin".to_string()),
+        ("adminKey".to_string(), ceph.admin_key()),
+    ]);
+    let name = "pvc-luks2";
+    let vol = controller
+        .create_volume(CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: SIZE,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume::default())),
+                access_mode: Some(AccessMode {
+                    mode: Mode::SingleNodeWriter as i32,
+                }),
+            }],
+            parameters: HashMap::from([
+                ("fs".to_string(), "cephfs".to_string()),
+                ("clusterID".to_string(), "test".to_string()),
+                ("fsName".to_string(), FS_NAME.to_string()),
+                ("encryption".to_string(), "luks2".to_string()),
+            ]),
+            secrets: secrets.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(
+        vol.volume_id,
+        format!("cephfs+luks2#test#{FS_NAME}#{GROUP}#{name}")
+    );
+    // The capacity is the container's; the quota holds it and 64 MiB more.
+    assert_eq!(vol.capacity_bytes, SIZE);
+    let info = server_info(&ceph, name)?;
+    assert_eq!(info["bytes_quota"], SIZE as u64 + 64 * MIB, "{info:#}");
+    let source = &vol.volume_context["source"];
+    assert!(
+        source.starts_with(&format!(
+            "cephfs://{}/volumes/{GROUP}/{name}/",
+            ceph.mon_v2()
+        )) && source.ends_with(&format!(
+            "?fs={FS_NAME}&fsid={}&encryption=luks2&size={SIZE}",
+            ceph.fsid()
+        )),
+        "{source}"
+    );
+
+    // Its size is fixed: expansion is refused and the quota stays.
+    let e = controller
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 2 * SIZE,
+                limit_bytes: 0,
+            }),
+            secrets: secrets.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("expansion refused");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("size is fixed"), "{e:?}");
+    assert_eq!(
+        server_info(&ceph, name)?["bytes_quota"],
+        SIZE as u64 + 64 * MIB
+    );
+
+    controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            secrets,
+        })
+        .await?;
+    assert!(
+        !server_names(&ceph)?.iter().any(|n| n == name),
+        "subvolume left"
+    );
+    Ok(())
+}

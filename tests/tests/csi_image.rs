@@ -662,15 +662,37 @@ impl<'a> Running<'a> {
         }
     }
 
+    /// The exit status of the stopped task, read by deleting it: containerd 1.6's `ctr tasks
+    /// delete` warns "task <id> exit with non-zero exit code <n>" and says nothing for 0
+    /// (cmd/ctr/commands/tasks/delete.go).
+    fn exit_status(&self) -> anyhow::Result<i32> {
+        let out = std::process::Command::new("ctr")
+            .arg("-a")
+            .arg(self.ctd.socket())
+            .args(["tasks", "delete", &self.id])
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.success(), "ctr tasks delete: {stderr}");
+        Ok(stderr
+            .split("non-zero exit code ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+
     /// SIGTERM, as kubelet stops a container; waits (bounded) until the task stopped.
     fn stop(&self) -> anyhow::Result<()> {
         self.ctd
             .ctr(&["tasks", "kill", "--signal", "SIGTERM", &self.id])?;
         let until = Instant::now() + T;
-        while self.task().map(|(_, s)| s).as_deref() == Some("RUNNING") {
+        // Until it says STOPPED: a `ctr tasks ls` that fails (under load) is no answer.
+        while self.task().map(|(_, s)| s).as_deref() != Some("STOPPED") {
             ensure!(
                 Instant::now() < until,
-                "cnfs-csi still runs {T:?} after SIGTERM"
+                "cnfs-csi not stopped {T:?} after SIGTERM: {:?}",
+                self.task()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -1279,14 +1301,14 @@ async fn node_plugin_image_runs_as_node_yaml_says_and_hands_off_without_mounting
         "the socket outlived the plugin; log:\n{}",
         node.log_text()
     );
-    // The task is STOPPED when the process exits; its last output may still be on its way
-    // to the log file through the shim's copy: wait for it, bounded.
-    let until = Instant::now() + Duration::from_secs(10);
-    while !node.log_text().contains("\"msg\":\"stopped\"") && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // It ended by itself, with status 0: SIGTERM was handled (its default action would end
+    // it with 143), the shutdown ran to its end. Read from the task, not from the log: the
+    // last lines a process writes before it exits have been seen missing from containerd
+    // 1.6's `--log-uri file://` copy under load (twice in CI, once cut mid-line), so the
+    // final "stopped" record is no evidence either way.
+    assert_eq!(node.exit_status()?, 0, "{}", node.log_text());
     assert!(
-        node.log_text().contains("\"msg\":\"stopped\""),
+        node.log_text().contains("\"msg\":\"stopping\""),
         "{}",
         node.log_text()
     );

@@ -359,29 +359,6 @@ fn failures_are_classified_and_bounded() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `cnfs-csi` binary of this build, brought up to date first (this package's tests do not
-/// build another package's binaries; a stale one would test old code).
-fn csi_binary() -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> → target/<profile>/cnfs-csi
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf();
-    BUILT.call_once(|| {
-        let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "--quiet", "-p", "cnfs-csi", "--bin", "cnfs-csi"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            c.arg("--release");
-        }
-        let st = c.status().expect("cargo runs");
-        assert!(st.success(), "building cnfs-csi");
-    });
-    profile_dir.join("cnfs-csi")
-}
-
 /// `cnfs-csi all` in the test's network namespace (the controller reaches ganesha there),
 /// with every capability gone before exec, as the node DaemonSet runs it.
 struct Csi {
@@ -403,7 +380,7 @@ impl Csi {
                 "--ambient-caps=-all",
                 "--no-new-privs",
             ])
-            .arg(csi_binary())
+            .arg(cnfs_testbed::artifacts::csi_binary())
             .arg("--endpoint")
             .arg(&socket)
             .args(["all", "--node-id", "node-a", "--handoff-dir"])

@@ -233,6 +233,36 @@ async fn a_shared_encrypted_volume_serves_two_clients_and_keeps_its_secrets() ->
         .await?;
     assert_eq!(seen, "written on the host\n");
 
+    // Two first uses of one absent tree at once (two pods starting together): one tree is
+    // published, the loser uses it and removes its own temp, both see each other's writes.
+    std::fs::create_dir_all(export.join("race"))?;
+    let (a1, a2) = (vm.agent().await?, vm.agent().await?);
+    let (s1, s2) = (server.clone(), server.clone());
+    let first =
+        tokio::spawn(async move { mount(&a1, shared_volume("race1", &s1, "race", KEY)).await });
+    let second =
+        tokio::spawn(async move { mount(&a2, shared_volume("race2", &s2, "race", KEY)).await });
+    first.await??;
+    second.await??;
+    let top: Vec<String> = std::fs::read_dir(export.join("race"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        top,
+        vec!["cnfs-volume.gocryptfs".to_string()],
+        "one tree, no temp"
+    );
+    g.ok("echo one > /run/cnfs/volumes/race1/a && echo two > /run/cnfs/volumes/race2/b && sync")
+        .await?;
+    let seen = g
+        .ok("for i in $(seq 1 50); do cat /run/cnfs/volumes/race2/a /run/cnfs/volumes/race1/b 2>/dev/null && break; sleep 0.2; done")
+        .await?;
+    assert_eq!(seen, "one\ntwo\n");
+    for n in ["race1", "race2"] {
+        unmount(&a, n).await?;
+    }
+
     // The same Mount again is idempotent; with another key it is refused.
     assert!(
         mount(&a, shared_volume("shr", &server, "shr", KEY))
@@ -259,6 +289,10 @@ async fn a_shared_encrypted_volume_serves_two_clients_and_keeps_its_secrets() ->
     // reopening reads the same data.
     let u = unmount(&a, "shr").await?;
     assert_eq!(u.method, "umount", "{u:?}");
+    assert!(
+        u.attempts.is_empty(),
+        "a plain unmount had difficulties: {u:?}"
+    );
     nothing_left(g).await?;
     mount(&a, shared_volume("shr", &server, "shr", KEY)).await?;
     assert_eq!(

@@ -46,7 +46,9 @@ pub const PLAIN_ROOT: &str = "/run/cnfs/gocryptfs";
 const FS_TYPE: &str = "fuse.gocryptfs";
 /// gocryptfs's exit codes (its man page, EXIT CODES).
 const EXIT_WRONG_KEY: i32 = 12;
-const EXIT_CONF_UNREADABLE: i32 = 23;
+/// LoadConf (8), Other (11: what v2.3 exits with when gocryptfs.conf does not parse),
+/// OpenConf (23), DeprecatedFS (27): the configuration is what it refused.
+const EXIT_CONF: [i32; 4] = [8, 11, 23, 27];
 /// How long a daemon whose mount stopped answering is waited for to report its exit.
 const EXIT_WAIT: Duration = Duration::from_secs(3);
 
@@ -149,6 +151,8 @@ pub(super) async fn build(
     let dir = backing_dir(name);
     let shown = format!("volume {name}: {GOCRYPTFS_DIR} on the share");
     if !tree_ready(&dir, spec.read_only, left(), &shown).await? {
+        // scrypt takes 64 MiB, as argon2 does: the same two slots for the guest.
+        let _slot = stack.kdf_slot(left()).await?;
         init_new(stack, &dir, enc, deadline, log).await?;
         if !tree_ready(&dir, spec.read_only, left(), &shown).await? {
             return Err(AgentError::Internal(format!(
@@ -188,6 +192,8 @@ pub(super) async fn build(
         }
     }
     let started = Instant::now();
+    // Held until the daemon answers: its scrypt runs before that.
+    let slot = stack.kdf_slot(left()).await?;
     let daemon = stack
         .tools
         .start_daemon(
@@ -207,24 +213,32 @@ pub(super) async fn build(
     // sends only once the key has opened the tree.
     let probe = cstring(&plain)?;
     let answered = killable::run(left(), || crate::volumes::statfs(&probe)).await;
+    drop(slot);
     match answered {
         Outcome::Done(_) => {
             info!(log, "gocryptfs serves the volume"; "volume" => name.as_str(),
                 "pid" => daemon.pid, "start_ms" => started.elapsed().as_millis() as u64);
+            if !spec.read_only {
+                remove_abandoned(&dir, left(), log).await;
+            }
             Ok(Built::without_device(stack.clone()))
         }
         Outcome::TimedOut => Err(AgentError::Deadline(format!(
             "{shown}: gocryptfs did not start serving within the mount's deadline"
         ))),
         Outcome::Failed(errno) => Err(match daemon.exited(EXIT_WAIT).await {
+            // gocryptfs cannot tell a wrong password from a damaged EncryptedKey.
             Some(Exit::Code(EXIT_WRONG_KEY)) => AgentError::PermissionDenied(format!(
-                "{shown}: the key does not open it (gocryptfs: password incorrect); nothing \
-                 was changed"
+                "{shown}: the key does not open it (gocryptfs: password incorrect, or the \
+                 key in its gocryptfs.conf is damaged); nothing was changed"
             )),
-            Some(Exit::Code(EXIT_CONF_UNREADABLE)) => AgentError::FailedPrecondition(format!(
-                "{shown}: its gocryptfs.conf cannot be read (damaged, or not gocryptfs 2); \
-                 restore it from a backup; CNFS never initialises an existing tree"
-            )),
+            Some(Exit::Code(code)) if EXIT_CONF.contains(&code) => {
+                AgentError::FailedPrecondition(format!(
+                    "{shown}: gocryptfs could not load the tree (exit {code}: its \
+                     gocryptfs.conf is unreadable or of a format it refuses); restore it from \
+                     a backup; CNFS never initialises an existing tree"
+                ))
+            }
             Some(exit) => AgentError::Internal(format!(
                 "{shown}: gocryptfs ended ({exit:?}) before serving the volume"
             )),
@@ -404,34 +418,84 @@ async fn init_new(
             Outcome::Done(_) => {
                 info!(log, "new encrypted tree initialised"; "volume" => stack.name.as_str(),
                     "init_ms" => started.elapsed().as_millis() as u64);
-                Ok(())
+                Ok(Temp::Gone)
             }
             // Another client published first (ENOTEMPTY/EEXIST), or removed our temp as
             // abandoned after publishing (ENOENT): theirs is used.
             Outcome::Failed(Errno::ENOTEMPTY | Errno::EEXIST | Errno::ENOENT) => {
                 info!(log, "another client published the encrypted tree first; using theirs";
                     "volume" => stack.name.as_str());
-                Ok(())
+                Ok(Temp::Remove)
             }
-            Outcome::Failed(e) => Err(AgentError::Internal(format!(
-                "publishing {GOCRYPTFS_DIR} (rename): {}",
-                e.desc()
-            ))),
+            // Anything else (a server that refuses the loser differently, EACCES on some
+            // SMB servers): if a complete tree is there now, it is used.
+            Outcome::Failed(e) => {
+                let shown = format!("volume {}: {GOCRYPTFS_DIR}", stack.name);
+                match tree_ready(dir, false, left(), &shown).await {
+                    Ok(true) => Ok(Temp::Remove),
+                    _ => Err(AgentError::Internal(format!(
+                        "publishing {GOCRYPTFS_DIR} (rename): {}",
+                        e.desc()
+                    ))),
+                }
+            }
+            // The rename may still reach the server after this: the temp is left alone (a
+            // later opener of the published tree removes it), so that no late rename can
+            // publish a directory emptied under it.
             Outcome::TimedOut => Err(AgentError::Deadline(format!(
                 "publishing {GOCRYPTFS_DIR}: the server did not answer"
             ))),
         }
     }
     .await;
-    remove_temp(&temp, left().max(Duration::from_millis(500)), log).await;
-    result
+    match &result {
+        Ok(Temp::Gone) => {}
+        Ok(Temp::Remove) | Err(AgentError::Internal(_)) => {
+            remove_temp(&temp, left().max(Duration::from_millis(500)), log).await
+        }
+        Err(_) => {}
+    }
+    result.map(|_| ())
+}
+
+/// Whether `name` is a new tree's temp directory: `.cnfs-volume.gocryptfs.new-<16 hex>`.
+fn is_temp_tree(name: &str) -> bool {
+    name.strip_prefix(GOCRYPTFS_TEMP_PREFIX)
+        .is_some_and(crate::tools::command::is_hex16)
+}
+
+/// What is left of a new tree's temp directory after the publish.
+enum Temp {
+    /// Renamed: it is the published tree.
+    Gone,
+    /// Another client's tree was published: ours goes.
+    Remove,
+}
+
+/// Removes the temp directories of new trees in `dir` once the published one serves: an
+/// initialiser whose agent died left them, and a live one finds the name taken anyway (its
+/// rename fails, or finds its temp gone, and it uses the published tree). Bounded: what is
+/// left stays for the next opener.
+async fn remove_abandoned(dir: &Path, budget: Duration, log: &Logger) {
+    let until = Instant::now() + budget.min(Duration::from_secs(2));
+    for t in super::luks2::list_abandoned(dir, is_temp_tree, until).await {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        remove_temp(&t, left, log).await;
+        info!(log, "abandoned temp directory of a new encrypted tree removed";
+            "dir" => t.display().to_string());
+    }
 }
 
 /// Removes a temp tree (an empty directory, or one `gocryptfs -init` filled: its
-/// `gocryptfs.conf` and `gocryptfs.diriv`); ENOENT is done already (it was published).
+/// `gocryptfs.conf`, `.conf.tmp` and `gocryptfs.diriv`); ENOENT is done already.
 async fn remove_temp(temp: &Path, budget: Duration, log: &Logger) {
-    let (Ok(conf), Ok(diriv), Ok(t)) = (
+    // What `gocryptfs -init` writes (the .tmp if it was killed half way).
+    let (Ok(conf), Ok(tmp), Ok(diriv), Ok(t)) = (
         cstring(&temp.join("gocryptfs.conf")),
+        cstring(&temp.join("gocryptfs.conf.tmp")),
         cstring(&temp.join("gocryptfs.diriv")),
         cstring(temp),
     ) else {
@@ -448,7 +512,7 @@ async fn remove_temp(temp: &Path, budget: Duration, log: &Logger) {
             Ok(()) | Err(Errno::ENOENT) => {}
             Err(e) => return Err(e),
         }
-        for f in [&conf, &diriv] {
+        for f in [&conf, &tmp, &diriv] {
             match nix::unistd::unlink(f.as_c_str()) {
                 Ok(()) | Err(Errno::ENOENT) => {}
                 Err(e) => return Err(e),
@@ -469,7 +533,7 @@ async fn remove_temp(temp: &Path, budget: Duration, log: &Logger) {
 /// Unmounts the daemon's FUSE mount if there is one (the daemon then ends: its descriptor
 /// reads ENODEV) and removes its directory. Plain first; a mount still held (a container's
 /// bind after a forced Unmount) is detached, and its daemon serves it until it is let go.
-/// Returns the steps that did not finish plainly, and whether a mount was there.
+/// Returns the steps that did not finish plainly, and whether a daemon still runs.
 pub(super) async fn unmount_plain(name: &str, deadline: Instant) -> (Vec<String>, bool) {
     let plain = plain_dir(name);
     let entries = crate::mountinfo::read().unwrap_or_default();
@@ -505,10 +569,11 @@ pub(super) async fn unmount_plain(name: &str, deadline: Instant) -> (Vec<String>
     // Its daemon reads ENODEV and exits a moment later, closing its files on the share (whose
     // unmount is next). Not when containers still hold a copy of the mount: it serves them.
     let wait = (left() / 4).min(Duration::from_secs(2));
-    if !daemons_gone(name, wait).await {
-        notes.push("gocryptfs daemon still serving (held elsewhere)".into());
+    let gone = daemons_gone(name, wait).await;
+    if !gone {
+        notes.push("gocryptfs daemon still running (its mount held elsewhere, or stuck)".into());
     }
-    (notes, true)
+    (notes, !gone)
 }
 
 /// Waits up to `within` until no gocryptfs serves `name`'s tree; found by its argv (the

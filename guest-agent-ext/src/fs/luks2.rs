@@ -535,7 +535,18 @@ impl Stack {
         budget: Duration,
     ) -> Result<ToolOutcome, AgentError> {
         let started = Instant::now();
-        let _permit = tokio::time::timeout(budget, self.argon2.acquire())
+        let _slot = self.kdf_slot(budget).await?;
+        let left = budget.saturating_sub(started.elapsed());
+        self.tools.call(cmd, Some(key), left).await
+    }
+
+    /// One of the guest's two key-derivation slots (argon2 or scrypt: 64 MiB each), waited
+    /// for at most `budget`; held while a tool derives a key.
+    pub(super) async fn kdf_slot(
+        &self,
+        budget: Duration,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, AgentError> {
+        tokio::time::timeout(budget, self.argon2.clone().acquire_owned())
             .await
             .map_err(|_| {
                 AgentError::Deadline(format!(
@@ -543,9 +554,7 @@ impl Stack {
                     self.name
                 ))
             })?
-            .map_err(|_| AgentError::Internal("key derivation semaphore closed".into()))?;
-        let left = budget.saturating_sub(started.elapsed());
-        self.tools.call(cmd, Some(key), left).await
+            .map_err(|_| AgentError::Internal("key derivation semaphore closed".into()))
     }
 
     /// Takes the stack down under its volume's lock unless the volume is mounted by then:
@@ -571,11 +580,12 @@ impl Stack {
     /// last reference to the file.
     pub(super) async fn down_locked(&self, deadline: Instant) -> Vec<String> {
         // A gocryptfs volume's FUSE mount first: its daemon keeps files of the share open.
-        let (mut notes, daemon) = super::gocryptfs::unmount_plain(&self.name, deadline).await;
+        let (mut notes, daemon_left) = super::gocryptfs::unmount_plain(&self.name, deadline).await;
         notes.extend(self.down_dm_and_loops(deadline).await);
-        if daemon {
-            // A daemon stuck on a dead server would keep the share busy for good: a share
-            // that does not answer is given up (as `stuck` does for luks2's ext4).
+        if daemon_left {
+            // A daemon that did not end may be stuck on a dead server, which would keep the
+            // share busy for good: a share that does not answer is given up (as `stuck` does
+            // for luks2's ext4); one that answers is left to whoever still holds the mount.
             notes.extend(give_up_if_dead(&self.name, &self.log).await);
         }
         notes.extend(unmount_backing(&backing_dir(&self.name), deadline).await);
@@ -1255,25 +1265,9 @@ async fn format_temp(
 /// name taken anyway (its link fails, EEXIST, or ENOENT once its temp is gone, and it opens
 /// the published one). Bounded; a share that stops answering leaves them for next time.
 async fn remove_abandoned(dir: &Path, budget: Duration, log: &Logger) {
-    let d = dir.to_path_buf();
-    let listing = tokio::task::spawn_blocking(move || -> Vec<PathBuf> {
-        std::fs::read_dir(&d)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter(|e| e.file_name().to_str().is_some_and(is_temp_container))
-                    .map(|e| e.path())
-                    .take(64)
-                    .collect()
-            })
-            .unwrap_or_default()
-    });
     // At most 2 s of the mount's time in all: what is left stays for the next opener.
     let until = Instant::now() + budget.min(Duration::from_secs(2));
-    let Ok(Ok(temps)) = tokio::time::timeout_at(until, listing).await else {
-        return;
-    };
-    for t in temps {
+    for t in list_abandoned(dir, is_temp_container, until).await {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -1288,6 +1282,32 @@ async fn remove_abandoned(dir: &Path, budget: Duration, log: &Logger) {
         .await;
         info!(log, "abandoned temporary container removed"; "file" => t.display().to_string(),
             "outcome" => format!("{gone:?}"));
+    }
+}
+
+/// Up to 64 entries of `dir` whose names `is_temp` (temps that abandoned first uses left),
+/// listed by `until`; none when the share does not answer by then.
+pub(super) async fn list_abandoned(
+    dir: &Path,
+    is_temp: fn(&str) -> bool,
+    until: Instant,
+) -> Vec<PathBuf> {
+    let d = dir.to_path_buf();
+    let listing = tokio::task::spawn_blocking(move || -> Vec<PathBuf> {
+        std::fs::read_dir(&d)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_str().is_some_and(is_temp))
+                    .map(|e| e.path())
+                    .take(64)
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    match tokio::time::timeout_at(until, listing).await {
+        Ok(Ok(temps)) => temps,
+        _ => Vec::new(),
     }
 }
 

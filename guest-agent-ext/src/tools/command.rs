@@ -290,7 +290,7 @@ pub fn gocryptfs_temp_dir(name: &str, temp: &str) -> String {
     format!("{BACKING_ROOT}/{name}/{GOCRYPTFS_TEMP_PREFIX}{temp}")
 }
 
-fn is_hex16(s: &str) -> bool {
+pub fn is_hex16(s: &str) -> bool {
     s.len() == 16
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))

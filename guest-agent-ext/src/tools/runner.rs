@@ -398,23 +398,27 @@ fn handle(
         }
         (true, Some(fd)) => {
             if let Err(e) = check(cmd, header.key_len.map(|n| n as usize), &cfg.sysfs_root)
+                .and_then(|()| check_key(cmd, key))
                 .and_then(|()| check_fuse_device(&fd, &fd_field()))
             {
                 return Some(refusal_reply(e));
             }
-            return Some(match run_daemon(cmd, key, fd, reply, cfg, log) {
-                Ok(pid) => Reply::Started { pid },
+            return match run_daemon(cmd, key, fd, reply, cfg, log) {
+                // `Started` went out before anything could report its exit.
+                Ok(()) => None,
                 Err(e) => {
                     warn!(log, "tool runner: could not start the daemon"; "op" => cmd.op(), "error" => %e);
-                    Reply::Failed {
+                    Some(Reply::Failed {
                         reason: format!("starting {}: {e}", cmd.tool().name()),
-                    }
+                    })
                 }
-            });
+            };
         }
         (false, None) => {}
     }
-    if let Err(e) = check(cmd, header.key_len.map(|n| n as usize), &cfg.sysfs_root) {
+    if let Err(e) = check(cmd, header.key_len.map(|n| n as usize), &cfg.sysfs_root)
+        .and_then(|()| check_key(cmd, key))
+    {
         return Some(refusal_reply(e));
     }
     let deadline = Duration::from_millis(header.deadline_ms);
@@ -452,6 +456,18 @@ fn check_fuse_device(fd: &OwnedFd, field: &str) -> Result<(), Refusal> {
             "{field}: is not /dev/fuse (device {major}:{minor}); refusing to serve it"
         )))
     }
+}
+
+/// gocryptfs reads its key as one line: a key with a newline or NUL would be cut short
+/// silently (the agent refuses such keys first; this is the runner's own guard).
+fn check_key(cmd: &Command, key: &[u8]) -> Result<(), Refusal> {
+    if cmd.tool() == Tool::Gocryptfs && key.iter().any(|b| *b == b'\n' || *b == 0) {
+        return Err(Refusal::Invalid(cnfs_protocols::spec::SpecError {
+            field: format!("{}.key", cmd.op()),
+            reason: "gocryptfs reads it as one line: no newline or NUL byte".into(),
+        }));
+    }
+    Ok(())
 }
 
 fn check(cmd: &Command, key_len: Option<usize>, sysfs_root: &Path) -> Result<(), Refusal> {
@@ -603,6 +619,7 @@ fn run_tool(
 /// of its own and no parent-death signal, so that it outlives the runner and the agent: only
 /// the unmount of its FUSE mount ends it. A thread waits for it and sends its exit on
 /// `reply` while the agent still listens (how a wrong key is told from a mount that serves).
+/// `Started` is sent here, before that thread exists.
 fn run_daemon(
     cmd: &Command,
     key: &[u8],
@@ -610,7 +627,7 @@ fn run_daemon(
     reply: &OwnedFd,
     cfg: &Config,
     log: &Logger,
-) -> std::io::Result<u32> {
+) -> std::io::Result<()> {
     let started = Instant::now();
     let fuse_raw = fuse.as_raw_fd();
     let args: Vec<String> = cmd
@@ -653,6 +670,8 @@ fn run_daemon(
         // (EPIPE) is reported by its exit below.
         let _ = stdin.write_all(key);
     }
+    // Answered now, before the waiter below can send the daemon's exit.
+    send_reply(reply, &Reply::Started { pid });
     let reply = reply.try_clone()?;
     let (log, op) = (log.clone(), cmd.op());
     std::thread::Builder::new()
@@ -677,7 +696,7 @@ fn run_daemon(
                 },
             );
         })?;
-    Ok(pid)
+    Ok(())
 }
 
 /// How long a tool killed at its deadline is waited for before the answer.
