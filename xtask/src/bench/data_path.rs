@@ -309,16 +309,16 @@ pub(super) fn print_table(
         "median of 3, seconds",
         paths
             .iter()
-            .map(|p| format!("{:>16}", p.label))
+            .map(|p| format!(" {:>17}", p.label))
             .collect::<Vec<_>>()
             .join("")
     );
     for (s, step) in steps.iter().enumerate() {
         let base = median(&mut secs[0][s]);
-        let mut line = format!("{:<40} {base:>16.3}", what(step.name));
+        let mut line = format!("{:<40}  {base:>16.3}", what(step.name));
         for path in secs.iter_mut().skip(1) {
             let t = median(&mut path[s]);
-            line.push_str(&format!("{:>9.3} ({:.2}x)", t, t / base));
+            line.push_str(&format!(" {:>9.3} ({:.2}x)", t, t / base));
         }
         println!("{line}");
     }
