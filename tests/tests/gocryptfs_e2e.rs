@@ -400,5 +400,41 @@ async fn a_shared_encrypted_volume_serves_two_clients_and_keeps_its_secrets() ->
         assert!(!text.contains("g0cryptfs key"), "key in the guest's {what}");
         assert!(!text.contains(&canary), "plaintext in the guest's {what}");
     }
+
+    // The server dies under a mounted volume with a write in flight: the daemon waits on the
+    // share; Stats says UNRESPONSIVE, Unmount is bounded and, once the share is shut down,
+    // nothing is left (no mount, no daemon).
+    mount(&a, shared_volume("shr", &server, "shr", KEY)).await?;
+    let mut ganesha = ganesha;
+    ganesha.kill();
+    g.ok("(head -c 8000000 /dev/urandom > /run/cnfs/volumes/shr/late; sync) >/dev/null 2>&1 &")
+        .await?;
+    let dead = a
+        .stats(
+            ctx(T),
+            &agent::StatsRequest {
+                name: "shr".into(),
+                timeout_ms: 1500,
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(
+        dead.health.enum_value(),
+        Ok(agent::Health::UNRESPONSIVE),
+        "{dead:?}"
+    );
+    let started = std::time::Instant::now();
+    let u = cnfs_testbed::unmount_within(&a, "shr", 20_000).await?;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(40),
+        "Unmount took {took:?}: {u:?}"
+    );
+    assert!(
+        u.attempts.iter().any(|s| s.contains("shut down")),
+        "the dead share was not given up: {u:?}"
+    );
+    nothing_left(g).await?;
     Ok(())
 }
