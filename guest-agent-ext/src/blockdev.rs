@@ -16,6 +16,11 @@ const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+/// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IOW('f', 16, __u64)`: grows a mounted ext4 to a number of blocks (fs/ext4/ioctl.c;
+/// needs CAP_SYS_RESOURCE).
+const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
 pub const LO_FLAGS_READ_ONLY: u32 = 1;
 pub const LO_FLAGS_DIRECT_IO: u32 = 16;
 
@@ -178,6 +183,41 @@ fn configure(dev: RawFd, backing: RawFd, flags: u32) -> Result<(), Errno> {
     } else {
         Ok(())
     }
+}
+
+/// Grows the ext4 mounted at `mount_point` to fill `device` (its block device), online.
+/// Returns `[device bytes, blocks before, blocks after]`. Child-safe.
+pub fn grow_ext4(device: &CStr, mount_point: &CStr) -> Result<[u64; 3], Errno> {
+    let dev = open_raw(device, libc::O_RDONLY)?;
+    let mut bytes: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 to a value on the stack.
+    let rc = unsafe { libc::ioctl(dev, BLKGETSIZE64, &mut bytes as *mut u64) };
+    let errno = Errno::last();
+    close_raw(dev);
+    if rc < 0 {
+        return Err(errno);
+    }
+    let dir = open_raw(mount_point, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    // SAFETY: an all-zero `struct statfs` is valid; fstatfs(2) fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs(2) writes one `struct statfs` to a value on the stack.
+    let rc = unsafe { libc::fstatfs(dir, &mut st) };
+    if rc < 0 || st.f_bsize <= 0 {
+        let e = Errno::last();
+        close_raw(dir);
+        return Err(if rc < 0 { e } else { Errno::EINVAL });
+    }
+    let (before, blocks) = (st.f_blocks, bytes / st.f_bsize as u64);
+    let mut result = Ok([bytes, before, blocks]);
+    if blocks > before {
+        // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 from a value on the stack.
+        let rc = unsafe { libc::ioctl(dir, EXT4_IOC_RESIZE_FS, &blocks as *const u64) };
+        if rc < 0 {
+            result = Err(Errno::last());
+        }
+    }
+    close_raw(dir);
+    result
 }
 
 /// Releases loop device `n` from its file. A device still open (a dm-crypt mapping on it

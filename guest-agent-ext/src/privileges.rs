@@ -2,7 +2,8 @@
 //! for mount(2)/umount2(2); CAP_SYSLOG to read the kernel log records of its own failed
 //! mounts (`kmsg.rs`: with `dmesg_restrict = 1` nothing else may); CAP_CHOWN to give a new
 //! encrypted tree (gocryptfs) to the volume's owner before it is published, and back to root
-//! to remove it when another guest published first; CAP_SYS_MODULE only when
+//! to remove it when another guest published first; CAP_SYS_RESOURCE to grow a mounted ext4
+//! into a grown encrypted container (ext4's resize ioctl asks for it); CAP_SYS_MODULE only when
 //! the guest kernel loads modules (a kernel with the file systems built in has no
 //! /proc/modules). Everything else is dropped
 //! from every set, the bounding set included, so no child can regain it.
@@ -14,6 +15,7 @@ pub fn keep_set() -> Vec<Capability> {
         Capability::CAP_SYS_ADMIN,
         Capability::CAP_SYSLOG,
         Capability::CAP_CHOWN,
+        Capability::CAP_SYS_RESOURCE,
     ];
     if std::path::Path::new("/proc/modules").exists() {
         keep.push(Capability::CAP_SYS_MODULE);

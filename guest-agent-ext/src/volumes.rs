@@ -439,6 +439,10 @@ impl Volumes {
             let _ = std::fs::remove_dir(&mount_point);
             return Err(e);
         }
+        if let Some(work) = attempt.after_mount() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let _ = tokio::time::timeout(left.max(Duration::from_secs(1)), work).await;
+        }
         // Mounted: the attempt (a kernel log cursor) ends here, with nothing to undo; what
         // must keep running while the volume is mounted (a FUSE socket) stays.
         self.attach(&name, attempt.into_attachment(&self.log, &self.locks));

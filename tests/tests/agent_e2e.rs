@@ -258,12 +258,18 @@ async fn unmount_list_stats_idempotency_and_least_privilege() -> anyhow::Result<
         .expect_err("gone");
     assert_eq!(code_of(&e), Code::NOT_FOUND);
 
-    // Least privilege: the agent kept CAP_SYS_ADMIN, CAP_SYSLOG, CAP_CHOWN and
-    // CAP_SYS_MODULE only, in every set.
+    // Least privilege: the agent kept CAP_SYS_ADMIN, CAP_SYSLOG, CAP_CHOWN, CAP_SYS_RESOURCE
+    // and CAP_SYS_MODULE only, in every set.
     let ping = agent.ping(ctx(T), &agent::PingRequest::new()).await?;
     assert_eq!(
         ping.capabilities,
-        ["CAP_CHOWN", "CAP_SYSLOG", "CAP_SYS_ADMIN", "CAP_SYS_MODULE"]
+        [
+            "CAP_CHOWN",
+            "CAP_SYSLOG",
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_MODULE",
+            "CAP_SYS_RESOURCE"
+        ]
     );
     let status = g
         .ok(&format!("{AGENT_PID_SH}; cat /proc/$a/status"))
@@ -274,7 +280,7 @@ async fn unmount_list_stats_idempotency_and_least_privilege() -> anyhow::Result<
             .find_map(|l| l.strip_prefix(k))
             .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(u64::MAX))
     };
-    let want = (1u64 << 21) | (1u64 << 34) | (1u64 << 16) | 1;
+    let want = (1u64 << 21) | (1u64 << 34) | (1u64 << 16) | (1u64 << 24) | 1;
     for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
         assert_eq!(cap(set), Some(want), "{set} in\n{status}");
     }

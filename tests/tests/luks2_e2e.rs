@@ -326,6 +326,48 @@ async fn an_encrypted_volume_keeps_its_data_and_its_secrets() -> anyhow::Result<
     unmount(&a, "sec").await?;
     nothing_left(g).await?;
 
+    // A larger size at a later mount grows the container, the mapping and the ext4 (online,
+    // before the Mount answers), data intact; a smaller one never shrinks it.
+    std::fs::create_dir_all(export.join("grow"))?;
+    let sized = |size: u64| {
+        let mut v = luks2_volume("grow", &server, "grow", KEY);
+        if let Some(e) = v.encryption.as_mut() {
+            e.size_bytes = size;
+        }
+        v
+    };
+    let fs_bytes = |out: String| -> u64 {
+        let mut f = out
+            .split_whitespace()
+            .map(|n| n.parse::<u64>().unwrap_or(0));
+        f.next().unwrap_or(0) * f.next().unwrap_or(0)
+    };
+    mount(&a, sized(SIZE)).await?;
+    let grow_sum = g
+        .ok("head -c 2000000 /dev/urandom > /run/cnfs/volumes/grow/d && sync && sha256sum /run/cnfs/volumes/grow/d")
+        .await?;
+    let small = fs_bytes(g.ok("stat -f -c '%b %S' /run/cnfs/volumes/grow").await?);
+    unmount(&a, "grow").await?;
+    mount(&a, sized(2 * SIZE)).await?;
+    let container = export.join("grow/cnfs-volume.luks2");
+    assert_eq!(std::fs::metadata(&container)?.len(), 2 * SIZE);
+    let big = fs_bytes(g.ok("stat -f -c '%b %S' /run/cnfs/volumes/grow").await?);
+    assert!(
+        big > small + SIZE * 3 / 4 && big <= 2 * SIZE,
+        "ext4 did not grow into the container: {small} -> {big}"
+    );
+    assert_eq!(g.ok("sha256sum /run/cnfs/volumes/grow/d").await?, grow_sum);
+    unmount(&a, "grow").await?;
+    mount(&a, sized(SIZE)).await?;
+    assert_eq!(
+        std::fs::metadata(&container)?.len(),
+        2 * SIZE,
+        "a smaller size shrank the container"
+    );
+    assert_eq!(g.ok("sha256sum /run/cnfs/volumes/grow/d").await?, grow_sum);
+    unmount(&a, "grow").await?;
+    nothing_left(g).await?;
+
     // The agent is killed while cryptsetup formats a new container: the runner and the tool
     // die with it, nothing is published, and the next Mount (after a restart) formats afresh
     // and clears the half-built stack first.

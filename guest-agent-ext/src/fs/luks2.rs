@@ -117,10 +117,12 @@ fn classify_magic(primary: &[u8; 8], secondaries: &[[u8; 8]]) -> Found {
 /// The answer of the child that opens the container and binds it to a loop device.
 #[derive(Debug, PartialEq, Eq)]
 enum Opened {
-    /// Bound to loop `n`; `found` is what the file held.
+    /// Bound to loop `n`; `found` is what the file held; `grown_from` the size of an existing
+    /// container grown to the size asked for (0: not grown).
     Loop {
         n: u32,
         found: Found,
+        grown_from: u64,
     },
     /// Not bound (absent, or not something to open).
     Not(Found),
@@ -177,6 +179,7 @@ async fn open_and_bind(
         0 => Opened::Loop {
             n: p[3] as u32,
             found,
+            grown_from: p[5],
         },
         1 => Opened::Not(found),
         2 => Opened::InUse,
@@ -188,7 +191,7 @@ async fn open_and_bind(
 }
 
 /// The child's half of [`open_and_bind`]: system calls only, nothing allocated. Payload:
-/// `[result (0 bound, 1 not bound, 2 in use, 3 failed), step, errno, loop, found, 0]`.
+/// `[result (0 bound, 1 not bound, 2 in use, 3 failed), step, errno, loop, found, grown from]`.
 fn open_and_bind_child(
     path: &std::ffi::CStr,
     create: bool,
@@ -228,11 +231,11 @@ fn bind_open_file(
     size: u64,
     fail: impl Fn(u64, Errno) -> killable::Payload,
 ) -> killable::Payload {
-    match nix::sys::stat::fstat(fd) {
+    let current = match nix::sys::stat::fstat(fd) {
         Ok(st) if st.st_mode & libc::S_IFMT != libc::S_IFREG => return [1, 0, 0, 0, 1, 0],
-        Ok(_) => {}
+        Ok(st) => st.st_size,
         Err(e) => return fail(1, e),
-    }
+    };
     // The single-writer lock, on this open file description (OFD): it stays with the file
     // the loop device keeps, not with this short-lived process.
     let lock = libc::flock {
@@ -275,19 +278,27 @@ fn bind_open_file(
             _ => return [1, 0, 0, 0, 4, 0],
         }
     };
-    if create {
-        // cryptsetup's 4 KiB sectors need a size in whole sectors: rounded up.
-        let Ok(len) = libc::off_t::try_from(size.div_ceil(4096).saturating_mul(4096)) else {
-            return fail(4, Errno::EFBIG);
-        };
-        // Sparse: only what is written takes space on the server.
+    // cryptsetup's 4 KiB sectors need a size in whole sectors: rounded up.
+    let Ok(len) = libc::off_t::try_from(size.div_ceil(4096).saturating_mul(4096)) else {
+        return fail(4, Errno::EFBIG);
+    };
+    // A new container gets its size; an existing one grows to a larger size asked for (with
+    // the lock held, before the loop reads its size), never shrinks. Sparse either way: only
+    // what is written takes space on the server.
+    let grow = create || (!read_only && len > current);
+    if grow {
         // SAFETY: ftruncate(2) on a descriptor this child opened.
         if unsafe { libc::ftruncate(fd, len) } < 0 {
             return fail(4, Errno::last());
         }
     }
+    let grown_from = if grow && !create {
+        u64::try_from(current).unwrap_or(0)
+    } else {
+        0
+    };
     match blockdev::attach(fd, read_only) {
-        Ok(n) => [0, 0, 0, u64::from(n), found, 0],
+        Ok(n) => [0, 0, 0, u64::from(n), found, grown_from],
         Err(e) => fail(5, e),
     }
 }
@@ -789,6 +800,8 @@ pub(super) enum Layer {
 pub(super) struct Built {
     stack: Option<Stack>,
     dm_kernel_name: String,
+    /// The container grew: its ext4 is grown to fill it once mounted.
+    grow_fs: bool,
 }
 
 impl Built {
@@ -797,6 +810,7 @@ impl Built {
         Built {
             stack: Some(stack),
             dm_kernel_name: String::new(),
+            grow_fs: false,
         }
     }
 
@@ -827,6 +841,14 @@ impl Attempt for Luks2Attempt {
         self.built = None;
     }
 
+    fn after_mount(&mut self) -> Option<super::AfterMount> {
+        let b = self.built.as_ref().filter(|b| b.grow_fs)?;
+        let name = b.stack.as_ref()?.name.clone();
+        let log = b.stack.as_ref()?.log.clone();
+        let device = format!("/dev/{}", b.dm_kernel_name);
+        Some(Box::pin(grow_fs(name, device, log)))
+    }
+
     fn into_attachment(
         mut self: Box<Self>,
         _log: &Logger,
@@ -836,6 +858,30 @@ impl Attempt for Luks2Attempt {
             b.keep();
         }
         None
+    }
+}
+
+/// Grows the volume's mounted ext4 to fill its grown container, online (ext4's resize
+/// ioctl). Best effort: a volume that could not grow is mounted at its old size, and says so
+/// in the log; the next mount tries again.
+async fn grow_fs(name: String, device: String, log: Logger) {
+    let mount_point = cnfs_protocols::spec::mount_point(&name);
+    let (Ok(dev), Ok(mp)) = (CString::new(device), cstring(&mount_point)) else {
+        return;
+    };
+    // ext4's resize adds block groups in memory and journals them: no server round trip per
+    // group, but bounded all the same.
+    let outcome = killable::run(Duration::from_secs(30), || {
+        blockdev::grow_ext4(&dev, &mp).map(|[b, f, t]| [b, f, t, 0, 0, 0])
+    })
+    .await;
+    match outcome {
+        Outcome::Done([bytes, _, blocks, ..]) => info!(log, "volume's file system grown";
+            "volume" => name.as_str(), "device_bytes" => bytes, "blocks" => blocks),
+        other => {
+            warn!(log, "volume's file system not grown (it keeps its size until the next mount)";
+            "volume" => name.as_str(), "outcome" => format!("{other:?}"))
+        }
     }
 }
 
@@ -916,9 +962,13 @@ async fn build(
     let shown = format!("volume {name}: {CONTAINER} on the share");
     let mut formatted = false;
     loop {
-        let opened = open_and_bind(&file, false, spec.read_only, 0, left()).await?;
+        let opened = open_and_bind(&file, false, spec.read_only, enc.size, left()).await?;
         match opened {
-            Opened::Loop { n, found: _ } => {
+            Opened::Loop { n, grown_from, .. } => {
+                if grown_from > 0 {
+                    info!(log, "encrypted container grown to the size asked for";
+                        "volume" => name.as_str(), "from" => grown_from, "to" => enc.size);
+                }
                 let started = Instant::now();
                 luks_open(stack, n, enc, spec.read_only, left(), &shown).await?;
                 let dm = Sysfs::default().dm_by_name(&dm_name(name)).ok_or_else(|| {
@@ -935,6 +985,7 @@ async fn build(
                 return Ok(Built {
                     stack: Some(stack.clone()),
                     dm_kernel_name: dm,
+                    grow_fs: grown_from > 0,
                 });
             }
             Opened::InUse => {

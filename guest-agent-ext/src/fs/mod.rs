@@ -57,6 +57,13 @@ pub trait Attempt {
     /// request's error stands either way.
     fn undo(&mut self) {}
 
+    /// The mount succeeded: work that is part of the Mount before it answers (luks2: growing
+    /// the file system into a grown container). Best effort and bounded by the Mount's
+    /// deadline: its outcome is logged, never the Mount's error.
+    fn after_mount(&mut self) -> Option<AfterMount> {
+        None
+    }
+
     /// A descriptor the mount call reads (FUSE's `fd=`): left open in the child that makes
     /// the call, which otherwise closes every descriptor of the agent.
     fn keep_fd(&self) -> Option<std::os::fd::RawFd> {
@@ -74,6 +81,9 @@ pub trait Attempt {
         None
     }
 }
+
+/// See [`Attempt::after_mount`].
+pub type AfterMount = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The volume table's per-volume locks, shared with attachments.
 pub type VolumeLocks = std::sync::Arc<cnfs_protocols::keyed_lock::KeyedLocks<String>>;
