@@ -47,7 +47,7 @@ struct Args {
     /// Run without the system call allowlist (for diagnosing a call the filter refuses).
     #[arg(long)]
     no_seccomp: bool,
-    /// Start no tool runner: encrypted (luks2) volumes are refused.
+    /// Start no tool runner: encrypted volumes (luks2, gocryptfs) are refused.
     #[arg(long)]
     no_luks2: bool,
     /// Log level: error, warning, info, debug.
@@ -107,7 +107,7 @@ fn start_tool_runner(args: &Args, log: &slog::Logger) -> ToolClient {
     if args.no_luks2 {
         info!(log, "tool runner not started (--no-luks2)");
         return ToolClient::disabled(
-            "encryption=luks2 is turned off in this guest (cnfs-agent --no-luks2)",
+            "encrypted volumes (luks2, gocryptfs) are turned off in this guest (cnfs-agent --no-luks2)",
         );
     }
     match ToolClient::spawn(Path::new(tools::DEFAULT_TOOLS_DIR), args.no_seccomp) {
