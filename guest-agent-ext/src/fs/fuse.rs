@@ -387,7 +387,9 @@ impl Attachment for Server {
     }
 
     fn explain(&self, errno: Errno) -> Option<String> {
-        (errno == Errno::ENOTCONN).then(|| {
+        // ENOTCONN for a request made after the daemon died; ECONNABORTED for one that was in
+        // flight when it did (the kernel ends those with it).
+        matches!(errno, Errno::ENOTCONN | Errno::ECONNABORTED).then(|| {
             format!(
                 "the FUSE daemon in container {} is gone; when the container restarts it gets \
                  a fresh mount (containers that bound this one see ENOTCONN until they restart)",
