@@ -1304,14 +1304,9 @@ async fn node_plugin_image_runs_as_node_yaml_says_and_hands_off_without_mounting
     // It ended by itself, with status 0: SIGTERM was handled (its default action would end
     // it with 143), the shutdown ran to its end. Read from the task, not from the log: the
     // last lines a process writes before it exits have been seen missing from containerd
-    // 1.6's `--log-uri file://` copy under load (twice in CI, once cut mid-line), so the
-    // final "stopped" record is no evidence either way.
+    // 1.6's `--log-uri file://` copy under load (its "stopped" record three times in CI,
+    // once cut mid-line, once with "stopping" gone too), so no closing record is evidence.
     assert_eq!(node.exit_status()?, 0, "{}", node.log_text());
-    assert!(
-        node.log_text().contains("\"msg\":\"stopping\""),
-        "{}",
-        node.log_text()
-    );
     Ok(())
 }
 
