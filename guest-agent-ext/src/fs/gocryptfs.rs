@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use super::luks2::{
     backing_dir, cstring, encryption, first_line, path_call, random_u64, Built, Layer, Luks2,
-    Luks2Attempt, Stack,
+    Stack, StackAttempt,
 };
 use super::{vfs_flags, Context, MountHandler, MountPlan};
 use crate::error::AgentError;
@@ -131,7 +131,7 @@ impl MountHandler for Gocryptfs {
             fs_type: "none".into(),
             flags: MsFlags::MS_BIND,
             data: String::new(),
-            attempt: Box::new(Luks2Attempt { built: Some(built) }),
+            attempt: Box::new(StackAttempt { built: Some(built) }),
         })
     }
 }

@@ -332,9 +332,9 @@ pub struct Luks2 {
     /// The volume table's locks: a stack left by a failed or abandoned mount is taken down
     /// under its volume's lock, so never between a later Mount's build and its mount.
     volumes: super::VolumeLocks,
-    /// Two argon2 passes at a time at most (64 MiB each): 16 at once would not fit a small
-    /// guest's memory.
-    argon2: Arc<tokio::sync::Semaphore>,
+    /// Two key derivations (argon2 or scrypt, 64 MiB each) at a time at most: 16 at once
+    /// would not fit a small guest's memory.
+    kdf_slots: Arc<tokio::sync::Semaphore>,
     /// Keyed digests (SipHash, random keys of this process) of the keys of mounted volumes,
     /// in memory only: a repeated Mount with another key is refused, not "already mounted".
     keys: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -348,7 +348,7 @@ impl Luks2 {
             tools,
             stacks: Arc::new(KeyedLocks::new()),
             volumes,
-            argon2: Arc::new(tokio::sync::Semaphore::new(2)),
+            kdf_slots: Arc::new(tokio::sync::Semaphore::new(2)),
             keys: std::sync::Mutex::new(std::collections::HashMap::new()),
             digest: std::collections::hash_map::RandomState::new(),
             log,
@@ -429,7 +429,7 @@ impl Luks2 {
             tools: self.tools.clone(),
             locks: self.stacks.clone(),
             volumes: self.volumes.clone(),
-            argon2: self.argon2.clone(),
+            kdf_slots: self.kdf_slots.clone(),
             log: self.log.clone(),
         }
     }
@@ -533,7 +533,7 @@ pub(super) struct Stack {
     pub(super) tools: ToolClient,
     pub(super) locks: Arc<KeyedLocks<String>>,
     volumes: super::VolumeLocks,
-    argon2: Arc<tokio::sync::Semaphore>,
+    kdf_slots: Arc<tokio::sync::Semaphore>,
     log: Logger,
 }
 
@@ -557,7 +557,7 @@ impl Stack {
         &self,
         budget: Duration,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, AgentError> {
-        tokio::time::timeout(budget, self.argon2.clone().acquire_owned())
+        tokio::time::timeout(budget, self.kdf_slots.clone().acquire_owned())
             .await
             .map_err(|_| {
                 AgentError::Deadline(format!(
@@ -831,11 +831,11 @@ impl Drop for Built {
     }
 }
 
-pub(super) struct Luks2Attempt {
+pub(super) struct StackAttempt {
     pub(super) built: Option<Built>,
 }
 
-impl Attempt for Luks2Attempt {
+impl Attempt for StackAttempt {
     fn undo(&mut self) {
         // Dropping it takes the stack down, in the background, under the volume's stack lock.
         self.built = None;
@@ -941,7 +941,7 @@ impl MountHandler for Luks2 {
             fs_type: "ext4".into(),
             flags: vfs_flags(spec),
             data: "errors=remount-ro".into(),
-            attempt: Box::new(Luks2Attempt { built: Some(built) }),
+            attempt: Box::new(StackAttempt { built: Some(built) }),
         })
     }
 }

@@ -382,6 +382,14 @@ fn handle(
     log: &Logger,
 ) -> Option<Reply> {
     let cmd = &header.command;
+    if let Err(e) = check(
+        cmd,
+        header.key_len.map(|n| n as usize),
+        key,
+        &cfg.sysfs_root,
+    ) {
+        return Some(refusal_reply(e));
+    }
     let fd_field = || format!("{}.fuse_fd", cmd.op());
     match (cmd.is_daemon(), passed) {
         (true, None) => {
@@ -397,10 +405,7 @@ fn handle(
             })
         }
         (true, Some(fd)) => {
-            if let Err(e) = check(cmd, header.key_len.map(|n| n as usize), &cfg.sysfs_root)
-                .and_then(|()| check_key(cmd, key))
-                .and_then(|()| check_fuse_device(&fd, &fd_field()))
-            {
+            if let Err(e) = check_fuse_device(&fd, &fd_field()) {
                 return Some(refusal_reply(e));
             }
             return match run_daemon(cmd, key, fd, reply, cfg, log) {
@@ -415,11 +420,6 @@ fn handle(
             };
         }
         (false, None) => {}
-    }
-    if let Err(e) = check(cmd, header.key_len.map(|n| n as usize), &cfg.sysfs_root)
-        .and_then(|()| check_key(cmd, key))
-    {
-        return Some(refusal_reply(e));
     }
     let deadline = Duration::from_millis(header.deadline_ms);
     match run_tool(cmd, key, deadline, reply, cfg) {
@@ -458,20 +458,22 @@ fn check_fuse_device(fd: &OwnedFd, field: &str) -> Result<(), Refusal> {
     }
 }
 
-/// gocryptfs reads its key as one line: a key with a newline or NUL would be cut short
-/// silently (the agent refuses such keys first; this is the runner's own guard).
-fn check_key(cmd: &Command, key: &[u8]) -> Result<(), Refusal> {
+/// The request's parameters, its key and the device it may touch. A gocryptfs key with a
+/// newline or NUL would be cut short silently (the agent refuses such keys first; this is
+/// the runner's own guard).
+fn check(
+    cmd: &Command,
+    key_len: Option<usize>,
+    key: &[u8],
+    sysfs_root: &Path,
+) -> Result<(), Refusal> {
+    cmd.validate(key_len).map_err(Refusal::Invalid)?;
     if cmd.tool() == Tool::Gocryptfs && key.iter().any(|b| *b == b'\n' || *b == 0) {
         return Err(Refusal::Invalid(cnfs_protocols::spec::SpecError {
             field: format!("{}.key", cmd.op()),
             reason: "gocryptfs reads it as one line: no newline or NUL byte".into(),
         }));
     }
-    Ok(())
-}
-
-fn check(cmd: &Command, key_len: Option<usize>, sysfs_root: &Path) -> Result<(), Refusal> {
-    cmd.validate(key_len).map_err(Refusal::Invalid)?;
     match cmd {
         Command::LuksFormat { device, .. } => check_format_target(sysfs_root, *device)?,
         Command::Mkfs { name, .. } => check_mkfs_target(sysfs_root, name)?,
