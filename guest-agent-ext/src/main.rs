@@ -63,6 +63,12 @@ fn main() -> anyhow::Result<()> {
     {
         std::process::exit(cnfs_agent::idmap::run(&argv));
     }
+    if argv
+        .first()
+        .is_some_and(|a| tools::holder::invoked_as_holder(a))
+    {
+        std::process::exit(tools::holder::run(&argv));
+    }
     if argv.first().is_some_and(|a| tools::invoked_as_runner(a)) {
         std::process::exit(tools::runner::run(argv));
     }

@@ -768,6 +768,10 @@ impl Volumes {
                 if let Some(w) = handler.and_then(|h| h.root_owner_warning(uid, gid)) {
                     st.warnings.push(w);
                 }
+                if let Some(why) = crate::fs::luks2::lock_lost(name, &entries) {
+                    st.health = agent::Health::ERROR;
+                    st.detail = why;
+                }
             }
             Ok(Outcome::Failed(e)) => {
                 st.health = agent::Health::ERROR;

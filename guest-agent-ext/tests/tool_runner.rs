@@ -596,7 +596,12 @@ async fn a_daemon_gets_its_key_its_descriptor_and_its_own_capabilities_and_outli
     let client = bed.client();
     let key = b"shared \x01 key";
     let daemon = client
-        .start_daemon(serve("data"), key, &fuse_device(), Duration::from_secs(10))
+        .start_daemon(
+            serve("data"),
+            Some(key),
+            &fuse_device(),
+            Duration::from_secs(10),
+        )
         .await
         .expect("started");
     let pid = bed.pid("pid").await;
@@ -671,7 +676,7 @@ async fn a_daemon_that_exits_reports_its_code_to_a_caller_still_listening() {
     let daemon = client
         .start_daemon(
             serve("data"),
-            b"wrong",
+            Some(b"wrong"),
             &fuse_device(),
             Duration::from_secs(10),
         )
@@ -700,7 +705,7 @@ async fn a_daemon_is_refused_without_a_fuse_descriptor_or_with_another_one() {
     }
     let null: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").expect("null").into();
     match client
-        .start_daemon(serve("data"), b"k", &null, Duration::from_secs(5))
+        .start_daemon(serve("data"), Some(b"k"), &null, Duration::from_secs(5))
         .await
     {
         Err(AgentError::FailedPrecondition(m)) => {
@@ -771,4 +776,95 @@ async fn gocryptfs_init_runs_only_in_a_temp_directory_of_a_valid_volume() {
             other => panic!("{temp:?} accepted: {other:?}"),
         }
     }
+}
+
+/// The pids of lock holders of `container` (argv[0] `cnfs-lock-holder`, then the path).
+fn holders_of(container: &Path) -> Vec<i32> {
+    let want = format!("cnfs-lock-holder\0{}\0", container.display());
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            cmdline.starts_with(want.as_bytes()).then_some(pid)
+        })
+        .collect()
+}
+
+/// The SMB lock holder (the agent's own binary, started by the runner): it reports a
+/// missing container, holds an existing one's lock until it is killed (a second holder, as
+/// a second client would, meets it, for writing and for reading), outlives the runner, and
+/// takes nothing but a pipe to report on.
+#[tokio::test]
+async fn a_lock_holder_keeps_its_lock_until_killed_and_a_second_holder_meets_it() {
+    use cnfs_agent::tools::holder::Report;
+    use nix::errno::Errno;
+    let bed = bed();
+    let client = bed.client();
+    let name = format!("holdtest{}", std::process::id());
+    let dir = Path::new("/run/cnfs/backing").join(&name);
+    let container = dir.join("cnfs-volume.luks2");
+    let _ = std::fs::remove_dir_all(&dir);
+    let t = Duration::from_secs(10);
+    assert_eq!(
+        client.hold_lock(&name, false, t).await.expect("report"),
+        Report::Open(Errno::ENOENT)
+    );
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(&container, b"container").expect("container");
+    assert_eq!(
+        client.hold_lock(&name, false, t).await.expect("report"),
+        Report::Held
+    );
+    let first = holders_of(&container);
+    assert_eq!(first.len(), 1, "{first:?}");
+    for read_only in [false, true] {
+        match client.hold_lock(&name, read_only, t).await.expect("report") {
+            Report::Lock(Errno::EAGAIN | Errno::EACCES) => {}
+            other => panic!("second holder (read_only {read_only}): {other:?}"),
+        }
+    }
+    assert_eq!(holders_of(&container), first, "a refused holder stayed");
+
+    let null: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").expect("null").into();
+    let cmd = Command::HoldLock {
+        name: name.clone(),
+        read_only: false,
+    };
+    match client.start_daemon(cmd, None, &null, t).await {
+        Err(AgentError::FailedPrecondition(m)) => {
+            assert!(m.contains("hold_lock.report_fd: is not a pipe"), "{m}")
+        }
+        Err(other) => panic!("wrong refusal: {other:?}"),
+        Ok(d) => panic!("started a holder on /dev/null (pid {})", d.pid),
+    }
+
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        holders_of(&container),
+        first,
+        "the holder died with the runner"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    assert_gone(first[0]).await;
+    let client = bed.client();
+    assert_eq!(
+        client.hold_lock(&name, false, t).await.expect("report"),
+        Report::Held,
+        "the lock went with its holder"
+    );
+    for pid in holders_of(&container) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        assert_gone(pid).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

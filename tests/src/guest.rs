@@ -14,10 +14,13 @@ pub const EXEC_PORT: u32 = 17231;
 pub const ECHO_PORT: u32 = 17232;
 
 /// Shell that sets `$a` to the agent's pid: its forked children (mount, unmount, statfs)
-/// carry the same name, and the agent is the one whose parent is not an agent.
+/// carry the same name, and the agent is the one whose parent is not an agent; SMB luks2
+/// lock holders (the agent's binary too, `pidof` finds them by it) outlive the agent that
+/// started them, so they are told apart by their argv[0].
 pub const AGENT_PID_SH: &str = "all=\" $(pidof cnfs-agent) \"; a=; for p in $all; do \
      pp=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status); \
-     case \"$all\" in *\" $pp \"*) ;; *) a=$p;; esac; done";
+     case \"$all\" in *\" $pp \"*) ;; *) grep -qa 'cnfs-lock-holder' /proc/$p/cmdline || a=$p;; esac; \
+     done";
 
 #[derive(Debug, Deserialize)]
 pub struct Output {

@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 
 use crate::artifacts::Artifacts;
 use crate::guest::GuestExec;
-use crate::netns::NetNs;
+use crate::netns::{GuestNet, NetNs};
 use crate::process::{wait_for, Guarded};
 
 /// The NFS server's name inside test guests (their /etc/hosts), for name resolution tests.
@@ -58,10 +58,16 @@ impl Boot {
     /// The test guests' command line (console, no reboot on panic, the network for the test
     /// init or stand-in) with `extra` appended.
     pub fn test_append(ns: &NetNs, extra: &str) -> String {
+        Self::test_append_at(ns, &ns.guest_ip, extra)
+    }
+
+    /// [`Boot::test_append`] for a guest at `guest_ip` (guest `i` of a multi-guest namespace:
+    /// `ns.guest(i).ip`).
+    pub fn test_append_at(ns: &NetNs, guest_ip: &str, extra: &str) -> String {
         format!(
-            "console=ttyS0 panic=-1 loglevel=4 cnfs.ip={}/24 cnfs.hostname=cnfs-guest \
+            "console=ttyS0 panic=-1 loglevel=4 cnfs.ip={guest_ip}/24 cnfs.hostname=cnfs-guest \
              cnfs.hosts={NFS_HOST_NAME}/{} {extra}",
-            ns.guest_ip, ns.host_ip
+            ns.host_ip
         )
     }
 }
@@ -93,11 +99,47 @@ impl Vm {
 
     /// Boots `boot` and waits for its agent, once more if its hybrid vsock never came up.
     pub async fn boot_with(boot: &Boot, ns: &NetNs, dir: &Path) -> anyhow::Result<Self> {
-        match Self::boot_once(boot, ns, &dir.join("vm"), true).await {
+        Self::boot_retrying(boot, ns, &single_guest(ns), dir, "vm").await
+    }
+
+    /// Boots guest `i` of a namespace made by [`NetNs::create_with_guests`]: the test guest
+    /// (512M, as [`Vm::boot`]) on tap `i` with address and MAC `ns.guest(i)`, its files under
+    /// `dir/vm{i}`; waits for its agent, once more if its hybrid vsock never came up.
+    pub async fn boot_guest(
+        art: &Artifacts,
+        ns: &NetNs,
+        i: usize,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            i < ns.guests,
+            "guest {i}: namespace {} has taps for {} guests",
+            ns.name,
+            ns.guests
+        );
+        let net = ns.guest(i);
+        let boot = Boot {
+            kernel: art.kernel.clone(),
+            initrd: art.initrd.clone(),
+            append: Boot::test_append_at(ns, &net.ip, ""),
+            memory: "512M".into(),
+            qemu_extra: Vec::new(),
+        };
+        Self::boot_retrying(&boot, ns, &net, dir, &format!("vm{i}")).await
+    }
+
+    async fn boot_retrying(
+        boot: &Boot,
+        ns: &NetNs,
+        net: &GuestNet,
+        dir: &Path,
+        tag: &str,
+    ) -> anyhow::Result<Self> {
+        match Self::boot_once(boot, ns, net, &dir.join(tag), true).await {
             Ok(vm) => Ok(vm),
             Err(first) => {
                 eprintln!("testbed: guest did not come up, booting it again: {first:#}");
-                Self::boot_once(boot, ns, &dir.join("vm-retry"), true)
+                Self::boot_once(boot, ns, net, &dir.join(format!("{tag}-retry")), true)
                     .await
                     .map_err(|e| anyhow::anyhow!("{e:#}\n(first attempt: {first:#})"))
             }
@@ -106,7 +148,7 @@ impl Vm {
 
     /// Starts `boot` without waiting for anything (for guests expected not to come up).
     pub async fn start(boot: &Boot, ns: &NetNs, dir: &Path) -> anyhow::Result<Self> {
-        Self::boot_once(boot, ns, &dir.join("vm"), false).await
+        Self::boot_once(boot, ns, &single_guest(ns), &dir.join("vm"), false).await
     }
 
     /// True while QEMU runs (a guest whose kernel panicked exits: `-no-reboot`).
@@ -114,7 +156,13 @@ impl Vm {
         self.qemu.alive()
     }
 
-    async fn boot_once(boot: &Boot, ns: &NetNs, vmdir: &Path, wait: bool) -> anyhow::Result<Self> {
+    async fn boot_once(
+        boot: &Boot,
+        ns: &NetNs,
+        net: &GuestNet,
+        vmdir: &Path,
+        wait: bool,
+    ) -> anyhow::Result<Self> {
         let vmdir = vmdir.to_path_buf();
         std::fs::create_dir_all(&vmdir)?;
         let vhost_sock = vmdir.join("vhost-user.sock");
@@ -157,9 +205,15 @@ impl Vm {
             .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"])
             .args([
                 "-netdev",
-                &format!("tap,id=net0,ifname={},script=no,downscript=no", ns.tap),
+                &format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
             ])
-            .args(["-device", "virtio-net-pci,netdev=net0"])
+            .args([
+                "-device",
+                &match &net.mac {
+                    Some(mac) => format!("virtio-net-pci,netdev=net0,mac={mac}"),
+                    None => "virtio-net-pci,netdev=net0".to_string(),
+                },
+            ])
             .args(&boot.qemu_extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -226,6 +280,16 @@ impl Vm {
     /// Powers the guest off hard (QEMU killed).
     pub fn kill(&mut self) {
         self.qemu.stop(Signal::SIGKILL, Duration::from_secs(5));
+    }
+}
+
+/// The one guest of a namespace as the single-guest paths have always booted it: `ns.tap`,
+/// `ns.guest_ip`, QEMU's default MAC.
+fn single_guest(ns: &NetNs) -> GuestNet {
+    GuestNet {
+        tap: ns.tap.clone(),
+        ip: ns.guest_ip.clone(),
+        mac: None,
     }
 }
 

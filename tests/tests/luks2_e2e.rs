@@ -366,6 +366,34 @@ async fn an_encrypted_volume_keeps_its_data_and_its_secrets() -> anyhow::Result<
     );
     assert_eq!(g.ok("sha256sum /run/cnfs/volumes/grow/d").await?, grow_sum);
     unmount(&a, "grow").await?;
+    // A size recorded beside the container (as CSI expansion records it) wins over a smaller
+    // `size`; names that are not a well-formed size (out of range, not whole 4 KiB sectors)
+    // are ignored. Made through the server (as the CSI controller makes them), by a plain
+    // volume of the same directory: behind ganesha's back its directory cache would not see
+    // them for a while.
+    let recorded = 3 * SIZE;
+    mount(&a, nfs_volume("growdir", &server, &format!("{EXPORT}/grow"), "4.1")).await?;
+    for marker in [
+        cnfs_protocols::spec::encryption::size_marker(recorded),
+        "cnfs-volume.size.70368744177664000".to_string(),
+        format!("cnfs-volume.size.{}", 4 * SIZE + 1),
+    ] {
+        g.ok(&format!("mkdir /run/cnfs/volumes/growdir/{marker}")).await?;
+    }
+    unmount(&a, "growdir").await?;
+    mount(&a, sized(SIZE)).await?;
+    assert_eq!(
+        std::fs::metadata(&container)?.len(),
+        recorded,
+        "the recorded size was not taken (or a malformed marker was)"
+    );
+    let recorded_fs = fs_bytes(g.ok("stat -f -c '%b %S' /run/cnfs/volumes/grow").await?);
+    assert!(
+        recorded_fs > big + SIZE * 3 / 4 && recorded_fs <= recorded,
+        "ext4 did not grow to the recorded size: {big} -> {recorded_fs}"
+    );
+    assert_eq!(g.ok("sha256sum /run/cnfs/volumes/grow/d").await?, grow_sum);
+    unmount(&a, "grow").await?;
     nothing_left(g).await?;
 
     // The agent is killed while cryptsetup formats a new container: the runner and the tool

@@ -75,6 +75,21 @@ fn request(
     cnfs_testbed::mount_request(spec, timeout_ms)
 }
 
+async fn stats(
+    agent: &cnfs_protocols::agent_ttrpc::AgentClient,
+    name: &str,
+) -> anyhow::Result<agent::StatsResponse> {
+    Ok(agent
+        .stats(
+            ctx(T),
+            &agent::StatsRequest {
+                name: name.into(),
+                ..Default::default()
+            },
+        )
+        .await?)
+}
+
 /// The encryption the server reports for its tree connect to `share`.
 fn server_encryption(smb: &Samba, share: &str) -> serde_json::Value {
     let status = smb.status_json().expect("smbstatus");
@@ -162,15 +177,7 @@ async fn smb_volumes_are_sealed_move_data_both_ways_and_hide_the_password() -> a
     );
 
     // Stats: healthy, with figures.
-    let st = agent
-        .stats(
-            ctx(T),
-            &agent::StatsRequest {
-                name: "files".into(),
-                ..Default::default()
-            },
-        )
-        .await?;
+    let st = stats(&agent, "files").await?;
     assert_eq!(
         st.health.enum_value_or_default(),
         agent::Health::HEALTHY,
@@ -423,5 +430,270 @@ async fn smb_failures_name_their_cause_faults_are_bounded_and_a_restart_keeps_th
     agent
         .ping(ctx(Duration::from_secs(10)), &agent::PingRequest::new())
         .await?;
+    Ok(())
+}
+
+/// An encrypted block volume (luks2) on an SMB share: cifs drops a byte-range lock at any
+/// close by the process that took it, so a lock holder process keeps the single-writer lock
+/// for as long as the volume is mounted (design encryption-luks2.md §5.2). Checked: the
+/// share holds a LUKS2 file and no plaintext; a second opener (its own SMB session) is
+/// refused while the volume is mounted, also after the agent was killed and restarted
+/// (the holder outlives it); Unmount ends the holder, and the other name then opens the
+/// same container with the data intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_smb_luks2_volume_keeps_one_writer_across_agent_restarts() -> anyhow::Result<()> {
+    let bed = start("smb-luks2").await?;
+    let ip = bed.smb.server_ip.clone();
+    let share = bed
+        .smb
+        .share_dir("data")
+        .ok_or_else(|| anyhow::anyhow!("no data share"))?
+        .to_path_buf();
+    std::fs::create_dir_all(share.join("lk"))?;
+    std::os::unix::fs::chown(share.join("lk"), bed.smb.uid_of(ALICE), None)?;
+    const KEY: &[u8] = b"smb luks2 key, exact bytes\n";
+    let lk = |name: &str| {
+        let mut r = request(name, &ip, "data", "/lk", (ALICE, ALICE_PW), &[], 180_000);
+        r.volume.mut_or_insert_default().encryption =
+            protobuf::MessageField::some(agent::Encryption {
+                mode: "luks2".into(),
+                key: KEY.to_vec(),
+                size_bytes: 128 << 20,
+                ..Default::default()
+            });
+        r
+    };
+    let unmount = |name: &str| agent::UnmountRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    let holders = "for p in /proc/[0-9]*; do \
+                   tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^cnfs-lock-holder ' && echo ${p#/proc/}; \
+                   done; true";
+
+    let agent = bed.vm.agent().await?;
+    let g = bed.vm.exec.clone();
+    agent.mount(ctx(T), &lk("lk")).await?;
+    let canary = "CNFS-SMB-LUKS2-CANARY";
+    let sums = g
+        .ok(&format!(
+            "cd /run/cnfs/volumes/lk && echo {canary} > c.txt && head -c 3000000 /dev/urandom > blob \
+             && sync && md5sum c.txt blob"
+        ))
+        .await?;
+    let container = share.join("lk/cnfs-volume.luks2");
+    let luks = std::process::Command::new("cryptsetup")
+        .arg("isLuks")
+        .arg(&container)
+        .status()?;
+    assert!(luks.success(), "the share holds no LUKS2 container");
+    assert!(
+        cnfs_testbed::process::files_containing(&share, canary.as_bytes())?.is_empty(),
+        "plaintext on the share"
+    );
+    // Every short-lived process that opened the container has closed it by now (each close
+    // would have dropped a lock it took): the holder's lock keeps a second client out.
+    let refused = |e: ttrpc::Error, when: &str| {
+        assert_eq!(code_of(&e), Code::FAILED_PRECONDITION, "{when}: {e:?}");
+        assert!(
+            message_of(&e).contains("in use by another client"),
+            "{when}: {}",
+            message_of(&e)
+        );
+    };
+    let e = agent
+        .mount(ctx(T), &lk("lk2"))
+        .await
+        .expect_err("second opener");
+    refused(e, "while mounted");
+    let holder = g.ok(holders).await?;
+    assert_eq!(
+        holder.split_whitespace().count(),
+        1,
+        "one lock holder: {holder:?}"
+    );
+
+    let left = g
+        .ok("grep -c 'cnfs/backing/lk2\\|cnfs/volumes/lk2' /proc/mounts || true")
+        .await?;
+    assert_eq!(
+        left.trim(),
+        "0",
+        "the refused opener left its share mounted"
+    );
+    assert_eq!(
+        g.ok(holders).await?,
+        holder,
+        "the refused opener's holder stayed"
+    );
+
+    // The agent is killed (not its holder) and restarted: the volume and its lock stay.
+    g.ok(&format!(
+        "{}; kill -9 $a; while kill -0 $a 2>/dev/null; do sleep 0.1; done; \
+         /usr/bin/cnfs-agent </dev/null >/dev/console 2>&1 &",
+        cnfs_testbed::guest::AGENT_PID_SH
+    ))
+    .await?;
+    bed.vm.wait_for_agent(Duration::from_secs(60)).await?;
+    let agent = bed.vm.agent().await?;
+    assert_eq!(
+        g.ok(holders).await?,
+        holder,
+        "the holder outlives the agent"
+    );
+    assert!(agent.mount(ctx(T), &lk("lk")).await?.already_mounted);
+    let e = agent
+        .mount(ctx(T), &lk("lk2"))
+        .await
+        .expect_err("second opener after the restart");
+    refused(e, "after an agent restart");
+    assert_eq!(
+        g.ok("cd /run/cnfs/volumes/lk && md5sum c.txt blob").await?,
+        sums
+    );
+
+    // Unmount ends the holder; the other name then opens the same container.
+    agent.unmount(ctx(T), &unmount("lk")).await?;
+    assert_eq!(g.ok(holders).await?.trim(), "", "holder left after unmount");
+    agent.mount(ctx(T), &lk("lk2")).await?;
+    assert_eq!(
+        g.ok("cd /run/cnfs/volumes/lk2 && md5sum c.txt blob")
+            .await?,
+        sums
+    );
+    // Someone kills the holder: Stats says the lock is gone (a second client could open the
+    // container now), and Unmount still takes everything down.
+    let healthy = stats(&agent, "lk2").await?;
+    assert_eq!(
+        healthy.health.enum_value_or_default(),
+        agent::Health::HEALTHY
+    );
+    g.ok(&format!("kill -9 {}", g.ok(holders).await?.trim()))
+        .await?;
+    let lost = stats(&agent, "lk2").await?;
+    assert_eq!(
+        lost.health.enum_value_or_default(),
+        agent::Health::ERROR,
+        "{lost:?}"
+    );
+    assert!(
+        lost.health_detail.contains("single-writer lock is gone"),
+        "{}",
+        lost.health_detail
+    );
+    agent.unmount(ctx(T), &unmount("lk2")).await?;
+    assert_eq!(g.ok(holders).await?.trim(), "");
+    let mounts = g.ok("grep -E 'cifs|cnfs/' /proc/mounts || true").await?;
+    assert!(mounts.trim().is_empty(), "left mounted: {mounts}");
+    let dm = g.ok("ls /sys/block | grep '^dm-' || true").await?;
+    assert!(dm.trim().is_empty(), "dm device left: {dm}");
+    Ok(())
+}
+
+/// Two guests (two SMB clients) and one SMB luks2 volume: while the first holds it, the
+/// second is refused; then the first dies (QEMU killed: no unmount, no close) and Samba
+/// keeps the dead client's lock until it notices the connection is gone, by TCP keepalive
+/// (`socket options`, as the README tells admins to set; Linux's default would be 2 hours);
+/// then the second opens the volume with everything synced before the crash intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_smb_luks2_holder_frees_the_volume_once_samba_drops_its_connection(
+) -> anyhow::Result<()> {
+    let art = Artifacts::locate()?;
+    let dir = TempDir::new("smb-luks2-crash")?;
+    let ns = NetNs::create_with_guests(2)?;
+    let setup = SambaSetup::new()
+        .user(ALICE, ALICE_PW)
+        .share(Share::new("data"))
+        .global(
+            "socket options",
+            "TCP_NODELAY SO_KEEPALIVE TCP_KEEPIDLE=10 TCP_KEEPINTVL=5 TCP_KEEPCNT=3",
+        );
+    let smb = Samba::start(&ns, dir.path(), &setup)?;
+    let ip = smb.server_ip.clone();
+    let share = smb
+        .share_dir("data")
+        .ok_or_else(|| anyhow::anyhow!("no data share"))?
+        .to_path_buf();
+    std::fs::create_dir_all(share.join("v"))?;
+    std::os::unix::fs::chown(share.join("v"), smb.uid_of(ALICE), None)?;
+    let v = || {
+        let mut r = request("v", &ip, "data", "/v", (ALICE, ALICE_PW), &[], 180_000);
+        r.volume.mut_or_insert_default().encryption =
+            protobuf::MessageField::some(agent::Encryption {
+                mode: "luks2".into(),
+                key: b"crash key".to_vec(),
+                size_bytes: 128 << 20,
+                ..Default::default()
+            });
+        r
+    };
+    let in_use = |e: &ttrpc::Error| {
+        code_of(e) == Code::FAILED_PRECONDITION
+            && message_of(e).contains("in use by another client")
+    };
+
+    let mut first = Vm::boot_guest(&art, &ns, 0, dir.path()).await?;
+    let second = Vm::boot_guest(&art, &ns, 1, dir.path()).await?;
+    first.agent().await?.mount(ctx(T), &v()).await?;
+    let sums = first
+        .exec
+        .ok(
+            "cd /run/cnfs/volumes/v && head -c 2000000 /dev/urandom > blob && echo kept > note \
+             && sync && md5sum blob note",
+        )
+        .await?;
+    let b = second.agent().await?;
+    let e = b
+        .mount(ctx(T), &v())
+        .await
+        .expect_err("a second guest opened a held volume");
+    assert!(in_use(&e), "{e:?}");
+    first.kill();
+    let killed = Instant::now();
+
+    let mut refused = 0;
+    let opened = loop {
+        match b.mount(ctx(T), &v()).await {
+            Ok(_) => break killed.elapsed(),
+            Err(e) => {
+                assert!(in_use(&e), "{e:?}");
+                refused += 1;
+                assert!(
+                    killed.elapsed() < Duration::from_secs(150),
+                    "still locked {:?} after the holder died (keepalive ~25 s)",
+                    killed.elapsed()
+                );
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    eprintln!("opened {opened:?} after the holder was killed, refused {refused} time(s) before");
+    assert!(
+        refused > 0,
+        "opened at once: the dead guest's lock was not held"
+    );
+    assert_eq!(
+        second
+            .exec
+            .ok("cd /run/cnfs/volumes/v && md5sum blob note")
+            .await?,
+        sums,
+        "data synced before the crash"
+    );
+    b.unmount(
+        ctx(T),
+        &agent::UnmountRequest {
+            name: "v".into(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mounts = second
+        .exec
+        .ok("grep -E 'cifs|cnfs/' /proc/mounts || true")
+        .await?;
+    assert!(mounts.trim().is_empty(), "left mounted: {mounts}");
+    drop(second);
+    drop(smb);
     Ok(())
 }

@@ -201,7 +201,7 @@ pub(super) async fn build(
                 name: name.clone(),
                 read_only: spec.read_only,
             },
-            enc.key.expose(),
+            Some(enc.key.expose()),
             &fuse,
             left(),
         )
@@ -478,7 +478,7 @@ enum Temp {
 /// left stays for the next opener.
 async fn remove_abandoned(dir: &Path, budget: Duration, log: &Logger) {
     let until = Instant::now() + budget.min(Duration::from_secs(2));
-    for t in super::luks2::list_abandoned(dir, is_temp_tree, until).await {
+    for t in super::luks2::list_matching(dir, is_temp_tree, 64, until).await {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -602,19 +602,5 @@ async fn daemons_gone(name: &str, within: Duration) -> bool {
 
 /// Whether a process has `tree` among its arguments.
 fn serving(tree: &str) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    procs
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .any(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| c.split(|&b| b == 0).any(|arg| arg == tree.as_bytes()))
-                .unwrap_or(false)
-        })
+    !super::luks2::pids_with_arg(None, tree).is_empty()
 }

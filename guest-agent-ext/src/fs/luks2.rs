@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cnfs_protocols::keyed_lock::KeyedLocks;
+use cnfs_protocols::spec::encryption::parse_size_marker;
 use cnfs_protocols::spec::{Encryption, Source, VolumeSpec};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
@@ -34,15 +35,17 @@ use crate::error::AgentError;
 use crate::killable::{self, Outcome};
 use crate::kmod;
 use crate::mountinfo::{self, MountEntry};
-use crate::tools::command::{dm_name, is_temp_container, TEMP_PREFIX};
+use crate::tools::command::{
+    dm_name, is_temp_container, luks2_container, LOCK_HOLDER_ARGV0, TEMP_PREFIX,
+};
+use crate::tools::holder::lock_request;
+use crate::tools::holder::Report;
 use crate::tools::{Command, Exit, ToolClient, ToolOutcome};
 
 /// Where backing shares are mounted (0700: only the agent reaches the container files).
 pub use crate::tools::command::BACKING_ROOT;
 /// The container's fixed name in the volume's directory: nobody chooses what is formatted.
-pub const CONTAINER: &str = "cnfs-volume.luks2";
-/// The byte the single-writer lock covers: far past any data, so it never meets I/O.
-const LOCK_BYTE: i64 = 1 << 62;
+pub const CONTAINER: &str = crate::tools::command::LUKS2_CONTAINER;
 /// Bound for taking a stack down when nobody waits for it (an abandoned mount).
 pub(super) const CLEANUP_BOUND: Duration = Duration::from_secs(15);
 
@@ -144,12 +147,13 @@ async fn open_and_bind(
     create: bool,
     read_only: bool,
     size: u64,
+    lock: bool,
     budget: Duration,
 ) -> Result<Opened, AgentError> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| AgentError::Internal("container path has a NUL byte".into()))?;
     let outcome = killable::run(budget, || {
-        Ok(open_and_bind_child(&c, create, read_only, size))
+        Ok(open_and_bind_child(&c, create, read_only, size, lock))
     })
     .await;
     let p = match outcome {
@@ -197,6 +201,7 @@ fn open_and_bind_child(
     create: bool,
     read_only: bool,
     size: u64,
+    lock: bool,
 ) -> killable::Payload {
     let fail = |step: u64, e: Errno| [3, step, e as u64, 0, 0, 0];
     let mut flags = libc::O_CLOEXEC | libc::O_NOFOLLOW;
@@ -218,7 +223,7 @@ fn open_and_bind_child(
             e => fail(0, e),
         };
     }
-    let answer = bind_open_file(fd, create, read_only, size, fail);
+    let answer = bind_open_file(fd, create, read_only, size, lock, fail);
     // SAFETY: closes the descriptor opened above; the loop, if bound, holds its own reference.
     unsafe { libc::close(fd) };
     answer
@@ -229,6 +234,7 @@ fn bind_open_file(
     create: bool,
     read_only: bool,
     size: u64,
+    take_lock: bool,
     fail: impl Fn(u64, Errno) -> killable::Payload,
 ) -> killable::Payload {
     let current = match nix::sys::stat::fstat(fd) {
@@ -238,19 +244,10 @@ fn bind_open_file(
     };
     // The single-writer lock, on this open file description (OFD): it stays with the file
     // the loop device keeps, not with this short-lived process.
-    let lock = libc::flock {
-        l_type: if read_only {
-            libc::F_RDLCK
-        } else {
-            libc::F_WRLCK
-        } as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: LOCK_BYTE,
-        l_len: 1,
-        l_pid: 0,
-    };
+    let lock = lock_request(read_only);
+    // (On SMB the volume's lock holder has it: see `hold`.)
     // SAFETY: F_OFD_SETLK reads one `struct flock` from a value on the stack.
-    if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &lock as *const libc::flock) } < 0 {
+    if take_lock && unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &lock as *const libc::flock) } < 0 {
         return match Errno::last() {
             Errno::EAGAIN | Errno::EACCES => [2, 2, 0, 0, 0, 0],
             e => fail(2, e),
@@ -593,7 +590,24 @@ impl Stack {
         // A gocryptfs volume's FUSE mount first: its daemon keeps files of the share open.
         let (mut notes, daemon_left) = super::gocryptfs::unmount_plain(&self.name, deadline).await;
         notes.extend(self.down_dm_and_loops(deadline).await);
-        if daemon_left {
+        // An SMB container's lock holder goes once no loop uses the container: never while
+        // one still writes to it (a clear deferred by a holder of the device).
+        let mut holder_left = false;
+        if Sysfs::default()
+            .loops_under(&backing_dir(&self.name))
+            .is_empty()
+        {
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(2));
+            holder_left = !end_holders(&self.name, wait).await;
+        } else if !pids_with_arg(Some(LOCK_HOLDER_ARGV0), &luks2_container(&self.name)).is_empty() {
+            notes.push("lock holder kept: a loop device still uses the container".into());
+        }
+        if holder_left {
+            notes.push("lock holder still running (stuck on its server)".into());
+        }
+        if daemon_left || holder_left {
             // A daemon that did not end may be stuck on a dead server, which would keep the
             // share busy for good: a share that does not answer is given up (as `stuck` does
             // for luks2's ext4); one that answers is left to whoever still holds the mount.
@@ -661,6 +675,105 @@ impl Stack {
         }
         notes
     }
+}
+
+/// Volume `name`'s lock (SMB only: see [`crate::tools::holder`]) taken by a holder the
+/// runner starts; `None` when it is held (or no holder is needed), else what stands in the
+/// way, as [`open_and_bind`] tells it.
+async fn hold(
+    stack: &Stack,
+    spec: &VolumeSpec,
+    budget: Duration,
+) -> Result<Option<Opened>, AgentError> {
+    if !matches!(spec.source, Source::Smb(_)) {
+        return Ok(None);
+    }
+    let report = stack
+        .tools
+        .hold_lock(&stack.name, spec.read_only, budget)
+        .await?;
+    Ok(match report {
+        Report::Held => None,
+        Report::Open(Errno::ENOENT) => Some(Opened::Not(Found::Absent)),
+        Report::Open(Errno::ELOOP) => Some(Opened::Not(Found::NotRegular)),
+        Report::Open(errno) => Some(Opened::Failed {
+            step: "open",
+            errno,
+        }),
+        Report::Lock(Errno::EAGAIN | Errno::EACCES) => Some(Opened::InUse),
+        Report::Lock(errno) => Some(Opened::Failed {
+            step: "lock",
+            errno,
+        }),
+    })
+}
+
+/// Why an SMB luks2 volume's single-writer lock is gone (its holder process was killed by
+/// someone other than the agent): another guest could open the container now. `None` for
+/// any other volume, or while the holder lives.
+pub fn lock_lost(name: &str, entries: &[MountEntry]) -> Option<String> {
+    let backing = mountinfo::find(entries, &backing_dir(name))?;
+    if !matches!(backing.fs_type.as_str(), "cifs" | "smb3") {
+        return None;
+    }
+    // A gocryptfs volume on SMB has a share too, but no container and no lock.
+    Sysfs::default().dm_by_name(&dm_name(name))?;
+    pids_with_arg(Some(LOCK_HOLDER_ARGV0), &luks2_container(name))
+        .is_empty()
+        .then(|| {
+            "the container's single-writer lock is gone (its holder process, \
+             cnfs-lock-holder, was killed): another guest could open the volume now; unmount it \
+             and mount it again"
+                .to_string()
+        })
+}
+
+/// Kills volume `name`'s lock holders (found by their argv, so also after an agent restart)
+/// and waits up to `within` for them to be gone; false if one is still there.
+async fn end_holders(name: &str, within: Duration) -> bool {
+    let container = luks2_container(name);
+    let until = Instant::now() + within;
+    loop {
+        let c = container.clone();
+        let scan = tokio::task::spawn_blocking(move || pids_with_arg(Some(LOCK_HOLDER_ARGV0), &c));
+        let left = until.saturating_duration_since(Instant::now());
+        let pids = match tokio::time::timeout(left.max(Duration::from_millis(100)), scan).await {
+            Ok(Ok(pids)) => pids,
+            _ => return false,
+        };
+        if pids.is_empty() {
+            return true;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The processes with `arg` among their arguments (`/proc/<pid>/cmdline`), and `argv0`
+/// first if given: gocryptfs daemons by their tree, lock holders by their container.
+pub(super) fn pids_with_arg(argv0: Option<&str>, arg: &str) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let mut args = cmdline.split(|&b| b == 0);
+            let first = args.next()?;
+            let named = argv0.is_none_or(|a| a.as_bytes() == first);
+            (named && (first == arg.as_bytes() || args.any(|a| a == arg.as_bytes()))).then_some(pid)
+        })
+        .collect()
 }
 
 /// See [`Luks2::stuck`]: the share is given up only when it does not answer a statfs in 2 s.
@@ -915,9 +1028,12 @@ impl MountHandler for Luks2 {
                 "volume {name}: encryption=luks2 needs cryptsetup and mke2fs in the guest: {why}"
             )));
         }
-        if !matches!(spec.source, Source::Nfs(_) | Source::CephFs(_)) {
+        if !matches!(
+            spec.source,
+            Source::Nfs(_) | Source::CephFs(_) | Source::Smb(_)
+        ) {
             return Err(AgentError::FailedPrecondition(format!(
-                "volume {name}: encryption=luks2 is served on NFSv4 and CephFS shares only so far"
+                "volume {name}: encryption=luks2 is served on NFSv4, CephFS and SMB shares only"
             )));
         }
         let deadline = Instant::now() + ctx.budget;
@@ -960,14 +1076,28 @@ async fn build(
     let dir = backing_dir(name);
     let file = dir.join(CONTAINER);
     let shown = format!("volume {name}: {CONTAINER} on the share");
+    let size = if spec.read_only {
+        enc.size
+    } else {
+        recorded_size(&dir, enc.size, left(), log).await
+    };
+    let smb = matches!(spec.source, Source::Smb(_));
+    if smb {
+        // A holder left by an earlier build of this name (not mounted: we hold its stack's
+        // lock) would meet ours as another client.
+        end_holders(name, Duration::from_secs(2)).await;
+    }
     let mut formatted = false;
     loop {
-        let opened = open_and_bind(&file, false, spec.read_only, enc.size, left()).await?;
+        let opened = match hold(stack, spec, left()).await? {
+            Some(not_held) => not_held,
+            None => open_and_bind(&file, false, spec.read_only, size, !smb, left()).await?,
+        };
         match opened {
             Opened::Loop { n, grown_from, .. } => {
                 if grown_from > 0 {
                     info!(log, "encrypted container grown to the size asked for";
-                        "volume" => name.as_str(), "from" => grown_from, "to" => enc.size);
+                        "volume" => name.as_str(), "from" => grown_from, "to" => size);
                 }
                 let started = Instant::now();
                 luks_open(stack, n, enc, spec.read_only, left(), &shown).await?;
@@ -1251,7 +1381,8 @@ async fn format_temp(
 ) -> Result<(), AgentError> {
     let left = || deadline.saturating_duration_since(Instant::now());
     let started = Instant::now();
-    let n = match open_and_bind(temp, true, false, enc.size, left()).await? {
+    // A new temporary file is ours by O_EXCL alone: no lock (nor holder) needed.
+    let n = match open_and_bind(temp, true, false, enc.size, false, left()).await? {
         Opened::Loop { n, .. } => n,
         Opened::Failed { step, errno } => {
             return Err(AgentError::Internal(format!(
@@ -1318,7 +1449,7 @@ async fn format_temp(
 async fn remove_abandoned(dir: &Path, budget: Duration, log: &Logger) {
     // At most 2 s of the mount's time in all: what is left stays for the next opener.
     let until = Instant::now() + budget.min(Duration::from_secs(2));
-    for t in list_abandoned(dir, is_temp_container, until).await {
+    for t in list_matching(dir, is_temp_container, 64, until).await {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -1336,11 +1467,32 @@ async fn remove_abandoned(dir: &Path, budget: Duration, log: &Logger) {
     }
 }
 
-/// Up to 64 entries of `dir` whose names `is_temp` (temps that abandoned first uses left),
-/// listed by `until`; none when the share does not answer by then.
-pub(super) async fn list_abandoned(
+/// The container's size for this mount: the larger of `size` (the volume's) and every size
+/// recorded beside the container by a CSI expansion (`cnfs-volume.size.<bytes>`, see
+/// [`parse_size_marker`]). Listed within 2 s of `budget`: a share that does not answer by
+/// then gives `size`, and the open that follows meets the same server.
+async fn recorded_size(dir: &Path, size: u64, budget: Duration, log: &Logger) -> u64 {
+    let until = Instant::now() + budget.min(Duration::from_secs(2));
+    let is_marker: fn(&str) -> bool = |n| parse_size_marker(n).is_some();
+    let largest = list_matching(dir, is_marker, usize::MAX, until)
+        .await
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str().and_then(parse_size_marker))
+        .max()
+        .unwrap_or(0);
+    if largest > size {
+        info!(log, "a larger size is recorded on the share (CSI expansion)";
+            "dir" => dir.display().to_string(), "size" => size, "recorded" => largest);
+    }
+    size.max(largest)
+}
+
+/// Up to `most` entries of `dir` whose names `matches` (temps that abandoned first uses
+/// left, recorded sizes), listed by `until`; none when the share does not answer by then.
+pub(super) async fn list_matching(
     dir: &Path,
-    is_temp: fn(&str) -> bool,
+    matches: fn(&str) -> bool,
+    most: usize,
     until: Instant,
 ) -> Vec<PathBuf> {
     let d = dir.to_path_buf();
@@ -1349,9 +1501,9 @@ pub(super) async fn list_abandoned(
             .map(|entries| {
                 entries
                     .flatten()
-                    .filter(|e| e.file_name().to_str().is_some_and(is_temp))
+                    .filter(|e| e.file_name().to_str().is_some_and(matches))
                     .map(|e| e.path())
-                    .take(64)
+                    .take(most)
                     .collect()
             })
             .unwrap_or_default()
@@ -1451,11 +1603,11 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("mkdir");
         let f = dir.join(CONTAINER);
         std::fs::write(&f, vec![0x5au8; 8192]).expect("write");
-        let got = open_and_bind(&f, false, false, 0, Duration::from_secs(5))
+        let got = open_and_bind(&f, false, false, 0, true, Duration::from_secs(5))
             .await
             .expect("answer");
         assert_eq!(got, Opened::Not(Found::NotLuks));
-        let got = open_and_bind(&f, true, false, 1 << 20, Duration::from_secs(5))
+        let got = open_and_bind(&f, true, false, 1 << 20, true, Duration::from_secs(5))
             .await
             .expect("answer");
         assert!(
@@ -1470,7 +1622,7 @@ mod tests {
         );
         assert_eq!(std::fs::read(&f).expect("read").len(), 8192, "untouched");
         let missing = dir.join("absent");
-        let got = open_and_bind(&missing, false, false, 0, Duration::from_secs(5))
+        let got = open_and_bind(&missing, false, false, 0, true, Duration::from_secs(5))
             .await
             .expect("answer");
         assert_eq!(got, Opened::Not(Found::Absent));
@@ -1490,18 +1642,12 @@ mod tests {
             .write(true)
             .open(&f)
             .expect("open");
-        let lock = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: LOCK_BYTE,
-            l_len: 1,
-            l_pid: 0,
-        };
+        let lock = lock_request(false);
         use std::os::fd::AsRawFd;
         // SAFETY: F_OFD_SETLK reads a struct flock on the stack.
         let rc = unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
         assert_eq!(rc, 0, "test lock");
-        let got = open_and_bind(&f, false, false, 0, Duration::from_secs(5))
+        let got = open_and_bind(&f, false, false, 0, true, Duration::from_secs(5))
             .await
             .expect("answer");
         assert_eq!(got, Opened::InUse);

@@ -34,6 +34,12 @@ pub enum Command {
     /// with the request (its mount made by the agent). It outlives the request, the runner and
     /// the agent; the unmount of its FUSE mount ends it.
     GocryptfsServe { name: String, read_only: bool },
+    /// The lock holder of volume `name`'s luks2 container on an SMB share: a process that
+    /// opens the container, takes the single-writer lock and keeps it until it is killed
+    /// (cifs drops a byte-range lock at any close by the process that took it, so no short-
+    /// lived process can hold it; design encryption-luks2.md §5.2). It reports on the pipe
+    /// sent with the request; it outlives the request, the runner and the agent.
+    HoldLock { name: String, read_only: bool },
 }
 
 /// The programs the runner may start (`<tools dir>/bin/<name>`).
@@ -42,16 +48,24 @@ pub enum Tool {
     Cryptsetup,
     Mke2fs,
     Gocryptfs,
+    /// The agent's own binary as `cnfs-lock-holder` ([`Command::HoldLock`]).
+    LockHolder,
 }
 
 impl Tool {
-    pub const ALL: [Tool; 3] = [Tool::Cryptsetup, Tool::Mke2fs, Tool::Gocryptfs];
+    pub const ALL: [Tool; 4] = [
+        Tool::Cryptsetup,
+        Tool::Mke2fs,
+        Tool::Gocryptfs,
+        Tool::LockHolder,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Tool::Cryptsetup => "cryptsetup",
             Tool::Mke2fs => "mke2fs",
             Tool::Gocryptfs => "gocryptfs",
+            Tool::LockHolder => LOCK_HOLDER_ARGV0,
         }
     }
 
@@ -73,6 +87,8 @@ impl Tool {
                 C::CAP_SETUID,
                 C::CAP_SETGID,
             ],
+            // Root owns the backing share's files: opening and locking one needs nothing.
+            Tool::LockHolder => &[],
         }
     }
 }
@@ -97,6 +113,7 @@ impl Command {
             Command::Version => "version",
             Command::GocryptfsInit { .. } => "gocryptfs_init",
             Command::GocryptfsServe { .. } => "gocryptfs_serve",
+            Command::HoldLock { .. } => "hold_lock",
         }
     }
 
@@ -104,6 +121,7 @@ impl Command {
         match self {
             Command::Mkfs { .. } => Tool::Mke2fs,
             Command::GocryptfsInit { .. } | Command::GocryptfsServe { .. } => Tool::Gocryptfs,
+            Command::HoldLock { .. } => Tool::LockHolder,
             _ => Tool::Cryptsetup,
         }
     }
@@ -119,9 +137,21 @@ impl Command {
         )
     }
 
-    /// Whether the command starts a daemon that serves the FUSE descriptor sent with it.
+    /// Whether the command starts a daemon that takes the descriptor sent with it (gocryptfs:
+    /// the FUSE device it serves; the lock holder: the pipe it reports on).
     pub fn is_daemon(&self) -> bool {
-        matches!(self, Command::GocryptfsServe { .. })
+        matches!(
+            self,
+            Command::GocryptfsServe { .. } | Command::HoldLock { .. }
+        )
+    }
+
+    /// The descriptor a daemon command takes, as errors name it.
+    pub fn passed_fd_field(&self) -> String {
+        match self {
+            Command::HoldLock { .. } => format!("{}.report_fd", self.op()),
+            _ => format!("{}.fuse_fd", self.op()),
+        }
     }
 
     /// Checks the parameters: names are DNS labels (so `cnfs-<name>` fits a dm name), a key
@@ -135,7 +165,8 @@ impl Command {
             Command::LuksOpen { name, .. }
             | Command::LuksClose { name, .. }
             | Command::Mkfs { name, .. }
-            | Command::GocryptfsServe { name, .. } => validate_name(&format!("{op}.name"), name)?,
+            | Command::GocryptfsServe { name, .. }
+            | Command::HoldLock { name, .. } => validate_name(&format!("{op}.name"), name)?,
             Command::GocryptfsInit { name, temp } => {
                 validate_name(&format!("{op}.name"), name)?;
                 if !is_hex16(temp) {
@@ -264,23 +295,39 @@ impl Command {
                 a.push(gocryptfs_dir(name));
                 // go-fuse serves `/dev/fd/N` without mounting (the descriptor's number is the
                 // same in the daemon: the runner clears its close-on-exec flag only).
-                a.push(FUSE_FD_PLACEHOLDER.into());
+                a.push(PASSED_FD_PLACEHOLDER.into());
                 a
+            }
+            Command::HoldLock { name, read_only } => {
+                let mode = if *read_only { "ro" } else { "rw" };
+                vec![
+                    luks2_container(name),
+                    mode.into(),
+                    PASSED_FD_PLACEHOLDER.into(),
+                ]
             }
         }
     }
 }
 
-/// Stands in the daemon's argv for `/dev/fd/<the FUSE descriptor's number>`, which only the
+/// Stands in a daemon's argv for `/dev/fd/<the passed descriptor's number>`, which only the
 /// runner knows.
-pub const FUSE_FD_PLACEHOLDER: &str = "/dev/fd/<fuse>";
+pub const PASSED_FD_PLACEHOLDER: &str = "/dev/fd/<passed>";
+/// argv[0] that makes the agent's binary an SMB luks2 container's lock holder.
+pub const LOCK_HOLDER_ARGV0: &str = "cnfs-lock-holder";
 
 /// Where the agent mounts volume shares (0700); the runner builds gocryptfs paths under it.
 pub const BACKING_ROOT: &str = "/run/cnfs/backing";
+pub use cnfs_protocols::spec::encryption::LUKS2_CONTAINER;
 /// The encrypted tree's fixed name in the volume's directory.
 pub const GOCRYPTFS_DIR: &str = "cnfs-volume.gocryptfs";
 /// The prefix of a new tree's temp directory while it is initialised.
 pub const GOCRYPTFS_TEMP_PREFIX: &str = ".cnfs-volume.gocryptfs.new-";
+
+/// Volume `name`'s luks2 container (`luks2::CONTAINER` on its backing share).
+pub fn luks2_container(name: &str) -> String {
+    format!("{BACKING_ROOT}/{name}/{LUKS2_CONTAINER}")
+}
 
 pub fn gocryptfs_dir(name: &str) -> String {
     format!("{BACKING_ROOT}/{name}/{GOCRYPTFS_DIR}")

@@ -11,6 +11,7 @@
 //! [`ToolClient::call`] future cancels the request.
 
 pub mod command;
+pub mod holder;
 pub mod runner;
 
 use std::io::{IoSlice, IoSliceMut};
@@ -278,18 +279,19 @@ impl ToolClient {
         outcome(op, reply)
     }
 
-    /// Starts the daemon of `cmd` serving `fuse` (the descriptor of a FUSE mount the agent
-    /// made), `key` on its stdin. The daemon outlives the returned handle, the runner and
-    /// the agent; the handle only tells how it ended, while it is kept.
+    /// Starts the daemon of `cmd` taking `passed` (gocryptfs: the descriptor of a FUSE mount
+    /// the agent made; the lock holder: the pipe it reports on), `key` on its stdin. The
+    /// daemon outlives the returned handle, the runner and the agent; the handle only tells
+    /// how it ended, while it is kept.
     pub async fn start_daemon(
         &self,
         cmd: Command,
-        key: &[u8],
-        fuse: &OwnedFd,
+        key: Option<&[u8]>,
+        passed: &OwnedFd,
         deadline: Duration,
     ) -> Result<Daemon, AgentError> {
         let op = cmd.op();
-        let mine = self.send(cmd, Some(key), deadline, Some(fuse)).await?;
+        let mine = self.send(cmd, key, deadline, Some(passed)).await?;
         let reply = tokio::time::timeout(deadline.saturating_add(REPLY_GRACE), recv_reply(&mine))
             .await
             .map_err(|_| {
@@ -304,6 +306,68 @@ impl ToolClient {
                 )),
                 Err(e) => e,
             }),
+        }
+    }
+
+    /// Starts volume `name`'s SMB lock holder and waits, until `deadline`, for its report:
+    /// [`holder::Report::Held`] once it holds the container's lock (it then lives on, found
+    /// by its argv), else why it could not (it has exited).
+    pub async fn hold_lock(
+        &self,
+        name: &str,
+        read_only: bool,
+        deadline: Duration,
+    ) -> Result<holder::Report, AgentError> {
+        use tokio::io::AsyncReadExt as _;
+        let internal = |e: &dyn std::fmt::Display| {
+            AgentError::Internal(format!("volume {name}: the lock holder's pipe: {e}"))
+        };
+        let (rx, tx) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal(&e))?;
+        let cmd = Command::HoldLock {
+            name: name.to_string(),
+            read_only,
+        };
+        let started = tokio::time::Instant::now();
+        let daemon = self.start_daemon(cmd, None, &tx, deadline).await?;
+        // Ours closed, the holder's copy is the only writer: EOF once it exits.
+        drop(tx);
+        let mut rx =
+            tokio::net::unix::pipe::Receiver::from_owned_fd(rx).map_err(|e| internal(&e))?;
+        let mut text = Vec::with_capacity(32);
+        let left = deadline.saturating_sub(started.elapsed());
+        let read = tokio::time::timeout(left, async {
+            let mut buf = [0u8; 32];
+            while text.len() < 32 && !text.ends_with(b"\n") {
+                match rx.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => text.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let report = std::str::from_utf8(&text)
+            .ok()
+            .and_then(holder::Report::parse);
+        match (read, report) {
+            (_, Some(r)) => Ok(r),
+            (Err(_), None) => {
+                // Stuck opening or locking on a server that does not answer: it goes.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(daemon.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                Err(AgentError::Deadline(format!(
+                    "volume {name}: the lock holder did not take the container's lock in time \
+                     (the server did not answer)"
+                )))
+            }
+            (Ok(()), None) => {
+                let exit = daemon.exited(Duration::from_secs(2)).await;
+                Err(AgentError::Internal(format!(
+                    "volume {name}: the lock holder ended without a report ({exit:?})"
+                )))
+            }
         }
     }
 

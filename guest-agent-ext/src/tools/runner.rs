@@ -33,7 +33,8 @@ use slog::{error, info, warn, Logger};
 use zeroize::{Zeroize as _, Zeroizing};
 
 use super::command::{
-    check_format_target, check_mkfs_target, Command, Refusal, Tool, FUSE_FD_PLACEHOLDER,
+    check_format_target, check_mkfs_target, Command, Refusal, Tool, LOCK_HOLDER_ARGV0,
+    PASSED_FD_PLACEHOLDER,
 };
 use super::{Exit, Reply, RequestHeader, DEFAULT_TOOLS_DIR, MAX_CONCURRENT, MAX_KEY, MAX_OUTPUT};
 use super::{MAX_REQUEST, RUNNER_ARGV0};
@@ -390,22 +391,26 @@ fn handle(
     ) {
         return Some(refusal_reply(e));
     }
-    let fd_field = || format!("{}.fuse_fd", cmd.op());
+    let fd_field = cmd.passed_fd_field();
     match (cmd.is_daemon(), passed) {
         (true, None) => {
             return Some(Reply::Invalid {
-                field: fd_field(),
-                reason: "is required: the daemon serves the FUSE descriptor sent with it".into(),
+                field: fd_field,
+                reason: "is required: the daemon takes the descriptor sent with it".into(),
             })
         }
         (false, Some(_)) => {
             return Some(Reply::Invalid {
-                field: fd_field(),
-                reason: "must not be sent: this command serves no descriptor".into(),
+                field: fd_field,
+                reason: "must not be sent: this command takes no descriptor".into(),
             })
         }
         (true, Some(fd)) => {
-            if let Err(e) = check_fuse_device(&fd, &fd_field()) {
+            let checked = match cmd {
+                Command::HoldLock { .. } => check_pipe(&fd, &fd_field),
+                _ => check_fuse_device(&fd, &fd_field),
+            };
+            if let Err(e) = checked {
                 return Some(refusal_reply(e));
             }
             return match run_daemon(cmd, key, fd, reply, cfg, log) {
@@ -458,6 +463,19 @@ fn check_fuse_device(fd: &OwnedFd, field: &str) -> Result<(), Refusal> {
     }
 }
 
+/// The descriptor a lock holder reports on must be a pipe (the agent reads the other end).
+fn check_pipe(fd: &OwnedFd, field: &str) -> Result<(), Refusal> {
+    let st = nix::sys::stat::fstat(fd.as_raw_fd())
+        .map_err(|e| Refusal::Refused(format!("{field}: fstat: {}", e.desc())))?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFIFO {
+        Ok(())
+    } else {
+        Err(Refusal::Refused(format!(
+            "{field}: is not a pipe; refusing to hand it to the lock holder"
+        )))
+    }
+}
+
 /// The request's parameters, its key and the device it may touch. A gocryptfs key with a
 /// newline or NUL would be cut short silently (the agent refuses such keys first; this is
 /// the runner's own guard).
@@ -486,6 +504,12 @@ fn check(
 /// layout, design §1.5), else `<dir>/bin/<name>` exec'd directly, which lets tests use
 /// shell-script fakes.
 fn program(tools_dir: &Path, tool: Tool) -> std::process::Command {
+    if tool == Tool::LockHolder {
+        // The runner's own binary (the agent's), in its holder role.
+        let mut c = std::process::Command::new("/proc/self/exe");
+        c.arg0(LOCK_HOLDER_ARGV0);
+        return c;
+    }
     let lib = tools_dir.join("lib");
     let loader = lib.join("ld-linux-x86-64.so.2");
     let bin = tools_dir.join("bin").join(tool.name());
@@ -615,29 +639,30 @@ fn run_tool(
     }))
 }
 
-/// Starts a daemon serving `fuse` (gocryptfs) and returns its pid. It gets the key on stdin
-/// (then EOF), no output channel (/dev/null: a Go program dies of SIGPIPE when it writes to
+/// Starts a daemon taking `passed` (gocryptfs: the FUSE device it serves; the lock holder:
+/// the pipe it reports on) and returns its pid. It gets the key, if any, on stdin (then
+/// EOF), no output channel (/dev/null: a Go program dies of SIGPIPE when it writes to
 /// a pipe nobody reads, and its messages may carry names of the volume's files), a session
 /// of its own and no parent-death signal, so that it outlives the runner and the agent: only
-/// the unmount of its FUSE mount ends it. A thread waits for it and sends its exit on
+/// the unmount of its FUSE mount (the holder: a kill by the agent) ends it. A thread waits for it and sends its exit on
 /// `reply` while the agent still listens (how a wrong key is told from a mount that serves).
 /// `Started` is sent here, before that thread exists.
 fn run_daemon(
     cmd: &Command,
     key: &[u8],
-    fuse: OwnedFd,
+    passed: OwnedFd,
     reply: &OwnedFd,
     cfg: &Config,
     log: &Logger,
 ) -> std::io::Result<()> {
     let started = Instant::now();
-    let fuse_raw = fuse.as_raw_fd();
+    let passed_raw = passed.as_raw_fd();
     let args: Vec<String> = cmd
         .args()
         .into_iter()
         .map(|a| {
-            if a == FUSE_FD_PLACEHOLDER {
-                format!("/dev/fd/{fuse_raw}")
+            if a == PASSED_FD_PLACEHOLDER {
+                format!("/dev/fd/{passed_raw}")
             } else {
                 a
             }
@@ -649,15 +674,19 @@ fn run_daemon(
         .env("LC_ALL", "C")
         .env("PATH", "/nonexistent")
         .current_dir("/")
-        .stdin(Stdio::piped())
+        .stdin(if cmd.takes_key() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let dropped = dropped_for(cmd.tool());
     let pre_exec = move || {
         drop_bounding(&dropped)?;
         nix::unistd::setsid()?;
-        // The one descriptor it serves survives exec, under the same number.
-        fcntl(fuse_raw, FcntlArg::F_SETFD(FdFlag::empty()))?;
+        // The one descriptor it takes survives exec, under the same number.
+        fcntl(passed_raw, FcntlArg::F_SETFD(FdFlag::empty()))?;
         Ok(())
     };
     // SAFETY: the closure runs between fork and exec and makes only prctl(2), setsid(2) and
@@ -665,7 +694,7 @@ fn run_daemon(
     // nothing and takes no lock.
     unsafe { c.pre_exec(pre_exec) };
     let mut child = c.spawn()?;
-    drop(fuse);
+    drop(passed);
     let pid = child.id();
     if let Some(mut stdin) = child.stdin.take() {
         // At most MAX_KEY bytes: within a pipe's buffer. A daemon that already exited

@@ -30,6 +30,32 @@ pub const OPT_OWNER: &str = "owner";
 /// Host only: the name of the host-side secret that holds the key (annotations).
 pub const OPT_ENCRYPTION_KEY: &str = "encryption_key";
 
+/// A luks2 volume's container: its fixed name in the volume's directory on the share, so
+/// that nobody chooses which file is formatted.
+pub const LUKS2_CONTAINER: &str = "cnfs-volume.luks2";
+
+/// A luks2 volume grown through CSI: Kubernetes never changes a volume's context, so the
+/// controller records the new container size on the share, beside the container, as an
+/// empty directory `cnfs-volume.size.<bytes>`; the guest grows the volume to the largest of
+/// its `size` and these at the next mount.
+pub const SIZE_MARKER_PREFIX: &str = "cnfs-volume.size.";
+
+/// The marker directory's name for a container of `bytes`.
+pub fn size_marker(bytes: u64) -> String {
+    format!("{SIZE_MARKER_PREFIX}{bytes}")
+}
+
+/// The size a marker's name records: decimal digits only, whole 4 KiB sectors, within
+/// [`MIN_SIZE`]..=[`MAX_SIZE`]; `None` for any other name.
+pub fn parse_size_marker(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(SIZE_MARKER_PREFIX)?;
+    if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    (n.is_multiple_of(4096) && (MIN_SIZE..=MAX_SIZE).contains(&n)).then_some(n)
+}
+
 /// Every mode a guest may announce in `Ping.encryption_modes`.
 pub const MODES: &[&str] = &["luks2", "gocryptfs"];
 
@@ -439,6 +465,26 @@ mod tests {
     use crate::spec::VolumeSpec;
 
     const KEY: &[u8] = b"k3y\n\0 with a trailing newline\n";
+
+    #[test]
+    fn size_markers_round_trip_and_only_well_formed_sizes_count() {
+        for n in [MIN_SIZE, 1 << 30, MAX_SIZE] {
+            assert_eq!(parse_size_marker(&size_marker(n)), Some(n));
+        }
+        for bad in [
+            "cnfs-volume.size.".to_string(),
+            "cnfs-volume.size.+1073741824".to_string(),
+            "cnfs-volume.size.1073741825".to_string(),
+            format!("cnfs-volume.size.{}", MIN_SIZE - 4096),
+            format!("cnfs-volume.size.{}", MAX_SIZE + 4096),
+            "cnfs-volume.size.99999999999999999999999".to_string(),
+            "cnfs-volume.size.1Gi".to_string(),
+            "cnfs-volume.luks2".to_string(),
+            format!("x{}", size_marker(1 << 30)),
+        ] {
+            assert_eq!(parse_size_marker(&bad), None, "{bad}");
+        }
+    }
 
     fn luks(key: &[u8]) -> agent::Encryption {
         agent::Encryption {

@@ -1,0 +1,144 @@
+//! `cnfs-lock-holder`: keeps the single-writer lock of a luks2 container on an SMB share
+//! (design encryption-luks2.md §5.2). cifs records the process that took a byte-range lock
+//! and drops the lock at that process's first close of the file, or its exit, whatever kind
+//! of lock it was; so the lock must be taken by a process that keeps the file open for as
+//! long as the volume is mounted. The tool runner starts this (the agent's binary under
+//! another argv[0]) as a daemon, in a session of its own, with no parent-death signal: it
+//! outlives agent restarts, and the agent kills it once the loop device has let go of the
+//! container. On NFSv4 and CephFS no holder is needed: the lock lives on the loop's own
+//! open file (`fs::luks2`).
+//!
+//! argv: `cnfs-lock-holder <container> rw|ro /dev/fd/<report pipe>`. It writes `ok` to the
+//! pipe once the lock is held, else `<step> <errno>` (step `open` or `lock`) and exits 1.
+
+use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use nix::errno::Errno;
+
+use super::command::{BACKING_ROOT, LOCK_HOLDER_ARGV0, LUKS2_CONTAINER};
+
+/// The byte the lock covers: the same as on NFS and CephFS, far past any data, so that it
+/// never meets the loop's I/O (which goes through another open file of the same client).
+pub const LOCK_BYTE: i64 = 1 << 62;
+
+/// The single-writer lock on a container: a read lock for a read-only volume (several
+/// readers), else a write lock, on [`LOCK_BYTE`] alone.
+pub fn lock_request(read_only: bool) -> libc::flock {
+    libc::flock {
+        l_type: if read_only {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: LOCK_BYTE,
+        l_len: 1,
+        l_pid: 0,
+    }
+}
+
+/// Whether this process was started as a lock holder.
+pub fn invoked_as_holder(argv0: &str) -> bool {
+    argv0 == LOCK_HOLDER_ARGV0
+}
+
+/// What the holder reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    Held,
+    /// Opening the container failed with this errno.
+    Open(Errno),
+    /// Taking the lock failed with this errno (EAGAIN/EACCES: another client holds it).
+    Lock(Errno),
+}
+
+impl Report {
+    pub fn parse(text: &str) -> Option<Report> {
+        let text = text.trim_end();
+        if text == "ok" {
+            return Some(Report::Held);
+        }
+        let (step, errno) = text.split_once(' ')?;
+        let errno = Errno::from_raw(errno.parse().ok()?);
+        match step {
+            "open" => Some(Report::Open(errno)),
+            "lock" => Some(Report::Lock(errno)),
+            _ => None,
+        }
+    }
+}
+
+/// The holder's main. Returns only on failure (its exit code).
+pub fn run(argv: &[String]) -> i32 {
+    let (Some(path), Some(mode), Some(report)) = (argv.get(1), argv.get(2), argv.get(3)) else {
+        return 2;
+    };
+    let Some(report_fd) = report
+        .strip_prefix("/dev/fd/")
+        .and_then(|n| n.parse::<i32>().ok())
+        .filter(|&n| n > 2)
+    else {
+        return 2;
+    };
+    // SAFETY: the runner passed this descriptor, open and ours alone, under this number.
+    let report = unsafe { OwnedFd::from_raw_fd(report_fd) };
+    let say = |text: &str| {
+        let _ = nix::unistd::write(&report, text.as_bytes());
+    };
+    // Only a container on a backing share: the runner builds this path from a checked name.
+    let ours = path
+        .strip_prefix(BACKING_ROOT)
+        .and_then(|p| p.strip_prefix('/'))
+        .and_then(|p| p.strip_suffix(LUKS2_CONTAINER))
+        .is_some_and(|name| name.ends_with('/') && !name[..name.len() - 1].contains('/'));
+    let Ok(c) = CString::new(path.as_bytes()) else {
+        return 2;
+    };
+    if !ours {
+        say(&format!("open {}\n", Errno::EINVAL as i32));
+        return 1;
+    }
+    let read_only = mode == "ro";
+    let flags = libc::O_CLOEXEC
+        | libc::O_NOFOLLOW
+        | if read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+    // SAFETY: a NUL-terminated path that outlives the call.
+    let fd = unsafe { libc::open(c.as_ptr(), flags) };
+    if fd < 0 {
+        say(&format!("open {}\n", Errno::last() as i32));
+        return 1;
+    }
+    let lock = lock_request(read_only);
+    // A process-owned (POSIX) lock: this process never closes the file, so it lasts until
+    // the process ends. SAFETY: F_SETLK reads one `struct flock` from a value on the stack.
+    if unsafe { libc::fcntl(fd, libc::F_SETLK, &lock as *const libc::flock) } < 0 {
+        say(&format!("lock {}\n", Errno::last() as i32));
+        return 1;
+    }
+    say("ok\n");
+    drop(report);
+    loop {
+        // Until killed. SAFETY: pause(2) takes nothing.
+        unsafe { libc::pause() };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_are_read_back_and_anything_else_is_not_a_report() {
+        assert_eq!(Report::parse("ok\n"), Some(Report::Held));
+        assert_eq!(Report::parse("open 2\n"), Some(Report::Open(Errno::ENOENT)));
+        assert_eq!(Report::parse("lock 11"), Some(Report::Lock(Errno::EAGAIN)));
+        for bad in ["", "ok?", "open", "open x", "grab 11", "lock 11 12"] {
+            assert_eq!(Report::parse(bad), None, "{bad:?}");
+        }
+    }
+}
