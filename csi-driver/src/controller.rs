@@ -10,8 +10,9 @@
 //! `DeleteVolume` gets nothing but the volume id (and secrets), so the id carries what it
 //! needs: `<fs>#<fields>`, where `<fs>` picks the provisioner and the fields are its own.
 //! An encrypted volume's id starts `<fs>+<mode>#` (`nfs+luks2#`, `nfs+gocryptfs#`; see
-//! [`crate::encryption`]), so that `ControllerExpandVolume` knows from the id whether its size
-//! is fixed (luks2) or its class decides, as for a plain volume (gocryptfs).
+//! [`crate::encryption`]), so that `ControllerExpandVolume` knows from the id whether it grows
+//! a container (luks2: the new size is recorded for the guest's next mount) or its class
+//! decides, as for a plain volume (gocryptfs).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use cnfs_protocols::keyed_lock::KeyedLocks;
 use cnfs_protocols::spec::EncryptionMode;
 use sha2::{Digest, Sha256};
-use slog::{warn, Logger};
+use slog::{info, warn, Logger};
 use tonic::{Request, Response, Status};
 
 use crate::backend::{self, BackendError, Capacity, Context, CreateRequest, Plan, Provisioner};
@@ -148,11 +149,6 @@ fn capacity(range: Option<&CapacityRange>) -> Result<Capacity, Status> {
         required: r.required_bytes as u64,
         limit: r.limit_bytes as u64,
     })
-}
-
-/// The requested size: at least `required_bytes`, at most `limit_bytes` (0 = unset).
-fn requested_size(range: Option<&CapacityRange>) -> Result<Option<u64>, Status> {
-    Ok(capacity(range)?.size())
 }
 
 fn capability_of(t: rpc::Type) -> ControllerServiceCapability {
@@ -296,6 +292,9 @@ impl ControllerService {
         let plan = provisioner.plan(&ctx, &creq).map_err(status)?;
         let volume_id = fitting_id(&encryption::id_head(provisioner.name(), encrypted), &plan)?;
         let with_encryption = |source: &str| match encrypted {
+            Some(mode) if encryption::grows_with_quota(provisioner.name(), mode) => {
+                encryption::add_grow_to_quota(&encryption::add_to_source(source, mode, size))
+            }
             Some(mode) => encryption::add_to_source(source, mode, size),
             None => source.to_string(),
         };
@@ -402,17 +401,14 @@ impl ControllerService {
     ) -> Result<ControllerExpandVolumeResponse, Status> {
         bounds::required_string("volume_id", &req.volume_id)?;
         bounds::map("secrets", &req.secrets)?;
-        let size = requested_size(req.capacity_range.as_ref())?
+        let range = capacity(req.capacity_range.as_ref())?;
+        let size = range
+            .size()
             .ok_or_else(|| invalid("capacity_range", "is required"))?;
         let v = made_by(&req.volume_id)?;
         // A gocryptfs volume has no size of its own: its class decides, as for a plain one.
-        if let Some(mode) = v.encryption.filter(|m| m.has_size()) {
-            return Err(Status::failed_precondition(format!(
-                "volume {} is encrypted ({}): its container's size is fixed when it is created \
-                 (CNFS cannot grow it yet); make a larger volume and copy the data",
-                echo(&req.volume_id),
-                mode.as_str()
-            )));
+        if v.encryption.is_some_and(|m| m.has_size()) {
+            return self.expand_container(req, &v, range).await;
         }
         let quota = v
             .provisioner
@@ -424,6 +420,43 @@ impl ControllerService {
             })?;
         Ok(ControllerExpandVolumeResponse {
             capacity_bytes: quota as i64,
+            node_expansion_required: false,
+        })
+    }
+
+    /// A luks2 volume: its container's new size (sized as CreateVolume sizes one) recorded
+    /// where the guest reads it; never smaller than what is recorded already.
+    async fn expand_container(
+        &self,
+        req: &ControllerExpandVolumeRequest,
+        v: &MadeBy<'_>,
+        range: Capacity,
+    ) -> Result<ControllerExpandVolumeResponse, Status> {
+        let size = encryption::container_size(range)?;
+        let recorded = v
+            .provisioner
+            .expand_luks2(&self.context(), v.fields, &req.secrets, size)
+            .await
+            .map_err(status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("volume {} does not exist", echo(&req.volume_id)))
+            })?;
+        // Only when nothing was written: a new record is `size`, within the limit.
+        if range.limit > 0 && recorded > range.limit {
+            return Err(Status::out_of_range(format!(
+                "capacity_range: the volume is {recorded} bytes already, above limit_bytes ({}); \
+                 volumes never shrink",
+                range.limit
+            )));
+        }
+        // No node step: the guest grows the container, the mapping and ext4 when it mounts the
+        // volume next (a pod started after this), and a guest holding it now keeps its size
+        // until then. The node plugin has nothing to do, so the CO finishes the resize here.
+        info!(self.log, "luks2 volume: size recorded; the guest grows it at its next mount";
+            "volume" => echo(&req.volume_id), "size" => recorded);
+        Ok(ControllerExpandVolumeResponse {
+            // A container's length comes from the server: never wrapped into a negative.
+            capacity_bytes: i64::try_from(recorded).unwrap_or(i64::MAX),
             node_expansion_required: false,
         })
     }
@@ -687,16 +720,6 @@ mod tests {
                  &encryption=luks2&size=1073741824\" is refused: volume.nfs.version: luks2 \
                  needs server-side locks",
             ),
-            (
-                encrypted(
-                    &[("fs", "smb"), ("share", "data"), ("vers", "3.1.1")],
-                    RWO as i32,
-                    1 << 30,
-                ),
-                tonic::Code::InvalidArgument,
-                "parameters.encryption: luks2 volumes are provisioned on fs nfs, cephfs only \
-                 so far, not smb",
-            ),
         ] {
             let e = c.create(&req).await.unwrap_err();
             assert_eq!(e.code(), code, "{e:?}");
@@ -766,23 +789,104 @@ mod tests {
                 .starts_with("volume_capabilities[0].access_mode.mode: MULTI_NODE_MULTI_WRITER"),
             "{e:?}"
         );
-        // Other classes than nfs and cephfs are refused naming the mode.
-        let req = encrypted(
+    }
+
+    /// An encrypted SMB CreateVolume on a loopback server that is never contacted: without
+    /// the provisioner secret, the last check before smbclient runs is the account's.
+    fn encrypted_smb(mode: &str, access: i32, required: i64) -> CreateVolumeRequest {
+        encrypted(
             &[
-                ("encryption", "gocryptfs"),
+                ("encryption", mode),
                 ("fs", "smb"),
                 ("share", "data"),
+                ("subDir", "k8s"),
                 ("vers", "3.1.1"),
             ],
-            Mode::MultiNodeMultiWriter as i32,
-            0,
-        );
-        let e = c.create(&req).await.unwrap_err();
-        assert_eq!(
-            e.message(),
-            "parameters.encryption: gocryptfs volumes are provisioned on fs nfs, cephfs only so \
-             far, not smb"
-        );
+            access,
+            required,
+        )
+    }
+
+    #[tokio::test]
+    async fn smb_classes_take_both_encryption_modes_with_their_access_modes_and_sizes() {
+        use crate::csi::volume_capability::access_mode::Mode;
+        use tonic::Code::{InvalidArgument, OutOfRange};
+        let c = service();
+        // Past the file system, the mode's access and size rules and the source check (the
+        // guest's rules for an encrypted SMB source): only the missing account stops them.
+        const NO_ACCOUNT: &str = "secrets.username: is required";
+        for (req, code, start) in [
+            (
+                encrypted_smb("luks2", Mode::SingleNodeWriter as i32, 1 << 30),
+                InvalidArgument,
+                NO_ACCOUNT,
+            ),
+            (
+                encrypted_smb("luks2", Mode::SingleNodeMultiWriter as i32, 64 << 20),
+                InvalidArgument,
+                NO_ACCOUNT,
+            ),
+            (
+                encrypted_smb("gocryptfs", Mode::MultiNodeMultiWriter as i32, 0),
+                InvalidArgument,
+                NO_ACCOUNT,
+            ),
+            (
+                encrypted_smb("gocryptfs", Mode::MultiNodeReaderOnly as i32, 1),
+                InvalidArgument,
+                NO_ACCOUNT,
+            ),
+            // luks2 keeps its own rules on SMB: one node, a container of 64 MiB or more.
+            (
+                encrypted_smb("luks2", Mode::MultiNodeMultiWriter as i32, 1 << 30),
+                InvalidArgument,
+                "volume_capabilities[0].access_mode.mode: MULTI_NODE_MULTI_WRITER is refused \
+                 for encryption=luks2",
+            ),
+            (
+                encrypted_smb("luks2", Mode::SingleNodeWriter as i32, 32 << 20),
+                OutOfRange,
+                "capacity_range: 33554432 bytes is below the 67108864 bytes (64 MiB)",
+            ),
+            (
+                encrypted_smb("luks2", Mode::SingleNodeWriter as i32, 0),
+                InvalidArgument,
+                "capacity_range.required_bytes: is required for encryption=luks2",
+            ),
+        ] {
+            let e = c.create(&req).await.unwrap_err();
+            assert_eq!(e.code(), code, "{e:?}");
+            assert!(
+                e.message().starts_with(start),
+                "{:?}\n{start:?}",
+                e.message()
+            );
+        }
+    }
+
+    #[test]
+    fn encrypted_smb_volume_ids_reach_the_smb_provisioner_with_their_mode() {
+        for (id, mode) in [
+            (
+                "smb+luks2#delete#files.example.com#data#k8s/pvc-3",
+                EncryptionMode::Luks2,
+            ),
+            (
+                "smb+gocryptfs#retain#10.0.0.9#data#pvc-4",
+                EncryptionMode::Gocryptfs,
+            ),
+        ] {
+            let v = made_by(id).unwrap_or_else(|e| panic!("{id}: {e:?}"));
+            assert_eq!(v.provisioner.name(), "smb", "{id}");
+            assert_eq!(v.encryption, Some(mode), "{id}");
+            let head = encryption::id_head(v.provisioner.name(), v.encryption);
+            assert_eq!(format!("{head}#{}", v.fields), id, "round trip");
+        }
+        // Fields the SMB provisioner never makes are no volume of it, encrypted or not.
+        let e = made_by("smb+luks2#delete#files.example.com#data#../up")
+            .err()
+            .expect("foreign");
+        assert_eq!(e.code(), tonic::Code::NotFound);
     }
 
     #[test]
@@ -827,8 +931,8 @@ mod tests {
         };
         let plain = expand("nfs#delete#127.0.0.1#/exports/k8s#pvc-1").await;
         let e = expand("nfs+gocryptfs#delete#127.0.0.1#/exports/k8s#pvc-1").await;
-        // NFS classes have no quota to grow, for a plain volume and a gocryptfs one alike; the
-        // luks2 refusal ("size is fixed") is not it.
+        // NFS classes have no quota to grow, for a plain volume and a gocryptfs one alike (a
+        // luks2 one would have its container's size recorded instead).
         assert_eq!((e.code(), e.message()), (plain.code(), plain.message()));
         assert!(
             e.message().starts_with("nfs volumes have no quota to grow"),
@@ -837,31 +941,170 @@ mod tests {
         assert!(!e.message().contains("encrypted"), "{e:?}");
     }
 
+    fn expand_request(id: &str, required: i64, limit: i64) -> ControllerExpandVolumeRequest {
+        ControllerExpandVolumeRequest {
+            volume_id: id.into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: required,
+                limit_bytes: limit,
+            }),
+            ..Default::default()
+        }
+    }
+
     #[tokio::test]
-    async fn expanding_an_encrypted_volume_is_failed_precondition_saying_the_size_is_fixed() {
-        for id in [
-            "nfs+luks2#delete#127.0.0.1#/exports/k8s#pvc-1",
-            // Before any cluster is looked up or contacted (none is configured here).
-            "cephfs+luks2#prod#cephfs#csi#pvc-2",
+    async fn expanding_a_cephfs_luks2_volume_goes_to_its_cluster_to_raise_the_quota() {
+        // The CephFS provisioner's own path (its quota), not a refusal: with no cluster
+        // configured here it stops at the cluster lookup.
+        let e = service()
+            .expand(&expand_request(
+                "cephfs+luks2#prod#cephfs#csi#pvc-2",
+                2 << 30,
+                0,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message()
+                .starts_with("clusterID \"prod\" is not in the controller's config"),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn expanding_an_smb_luks2_volume_needs_the_account_and_sizes_as_create_does() {
+        use tonic::Code::{InvalidArgument, NotFound, OutOfRange};
+        // A server that is never contacted: each answer comes before smbclient would run.
+        let id = "smb+luks2#delete#files.example.com#data#k8s/pvc-3";
+        let secrets = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        for (req, code, start) in [
+            (
+                expand_request(id, 2 << 30, 0),
+                InvalidArgument,
+                "secrets: growing an SMB volume writes its new size on the share, which takes \
+                 the SMB account (username, password): name its secret in the StorageClass's \
+                 csi.storage.k8s.io/controller-expand-secret-name",
+            ),
+            (
+                ControllerExpandVolumeRequest {
+                    secrets: secrets(&[("username", "k8s")]),
+                    ..expand_request(id, 2 << 30, 0)
+                },
+                InvalidArgument,
+                "secrets.password: is required",
+            ),
+            (
+                ControllerExpandVolumeRequest {
+                    secrets: secrets(&[("username", "k8s"), ("password", "pw"), ("key", "x")]),
+                    ..expand_request(id, 2 << 30, 0)
+                },
+                InvalidArgument,
+                "secrets.key: ",
+            ),
+            (
+                expand_request(id, 32 << 20, 0),
+                OutOfRange,
+                "capacity_range: 33554432 bytes is below the 67108864 bytes (64 MiB)",
+            ),
+            (
+                expand_request("smb+luks2#delete#files.example.com#data#a//b", 2 << 30, 0),
+                NotFound,
+                "volume \"smb+luks2#delete#files.example.com#data#a//b\" does not exist",
+            ),
+        ] {
+            let e = service().expand(&req).await.unwrap_err();
+            assert_eq!(e.code(), code, "{e:?}");
+            assert!(
+                e.message().starts_with(start),
+                "{:?}\n{start:?}",
+                e.message()
+            );
+            assert!(!e.message().contains("pw"), "{e:?}");
+        }
+        // A gocryptfs volume of an SMB class has no size of its own: what a plain one answers.
+        let plain = service()
+            .expand(&expand_request(
+                "smb#delete#files.example.com#data#k8s/pvc-3",
+                2 << 30,
+                0,
+            ))
+            .await
+            .unwrap_err();
+        let e = service()
+            .expand(&expand_request(
+                "smb+gocryptfs#delete#files.example.com#data#k8s/pvc-3",
+                2 << 30,
+                0,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!((e.code(), e.message()), (plain.code(), plain.message()));
+        assert!(
+            e.message().starts_with("smb volumes have no quota to grow"),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn expanding_an_nfs_luks2_volume_sizes_the_container_as_create_does_naming_the_field() {
+        use tonic::Code::{InvalidArgument, OutOfRange};
+        // A loopback server that must never be contacted: each answer comes before.
+        let id = "nfs+luks2#delete#127.0.0.1#/exports/k8s#pvc-1";
+        for ((required, limit), code, start) in [
+            (
+                ((64 << 20) - 4096 - 1, 0),
+                OutOfRange,
+                "capacity_range: 67104768 bytes is below the 67108864 bytes (64 MiB)",
+            ),
+            (
+                ((64 << 40) + 1, 0),
+                OutOfRange,
+                "capacity_range: 70368744181760 bytes is above the 70368744177664 bytes (64 TiB)",
+            ),
+            (
+                ((100 << 20) + 1, (100 << 20) + 10),
+                OutOfRange,
+                "capacity_range: required_bytes rounded up to whole 4 KiB sectors is 104861696 \
+                 bytes, above limit_bytes (104857610)",
+            ),
+            (
+                (-1, 0),
+                InvalidArgument,
+                "capacity_range: must not be negative",
+            ),
+            (
+                (3 << 30, 2 << 30),
+                OutOfRange,
+                "capacity_range: required_bytes is larger than limit_bytes",
+            ),
+            ((0, 0), InvalidArgument, "capacity_range: is required"),
         ] {
             let e = service()
-                .expand(&ControllerExpandVolumeRequest {
-                    volume_id: id.into(),
-                    capacity_range: Some(CapacityRange {
-                        required_bytes: 2 << 30,
-                        limit_bytes: 0,
-                    }),
-                    ..Default::default()
-                })
+                .expand(&expand_request(id, required, limit))
                 .await
                 .unwrap_err();
-            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{id}");
+            assert_eq!(e.code(), code, "{required} {limit}: {e:?}");
             assert!(
-                e.message().contains("is encrypted (luks2)")
-                    && e.message().contains("size is fixed when it is created"),
-                "{id}: {e:?}"
+                e.message().starts_with(start),
+                "{required} {limit}: {:?}\n{start:?}",
+                e.message()
             );
         }
+        let e = service()
+            .expand(&ControllerExpandVolumeRequest {
+                capacity_range: None,
+                ..expand_request(id, 0, 0)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), InvalidArgument);
+        assert_eq!(e.message(), "capacity_range: is required");
     }
 
     #[tokio::test]
@@ -917,6 +1160,8 @@ mod tests {
             required_bytes: req,
             limit_bytes: lim,
         };
+        // The requested size: `required_bytes`, else `limit_bytes` (0 = unset).
+        let requested_size = |r: Option<&CapacityRange>| capacity(r).map(Capacity::size);
         assert_eq!(requested_size(None).unwrap(), None);
         assert_eq!(requested_size(Some(&r(10, 0))).unwrap(), Some(10));
         assert_eq!(requested_size(Some(&r(0, 20))).unwrap(), Some(20));

@@ -7,9 +7,11 @@
 //! node-publish secret's `encryptionKey`, read where the hand-off turns into a spec
 //! (`cnfs_protocols::handoff`).
 //!
-//! The mode answers what differs: luks2 has a size (the capacity, fixed: no expansion) and
-//! one guest at a time (single-node access modes only); gocryptfs has neither, so its
-//! capacity, expansion and access modes are those of a plain volume of its class.
+//! The mode answers what differs: luks2 has a size (the capacity; ControllerExpandVolume
+//! records a larger one on the share, `cnfs-volume.size.<bytes>` beside the container, and the
+//! guest grows the volume at its next mount) and one guest at a time (single-node access
+//! modes only); gocryptfs has neither, so its capacity, expansion and access modes are those
+//! of a plain volume of its class.
 
 use std::collections::HashMap;
 
@@ -22,20 +24,69 @@ use crate::bounds::echo;
 use crate::capability::invalid;
 
 pub use cnfs_protocols::handoff::ENCRYPTION_KEY_SECRET;
+/// A luks2 volume's recorded sizes: the marker directory's name for a size, and the size a
+/// name records (shared with the guest, which reads them at each mount).
+pub use cnfs_protocols::spec::encryption::{parse_size_marker, size_marker};
 
 /// The StorageClass parameter (and inline volume attribute) that asks for encryption.
 pub const PARAMETER: &str = "encryption";
 /// The inline volume attribute with the container's size (luks2 only).
 pub const SIZE_ATTRIBUTE: &str = "size";
-/// File systems whose StorageClasses may ask for encryption (either mode; the guest serves
-/// luks2 on SMB not yet).
-pub const PROVISIONED_ON: &[&str] = &["nfs", "cephfs"];
-/// What a backend's quota holds beyond a luks2 container: CephFS quotas count file sizes and
-/// the container is one sparse file of exactly its size, so this covers nothing but is cheap
-/// safety (design §6.1).
-pub const QUOTA_HEADROOM: u64 = 64 << 20;
+/// File systems whose StorageClasses may ask for encryption (either mode).
+pub const PROVISIONED_ON: &[&str] = &["nfs", "cephfs", "smb"];
+/// What a backend's quota holds beyond a luks2 container (design §6.1); a `grow=quota` guest
+/// sizes the container at the quota less this, so it is shared with the guest.
+pub use cnfs_protocols::spec::encryption::QUOTA_HEADROOM;
 /// LUKS2 is opened with 4 KiB sectors: the container is a whole number of them.
 pub const ALIGN: u64 = 4096;
+/// A luks2 volume's container file in its directory on the share (the guest's name for it,
+/// `cnfs_agent::fs::luks2::CONTAINER`): its length is the container's current size.
+pub const CONTAINER: &str = cnfs_protocols::spec::encryption::LUKS2_CONTAINER;
+/// File systems whose luks2 volumes ControllerExpandVolume grows: those where the controller
+/// can leave the new size beside the container, where the guest reads it at its next mount.
+pub const GROWN_ON: &[&str] = &["nfs", "smb", "cephfs"];
+
+/// What a name in a luks2 volume's directory says about its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeEntry {
+    /// A well-formed size marker (of any file type: the guest reads names only).
+    Marker(u64),
+    /// The container, whose length counts once it is a regular file.
+    Container,
+}
+
+/// The [`SizeEntry`] a directory entry named `name` is; `None` for every other name
+/// (temporaries, malformed markers, anything else), which says nothing about the size.
+pub fn size_entry(name: &str) -> Option<SizeEntry> {
+    if name == CONTAINER {
+        return Some(SizeEntry::Container);
+    }
+    parse_size_marker(name).map(SizeEntry::Marker)
+}
+
+/// What ControllerExpandVolume does for a luks2 volume, from the sizes already recorded for
+/// it (size markers, and the container's own length once the guest has made it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Growth {
+    /// At least the size asked for is recorded already: nothing to write (a repeated call,
+    /// or a smaller size: a volume never shrinks). The size is the largest recorded.
+    Recorded(u64),
+    /// Record this size; then the smaller markers (`stale`) may go.
+    Record { size: u64, stale: Vec<u64> },
+}
+
+/// The [`Growth`] for a request of `size` bytes when `markers` are the sizes the volume's
+/// markers record and `container` its container's length (`None` before its first mount).
+pub fn growth(size: u64, markers: &[u64], container: Option<u64>) -> Growth {
+    let largest = markers.iter().copied().chain(container).max().unwrap_or(0);
+    if size <= largest {
+        return Growth::Recorded(largest);
+    }
+    let mut stale: Vec<u64> = markers.iter().copied().filter(|&m| m < size).collect();
+    stale.sort_unstable();
+    stale.dedup();
+    Growth::Record { size, stale }
+}
 
 /// `parameters.encryption`: `None` when absent, else the mode it names.
 pub fn from_parameters(p: &HashMap<String, String>) -> Result<Option<EncryptionMode>, Status> {
@@ -111,6 +162,24 @@ pub fn add_to_source(source: &str, mode: EncryptionMode, size: impl Into<Option<
     out
 }
 
+/// Whether a luks2 volume of file system `fs` is grown through its quota: CephFS classes give
+/// each volume a subvolume whose quota is the container plus [`QUOTA_HEADROOM`], and their
+/// sources say `grow=quota`, so that the guest sizes the container from the quota at each
+/// mount and ControllerExpandVolume grows a volume by raising its quota.
+pub fn grows_with_quota(fs: &str, mode: EncryptionMode) -> bool {
+    fs == "cephfs" && mode.has_size()
+}
+
+/// `source` with `grow=quota` added to its query (see [`grows_with_quota`]).
+pub fn add_grow_to_quota(source: &str) -> String {
+    let sep = if source.contains('?') { '&' } else { '?' };
+    format!(
+        "{source}{sep}{}={}",
+        encryption::OPT_GROW,
+        encryption::GROW_TO_QUOTA
+    )
+}
+
 /// The encryption mode a volume URL describes (`None` for a plain one, and for one that does
 /// not parse: whoever reads it refuses it then).
 pub fn source_mode(source: &str) -> Option<EncryptionMode> {
@@ -125,7 +194,7 @@ pub fn source_is_encrypted(source: &str) -> bool {
 }
 
 /// The first field of an encrypted volume's id: `<fs>+<mode>`, so that DeleteVolume finds the
-/// provisioner and ControllerExpandVolume knows, from the id alone, whether the size is fixed
+/// provisioner and ControllerExpandVolume knows, from the id alone, whether a container grows
 /// (luks2) or the volume's class decides (gocryptfs).
 pub fn id_head(fs: &str, mode: Option<EncryptionMode>) -> String {
     match mode {
@@ -291,6 +360,117 @@ mod tests {
         let e = container_size(cap(MAX_SIZE + 1, 0)).unwrap_err();
         assert_eq!(e.code(), Code::OutOfRange);
         assert!(e.message().contains("64 TiB"), "{e:?}");
+    }
+
+    #[test]
+    fn a_size_marker_is_named_by_the_container_size_in_decimal_bytes() {
+        let size = container_size(cap((1 << 30) + 1, 0)).unwrap();
+        assert_eq!(size_marker(size), "cnfs-volume.size.1073745920");
+        assert_eq!(parse_size_marker("cnfs-volume.size.1073745920"), Some(size));
+        assert_eq!(size_marker(MIN_SIZE), "cnfs-volume.size.67108864");
+        assert_eq!(size_marker(MAX_SIZE), "cnfs-volume.size.70368744177664");
+    }
+
+    proptest::proptest! {
+        /// Every size the controller would record is one the guest reads back.
+        #[test]
+        fn every_container_size_makes_a_marker_the_guest_reads_back(
+            required in MIN_SIZE - ALIGN + 1..=MAX_SIZE,
+        ) {
+            let size = container_size(cap(required, 0)).expect("in range");
+            proptest::prop_assert_eq!(parse_size_marker(&size_marker(size)), Some(size));
+        }
+    }
+
+    #[test]
+    fn a_repeated_or_smaller_expansion_records_nothing_and_answers_the_largest_size() {
+        const G: u64 = 1 << 30;
+        // The same size again: recorded already (CSI: a repeated call succeeds).
+        assert_eq!(growth(2 * G, &[2 * G], None), Growth::Recorded(2 * G));
+        // Smaller than a marker or than the container the guest grew: never shrinks.
+        assert_eq!(growth(G, &[G, 2 * G], None), Growth::Recorded(2 * G));
+        assert_eq!(growth(G, &[], Some(3 * G)), Growth::Recorded(3 * G));
+        assert_eq!(growth(2 * G, &[G], Some(3 * G)), Growth::Recorded(3 * G));
+    }
+
+    #[test]
+    fn a_larger_expansion_records_its_size_and_names_the_smaller_markers_stale() {
+        const G: u64 = 1 << 30;
+        assert_eq!(
+            growth(2 * G, &[], None),
+            Growth::Record {
+                size: 2 * G,
+                stale: vec![]
+            }
+        );
+        assert_eq!(
+            growth(4 * G, &[3 * G, G, 3 * G], Some(2 * G)),
+            Growth::Record {
+                size: 4 * G,
+                stale: vec![G, 3 * G]
+            }
+        );
+    }
+
+    #[test]
+    fn only_the_container_and_well_formed_markers_say_anything_about_the_size() {
+        assert_eq!(size_entry("cnfs-volume.luks2"), Some(SizeEntry::Container));
+        assert_eq!(
+            size_entry("cnfs-volume.size.1073745920"),
+            Some(SizeEntry::Marker(1073745920))
+        );
+        for other in [
+            ".cnfs-volume.luks2.new-3f9a",
+            "cnfs-volume.luks2.bak",
+            "CNFS-VOLUME.LUKS2",
+            "cnfs-volume.size.1073741825",
+            "cnfs-volume.size.1Gi",
+            "cnfs-volume.gocryptfs",
+            ".",
+            "",
+        ] {
+            assert_eq!(size_entry(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn cephfs_luks2_sources_grow_with_their_quota_and_nothing_else_does() {
+        assert!(grows_with_quota("cephfs", EncryptionMode::Luks2));
+        for (fs, mode) in [
+            ("cephfs", EncryptionMode::Gocryptfs),
+            ("nfs", EncryptionMode::Luks2),
+            ("smb", EncryptionMode::Luks2),
+        ] {
+            assert!(!grows_with_quota(fs, mode), "{fs} {mode:?}");
+        }
+        let source = add_grow_to_quota(&add_to_source(
+            "cephfs://10.0.0.5:3300/volumes/csi/pvc-1/u?fs=cephfs",
+            EncryptionMode::Luks2,
+            1 << 30,
+        ));
+        assert_eq!(
+            source,
+            "cephfs://10.0.0.5:3300/volumes/csi/pvc-1/u?fs=cephfs&encryption=luks2&size=1073741824\
+             &grow=quota"
+        );
+        // The guest's reading of it: grow_to_quota on the wire.
+        let url = cnfs_protocols::volume_url::parse("v", &source).expect("parses");
+        assert!(url
+            .wire
+            .encryption
+            .as_ref()
+            .is_some_and(|e| e.grow_to_quota));
+    }
+
+    #[test]
+    fn luks2_and_gocryptfs_are_provisioned_on_smb_and_luks2_grows_there() {
+        assert_eq!(PROVISIONED_ON, ["nfs", "cephfs", "smb"]);
+        assert_eq!(GROWN_ON, ["nfs", "smb", "cephfs"]);
+        assert_eq!(id_head("smb", Some(EncryptionMode::Luks2)), "smb+luks2");
+        assert_eq!(
+            split_id_head("smb+gocryptfs"),
+            Some(("smb", Some(EncryptionMode::Gocryptfs)))
+        );
     }
 
     #[test]

@@ -717,6 +717,90 @@ mod tests {
     }
 
     #[test]
+    fn an_encrypted_smb_volume_as_the_controller_makes_it_publishes_with_account_and_key() {
+        // The sources CreateVolume gives encrypted volumes of an SMB class.
+        const SMB_PW: &str = "smb pw;with=odd#chars";
+        for (id, source, mode, key, size) in [
+            (
+                "smb+luks2#delete#10.0.0.9#data#k8s/pvc-3",
+                "smb://10.0.0.9/data/k8s/pvc-3?vers=3.1.1&encryption=luks2&size=1073741824",
+                Mode::SingleNodeWriter,
+                VOLUME_KEY,
+                1 << 30,
+            ),
+            (
+                "smb+gocryptfs#delete#10.0.0.9#data#k8s/pvc-4",
+                "smb://10.0.0.9/data/k8s/pvc-4?vers=3.1.1&encryption=gocryptfs",
+                Mode::MultiNodeMultiWriter,
+                SHARED_KEY,
+                0,
+            ),
+        ] {
+            // One node-publish secret holds the account and the volume's key.
+            let mut req = request(source, mode, Some(key));
+            req.volume_id = id.into();
+            req.secrets.extend([
+                ("username".to_string(), "k8s-volumes".to_string()),
+                ("password".to_string(), SMB_PW.to_string()),
+            ]);
+            let p = validate_publish(&req).unwrap_or_else(|e| panic!("{id}: {e:?}"));
+            assert!(p.record.has_secret, "{id}");
+            assert_eq!(p.record.source, source);
+            let (spec, wire) = p.record.volume_spec(p.secret.as_ref()).expect("valid");
+            let smb = wire.smb();
+            let dir = format!("/{}", id.rsplit_once("#data#").expect("dir").1);
+            assert_eq!(
+                (smb.server.as_str(), smb.share.as_str(), smb.path.as_str()),
+                ("10.0.0.9", "data", dir.as_str()),
+                "{id}"
+            );
+            assert_eq!(
+                (smb.username.as_str(), smb.password.as_str()),
+                ("k8s-volumes", SMB_PW)
+            );
+            let e = spec.encryption.expect("encrypted");
+            assert_eq!((e.size, e.key.expose()), (size, key.as_bytes()), "{id}");
+            // Neither the password nor the key is in the record.
+            let json = serde_json::to_string(&p.record).expect("json");
+            assert!(
+                !json.contains("odd#chars") && !json.contains(" key"),
+                "{json}"
+            );
+            // The key alone is not enough: the account is the file system's, named.
+            req.secrets.remove("password");
+            let e = validate_publish(&req).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(e.message().starts_with("secrets.password"), "{e:?}");
+        }
+        // luks2 on SMB is single-node as anywhere, and refuses cifs's local locks.
+        let luks2 = "smb://10.0.0.9/data/k8s/pvc-3?vers=3.1.1&encryption=luks2&size=1073741824";
+        let mut req = request(luks2, Mode::MultiNodeMultiWriter, Some(VOLUME_KEY));
+        req.secrets.extend([
+            ("username".to_string(), "k8s-volumes".to_string()),
+            ("password".to_string(), SMB_PW.to_string()),
+        ]);
+        let e = validate_publish(&req).unwrap_err();
+        assert!(
+            e.message().starts_with(
+                "volume_capability.access_mode.mode: MULTI_NODE_MULTI_WRITER is refused for \
+                 encryption=luks2"
+            ),
+            "{e:?}"
+        );
+        req.volume_capability = Some(VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume {
+                mount_flags: vec!["nobrl".into()],
+                ..Default::default()
+            })),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
+        });
+        let e = validate_publish(&req).unwrap_err();
+        assert!(e.message().starts_with("volume.options.nobrl"), "{e:?}");
+    }
+
+    #[test]
     fn inline_encryption_and_size_attributes_make_the_volume_encrypted() {
         let mut req = request(
             "nfs://10.0.0.5/exports/inline?vers=4.1",

@@ -365,7 +365,7 @@ async fn controller_follows_csi_sanity_against_a_real_nfs_server() -> anyhow::Re
     c.delete_volume(delete).await?;
 
     // An encrypted volume: its id and source say luks2 and its size; multi-node
-    // capabilities are answered unconfirmed, saying why; its size cannot grow.
+    // capabilities are answered unconfirmed, saying why; it grows at its next mount.
     let mut luks2 = params.clone();
     luks2.insert("encryption".into(), "luks2".into());
     let enc = c
@@ -416,14 +416,91 @@ async fn controller_follows_csi_sanity_against_a_real_nfs_server() -> anyhow::Re
         .await?
         .into_inner();
     assert!(single.confirmed.is_some(), "{single:?}");
+
+    // ControllerExpandVolume: the container's new size (sized as CreateVolume sizes one) is
+    // an empty directory beside the container, which the guest reads at its next mount; the
+    // node has nothing to do.
+    let vol_dir = nfs.export_dir.join("pvc-luks2-1");
+    let listing = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&vol_dir)
+            .expect("the volume's directory")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let grow = |required: i64, limit: i64| ControllerExpandVolumeRequest {
+        volume_id: enc.volume_id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        ..Default::default()
+    };
+    let grown = |r: tonic::Response<ControllerExpandVolumeResponse>| {
+        let r = r.into_inner();
+        assert!(!r.node_expansion_required, "{r:?}");
+        r.capacity_bytes
+    };
+    assert_eq!(
+        grown(c.controller_expand_volume(grow((1 << 30) + 1, 0)).await?),
+        (1 << 30) + 4096,
+        "rounded up to 4 KiB"
+    );
+    assert_eq!(listing(), ["cnfs-volume.size.1073745920"]);
+    assert!(vol_dir.join("cnfs-volume.size.1073745920").is_dir());
+    // A repeat is answered the same and writes nothing; so is a smaller size (never shrinks).
+    for required in [(1 << 30) + 1, 1 << 30, 512 << 20] {
+        assert_eq!(
+            grown(c.controller_expand_volume(grow(required, 0)).await?),
+            (1 << 30) + 4096,
+            "{required}"
+        );
+        assert_eq!(listing(), ["cnfs-volume.size.1073745920"], "{required}");
+    }
+    // Unless the caller's limit is below what is recorded: OUT_OF_RANGE, nothing written.
+    let (code, msg) = err(c.controller_expand_volume(grow(512 << 20, 768 << 20)).await);
+    assert_eq!(code, Code::OutOfRange, "{msg}");
+    assert_eq!(
+        msg,
+        "capacity_range: the volume is 1073745920 bytes already, above limit_bytes \
+         (805306368); volumes never shrink"
+    );
+    // A larger size: its marker, and the smaller one goes.
+    assert_eq!(
+        grown(c.controller_expand_volume(grow(2 << 30, 0)).await?),
+        2 << 30
+    );
+    assert_eq!(listing(), ["cnfs-volume.size.2147483648"]);
+    // A container the guest grew beyond the request (its length) is the size: nothing new.
+    std::fs::File::create(vol_dir.join("cnfs-volume.luks2"))?.set_len(3 << 30)?;
+    assert_eq!(
+        grown(c.controller_expand_volume(grow(5 << 29, 0)).await?),
+        3 << 30
+    );
+    assert_eq!(
+        listing(),
+        ["cnfs-volume.luks2", "cnfs-volume.size.2147483648"]
+    );
+    // Capacities are checked as for CreateVolume, naming the field.
+    let (code, msg) = err(c.controller_expand_volume(grow(32 << 20, 0)).await);
+    assert_eq!(code, Code::OutOfRange, "{msg}");
+    assert!(
+        msg.starts_with("capacity_range: 33554432 bytes is below the 67108864 bytes (64 MiB)"),
+        "{msg}"
+    );
+    // A volume whose directory is gone: NOT_FOUND, and nothing is made.
+    let missing = enc.volume_id.replace("pvc-luks2-1", "pvc-luks2-gone");
     let (code, msg) = err(c
         .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: enc.volume_id.clone(),
-            ..expand.clone()
+            volume_id: missing.clone(),
+            ..grow(2 << 30, 0)
         })
         .await);
-    assert_eq!(code, Code::FailedPrecondition, "{msg}");
-    assert!(msg.contains("size is fixed"), "{msg}");
+    assert_eq!(code, Code::NotFound, "{msg}");
+    assert_eq!(msg, format!("volume {missing:?} does not exist"));
+    assert!(!nfs.export_dir.join("pvc-luks2-gone").exists());
     c.delete_volume(DeleteVolumeRequest {
         volume_id: enc.volume_id.clone(),
         ..Default::default()

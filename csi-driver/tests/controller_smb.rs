@@ -282,3 +282,261 @@ async fn smb_volumes_are_provisioned_validated_and_deleted_with_csi_codes() -> a
     );
     Ok(())
 }
+
+/// Encrypted volumes of SMB classes through the real plugin and a real Samba: luks2 (one
+/// node, the claim's size is the container's, grown by a marker beside it) and gocryptfs
+/// (every mode, no size of its own), each its own directory, removed with what the guest
+/// left in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_smb_volumes_are_provisioned_grown_and_deleted_with_csi_codes(
+) -> anyhow::Result<()> {
+    let ns = NetNs::create()?;
+    let dir = TempDir::new("csi-ctl-smb-enc")?;
+    let smb = Samba::start(
+        &ns,
+        dir.path(),
+        &SambaSetup::new()
+            .user(USER, PASSWORD)
+            .share(Share::new("data")),
+    )?;
+    let share_dir = smb.share_dir("data").expect("share").to_path_buf();
+    let uid = smb.uid_of(USER).expect("uid");
+    let mut plugin = Plugin::start_in(
+        "controller-smb-enc",
+        Some(&ns.name),
+        "controller",
+        &[
+            "--config".into(),
+            "/nonexistent/csi.toml".into(),
+            "--backend-timeout".into(),
+            "10".into(),
+        ],
+    )?;
+    let mut c = plugin.controller().await?;
+    let secrets = map(&[("username", USER), ("password", PASSWORD)]);
+    let class = |mode: &str| {
+        map(&[
+            ("fs", "smb"),
+            ("server", &smb.server_ip),
+            ("share", "data"),
+            ("subDir", "k8s"),
+            ("vers", "3.1.1"),
+            ("encryption", mode),
+        ])
+    };
+    let luks2 = CreateVolumeRequest {
+        name: "pvc-smb-luks2".into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: (128 << 20) + 1,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap(Mode::SingleNodeSingleWriter)],
+        parameters: class("luks2"),
+        secrets: secrets.clone(),
+        ..Default::default()
+    };
+
+    // luks2 is one guest's: a multi-node mode is refused before anything is made.
+    let (got, msg) = code(
+        c.create_volume(CreateVolumeRequest {
+            volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
+            ..luks2.clone()
+        })
+        .await,
+    );
+    assert_eq!(got, Code::InvalidArgument, "{msg}");
+    assert!(
+        msg.starts_with("volume_capabilities[0].access_mode.mode: MULTI_NODE_MULTI_WRITER"),
+        "{msg}"
+    );
+    assert!(!share_dir.join("k8s").exists(), "a refusal made something");
+
+    // Created: the container's size (rounded up to 4 KiB) is the capacity, the id and the
+    // source say luks2, the directory is the account's; again, the same volume.
+    const SIZE: i64 = (128 << 20) + 4096;
+    let v = c
+        .create_volume(luks2.clone())
+        .await?
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(v.capacity_bytes, SIZE);
+    assert_eq!(
+        v.volume_id,
+        format!("smb+luks2#delete#{}#data#k8s/pvc-smb-luks2", smb.server_ip)
+    );
+    assert_eq!(
+        v.volume_context.get("source").map(String::as_str),
+        Some(
+            format!(
+                "smb://{}/data/k8s/pvc-smb-luks2?vers=3.1.1&encryption=luks2&size={SIZE}",
+                smb.server_ip
+            )
+            .as_str()
+        )
+    );
+    let vol = share_dir.join("k8s/pvc-smb-luks2");
+    assert!(vol.is_dir(), "made on the server");
+    assert_eq!(std::fs::metadata(&vol)?.uid(), uid);
+    let again = c
+        .create_volume(luks2.clone())
+        .await?
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(
+        (again.volume_id.as_str(), again.capacity_bytes),
+        (v.volume_id.as_str(), SIZE)
+    );
+    let validate = ValidateVolumeCapabilitiesRequest {
+        volume_id: v.volume_id.clone(),
+        volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
+        secrets: secrets.clone(),
+        ..Default::default()
+    };
+    let r = c.validate_volume_capabilities(validate).await?.into_inner();
+    assert!(r.confirmed.is_none(), "{r:?}");
+    assert!(r.message.contains("refused for encryption=luks2"), "{r:?}");
+
+    // ControllerExpandVolume: the account is needed (the controller-expand secret), then the
+    // new size is a marker beside the container, which the guest reads at its next mount.
+    let grow = |required: i64, secrets: &HashMap<String, String>| ControllerExpandVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: required,
+            limit_bytes: 0,
+        }),
+        secrets: secrets.clone(),
+        ..Default::default()
+    };
+    let (got, msg) = code(
+        c.controller_expand_volume(grow(256 << 20, &HashMap::new()))
+            .await,
+    );
+    assert_eq!(got, Code::InvalidArgument, "{msg}");
+    assert!(
+        msg.starts_with("secrets: growing an SMB volume")
+            && msg.contains("controller-expand-secret-name"),
+        "{msg}"
+    );
+    assert!(std::fs::read_dir(&vol)?.next().is_none(), "nothing written");
+    for _ in 0..2 {
+        let r = c
+            .controller_expand_volume(grow(256 << 20, &secrets))
+            .await?
+            .into_inner();
+        assert_eq!(r.capacity_bytes, 256 << 20);
+        assert!(!r.node_expansion_required, "{r:?}");
+        let names: Vec<_> = std::fs::read_dir(&vol)?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, ["cnfs-volume.size.268435456"]);
+    }
+    assert!(vol.join("cnfs-volume.size.268435456").is_dir());
+    // Smaller: never shrinks; a volume whose directory is gone: NOT_FOUND.
+    let r = c
+        .controller_expand_volume(grow(128 << 20, &secrets))
+        .await?
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 256 << 20);
+    let gone = v.volume_id.replace("pvc-smb-luks2", "pvc-smb-gone");
+    let (got, msg) = code(
+        c.controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: gone.clone(),
+            ..grow(256 << 20, &secrets)
+        })
+        .await,
+    );
+    assert_eq!(got, Code::NotFound, "{msg}");
+    assert_eq!(msg, format!("volume {gone:?} does not exist"));
+    assert!(!share_dir.join("k8s/pvc-smb-gone").exists());
+
+    // gocryptfs: every mode, no size of its own (capacity unknown, as for a plain volume),
+    // and nothing to grow.
+    let shared = CreateVolumeRequest {
+        name: "pvc-smb-gocryptfs".into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 1 << 30,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![
+            mount_cap(Mode::MultiNodeMultiWriter),
+            mount_cap(Mode::MultiNodeReaderOnly),
+        ],
+        parameters: class("gocryptfs"),
+        secrets: secrets.clone(),
+        ..Default::default()
+    };
+    let g = c
+        .create_volume(shared)
+        .await?
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(g.capacity_bytes, 0);
+    assert_eq!(
+        g.volume_id,
+        format!(
+            "smb+gocryptfs#delete#{}#data#k8s/pvc-smb-gocryptfs",
+            smb.server_ip
+        )
+    );
+    assert_eq!(
+        g.volume_context.get("source").map(String::as_str),
+        Some(
+            format!(
+                "smb://{}/data/k8s/pvc-smb-gocryptfs?vers=3.1.1&encryption=gocryptfs",
+                smb.server_ip
+            )
+            .as_str()
+        )
+    );
+    let (got, msg) = code(
+        c.controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: g.volume_id.clone(),
+            ..grow(2 << 30, &secrets)
+        })
+        .await,
+    );
+    assert_eq!(got, Code::FailedPrecondition, "{msg}");
+    assert!(
+        msg.starts_with("smb volumes have no quota to grow"),
+        "{msg}"
+    );
+
+    // DeleteVolume removes each directory with what the guests left in it: a sparse
+    // container and its markers; an encrypted tree.
+    let container = vol.join("cnfs-volume.luks2");
+    std::fs::File::create(&container)?.set_len(256 << 20)?;
+    let tree = share_dir.join("k8s/pvc-smb-gocryptfs/cnfs-volume.gocryptfs");
+    std::fs::create_dir_all(tree.join("Xb3kQ2"))?;
+    std::fs::write(tree.join("gocryptfs.conf"), "{}")?;
+    std::fs::write(tree.join("Xb3kQ2/gocryptfs.diriv"), [0u8; 16])?;
+    for p in [
+        &container,
+        &tree,
+        &tree.join("Xb3kQ2"),
+        &tree.join("gocryptfs.conf"),
+    ] {
+        std::os::unix::fs::chown(p, Some(uid), Some(uid))?;
+    }
+    std::os::unix::fs::chown(tree.join("Xb3kQ2/gocryptfs.diriv"), Some(uid), Some(uid))?;
+    for id in [&v.volume_id, &g.volume_id] {
+        c.delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            secrets: secrets.clone(),
+        })
+        .await?;
+    }
+    assert!(!vol.exists(), "the luks2 volume's directory is still there");
+    assert!(!share_dir.join("k8s/pvc-smb-gocryptfs").exists());
+    assert!(share_dir.join("k8s").is_dir());
+
+    let strace = plugin.stop()?;
+    common::assert_no_mount_calls(&strace);
+    assert!(!strace.contains(PASSWORD), "password in a traced argument");
+    let log = plugin.log();
+    assert!(!log.contains(PASSWORD), "{log}");
+    Ok(())
+}

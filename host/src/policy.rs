@@ -238,6 +238,7 @@ impl Rule {
                 (encryption::OPT_ENCRYPTION, true),
                 (encryption::OPT_SIZE, e.mode.has_size()),
                 (encryption::OPT_OWNER, owner),
+                (encryption::OPT_GROW, e.grow_to_quota),
             ];
             for (key, _) in keys.iter().filter(|(_, used)| *used) {
                 if !self.options.iter().any(|o| o == key) {
@@ -565,6 +566,31 @@ export_prefixes = ["/public"]
         );
         let p = team_a("[\"encryption\", \"size\", \"owner\"]");
         p.check("team-a", &encrypted(Some("1000:1000")))
+            .expect("allowed");
+    }
+
+    #[test]
+    fn grow_to_quota_is_denied_unless_the_entry_lists_grow() {
+        let url = "cephfs://10.1.2.3:6789/exports/team-a/sec?fs=cephfs&client=u&secret=s\
+                   &encryption=luks2&size=1Gi&grow=quota";
+        let parsed = cnfs_protocols::volume_url::parse("sec", url).expect("url");
+        let v = VolumeSpec::from_wire_unresolved(&parsed.wire).expect("valid spec");
+        let entry = |options: &str| {
+            Policy::parse(&format!(
+                "[[allow]]\nnamespaces = [\"team-a\"]\nfilesystems = [\"cephfs\"]\n\
+                 servers = [\"10.0.0.0/8\"]\nexport_prefixes = [\"/exports/team-a\"]\n\
+                 options = {options}\n"
+            ))
+            .expect("policy")
+        };
+        match entry("[\"encryption\", \"size\"]").check("team-a", &v) {
+            Err(PolicyError::Denied { reason, .. }) => {
+                assert_eq!(reason, "option grow is not allowed")
+            }
+            other => panic!("expected a denial, got {other:?}"),
+        }
+        entry("[\"encryption\", \"size\", \"grow\"]")
+            .check("team-a", &v)
             .expect("allowed");
     }
 

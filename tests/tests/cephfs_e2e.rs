@@ -299,6 +299,91 @@ async fn cephfs_admin_and_restricted_keys_move_data_and_keys_stay_hidden() -> an
         .await?;
     assert_eq!(g.ok("md5sum /run/cnfs/volumes/enc/c.txt").await?, enc_sum);
 
+    // 6b. `grow=quota`, as the CSI driver makes CephFS luks2 volumes: in a subvolume whose
+    // quota is 256 MiB + 64 MiB the container is 256 MiB from first use (its `size` says
+    // 128 MiB), and after the quota is raised (ControllerExpandVolume's `subvolume resize`)
+    // the next mount grows it, and ext4, with the data intact.
+    const MIB: u64 = 1 << 20;
+    let quota = |mib: u64| ((mib + 64) * MIB).to_string();
+    ceph.ceph(&[
+        "fs",
+        "subvolume",
+        "create",
+        "cephfs",
+        "q1",
+        "--size",
+        &quota(256),
+    ])?;
+    let q1 = ceph
+        .ceph(&["fs", "subvolume", "getpath", "cephfs", "q1"])?
+        .trim()
+        .to_string();
+    let quota_request = || {
+        let mut r = Vol {
+            name: "quota",
+            path: &q1,
+            ..sub_like(&whole)
+        }
+        .request(180_000);
+        r.volume.mut_or_insert_default().encryption =
+            protobuf::MessageField::some(agent::Encryption {
+                mode: "luks2".into(),
+                key: b"ceph volume key".to_vec(),
+                size_bytes: 128 << 20,
+                grow_to_quota: true,
+                ..Default::default()
+            });
+        r
+    };
+    let sizes = "stat -c %s /run/cnfs/backing/quota/cnfs-volume.luks2; \
+                 stat -f -c '%b %S' /run/cnfs/volumes/quota";
+    let read_sizes = |out: String| -> (u64, u64) {
+        let n: Vec<u64> = out
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        (
+            n.first().copied().unwrap_or(0),
+            n.get(1).copied().unwrap_or(0) * n.get(2).copied().unwrap_or(0),
+        )
+    };
+    agent
+        .mount(ctx(Duration::from_secs(240)), &quota_request())
+        .await?;
+    let q_sum = g
+        .ok("head -c 1000000 /dev/urandom > /run/cnfs/volumes/quota/d && sync && md5sum /run/cnfs/volumes/quota/d")
+        .await?;
+    let (file, fs) = read_sizes(g.ok(sizes).await?);
+    assert_eq!(file, 256 * MIB, "first use did not size from the quota");
+    assert!(fs > 192 * MIB && fs <= 256 * MIB, "ext4 of {fs} bytes");
+    let unmount = |name: &'static str| agent::UnmountRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    agent.unmount(ctx(T), &unmount("quota")).await?;
+    ceph.ceph(&[
+        "fs",
+        "subvolume",
+        "resize",
+        "cephfs",
+        "q1",
+        &quota(384),
+        "--no_shrink",
+    ])?;
+    agent
+        .mount(ctx(Duration::from_secs(240)), &quota_request())
+        .await?;
+    let (file, grown) = read_sizes(g.ok(sizes).await?);
+    assert_eq!(
+        file,
+        384 * MIB,
+        "the raised quota did not grow the container"
+    );
+    assert!(grown > fs + 96 * MIB, "ext4 did not grow: {fs} -> {grown}");
+    assert_eq!(g.ok("md5sum /run/cnfs/volumes/quota/d").await?, q_sum);
+    agent.unmount(ctx(T), &unmount("quota")).await?;
+    ceph.ceph(&["fs", "subvolume", "rm", "cephfs", "q1"])?;
+
     // 7. A shared encrypted (gocryptfs) volume on CephFS: the tree in /shr, no plaintext in
     // the pool under the plaintext name, the data read back after a remount.
     g.ok("mkdir -p /run/cnfs/volumes/whole/shr").await?;

@@ -453,30 +453,42 @@ async fn an_encrypted_cephfs_volume_is_a_subvolume_whose_quota_holds_the_contain
             "cephfs://{}/volumes/{GROUP}/{name}/",
             ceph.mon_v2()
         )) && source.ends_with(&format!(
-            "?fs={FS_NAME}&fsid={}&encryption=luks2&size={SIZE}",
+            "?fs={FS_NAME}&fsid={}&encryption=luks2&size={SIZE}&grow=quota",
             ceph.fsid()
         )),
         "{source}"
     );
 
-    // Its size is fixed: expansion is refused and the quota stays.
-    let e = controller
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: vol.volume_id.clone(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 2 * SIZE,
-                limit_bytes: 0,
-            }),
-            secrets: secrets.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect_err("expansion refused");
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("size is fixed"), "{e:?}");
+    // Expansion raises the quota to the new container plus 64 MiB (the guest sizes a
+    // `grow=quota` container from it at its next mount: cephfs_e2e step 6b); a smaller size
+    // afterwards lowers nothing and answers the size the quota gives.
+    let expand = |required: i64| ControllerExpandVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: required,
+            limit_bytes: 0,
+        }),
+        secrets: secrets.clone(),
+        ..Default::default()
+    };
+    let grown = controller
+        .controller_expand_volume(expand(2 * SIZE))
+        .await?
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 2 * SIZE);
+    assert!(!grown.node_expansion_required);
     assert_eq!(
         server_info(&ceph, name)?["bytes_quota"],
-        SIZE as u64 + 64 * MIB
+        2 * SIZE as u64 + 64 * MIB
+    );
+    let again = controller
+        .controller_expand_volume(expand(SIZE))
+        .await?
+        .into_inner();
+    assert_eq!(again.capacity_bytes, 2 * SIZE, "shrank");
+    assert_eq!(
+        server_info(&ceph, name)?["bytes_quota"],
+        2 * SIZE as u64 + 64 * MIB
     );
 
     controller

@@ -1,7 +1,8 @@
 //! The CSI controller's NFS backend against a real nfs-ganesha: the user-space NFSv3 client
 //! runs on a thread inside the test's network namespace, and every effect is checked on the
 //! server side, in the exported host directory. One case boots a guest: an encrypted
-//! (`encryption: luks2`) volume from CreateVolume to NodeUnpublishVolume, the real `cnfs-csi`
+//! (`encryption: luks2`) volume from CreateVolume to NodeUnpublishVolume, grown by
+//! ControllerExpandVolume at its next mount in between, the real `cnfs-csi`
 //! binary (no capability) playing both services and the test playing kubelet and the CNFS
 //! shim (hand-off record and node-publish secret → the agent's Mount).
 
@@ -486,20 +487,6 @@ async fn an_encrypted_csi_volume_is_a_luks2_container_on_the_share_that_only_the
     );
     let server_dir = nfs.export_dir.join(&name);
     assert!(server_dir.is_dir(), "{} not created", server_dir.display());
-    // Its size is fixed: expansion is refused, saying so.
-    let e = controller
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: vol.volume_id.clone(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 2 * SIZE,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect_err("expansion refused");
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("size is fixed"), "{e:?}");
 
     // NodePublishVolume with the key in the node-publish secret, as kubelet sends it.
     let pod_dir = dir
@@ -540,7 +527,8 @@ async fn an_encrypted_csi_volume_is_a_luks2_container_on_the_share_that_only_the
     let guest_name = handoff::guest_volume_name(&target);
     let t = Duration::from_secs(240);
     // First use: two argon2 passes and mkfs under TCG.
-    a.mount(ctx(t), &mount_request(wire, 180_000)).await?;
+    a.mount(ctx(t), &mount_request(wire.clone(), 180_000))
+        .await?;
     let mounts = g.ok("cat /proc/mounts").await?;
     assert!(
         mounts.contains(&format!("/run/cnfs/volumes/{guest_name} ext4 ")),
@@ -564,31 +552,92 @@ async fn an_encrypted_csi_volume_is_a_luks2_container_on_the_share_that_only_the
         8
     );
 
-    // Sandbox delete (the shim unmounts), then kubelet's NodeUnpublishVolume.
-    a.unmount(
-        ctx(t),
-        &agent::UnmountRequest {
-            name: guest_name.clone(),
-            timeout_ms: 30_000,
-            force: true,
+    // ControllerExpandVolume while the pod runs: the new size is recorded beside the
+    // container on the share; the mounted volume keeps its size until its next mount.
+    let ext4_bytes = |out: String| -> u64 {
+        let mut f = out
+            .split_whitespace()
+            .map(|n| n.parse::<u64>().unwrap_or(0));
+        f.next().unwrap_or(0) * f.next().unwrap_or(0)
+    };
+    let statfs = format!("stat -f -c '%b %S' /run/cnfs/volumes/{guest_name}");
+    let small = ext4_bytes(g.ok(&statfs).await?);
+    let grown = controller
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 2 * SIZE,
+                limit_bytes: 0,
+            }),
             ..Default::default()
-        },
-    )
-    .await?;
+        })
+        .await?
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 2 * SIZE, "{grown:?}");
+    assert!(!grown.node_expansion_required, "{grown:?}");
+    let marker = format!("cnfs-volume.size.{}", 2 * SIZE);
+    assert!(
+        server_dir.join(&marker).is_dir(),
+        "no {marker} on the share"
+    );
+    let container = server_dir.join("cnfs-volume.luks2");
+    assert_eq!(std::fs::metadata(&container)?.len(), SIZE as u64);
+    assert_eq!(
+        ext4_bytes(g.ok(&statfs).await?),
+        small,
+        "grown before a mount"
+    );
+
+    // The pod restarts: unmounted, then mounted again with the same volume context (whose
+    // size is still the old one). The guest takes the recorded size and grows the container
+    // file, the mapping and ext4, data intact.
+    let unmount = agent::UnmountRequest {
+        name: guest_name.clone(),
+        timeout_ms: 30_000,
+        force: true,
+        ..Default::default()
+    };
+    a.unmount(ctx(t), &unmount).await?;
+    a.mount(ctx(t), &mount_request(wire, 180_000)).await?;
+    assert_eq!(
+        std::fs::metadata(&container)?.len(),
+        2 * SIZE as u64,
+        "the container on the share did not grow to the recorded size"
+    );
+    let big = ext4_bytes(g.ok(&statfs).await?);
+    assert!(
+        big > small + SIZE as u64 * 3 / 4 && big <= 2 * SIZE as u64,
+        "ext4 did not grow into the container: {small} -> {big}"
+    );
+    assert_eq!(
+        g.ok(&format!("cat /run/cnfs/volumes/{guest_name}/canary.txt"))
+            .await?
+            .lines()
+            .filter(|l| *l == canary)
+            .count(),
+        8
+    );
+
+    // Sandbox delete (the shim unmounts), then kubelet's NodeUnpublishVolume.
+    a.unmount(ctx(t), &unmount).await?;
     node.node_unpublish_volume(NodeUnpublishVolumeRequest {
         volume_id: vol.volume_id.clone(),
         target_path: target.clone(),
     })
     .await?;
 
-    // The share holds one stock LUKS2 container and no plaintext.
-    let container = server_dir.join("cnfs-volume.luks2");
-    let listing: Vec<String> = std::fs::read_dir(&server_dir)?
+    // The share holds one stock LUKS2 container, its size marker and no plaintext.
+    let mut listing: Vec<String> = std::fs::read_dir(&server_dir)?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(listing, ["cnfs-volume.luks2"], "no temp file left");
-    assert_eq!(std::fs::metadata(&container)?.len(), SIZE as u64);
+    listing.sort();
+    assert_eq!(
+        listing,
+        ["cnfs-volume.luks2".to_string(), marker],
+        "no temp file left"
+    );
+    assert_eq!(std::fs::metadata(&container)?.len(), 2 * SIZE as u64);
     let out = Command::new("cryptsetup")
         .args(["isLuks", "--type", "luks2"])
         .arg(&container)
@@ -656,7 +705,10 @@ fn the_luks2_csi_example_is_a_class_claim_and_secret_the_driver_accepts() -> any
         ex.of("Pod")?,
     );
     assert_eq!(class["provisioner"], "csi.cnfs.io");
-    assert_eq!(class["allowVolumeExpansion"], false, "the size is fixed");
+    assert_eq!(
+        class["allowVolumeExpansion"], true,
+        "an NFS class's luks2 volumes grow at their next mount"
+    );
     let params: HashMap<String, String> = serde_json::from_value(class["parameters"].clone())?;
     assert_eq!(
         cnfs_csi::encryption::from_parameters(&params).map_err(|e| anyhow::anyhow!("{e:?}"))?,

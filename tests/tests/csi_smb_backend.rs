@@ -374,3 +374,152 @@ fn on_a_share_that_follows_no_symlinks_a_delete_never_reaches_through_one() -> a
     assert!(one.join("link").is_symlink(), "the link itself stays");
     Ok(())
 }
+
+/// The names in a volume directory on the server, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("the volume's directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// ControllerExpandVolume of an SMB class's luks2 volume, against the real server: the new
+/// size is an empty directory `cnfs-volume.size.<bytes>` beside the container, made by the
+/// provisioner's account; a repeat or a smaller size writes nothing, a larger one replaces
+/// the smaller markers, the container's length counts as recorded, and a missing directory
+/// is no volume (the controller's NOT_FOUND). DeleteVolume then removes the directory with
+/// the container and the markers inside.
+#[test]
+fn luks2_sizes_are_recorded_beside_the_container_on_the_share_and_never_shrink(
+) -> anyhow::Result<()> {
+    const G: u64 = 1 << 30;
+    let bed = Bed::start()?;
+    let data = bed.share("data");
+    let alice = creds(ALICE, ALICE_PW);
+    let uid = bed.smb.uid_of(ALICE).expect("alice's uid");
+    let c = SmbClient::new(&data, &alice)?.with_timeout(T);
+    bed.run(c.create_dir("k8s/pvc-luks2"))?;
+    let vol = bed.on_server("data", "k8s/pvc-luks2");
+
+    // The first expansion: its marker, a directory of the account's, and nothing else.
+    let t = Instant::now();
+    assert_eq!(
+        bed.run(c.record_container_size("k8s/pvc-luks2", G + 4096))?,
+        Some(G + 4096)
+    );
+    eprintln!("first size recorded in {:?}", t.elapsed());
+    assert_eq!(names_in(&vol), ["cnfs-volume.size.1073745920"]);
+    let marker = vol.join("cnfs-volume.size.1073745920");
+    assert!(marker.is_dir());
+    assert_eq!(
+        std::fs::metadata(&marker)?.uid(),
+        uid,
+        "made by the account"
+    );
+    let made = std::fs::metadata(&marker)?.ino();
+
+    // The same size again, and smaller ones: answered with what is recorded, nothing written.
+    for size in [G + 4096, G, 512 << 20] {
+        assert_eq!(
+            bed.run(c.record_container_size("k8s/pvc-luks2", size))?,
+            Some(G + 4096),
+            "{size}"
+        );
+        assert_eq!(names_in(&vol), ["cnfs-volume.size.1073745920"], "{size}");
+    }
+    assert_eq!(std::fs::metadata(&marker)?.ino(), made, "the same marker");
+
+    // Larger: its marker, and the smaller one goes.
+    assert_eq!(
+        bed.run(c.record_container_size("k8s/pvc-luks2", 2 * G))?,
+        Some(2 * G)
+    );
+    assert_eq!(names_in(&vol), ["cnfs-volume.size.2147483648"]);
+
+    // The container the guest grew (sparse, 3 GiB) is the size: a request below it writes
+    // nothing and is answered with its length.
+    let container = vol.join("cnfs-volume.luks2");
+    std::fs::File::create(&container)?.set_len(3 * G)?;
+    chown_tree(&container, uid)?;
+    assert_eq!(
+        bed.run(c.record_container_size("k8s/pvc-luks2", 5 * G / 2))?,
+        Some(3 * G)
+    );
+    assert_eq!(
+        names_in(&vol),
+        ["cnfs-volume.luks2", "cnfs-volume.size.2147483648"]
+    );
+
+    // Names that say nothing are ignored and left alone: a malformed marker, a temporary; a
+    // file with a marker's name counts (the guest reads names), and no rmdir removes it.
+    std::fs::create_dir(vol.join("cnfs-volume.size.123"))?;
+    std::fs::write(vol.join(".cnfs-volume.luks2.new-3f9a"), b"")?;
+    std::fs::write(vol.join("cnfs-volume.size.8589934592"), b"")?;
+    chown_tree(&vol, uid)?;
+    assert_eq!(
+        bed.run(c.record_container_size("k8s/pvc-luks2", 5 * G))?,
+        Some(8 * G)
+    );
+    assert_eq!(
+        bed.run(c.record_container_size("k8s/pvc-luks2", 16 * G))?,
+        Some(16 * G)
+    );
+    assert_eq!(
+        names_in(&vol),
+        [
+            ".cnfs-volume.luks2.new-3f9a",
+            "cnfs-volume.luks2",
+            "cnfs-volume.size.123",
+            "cnfs-volume.size.17179869184",
+            "cnfs-volume.size.8589934592",
+        ]
+    );
+    assert_eq!(std::fs::metadata(&container)?.len(), 3 * G, "never touched");
+
+    // No directory: no volume, and nothing is made.
+    assert_eq!(
+        bed.run(c.record_container_size("k8s/pvc-none", 2 * G))?,
+        None
+    );
+    assert!(!bed.on_server("data", "k8s/pvc-none").exists());
+    // A file where the volume would be is refused and left alone.
+    std::fs::write(bed.on_server("data", "k8s/plain"), b"not a volume")?;
+    match bed.run(c.record_container_size("k8s/plain", 2 * G)) {
+        Err(BackendError::Invalid(m)) => assert!(m.contains("not a directory"), "{m}"),
+        other => panic!("a file at a volume's name: {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(bed.on_server("data", "k8s/plain"))?,
+        b"not a volume"
+    );
+
+    // The provisioner, as ControllerExpandVolume calls it for `smb+luks2#<fields>`: the
+    // volume's size, and None (NOT_FOUND) for a volume whose directory is gone.
+    let smb = cnfs_csi::backend::provisioner("smb").expect("registered");
+    let config = cnfs_csi::backend::ControllerConfig::default();
+    let ctx = cnfs_csi::backend::Context {
+        config: &config,
+        timeout: T,
+    };
+    let account = secrets(&[("username", ALICE), ("password", ALICE_PW)]);
+    let fields = |dir: &str| format!("delete#{}#data#{dir}", bed.smb.server_ip);
+    assert_eq!(
+        bed.run(smb.expand_luks2(&ctx, &fields("k8s/pvc-luks2"), &account, 17 * G))?,
+        Some(17 * G)
+    );
+    assert!(vol.join("cnfs-volume.size.18253611008").is_dir());
+    assert!(!vol.join("cnfs-volume.size.17179869184").exists());
+    assert_eq!(
+        bed.run(smb.expand_luks2(&ctx, &fields("k8s/pvc-gone"), &account, 2 * G))?,
+        None
+    );
+
+    // DeleteVolume: the directory goes with the container and the markers in it.
+    bed.run(smb.delete(&ctx, &fields("k8s/pvc-luks2"), &account))?;
+    assert!(!vol.exists(), "the volume's directory is still there");
+    assert!(bed.on_server("data", "k8s").is_dir());
+    Ok(())
+}

@@ -188,6 +188,27 @@ pub trait Provisioner: Send + Sync {
         secrets: &HashMap<String, String>,
         size: u64,
     ) -> Result<Option<u64>, BackendError>;
+
+    /// Grows luks2 volume `fields` to a container of `size` bytes from its next mount on: the
+    /// size is recorded where the guest that mounts the volume reads it (the guest grows the
+    /// file, the mapping and ext4). Returns the size recorded afterwards: `size`, or a larger
+    /// one recorded before (never shrinks; a repeated call records nothing new); `None` when
+    /// the volume does not exist. The default: this file system has no such record yet
+    /// ([`BackendError::FailedPrecondition`] saying so), and nothing is contacted.
+    async fn expand_luks2(
+        &self,
+        _ctx: &Context<'_>,
+        _fields: &str,
+        _secrets: &HashMap<String, String>,
+        _size: u64,
+    ) -> Result<Option<u64>, BackendError> {
+        Err(BackendError::FailedPrecondition(format!(
+            "encrypted (luks2) volumes of fs {} cannot grow: ControllerExpandVolume grows luks2 \
+             volumes of fs {} only; make a larger volume and copy the data",
+            self.name(),
+            crate::encryption::GROWN_ON.join(", ")
+        )))
+    }
 }
 
 /// What happens to a volume's directory (NFS, SMB) when its volume is deleted.

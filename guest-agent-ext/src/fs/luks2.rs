@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cnfs_protocols::keyed_lock::KeyedLocks;
-use cnfs_protocols::spec::encryption::parse_size_marker;
+use cnfs_protocols::spec::encryption::{parse_size_marker, size_from_quota};
 use cnfs_protocols::spec::{Encryption, Source, VolumeSpec};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
@@ -1078,6 +1078,9 @@ async fn build(
     let shown = format!("volume {name}: {CONTAINER} on the share");
     let size = if spec.read_only {
         enc.size
+    } else if enc.grow_to_quota {
+        let recorded = recorded_size(&dir, enc.size, left(), log).await;
+        recorded.max(quota_size(&dir, left(), log).await)
     } else {
         recorded_size(&dir, enc.size, left(), log).await
     };
@@ -1485,6 +1488,48 @@ async fn recorded_size(dir: &Path, size: u64, budget: Duration, log: &Logger) ->
             "dir" => dir.display().to_string(), "size" => size, "recorded" => largest);
     }
     size.max(largest)
+}
+
+/// The container size `dir`'s CephFS quota leaves (`grow=quota`: the CSI driver raises the
+/// quota of the subvolume to grow the volume): the quota less its headroom, see
+/// [`size_from_quota`]; 0 without a quota, or when the share does not answer within 2 s of
+/// `budget` (the open that follows meets the same server).
+async fn quota_size(dir: &Path, budget: Duration, log: &Logger) -> u64 {
+    let Ok(path) = cstring(dir) else {
+        return 0;
+    };
+    let outcome = killable::run(budget.min(Duration::from_secs(2)), || {
+        let mut buf = [0u8; 24];
+        // SAFETY: a NUL-terminated path and name, and a buffer of the length passed.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                c"ceph.quota.max_bytes".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        let n = usize::try_from(n).map_err(|_| Errno::last())?;
+        let text = std::str::from_utf8(&buf[..n.min(buf.len())]).map_err(|_| Errno::EINVAL)?;
+        let quota = text.trim().parse::<u64>().map_err(|_| Errno::EINVAL)?;
+        Ok([quota, 0, 0, 0, 0, 0])
+    })
+    .await;
+    let size = match outcome {
+        Outcome::Done([quota, ..]) => size_from_quota(quota).unwrap_or(0),
+        // No quota on the directory (or 0: none).
+        Outcome::Failed(Errno::ENODATA) => 0,
+        other => {
+            warn!(log, "the directory's CephFS quota could not be read; its size stays";
+                "dir" => dir.display().to_string(), "outcome" => format!("{other:?}"));
+            0
+        }
+    };
+    if size > 0 {
+        info!(log, "container sized from the directory's CephFS quota (grow=quota)";
+            "dir" => dir.display().to_string(), "size" => size);
+    }
+    size
 }
 
 /// Up to `most` entries of `dir` whose names `matches` (temps that abandoned first uses

@@ -27,6 +27,24 @@ pub const MAX_KEY: usize = 1024;
 pub const OPT_ENCRYPTION: &str = "encryption";
 pub const OPT_SIZE: &str = "size";
 pub const OPT_OWNER: &str = "owner";
+/// `grow=quota`: a luks2 volume on CephFS also grows to its directory's quota (less
+/// [`QUOTA_HEADROOM`]) at each mount.
+pub const OPT_GROW: &str = "grow";
+/// The one value [`OPT_GROW`] takes.
+pub const GROW_TO_QUOTA: &str = "quota";
+/// What a CephFS quota holds beyond a luks2 container sized from it: CephFS quotas count file
+/// sizes and the container is one sparse file of exactly its size, so this covers nothing but
+/// is cheap safety. The CSI driver sets a subvolume's quota to the container plus this, and a
+/// guest sizes a `grow=quota` container at the quota less this: both sides must agree.
+pub const QUOTA_HEADROOM: u64 = 64 << 20;
+
+/// The container size a CephFS quota of `quota` bytes leaves (`grow=quota`): less
+/// [`QUOTA_HEADROOM`], whole 4 KiB sectors, at most [`MAX_SIZE`]; `None` when that is below
+/// [`MIN_SIZE`].
+pub fn size_from_quota(quota: u64) -> Option<u64> {
+    let size = quota.saturating_sub(QUOTA_HEADROOM) / 4096 * 4096;
+    (size >= MIN_SIZE).then_some(size.min(MAX_SIZE))
+}
 /// Host only: the name of the host-side secret that holds the key (annotations).
 pub const OPT_ENCRYPTION_KEY: &str = "encryption_key";
 
@@ -207,6 +225,8 @@ pub struct Encryption {
     /// Owner of the new file system's root (the encrypted tree's root for gocryptfs).
     pub uid: u32,
     pub gid: u32,
+    /// luks2 on CephFS: grow to the directory's quota too (`grow=quota`).
+    pub grow_to_quota: bool,
 }
 
 impl Encryption {
@@ -222,6 +242,7 @@ impl Encryption {
             size_bytes: self.size,
             uid: self.uid,
             gid: self.gid,
+            grow_to_quota: self.grow_to_quota,
             ..Default::default()
         }
     }
@@ -267,12 +288,19 @@ pub(super) fn from_wire(e: &agent::Encryption, require_key: bool) -> Result<Encr
             return err(field, "4294967295 is \"no id\" to the kernel");
         }
     }
+    if e.grow_to_quota && !mode.has_size() {
+        return err(
+            "volume.encryption.grow_to_quota",
+            format!("is for luks2 volumes only ({mode} has no size)"),
+        );
+    }
     Ok(Encryption {
         mode,
         key: SecretBytes::from(e.key.as_slice()),
         size: e.size_bytes,
         uid: e.uid,
         gid: e.gid,
+        grow_to_quota: e.grow_to_quota,
     })
 }
 
@@ -414,13 +442,14 @@ pub(crate) fn from_url_options(
     let mode = options.remove(OPT_ENCRYPTION);
     let size = options.remove(OPT_SIZE);
     let owner = options.remove(OPT_OWNER);
+    let grow = options.remove(OPT_GROW);
     let Some(mode) = mode else {
-        if let Some(k) = [(OPT_SIZE, &size), (OPT_OWNER, &owner)]
+        if let Some(k) = [(OPT_SIZE, &size), (OPT_OWNER, &owner), (OPT_GROW, &grow)]
             .iter()
             .find_map(|(k, v)| v.as_ref().map(|_| *k))
         {
-            // Only luks2 has a size; either mode takes an owner.
-            let add = if k == OPT_SIZE { "luks2" } else { MODE_LIST };
+            // Only luks2 has a size (and grows); either mode takes an owner.
+            let add = if k == OPT_OWNER { MODE_LIST } else { "luks2" };
             return Err(format!(
                 "{}: is only for encrypted volumes (add encryption={add})",
                 field(k)
@@ -450,11 +479,29 @@ pub(crate) fn from_url_options(
         Some(o) => parse_owner(&field(OPT_OWNER), &o).map_err(|e| e.to_string())?,
         None => (0, 0),
     };
+    let grow_to_quota = match grow.as_deref() {
+        None => false,
+        Some(GROW_TO_QUOTA) if mode.has_size() => true,
+        Some(GROW_TO_QUOTA) => {
+            return Err(format!(
+                "{}: is refused with encryption={mode}: only luks2 volumes have a size to grow",
+                field(OPT_GROW)
+            ))
+        }
+        Some(v) => {
+            return Err(format!(
+                "{}: {} is not supported (the one value is {GROW_TO_QUOTA})",
+                field(OPT_GROW),
+                super::printable(v)
+            ))
+        }
+    };
     Ok(Some(agent::Encryption {
         mode: mode.as_str().to_string(),
         size_bytes,
         uid,
         gid,
+        grow_to_quota,
         ..Default::default()
     }))
 }
@@ -465,6 +512,60 @@ mod tests {
     use crate::spec::VolumeSpec;
 
     const KEY: &[u8] = b"k3y\n\0 with a trailing newline\n";
+
+    #[test]
+    fn grow_to_quota_is_for_luks2_on_cephfs_only_and_sizes_from_the_quota_less_headroom() {
+        let parse = |url: &str| crate::volume_url::parse("v", url);
+        let u = parse(
+            "cephfs://10.0.0.5:6789/volumes/csi/pvc-1/uuid?fs=cephfs&client=u&secret=s\
+             &encryption=luks2&size=1Gi&grow=quota&encryption_key=k",
+        )
+        .expect("valid");
+        let e = u.wire.encryption.as_ref().expect("encrypted");
+        assert!(e.grow_to_quota);
+        let spec = VolumeSpec::from_wire_unresolved(&u.wire).expect("valid");
+        assert!(spec.encryption.as_ref().is_some_and(|e| e.grow_to_quota));
+        assert!(
+            spec.to_wire(false).encryption.grow_to_quota,
+            "kept on the wire"
+        );
+        for (url, want) in [
+            (
+                "nfs://h/x?encryption=luks2&size=1Gi&grow=quota",
+                "volume.encryption.grow_to_quota: is for CephFS volumes only",
+            ),
+            (
+                "cephfs://10.0.0.5:6789/x?fs=f&client=u&secret=s&encryption=gocryptfs&grow=quota",
+                "volume.options.grow: is refused with encryption=gocryptfs",
+            ),
+            (
+                "cephfs://10.0.0.5:6789/x?fs=f&client=u&secret=s&encryption=luks2&size=1Gi&grow=always",
+                "volume.options.grow: always is not supported (the one value is quota)",
+            ),
+            (
+                "cephfs://10.0.0.5:6789/x?fs=f&client=u&secret=s&grow=quota",
+                "volume.options.grow: is only for encrypted volumes (add encryption=luks2)",
+            ),
+        ] {
+            let e = parse(url)
+                .map_err(|e| e.to_string())
+                .and_then(|u| {
+                    VolumeSpec::from_wire_unresolved(&u.wire)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+                .expect_err(url);
+            assert!(e.contains(want), "{url}: {e}");
+        }
+        // The quota less 64 MiB, in whole sectors, within the sizes CNFS formats.
+        assert_eq!(size_from_quota((1 << 30) + QUOTA_HEADROOM), Some(1 << 30));
+        assert_eq!(
+            size_from_quota((1 << 30) + QUOTA_HEADROOM + 4095),
+            Some(1 << 30)
+        );
+        assert_eq!(size_from_quota(MIN_SIZE + QUOTA_HEADROOM - 1), None);
+        assert_eq!(size_from_quota(u64::MAX), Some(MAX_SIZE));
+    }
 
     #[test]
     fn size_markers_round_trip_and_only_well_formed_sizes_count() {

@@ -168,6 +168,11 @@ const RESERVED: &[(&str, &str)] = &[
         "not a mount option: the owner of an encrypted volume goes in volume.encryption",
     ),
     (
+        encryption::OPT_GROW,
+        "not a mount option: grow=quota of an encrypted (luks2) volume goes in \
+         volume.encryption",
+    ),
+    (
         encryption::OPT_ENCRYPTION_KEY,
         "not a mount option: names the host-side secret that holds an encrypted volume's key",
     ),
@@ -540,6 +545,13 @@ impl VolumeSpec {
             Some(e) => {
                 let mode = EncryptionMode::parse("volume.encryption.mode", &e.mode)?;
                 encryption::refuse_unsafe(&source, &options, mode)?;
+                if e.grow_to_quota && !matches!(source, Source::CephFs(_)) {
+                    return err(
+                        "volume.encryption.grow_to_quota",
+                        "is for CephFS volumes only (it grows the container to the \
+                         directory's CephFS quota)",
+                    );
+                }
                 Some(encryption::from_wire(e, require_secret)?)
             }
             None => None,

@@ -280,6 +280,25 @@ impl Provisioner for CephFs {
         };
         Ok(Some(quota))
     }
+
+    /// A CephFS luks2 volume's source says `grow=quota`: the guest sizes the container from
+    /// the subvolume's quota at each mount, so raising the quota to the container plus its
+    /// headroom records the new size (never lowered). Answers the size the quota now gives.
+    async fn expand_luks2(
+        &self,
+        ctx: &Context<'_>,
+        fields: &str,
+        secrets: &std::collections::HashMap<String, String>,
+        size: u64,
+    ) -> Result<Option<u64>, BackendError> {
+        let wanted = size.saturating_add(crate::encryption::QUOTA_HEADROOM);
+        let Some(quota) = self.expand(ctx, fields, secrets, wanted).await? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            cnfs_protocols::spec::encryption::size_from_quota(quota).unwrap_or(size),
+        ))
+    }
 }
 
 #[cfg(test)]

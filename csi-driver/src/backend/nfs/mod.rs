@@ -19,13 +19,15 @@
 //! black-holed server yields [`BackendError::Unavailable`], never a hang.
 //!
 //! Its parts: `share.rs` (the share and its operations), `session.rs` (one mounted export),
-//! `tree.rs` (deleting and archiving a directory tree), `rpc.rs` (connections and
-//! credentials), `errors.rs` (failures, classified); the provisioner is here.
+//! `tree.rs` (deleting and archiving a directory tree), `sizes.rs` (a luks2 volume's recorded
+//! sizes), `rpc.rs` (connections and credentials), `errors.rs` (failures, classified); the
+//! provisioner is here.
 
 mod errors;
 mod rpc;
 mod session;
 mod share;
+mod sizes;
 mod tree;
 
 pub use share::{validate_name, NfsShare, DEFAULT_DIR_MODE};
@@ -223,6 +225,25 @@ impl Provisioner for Nfs {
             "nfs volumes have no quota to grow (use a StorageClass without allowVolumeExpansion)"
                 .into(),
         ))
+    }
+
+    /// The new size is an empty directory `cnfs-volume.size.<bytes>` beside the container,
+    /// which the guest reads at its next mount (see [`NfsShare::record_container_size`]).
+    async fn expand_luks2(
+        &self,
+        ctx: &Context<'_>,
+        fields: &str,
+        _: &std::collections::HashMap<String, String>,
+        size: u64,
+    ) -> Result<Option<u64>, BackendError> {
+        match NfsVolume::from_id_fields(fields) {
+            Some(v) => {
+                v.share
+                    .record_container_size(&v.dir, size, ctx.timeout)
+                    .await
+            }
+            None => Ok(None),
+        }
     }
 }
 

@@ -80,6 +80,31 @@ impl NfsShare {
         .await
     }
 
+    /// Records that the luks2 container in volume directory `<export>/<name>` is to be `size`
+    /// bytes from the volume's next mount on: an empty directory
+    /// `cnfs-volume.size.<size>` (mode 0755) beside the container, which the guest reads
+    /// at each mount, taking the largest well-formed marker (by name, as here). Returns the
+    /// size recorded afterwards: `size`, or a larger marker or container length found already
+    /// (then nothing is written: a repeat or a smaller size never shrinks anything); `None`
+    /// when the directory does not exist. Once the new marker exists the smaller ones are
+    /// removed, best effort, so the guest has one name to read.
+    pub async fn record_container_size(
+        &self,
+        name: &str,
+        size: u64,
+        timeout: Duration,
+    ) -> Result<Option<u64>, BackendError> {
+        validate_name(name)?;
+        self.validate()?;
+        self.bounded(timeout, async {
+            let mut s = Session::open(self).await?;
+            let r = s.record_size(name, size).await;
+            s.close().await;
+            r
+        })
+        .await
+    }
+
     /// Applies `on_delete` to `<export>/<name>`:
     /// - `Retain`: nothing (not even a connection).
     /// - `Delete`: removes the directory and everything below it; symlinks are removed, never

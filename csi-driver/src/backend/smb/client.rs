@@ -197,7 +197,7 @@ impl<'a> SmbClient<'a> {
         })
     }
 
-    /// Bound on each `smbclient` run (an operation runs one or two). At least 1 s.
+    /// Bound on each `smbclient` run (an operation runs one to three). At least 1 s.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_secs(1));
         self
@@ -341,7 +341,7 @@ pub fn check_path(field: &str, path: &str) -> Result<(), BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::smb::fixtures::{creds, secrets, share, PASSWORD};
+    use crate::backend::smb::fixtures::{creds, fake, secrets, share, PASSWORD};
 
     fn invalid<T: fmt::Debug>(r: Result<T, BackendError>) -> String {
         match r {
@@ -458,16 +458,6 @@ mod tests {
         ] {
             assert!(invalid(check_path("p", bad)).starts_with("p: "), "{bad:?}");
         }
-    }
-
-    /// A stand-in for `smbclient`: `sh -c SCRIPT fake-smbclient <our arguments>`.
-    fn fake<'a>(s: &'a SmbShare, c: &'a SmbCredentials, script: &str) -> SmbClient<'a> {
-        SmbClient::new(s, c).expect("valid").with_command(&[
-            "/bin/sh",
-            "-c",
-            script,
-            "fake-smbclient",
-        ])
     }
 
     #[tokio::test]

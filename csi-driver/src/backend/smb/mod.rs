@@ -48,11 +48,13 @@
 //!   link is invisible to clients and the delete fails with `NT_STATUS_DIRECTORY_NOT_EMPTY`
 //!   instead). See `configs/csi/README.md`.
 //!
-//! Its parts: `client.rs` (share, account, the directory operations), `run.rs` (running
-//! `smbclient`), `status.rs` (reading what it printed); the provisioner is here.
+//! Its parts: `client.rs` (share, account, the directory operations), `sizes.rs` (a luks2
+//! volume's recorded sizes), `run.rs` (running `smbclient`), `status.rs` (reading what it
+//! printed); the provisioner is here.
 
 mod client;
 mod run;
+mod sizes;
 mod status;
 
 pub use client::{check_path, SmbClient, SmbCredentials, SmbShare};
@@ -293,6 +295,34 @@ impl Provisioner for Smb {
                 .into(),
         ))
     }
+
+    /// The new size is an empty directory `cnfs-volume.size.<bytes>` beside the container,
+    /// which the guest reads at its next mount (see [`SmbClient::record_container_size`]),
+    /// made with the controller-expand secret's account.
+    async fn expand_luks2(
+        &self,
+        ctx: &Context<'_>,
+        fields: &str,
+        secrets: &HashMap<String, String>,
+        size: u64,
+    ) -> Result<Option<u64>, BackendError> {
+        let Some(v) = SmbVolume::from_id_fields(fields) else {
+            return Ok(None);
+        };
+        if secrets.is_empty() {
+            return Err(BackendError::Invalid(
+                "secrets: growing an SMB volume writes its new size on the share, which takes \
+                 the SMB account (username, password): name its secret in the StorageClass's \
+                 csi.storage.k8s.io/controller-expand-secret-name and \
+                 csi.storage.k8s.io/controller-expand-secret-namespace"
+                    .into(),
+            ));
+        }
+        let creds = SmbCredentials::from_secrets("secrets", secrets)?;
+        Self::client(ctx, &v.share, &creds)?
+            .record_container_size(&v.dir, size)
+            .await
+    }
 }
 
 /// What the SMB backend's test modules share: a secret map, valid credentials, a share.
@@ -300,7 +330,7 @@ impl Provisioner for Smb {
 pub(super) mod fixtures {
     use std::collections::HashMap;
 
-    use super::{SmbCredentials, SmbShare};
+    use super::{SmbClient, SmbCredentials, SmbShare};
 
     pub const PASSWORD: &str = "correct horse;battery=staple";
 
@@ -324,6 +354,16 @@ pub(super) mod fixtures {
             server: "127.0.0.1".into(),
             share: "data".into(),
         }
+    }
+
+    /// A stand-in for `smbclient`: `sh -c SCRIPT fake-smbclient <our arguments>`.
+    pub fn fake<'a>(s: &'a SmbShare, c: &'a SmbCredentials, script: &str) -> SmbClient<'a> {
+        SmbClient::new(s, c).expect("valid").with_command(&[
+            "/bin/sh",
+            "-c",
+            script,
+            "fake-smbclient",
+        ])
     }
 }
 

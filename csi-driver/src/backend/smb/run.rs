@@ -207,22 +207,12 @@ impl Ran {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::smb::fixtures::{creds, secrets, share};
+    use crate::backend::smb::fixtures::{creds, fake, secrets, share};
     use std::time::Duration;
     use std::time::Instant;
 
-    use crate::backend::smb::{SmbCredentials, SmbShare};
+    use crate::backend::smb::SmbCredentials;
     use crate::backend::BackendError;
-
-    /// A stand-in for `smbclient`: `sh -c SCRIPT fake-smbclient <our arguments>`.
-    fn fake<'a>(s: &'a SmbShare, c: &'a SmbCredentials, script: &str) -> SmbClient<'a> {
-        SmbClient::new(s, c).expect("valid").with_command(&[
-            "/bin/sh",
-            "-c",
-            script,
-            "fake-smbclient",
-        ])
-    }
 
     #[tokio::test]
     async fn credentials_reach_smbclient_only_as_an_inherited_memfd_and_are_scrubbed_from_errors() {
