@@ -552,6 +552,22 @@ async fn an_smb_luks2_volume_keeps_one_writer_across_agent_restarts() -> anyhow:
         sums
     );
 
+    // No key in what the guest logged (console), recorded (state files), mounted, or in any
+    // process's arguments (the holder's included), nor in the server's log.
+    let records = g
+        .ok(
+            "cat /run/cnfs/state/* /proc/mounts /proc/self/mountinfo 2>/dev/null; \
+             for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done; true",
+        )
+        .await?;
+    for (what, text) in [
+        ("console", bed.vm.console_text()),
+        ("records", records),
+        ("Samba log", bed.smb.log_text()),
+    ] {
+        assert!(!text.contains("smb luks2 key"), "key in the {what}");
+    }
+
     // Unmount ends the holder; the other name then opens the same container.
     agent.unmount(ctx(T), &unmount("lk")).await?;
     assert_eq!(g.ok(holders).await?.trim(), "", "holder left after unmount");
