@@ -349,6 +349,22 @@ impl Sysfs {
             .map(|v| v.trim() == "1")
     }
 
+    /// The loop devices bound to a file.
+    pub fn bound_loops(&self) -> Vec<u32> {
+        let Ok(block) = std::fs::read_dir(self.root.join("block")) else {
+            return Vec::new();
+        };
+        let mut loops: Vec<u32> = block
+            .flatten()
+            .filter_map(|e| {
+                let n: u32 = e.file_name().to_str()?.strip_prefix("loop")?.parse().ok()?;
+                self.loop_bound(n).then_some(n)
+            })
+            .collect();
+        loops.sort_unstable();
+        loops
+    }
+
     /// Whether loop `n` is bound to a file at all.
     pub fn loop_bound(&self, n: u32) -> bool {
         self.read(&format!("block/loop{n}/loop/backing_file"))

@@ -519,9 +519,19 @@ impl Luks2 {
     /// volume was unmounted; bounded by `budget`. Returns the steps that did not finish
     /// plainly.
     pub async fn teardown(&self, name: &str, budget: Duration) -> Vec<String> {
-        self.stack(name).down(budget).await
+        let stack = self.stack(name);
+        let notes = stack.down(budget).await;
+        if stack.remains() {
+            stack.retry_later();
+        }
+        notes
     }
 }
+
+/// How often, and how many times, a stack that a teardown could not finish is taken down
+/// again (an hour in all).
+const RETRY_EVERY: Duration = Duration::from_secs(15);
+const RETRIES: u32 = 240;
 
 /// The handle on one volume's stack; everything is found again from the kernel by name.
 #[derive(Clone)]
@@ -563,6 +573,39 @@ impl Stack {
                 ))
             })?
             .map_err(|_| AgentError::Internal("key derivation semaphore closed".into()))
+    }
+
+    /// Whether a piece of the stack is still there: its dm-crypt mapping, its share, an SMB
+    /// lock holder.
+    fn remains(&self) -> bool {
+        let backing = backing_dir(&self.name);
+        Sysfs::default().dm_by_name(&dm_name(&self.name)).is_some()
+            || mountinfo::find(&mountinfo::read().unwrap_or_default(), &backing).is_some()
+            || !pids_with_arg(Some(LOCK_HOLDER_ARGV0), &luks2_container(&self.name)).is_empty()
+    }
+
+    /// After a teardown that left something behind (a volume busy at Unmount: its dm-crypt
+    /// mapping could not even be marked for deferred removal while its I/O waited on a dead
+    /// server), takes the stack down again every [`RETRY_EVERY`], until nothing is left or
+    /// the volume is mounted again.
+    fn retry_later(self) {
+        tokio::spawn(async move {
+            for _ in 0..RETRIES {
+                tokio::time::sleep(RETRY_EVERY).await;
+                let volume = cnfs_protocols::spec::mount_point(&self.name);
+                let mounted =
+                    mountinfo::find(&mountinfo::read().unwrap_or_default(), &volume).is_some();
+                if mounted || !self.remains() {
+                    return;
+                }
+                let notes = self.down_unless_mounted().await;
+                if !self.remains() {
+                    info!(self.log, "encrypted volume's stack taken down at last";
+                        "volume" => &self.name, "steps" => notes.join("; "));
+                    return;
+                }
+            }
+        });
     }
 
     /// Takes the stack down under its volume's lock unless the volume is mounted by then:
@@ -633,8 +676,16 @@ impl Stack {
                 name: self.name.clone(),
                 deferred,
             };
-            let bound = || left().max(Duration::from_secs(1));
-            let closed = self.tools.call(close(false), None, bound()).await;
+            // Within the deadline, the runner's kill grace included: the plain close gets half
+            // of what is left (libdevmapper retries a busy removal for ~5 s), the deferred
+            // one the rest less the grace.
+            let half = (left() / 2).max(Duration::from_millis(500));
+            let rest = || {
+                left()
+                    .saturating_sub(Duration::from_secs(2))
+                    .max(Duration::from_millis(500))
+            };
+            let closed = self.tools.call(close(false), None, half).await;
             if !matches!(
                 closed,
                 Ok(ToolOutcome {
@@ -642,7 +693,7 @@ impl Stack {
                     ..
                 })
             ) {
-                let deferred = self.tools.call(close(true), None, bound()).await;
+                let deferred = self.tools.call(close(true), None, rest()).await;
                 notes.push(format!(
                     "dm: close failed ({}); deferred removal: {}",
                     describe(&closed),
@@ -1085,10 +1136,15 @@ async fn build(
         recorded_size(&dir, enc.size, left(), log).await
     };
     let smb = matches!(spec.source, Source::Smb(_));
-    if smb {
-        // A holder left by an earlier build of this name (not mounted: we hold its stack's
-        // lock) would meet ours as another client.
-        end_holders(name, Duration::from_secs(2)).await;
+    if smb && !pids_with_arg(Some(LOCK_HOLDER_ARGV0), &luks2_container(name)).is_empty() {
+        // Left by an earlier mount of this name whose loop device is still in use (a volume
+        // busy at Unmount is detached, and its holder ends itself once the loop goes):
+        // killing it would let a second loop write the same container.
+        return Err(AgentError::FailedPrecondition(format!(
+            "{shown}: the lock holder of an earlier mount of this volume still runs in this \
+             guest (its loop device is still in use: a process keeps the old mount busy); \
+             try again once it has let go"
+        )));
     }
     let mut formatted = false;
     loop {

@@ -122,11 +122,39 @@ pub fn run(argv: &[String]) -> i32 {
     }
     say("ok\n");
     drop(report);
+    // The agent kills the holder once the loop device lets go of the container. When the
+    // agent cannot (a volume still busy at Unmount is detached and its loop goes only when
+    // its last user does; an agent restart in between), the holder ends itself: it waits for
+    // a loop on its file (the agent binds one right after this report), then for none.
+    let Ok(st) = nix::sys::stat::fstat(fd) else {
+        loop {
+            // Until killed. SAFETY: pause(2) takes nothing.
+            unsafe { libc::pause() };
+        }
+    };
+    let file = (st.st_dev, st.st_ino);
+    let started = std::time::Instant::now();
+    let mut seen = false;
     loop {
-        // Until killed. SAFETY: pause(2) takes nothing.
-        unsafe { libc::pause() };
+        std::thread::sleep(WATCH_EVERY);
+        let used = crate::blockdev::Sysfs::default()
+            .bound_loops()
+            .into_iter()
+            .any(|n| crate::blockdev::backing_identity(n).is_ok_and(|id| id == file));
+        if used {
+            seen = true;
+        } else if seen || started.elapsed() > NEVER_BOUND {
+            // Exit closes the file, and cifs lets the lock go with it.
+            return 0;
+        }
     }
 }
+
+/// How often a holder looks for the loop device on its file.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// A holder whose file no loop device took within this (its agent died before binding one,
+/// and no restarted agent cleaned up) ends itself.
+const NEVER_BOUND: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[cfg(test)]
 mod tests {
