@@ -468,6 +468,27 @@ impl Ceph {
             .collect()
     }
 
+    /// The daemons still running with their process ids: `("mon.a", pid)`, mgr, osd, mds.
+    pub fn daemons(&mut self) -> Vec<(String, u32)> {
+        [
+            ("mon", MON, &mut self.mon),
+            ("mgr", MGR, &mut self.mgr),
+            ("osd", OSD, &mut self.osd),
+            ("mds", MDS, &mut self.mds),
+        ]
+        .into_iter()
+        .filter_map(|(kind, id, d)| {
+            let d = d.as_mut()?;
+            d.alive().then(|| (format!("{kind}.{id}"), d.pid()))
+        })
+        .collect()
+    }
+
+    /// The MDS's name for `ceph tell` (`mds.a`).
+    pub fn mds_name(&self) -> String {
+        format!("mds.{MDS}")
+    }
+
     /// Sum of the daemons' resident set sizes, in bytes.
     pub fn rss_bytes(&mut self) -> u64 {
         self.pids()

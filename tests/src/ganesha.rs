@@ -14,12 +14,19 @@ use crate::process::Guarded;
 /// Pseudo path of the export (NFSv4 and, with Mount_Path_Pseudo, NFSv3 alike).
 pub const EXPORT: &str = "/export";
 
+/// The NFSv4 lease (`NFSV4 { Lease_Lifetime }`, seconds; ganesha's default is 60): how long
+/// the server keeps a silent client's state.
+pub const LEASE_LIFETIME_S: u32 = 15;
+
 pub struct Ganesha {
     proc: Guarded,
     /// The exported directory on the host: what the guest sees under the mount.
     pub export_dir: PathBuf,
     pub log: PathBuf,
     pub server_ip: String,
+    pid_file: PathBuf,
+    /// RecoveryRoot: with the `fs` backend, one directory per confirmed NFSv4 client id.
+    pub recovery: PathBuf,
 }
 
 impl Ganesha {
@@ -50,6 +57,8 @@ impl Ganesha {
             export_dir,
             log,
             server_ip: ns.host_ip.clone(),
+            pid_file: root.join("ganesha.pid"),
+            recovery,
         };
         g.wait_ready(Duration::from_secs(30))?;
         Ok(g)
@@ -70,6 +79,15 @@ impl Ganesha {
         anyhow::bail!("ganesha not ready after {timeout:?}")
     }
 
+    /// ganesha.nfsd's process id, from its pid file; else the guarded process's (`ip netns
+    /// exec` and `sh` both exec, so that one is ganesha too).
+    pub fn pid(&self) -> u32 {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| self.proc.pid())
+    }
+
     /// Kills the server outright (SIGKILL): the "server died" fault.
     pub fn kill(&mut self) {
         self.proc.stop(Signal::SIGKILL, Duration::from_secs(5));
@@ -88,7 +106,7 @@ fn config(export: &Path, recovery: &Path) -> String {
 }}
 NFSV4 {{
     Graceless = true;
-    Lease_Lifetime = 15;
+    Lease_Lifetime = {LEASE_LIFETIME_S};
     RecoveryBackend = fs;
     RecoveryRoot = "{recovery}";
 }}

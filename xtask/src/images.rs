@@ -337,6 +337,174 @@ pub fn build_all(k: &crate::setup::KernelTree) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the CephFS bench puts ceph-fuse in its guest: a private prefix like the agent's
+/// tools' (`/usr/lib/cnfs/tools`), so that no file of the test image's own /lib is replaced.
+pub const BENCH_PREFIX: &str = "/usr/lib/cnfs/bench";
+
+/// The program the CephFS bench runs in its guest (Debian package ceph-fuse).
+const CEPH_FUSE: &str = "/usr/bin/ceph-fuse";
+
+/// `cpio ARGS` in `dir` with `input` on stdin; its stdout.
+fn cpio(args: &[&str], dir: &Path, input: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use std::process::Stdio;
+    let mut child = Command::new("cpio")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running cpio (Debian package cpio)")?;
+    let mut stdin = child.stdin.take().context("cpio's stdin")?;
+    let input = input.to_vec();
+    // Written from a thread: cpio may fill its stdout before it has read all of its input.
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output()?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("cpio input thread panicked"))??;
+    anyhow::ensure!(
+        out.status.success(),
+        "cpio {}: {}: {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(out.stdout)
+}
+
+fn gunzip(data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Where each file of a program's closure goes (archive paths, as `cpio -t` lists them):
+/// the program to `BENCH_PREFIX/bin`, everything else (the loader, the libraries) to
+/// `BENCH_PREFIX/lib` under its file name. Refused: two files for one place, a closure
+/// without the program or without the loader the bench runs it through.
+fn bench_placement<'a>(files: &[&'a str], program: &str) -> anyhow::Result<Vec<(&'a str, String)>> {
+    let prefix = BENCH_PREFIX.trim_start_matches('/');
+    let mut placed: std::collections::BTreeMap<String, &str> = Default::default();
+    for &name in files {
+        let file = name.rsplit('/').next().unwrap_or(name);
+        let dir = if format!("/{name}") == program {
+            "bin"
+        } else {
+            "lib"
+        };
+        let dest = format!("{prefix}/{dir}/{file}");
+        if let Some(prev) = placed.insert(dest.clone(), name) {
+            anyhow::bail!("{prev} and {name} would both be {dest}");
+        }
+    }
+    let program_name = program.rsplit('/').next().unwrap_or(program);
+    for want in [
+        format!("{prefix}/bin/{program_name}"),
+        format!("{prefix}/lib/ld-linux-x86-64.so.2"),
+    ] {
+        anyhow::ensure!(
+            placed.contains_key(&want),
+            "the closure of {program} has nothing for {want}: {files:?}"
+        );
+    }
+    Ok(placed.into_iter().map(|(dest, src)| (src, dest)).collect())
+}
+
+/// The CephFS bench guest's own addition to the test initrd (which every test boots, and
+/// which stays without it): a gzip'ed newc cpio with this host's ceph-fuse at
+/// `BENCH_PREFIX/bin/ceph-fuse` and its loader and libraries in `BENCH_PREFIX/lib`, run as
+/// `BENCH_PREFIX/lib/ld-linux-x86-64.so.2 --library-path BENCH_PREFIX/lib ...` (as the
+/// agent's tool runner runs cryptsetup). The closure is the rootfs builder's: what
+/// `test-initrd --binary /usr/bin/ceph-fuse` adds over the same build without it (at the
+/// loader's own paths there), each file moved under the prefix by its file name, the name
+/// the loader searches `--library-path` by. The archive holds `usr/lib/cnfs` and below only:
+/// appended after the test initrd, no entry of it replaces one of the image's. `work` is a
+/// scratch directory.
+pub fn ceph_fuse_cpio(work: &Path) -> anyhow::Result<Vec<u8>> {
+    anyhow::ensure!(
+        Path::new(CEPH_FUSE).is_file(),
+        "{CEPH_FUSE} is missing: install the Debian package ceph-fuse (`cargo xtask bench` does)"
+    );
+    let parts = cnfs_testbed::artifacts::Parts::locate()?;
+    let _ = std::fs::remove_dir_all(work);
+    std::fs::create_dir_all(work)?;
+    // The entries of a test initrd built with `extra` (as `cpio -t` lists them), and the
+    // uncompressed archive.
+    let build = |name: &str, extra: &[&str]| -> anyhow::Result<(Vec<String>, Vec<u8>)> {
+        let out = work.join(format!("{name}.cpio.gz"));
+        crate::sh(
+            Command::new(parts.bin("cnfs-rootfs-builder"))
+                .arg("test-initrd")
+                .arg("--kernel-tree")
+                .arg(&parts.kernel_tree)
+                .args(["--kernel-release", &parts.kernel_release])
+                .arg("--agent")
+                .arg(parts.bin("cnfs-agent"))
+                .args(["--busybox", "/bin/busybox"])
+                .args(extra)
+                .arg("--out")
+                .arg(&out),
+        )?;
+        let newc = gunzip(&read(&out)?)?;
+        let list = cpio(&["-it", "--quiet"], work, &newc)?;
+        let names = String::from_utf8(list)
+            .context("cpio listing")?
+            .lines()
+            .map(str::to_string)
+            .collect();
+        Ok((names, newc))
+    };
+    let (base, _) = build("base", &[])?;
+    let (with, newc) = build("with-ceph-fuse", &["--binary", CEPH_FUSE])?;
+    let tree = work.join("with-ceph-fuse");
+    std::fs::create_dir_all(&tree)?;
+    cpio(
+        &["-idm", "--quiet", "--no-absolute-filenames"],
+        &tree,
+        &newc,
+    )?;
+    let stage = work.join("stage");
+    let mut added = Vec::new();
+    for name in with.iter().filter(|n| !base.contains(n)) {
+        // Files only: the loader's directories are not part of the prefix.
+        if std::fs::symlink_metadata(tree.join(name))?.is_file() {
+            added.push(name.as_str());
+        }
+    }
+    for (src, dest) in bench_placement(&added, CEPH_FUSE)? {
+        let dest = stage.join(dest);
+        std::fs::create_dir_all(dest.parent().context("parent")?)?;
+        std::fs::copy(tree.join(src), &dest).with_context(|| format!("copying {src}"))?;
+    }
+    // Directories before their files, sorted: the kernel creates a file's parent only from
+    // an earlier entry.
+    let mut names = vec!["usr/lib/cnfs".to_string()];
+    let mut dirs = vec![stage.join("usr/lib/cnfs")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                dirs.push(p.clone());
+            }
+            let rel = p
+                .strip_prefix(&stage)?
+                .to_str()
+                .context("a non-UTF-8 name")?;
+            names.push(rel.to_string());
+        }
+    }
+    names.sort();
+    let list: String = names.iter().map(|n| format!("{n}\n")).collect();
+    let newc = cpio(
+        &["-o", "-H", "newc", "-R", "0:0", "--reproducible", "--quiet"],
+        &stage,
+        list.as_bytes(),
+    )?;
+    gzip(&newc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,6 +524,68 @@ mod tests {
                 data: data.to_vec(),
             }],
         }
+    }
+
+    #[test]
+    fn the_bench_closure_goes_under_the_private_prefix_by_file_name() {
+        let files = [
+            "lib64/ld-linux-x86-64.so.2",
+            "lib/x86_64-linux-gnu/libc.so.6",
+            "usr/bin/ceph-fuse",
+            "usr/lib/x86_64-linux-gnu/ceph/libceph-common.so.2",
+        ];
+        let placed = bench_placement(&files, "/usr/bin/ceph-fuse").expect("placement");
+        assert_eq!(
+            placed,
+            [
+                (
+                    "usr/bin/ceph-fuse",
+                    "usr/lib/cnfs/bench/bin/ceph-fuse".to_string()
+                ),
+                (
+                    "lib64/ld-linux-x86-64.so.2",
+                    "usr/lib/cnfs/bench/lib/ld-linux-x86-64.so.2".to_string()
+                ),
+                (
+                    "lib/x86_64-linux-gnu/libc.so.6",
+                    "usr/lib/cnfs/bench/lib/libc.so.6".to_string()
+                ),
+                (
+                    "usr/lib/x86_64-linux-gnu/ceph/libceph-common.so.2",
+                    "usr/lib/cnfs/bench/lib/libceph-common.so.2".to_string()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bench_closure_with_a_clash_or_without_its_loader_is_refused() {
+        let clash = [
+            "lib64/ld-linux-x86-64.so.2",
+            "usr/bin/ceph-fuse",
+            "lib/x86_64-linux-gnu/libz.so.1",
+            "usr/lib/x86_64-linux-gnu/libz.so.1",
+        ];
+        let e = bench_placement(&clash, "/usr/bin/ceph-fuse").expect_err("clash");
+        assert_eq!(
+            e.to_string(),
+            "lib/x86_64-linux-gnu/libz.so.1 and usr/lib/x86_64-linux-gnu/libz.so.1 would both \
+             be usr/lib/cnfs/bench/lib/libz.so.1"
+        );
+        let e =
+            bench_placement(&["usr/bin/ceph-fuse"], "/usr/bin/ceph-fuse").expect_err("no loader");
+        assert!(
+            e.to_string()
+                .contains("has nothing for usr/lib/cnfs/bench/lib/ld-linux-x86-64.so.2"),
+            "{e}"
+        );
+        let e = bench_placement(&["lib64/ld-linux-x86-64.so.2"], "/usr/bin/ceph-fuse")
+            .expect_err("no program");
+        assert!(
+            e.to_string()
+                .contains("has nothing for usr/lib/cnfs/bench/bin/ceph-fuse"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -205,8 +205,11 @@ pub fn tools(apt: &mut Apt) -> anyhow::Result<()> {
 }
 
 /// What only `cargo xtask bench` runs: virtiofsd (Kata's virtio-fs daemon, the Rust one
-/// Kata ships; built from crates.io, which needs libcap-ng's and libseccomp's headers).
+/// Kata ships; built from crates.io, which needs libcap-ng's and libseccomp's headers), and
+/// Debian's ceph-fuse, which the CephFS part copies with its libraries into a cpio of its own
+/// guest (`images::ceph_fuse_cpio`; the test initrd and the suite do without it).
 pub fn bench_tools(apt: &mut Apt) -> anyhow::Result<()> {
+    apt.install(&["ceph-fuse"])?;
     let virtiofsd = cargo_home().join("bin").join("virtiofsd");
     if !virtiofsd.exists() {
         apt.install(&["libcap-ng-dev", "libseccomp-dev"])?;

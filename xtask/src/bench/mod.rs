@@ -12,9 +12,11 @@ use cnfs_testbed::vm::ctx;
 use cnfs_testbed::{mount_request, nfs_volume, TestBed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod cephfs;
 mod data_path;
 mod encryption;
 mod pod_start;
+mod storm;
 
 /// Which part of the bench to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -29,6 +31,10 @@ pub enum Part {
     PodStart,
     /// Plain NFS vs an encrypted (luks2) volume on the same server.
     Encryption,
+    /// N guests mounting the same NFS export and CephFS at once; the servers' cost per client.
+    Storm,
+    /// The guest kernel's CephFS client vs ceph-fuse on the same file system.
+    Cephfs,
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -66,6 +72,12 @@ pub async fn run(part: Part, nfs_variants: &[String]) -> anyhow::Result<()> {
     }
     if matches!(part, Part::All | Part::Encryption) {
         encryption::run().await?;
+    }
+    if matches!(part, Part::All | Part::Storm) {
+        storm::run().await?;
+    }
+    if matches!(part, Part::All | Part::Cephfs) {
+        cephfs::run().await?;
     }
     Ok(())
 }
