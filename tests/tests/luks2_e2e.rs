@@ -372,13 +372,18 @@ async fn an_encrypted_volume_keeps_its_data_and_its_secrets() -> anyhow::Result<
     // volume of the same directory: behind ganesha's back its directory cache would not see
     // them for a while.
     let recorded = 3 * SIZE;
-    mount(&a, nfs_volume("growdir", &server, &format!("{EXPORT}/grow"), "4.1")).await?;
+    mount(
+        &a,
+        nfs_volume("growdir", &server, &format!("{EXPORT}/grow"), "4.1"),
+    )
+    .await?;
     for marker in [
         cnfs_protocols::spec::encryption::size_marker(recorded),
         "cnfs-volume.size.70368744177664000".to_string(),
         format!("cnfs-volume.size.{}", 4 * SIZE + 1),
     ] {
-        g.ok(&format!("mkdir /run/cnfs/volumes/growdir/{marker}")).await?;
+        g.ok(&format!("mkdir /run/cnfs/volumes/growdir/{marker}"))
+            .await?;
     }
     unmount(&a, "growdir").await?;
     mount(&a, sized(SIZE)).await?;
