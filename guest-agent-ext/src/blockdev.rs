@@ -365,6 +365,16 @@ impl Sysfs {
         loops
     }
 
+    /// Whether a bound loop device's backing file is `file` as the kernel names it (its path,
+    /// also once its share is detached, as `readlink` of a descriptor of the same file shows
+    /// it from the same process). Reads sysfs only: never the file's server.
+    pub fn loop_uses(&self, file: &Path) -> bool {
+        self.bound_loops().into_iter().any(|n| {
+            self.read(&format!("block/loop{n}/loop/backing_file"))
+                .is_some_and(|b| b.trim_end_matches('\n') == file.as_os_str().to_string_lossy())
+        })
+    }
+
     /// Whether loop `n` is bound to a file at all.
     pub fn loop_bound(&self, n: u32) -> bool {
         self.read(&format!("block/loop{n}/loop/backing_file"))

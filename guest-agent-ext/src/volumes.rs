@@ -768,7 +768,7 @@ impl Volumes {
                 if let Some(w) = handler.and_then(|h| h.root_owner_warning(uid, gid)) {
                     st.warnings.push(w);
                 }
-                if let Some(why) = crate::fs::luks2::lock_lost(name, &entries) {
+                if let Some(why) = crate::fs::luks2::lock_lost(name, &entries).await {
                     st.health = agent::Health::ERROR;
                     st.detail = why;
                 }

@@ -568,9 +568,36 @@ async fn an_smb_luks2_volume_keeps_one_writer_across_agent_restarts() -> anyhow:
         assert!(!text.contains("smb luks2 key"), "key in the {what}");
     }
 
-    // Unmount ends the holder; the other name then opens the same container.
-    agent.unmount(ctx(T), &unmount("lk")).await?;
-    assert_eq!(g.ok(holders).await?.trim(), "", "holder left after unmount");
+    // Unmount while a process still holds the volume: it is detached, and the lock holder
+    // stays as long as the loop device under it does (past the agent's retry 15 s later),
+    // so the other name is still refused; once the process lets go, the stack and then
+    // the holder go by themselves.
+    g.ok("(cd /run/cnfs/volumes/lk && exec sleep 600) >/dev/null 2>&1 &")
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let u = agent.unmount(ctx(T), &unmount("lk")).await?;
+    assert_eq!(u.method, "detach", "{u:?}");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(
+        g.ok(holders).await?,
+        holder,
+        "the holder went while its loop lived"
+    );
+    let e = agent
+        .mount(ctx(T), &lk("lk2"))
+        .await
+        .expect_err("a second opener while the detached volume's loop lives");
+    assert_eq!(code_of(&e), Code::FAILED_PRECONDITION, "{e:?}");
+    g.ok("kill $(pidof sleep)").await?;
+    let until = Instant::now() + Duration::from_secs(60);
+    while !g.ok(holders).await?.trim().is_empty() {
+        assert!(
+            Instant::now() < until,
+            "the holder outlived its loop by a minute"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // The other name then opens the same container.
     agent.mount(ctx(T), &lk("lk2")).await?;
     assert_eq!(
         g.ok("cd /run/cnfs/volumes/lk2 && md5sum c.txt blob")

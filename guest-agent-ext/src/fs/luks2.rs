@@ -521,7 +521,7 @@ impl Luks2 {
     pub async fn teardown(&self, name: &str, budget: Duration) -> Vec<String> {
         let stack = self.stack(name);
         let notes = stack.down(budget).await;
-        if stack.remains() {
+        if stack.remains().await {
             stack.retry_later();
         }
         notes
@@ -577,11 +577,12 @@ impl Stack {
 
     /// Whether a piece of the stack is still there: its dm-crypt mapping, its share, an SMB
     /// lock holder.
-    fn remains(&self) -> bool {
+    async fn remains(&self) -> bool {
         let backing = backing_dir(&self.name);
         Sysfs::default().dm_by_name(&dm_name(&self.name)).is_some()
             || mountinfo::find(&mountinfo::read().unwrap_or_default(), &backing).is_some()
-            || !pids_with_arg(Some(LOCK_HOLDER_ARGV0), &luks2_container(&self.name)).is_empty()
+            // A scan that does not answer counts as a holder there.
+            || holders_of(&self.name).await.is_none_or(|pids| !pids.is_empty())
     }
 
     /// After a teardown that left something behind (a volume busy at Unmount: its dm-crypt
@@ -595,11 +596,11 @@ impl Stack {
                 let volume = cnfs_protocols::spec::mount_point(&self.name);
                 let mounted =
                     mountinfo::find(&mountinfo::read().unwrap_or_default(), &volume).is_some();
-                if mounted || !self.remains() {
+                if mounted || !self.remains().await {
                     return;
                 }
                 let notes = self.down_unless_mounted().await;
-                if !self.remains() {
+                if !self.remains().await {
                     info!(self.log, "encrypted volume's stack taken down at last";
                         "volume" => &self.name, "steps" => notes.join("; "));
                     return;
@@ -635,21 +636,20 @@ impl Stack {
         notes.extend(self.down_dm_and_loops(deadline).await);
         // An SMB container's lock holder goes once no loop uses the container: never while
         // one still writes to it (a clear deferred by a holder of the device).
-        let mut holder_left = false;
-        if Sysfs::default()
-            .loops_under(&backing_dir(&self.name))
-            .is_empty()
-        {
-            let wait = deadline
-                .saturating_duration_since(Instant::now())
-                .min(Duration::from_secs(2));
-            holder_left = !end_holders(&self.name, wait).await;
-        } else if !pids_with_arg(Some(LOCK_HOLDER_ARGV0), &luks2_container(&self.name)).is_empty() {
-            notes.push("lock holder kept: a loop device still uses the container".into());
-        }
-        if holder_left {
-            notes.push("lock holder still running (stuck on its server)".into());
-        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(2));
+        let holder_left = match end_holders(&self.name, wait).await {
+            Holders::Gone => false,
+            Holders::InUse => {
+                notes.push("lock holder kept: a loop device still uses the container".into());
+                false
+            }
+            Holders::Stuck => {
+                notes.push("lock holder still running (stuck on its server)".into());
+                true
+            }
+        };
         if daemon_left || holder_left {
             // A daemon that did not end may be stuck on a dead server, which would keep the
             // share busy for good: a share that does not answer is given up (as `stuck` does
@@ -762,38 +762,47 @@ async fn hold(
 /// Why an SMB luks2 volume's single-writer lock is gone (its holder process was killed by
 /// someone other than the agent): another guest could open the container now. `None` for
 /// any other volume, or while the holder lives.
-pub fn lock_lost(name: &str, entries: &[MountEntry]) -> Option<String> {
+pub async fn lock_lost(name: &str, entries: &[MountEntry]) -> Option<String> {
     let backing = mountinfo::find(entries, &backing_dir(name))?;
     if !matches!(backing.fs_type.as_str(), "cifs" | "smb3") {
         return None;
     }
     // A gocryptfs volume on SMB has a share too, but no container and no lock.
     Sysfs::default().dm_by_name(&dm_name(name))?;
-    pids_with_arg(Some(LOCK_HOLDER_ARGV0), &luks2_container(name))
-        .is_empty()
-        .then(|| {
-            "the container's single-writer lock is gone (its holder process, \
+    // A scan that does not answer says nothing (the lock may well be there).
+    holders_of(name).await?.is_empty().then(|| {
+        "the container's single-writer lock is gone (its holder process, \
              cnfs-lock-holder, was killed): another guest could open the volume now; unmount it \
              and mount it again"
-                .to_string()
-        })
+            .to_string()
+    })
 }
 
 /// Kills volume `name`'s lock holders (found by their argv, so also after an agent restart)
 /// and waits up to `within` for them to be gone; false if one is still there.
-async fn end_holders(name: &str, within: Duration) -> bool {
+async fn end_holders(name: &str, within: Duration) -> Holders {
     let container = luks2_container(name);
     let until = Instant::now() + within;
     loop {
         let c = container.clone();
-        let scan = tokio::task::spawn_blocking(move || pids_with_arg(Some(LOCK_HOLDER_ARGV0), &c));
+        let scan = tokio::task::spawn_blocking(move || {
+            pids_with_arg(Some(LOCK_HOLDER_ARGV0), &c)
+                .into_iter()
+                .partition::<Vec<i32>, _>(|&pid| !holder_in_use(pid))
+        });
         let left = until.saturating_duration_since(Instant::now());
-        let pids = match tokio::time::timeout(left.max(Duration::from_millis(100)), scan).await {
-            Ok(Ok(pids)) => pids,
-            _ => return false,
-        };
+        let (pids, in_use) =
+            match tokio::time::timeout(left.max(Duration::from_millis(100)), scan).await {
+                Ok(Ok(found)) => found,
+                _ => return Holders::Stuck,
+            };
+        if !in_use.is_empty() {
+            // Never while a loop device still writes the container (a volume busy at
+            // Unmount is detached; the holder ends itself once its loop has gone).
+            return Holders::InUse;
+        }
         if pids.is_empty() {
-            return true;
+            return Holders::Gone;
         }
         for pid in pids {
             let _ = nix::sys::signal::kill(
@@ -802,10 +811,50 @@ async fn end_holders(name: &str, within: Duration) -> bool {
             );
         }
         if Instant::now() >= until {
-            return false;
+            return Holders::Stuck;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Volume `name`'s lock holders, scanned off the runtime's threads (reading a process's
+/// arguments waits on its memory map, which a process stuck on a dead server may hold);
+/// `None` when the scan does not answer within 1 s.
+async fn holders_of(name: &str) -> Option<Vec<i32>> {
+    let c = luks2_container(name);
+    let scan = tokio::task::spawn_blocking(move || pids_with_arg(Some(LOCK_HOLDER_ARGV0), &c));
+    tokio::time::timeout(Duration::from_secs(1), scan)
+        .await
+        .ok()?
+        .ok()
+}
+
+/// What [`end_holders`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holders {
+    /// None (left).
+    Gone,
+    /// One whose loop device still uses its file: kept.
+    InUse,
+    /// One that did not end, or a scan that did not answer, in time.
+    Stuck,
+}
+
+/// Whether a bound loop device uses the file lock holder `pid` keeps open: compared by the
+/// kernel's name of the file (the same from one reader, also once the share is detached),
+/// read from /proc and sysfs, never from the server. A holder whose descriptors cannot be
+/// read (gone meanwhile) is not in use; one without the container among them is.
+fn holder_in_use(pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let files: Vec<PathBuf> = fds
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|p| p.to_string_lossy().contains(CONTAINER))
+        .collect();
+    let sysfs = Sysfs::default();
+    files.is_empty() || files.iter().any(|f| sysfs.loop_uses(f))
 }
 
 /// The processes with `arg` among their arguments (`/proc/<pid>/cmdline`), and `argv0`
@@ -1136,7 +1185,7 @@ async fn build(
         recorded_size(&dir, enc.size, left(), log).await
     };
     let smb = matches!(spec.source, Source::Smb(_));
-    if smb && !pids_with_arg(Some(LOCK_HOLDER_ARGV0), &luks2_container(name)).is_empty() {
+    if smb && holders_of(name).await.is_none_or(|pids| !pids.is_empty()) {
         // Left by an earlier mount of this name whose loop device is still in use (a volume
         // busy at Unmount is detached, and its holder ends itself once the loop goes):
         // killing it would let a second loop write the same container.

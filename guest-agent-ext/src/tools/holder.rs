@@ -126,21 +126,17 @@ pub fn run(argv: &[String]) -> i32 {
     // agent cannot (a volume still busy at Unmount is detached and its loop goes only when
     // its last user does; an agent restart in between), the holder ends itself: it waits for
     // a loop on its file (the agent binds one right after this report), then for none.
-    let Ok(st) = nix::sys::stat::fstat(fd) else {
-        loop {
-            // Until killed. SAFETY: pause(2) takes nothing.
-            unsafe { libc::pause() };
-        }
-    };
-    let file = (st.st_dev, st.st_ino);
+    // Compared by the kernel's name of the file (sysfs and /proc only: a loop's status ioctl
+    // would ask the file's server, which may be gone).
+    let own = format!("/proc/self/fd/{fd}");
     let started = std::time::Instant::now();
     let mut seen = false;
     loop {
         std::thread::sleep(WATCH_EVERY);
-        let used = crate::blockdev::Sysfs::default()
-            .bound_loops()
-            .into_iter()
-            .any(|n| crate::blockdev::backing_identity(n).is_ok_and(|id| id == file));
+        // A name that cannot be read counts as in use: the lock stays.
+        let used = std::fs::read_link(&own).map_or(true, |file| {
+            crate::blockdev::Sysfs::default().loop_uses(&file)
+        });
         if used {
             seen = true;
         } else if seen || started.elapsed() > NEVER_BOUND {
