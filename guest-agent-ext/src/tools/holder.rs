@@ -81,7 +81,15 @@ pub fn run(argv: &[String]) -> i32 {
     else {
         return 2;
     };
-    // SAFETY: the runner passed this descriptor, open and ours alone, under this number.
+    // Only an open pipe is taken as the report channel: were the number free, the
+    // container's open below would get it, and the report would be written into it.
+    let is_pipe =
+        nix::sys::stat::fstat(report_fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
+    if !is_pipe || !matches!(mode.as_str(), "rw" | "ro") {
+        return 2;
+    }
+    // SAFETY: an open pipe (checked above) the runner passed under this number for this
+    // process alone; nothing else here owns it.
     let report = unsafe { OwnedFd::from_raw_fd(report_fd) };
     let say = |text: &str| {
         let _ = nix::unistd::write(&report, text.as_bytes());
@@ -91,7 +99,8 @@ pub fn run(argv: &[String]) -> i32 {
         .strip_prefix(BACKING_ROOT)
         .and_then(|p| p.strip_prefix('/'))
         .and_then(|p| p.strip_suffix(LUKS2_CONTAINER))
-        .is_some_and(|name| name.ends_with('/') && !name[..name.len() - 1].contains('/'));
+        .and_then(|name| name.strip_suffix('/'))
+        .is_some_and(|name| !name.is_empty() && name != ".." && name != "." && !name.contains('/'));
     let Ok(c) = CString::new(path.as_bytes()) else {
         return 2;
     };
