@@ -1178,11 +1178,13 @@ async fn build(
     let shown = format!("volume {name}: {CONTAINER} on the share");
     let size = if spec.read_only {
         enc.size
-    } else if enc.grow_to_quota {
-        let recorded = recorded_size(&dir, enc.size, left(), log).await;
-        recorded.max(quota_size(&dir, left(), log).await)
     } else {
-        recorded_size(&dir, enc.size, left(), log).await
+        let recorded = recorded_size(&dir, enc.size, left(), log).await;
+        if enc.grow_to_quota {
+            recorded.max(quota_size(&dir, left(), log).await)
+        } else {
+            recorded
+        }
     };
     let smb = matches!(spec.source, Source::Smb(_));
     if smb && holders_of(name).await.is_none_or(|pids| !pids.is_empty()) {
