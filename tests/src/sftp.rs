@@ -203,10 +203,12 @@ impl Server {
             .stdin(Stdio::from(OwnedFd::from(conn)))
             .stdout(Stdio::from(OwnedFd::from(out)))
             .stderr(stderr);
+        // The list is locked before the spawn: a client that got its first answer from the
+        // new server then always sees the session in `live_sessions` (CI once saw 0).
+        let mut sessions = lock(&self.sessions);
         // The command (and with it this process's copies of the socket) is dropped here, so
         // the connection closes when the server exits.
         let server = Guarded::spawn("sftp-server", cmd)?;
-        let mut sessions = lock(&self.sessions);
         sessions.retain_mut(|s| s.alive());
         sessions.push(server);
         Ok(())
