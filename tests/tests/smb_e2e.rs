@@ -804,3 +804,155 @@ async fn a_crashed_smb_luks2_holder_frees_the_volume_once_samba_drops_its_connec
     drop(smb);
     Ok(())
 }
+
+/// The smbd processes serving the client at `ip` (one per connection).
+fn smbd_serving(smb: &Samba, ip: &str) -> Vec<i32> {
+    let status = smb.status_json().expect("smbstatus");
+    let mut pids: Vec<i32> = status["sessions"]
+        .as_object()
+        .map(|s| {
+            s.values()
+                .filter(|s| s["remote_machine"] == ip)
+                .filter_map(|s| s["server_id"]["pid"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Samba keeps no byte-range lock of a connection that ends (without durable handles,
+/// which Samba's defaults do not grant), and cifs puts a handle's locks back only when the
+/// handle is next used. On an idle volume no one used it, and a second guest opened the
+/// volume (this test failed so before the holder read its handle every second). Then the
+/// lock holder is stopped across a lost connection, so the second guest gets in before
+/// it: the holder finds its lock gone when it runs again and ends, and `Stats` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_smb_luks2_volume_keeps_its_lock_when_the_connection_is_lost_and_remade(
+) -> anyhow::Result<()> {
+    let art = Artifacts::locate()?;
+    let dir = TempDir::new("smb-luks2-reconnect")?;
+    let ns = NetNs::create_with_guests(2)?;
+    let setup = SambaSetup::new()
+        .user(ALICE, ALICE_PW)
+        .share(Share::new("data"));
+    let smb = Samba::start(&ns, dir.path(), &setup)?;
+    let ip = smb.server_ip.clone();
+    let share = smb
+        .share_dir("data")
+        .ok_or_else(|| anyhow::anyhow!("no data share"))?
+        .to_path_buf();
+    std::fs::create_dir_all(share.join("v"))?;
+    std::os::unix::fs::chown(share.join("v"), smb.uid_of(ALICE), None)?;
+    let v = || {
+        let mut r = request("v", &ip, "data", "/v", (ALICE, ALICE_PW), &[], 180_000);
+        r.volume.mut_or_insert_default().encryption =
+            protobuf::MessageField::some(agent::Encryption {
+                mode: "luks2".into(),
+                key: b"reconnect key".to_vec(),
+                size_bytes: 128 << 20,
+                ..Default::default()
+            });
+        r
+    };
+    let first = Vm::boot_guest(&art, &ns, 0, dir.path()).await?;
+    let second = Vm::boot_guest(&art, &ns, 1, dir.path()).await?;
+    let a = first.agent().await?;
+    let b = second.agent().await?;
+    a.mount(ctx(T), &v()).await?;
+    first
+        .exec
+        .ok("date > /run/cnfs/volumes/v/note && sync")
+        .await?;
+    // Idle: no write for 5 s (ext4's lazy inode table init is done; the holder reads).
+    let mut last = String::new();
+    for _ in 0..60 {
+        let now = first
+            .exec
+            .ok("grep -E '^(Writes|Flushes):' /proc/fs/cifs/Stats")
+            .await?;
+        if now == last {
+            break;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let guest0 = ns.guest(0).ip;
+    let drop_connection = || -> anyhow::Result<Vec<i32>> {
+        let serving = smbd_serving(&smb, &guest0);
+        anyhow::ensure!(!serving.is_empty(), "no smbd serves the first guest");
+        for pid in &serving {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+        }
+        Ok(serving)
+    };
+    let reconnected = |old: &[i32]| {
+        let now = smbd_serving(&smb, &guest0);
+        !now.is_empty() && now.iter().all(|p| !old.contains(p))
+    };
+    let in_use = |e: &ttrpc::Error| {
+        code_of(e) == Code::FAILED_PRECONDITION
+            && message_of(e).contains("in use by another client")
+    };
+
+    let old = drop_connection()?;
+    let until = Instant::now() + Duration::from_secs(60);
+    while !reconnected(&old) {
+        assert!(Instant::now() < until, "the first guest did not reconnect");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let e = b
+        .mount(ctx(T), &v())
+        .await
+        .expect_err("a second guest opened an idle volume after the first reconnected");
+    assert!(in_use(&e), "{e:?}");
+    let s = stats(&a, "v").await?;
+    assert_eq!(s.health, agent::Health::HEALTHY.into(), "{s:?}");
+
+    // The holder cannot run while the connection is remade: the second guest gets the
+    // lock first. The first's holder finds that out and ends; Stats says the lock is gone.
+    let holder = first
+        .exec
+        .ok("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^cnfs-lock-holder ' && echo ${p#/proc/}; done; true")
+        .await?;
+    let holder = holder.trim().to_string();
+    assert!(
+        !holder.is_empty() && !holder.contains('\n'),
+        "one holder: {holder:?}"
+    );
+    first.exec.ok(&format!("kill -STOP {holder}")).await?;
+    drop_connection()?;
+    b.mount(ctx(T), &v()).await?;
+    first.exec.ok(&format!("kill -CONT {holder}")).await?;
+    let until = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = stats(&a, "v").await?;
+        if s.health == agent::Health::ERROR.into() || Instant::now() > until {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(s.health, agent::Health::ERROR.into(), "{s:?}");
+    assert!(
+        s.health_detail.contains("single-writer lock is gone"),
+        "{s:?}"
+    );
+    for (agent, who) in [(&b, "second"), (&a, "first")] {
+        agent
+            .unmount(
+                ctx(T),
+                &agent::UnmountRequest {
+                    name: "v".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("unmount in the {who} guest: {e:?}"))?;
+    }
+    Ok(())
+}

@@ -760,7 +760,8 @@ async fn hold(
 }
 
 /// Why an SMB luks2 volume's single-writer lock is gone (its holder process was killed by
-/// someone other than the agent): another guest could open the container now. `None` for
+/// someone other than the agent, or ended on finding the lock lost after a reconnect:
+/// [`crate::tools::holder::LOST`]): another guest could open the container now. `None` for
 /// any other volume, or while the holder lives.
 pub async fn lock_lost(name: &str, entries: &[MountEntry]) -> Option<String> {
     let backing = mountinfo::find(entries, &backing_dir(name))?;
@@ -772,8 +773,9 @@ pub async fn lock_lost(name: &str, entries: &[MountEntry]) -> Option<String> {
     // A scan that does not answer says nothing (the lock may well be there).
     holders_of(name).await?.is_empty().then(|| {
         "the container's single-writer lock is gone (its holder process, \
-             cnfs-lock-holder, was killed): another guest could open the volume now; unmount it \
-             and mount it again"
+             cnfs-lock-holder, was killed, or found the lock taken by another client after the \
+             connection to the server was remade): another guest could open the volume now; \
+             unmount it and mount it again"
             .to_string()
     })
 }

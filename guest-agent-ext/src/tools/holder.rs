@@ -131,6 +131,10 @@ pub fn run(argv: &[String]) -> i32 {
     }
     say("ok\n");
     drop(report);
+    // Reads of the handle skip the page cache, so that each probe below reaches the server
+    // (where the kernel refuses, a probe drops the cached page first).
+    let direct = set_direct(fd);
+    let mut reconnects = cifs_reconnects();
     // The agent kills the holder once the loop device lets go of the container. When the
     // agent cannot (a volume still busy at Unmount is detached and its loop goes only when
     // its last user does; an agent restart in between), the holder ends itself: it waits for
@@ -142,6 +146,9 @@ pub fn run(argv: &[String]) -> i32 {
     let mut seen = false;
     loop {
         std::thread::sleep(WATCH_EVERY);
+        if let Some(code) = keep_lock(fd, &lock, direct, &mut reconnects) {
+            return code;
+        }
         // A name that cannot be read counts as in use: the lock stays.
         let used = std::fs::read_link(&own).map_or(true, |file| {
             crate::blockdev::Sysfs::default().loop_uses(&file)
@@ -155,8 +162,96 @@ pub fn run(argv: &[String]) -> i32 {
     }
 }
 
-/// How often a holder looks for the loop device on its file.
-const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// Exit code of a holder that found its lock gone after a reconnect.
+pub const LOST: i32 = 3;
+
+/// Keeps the lock across lost connections. Samba keeps no byte-range lock of a connection
+/// that ends, and cifs, once reconnected, reopens a handle and puts its locks back only when
+/// the handle is next used: on an idle volume no one did, and a second guest opened the
+/// volume (test `an_smb_luks2_volume_keeps_its_lock_when_the_connection_is_lost_and_remade`).
+/// So every [`WATCH_EVERY`] the holder reads its handle (the read reopens and relocks it).
+/// cifs does not report a failed relock: after a reconnect the holder checks the lock by
+/// letting it go and taking it again (the server answers an unlock of a lock it does not
+/// have with an error) and ends with [`LOST`] if either fails: `Stats` then says the lock
+/// is gone. `Some(code)` to end the holder.
+fn keep_lock(
+    fd: libc::c_int,
+    lock: &libc::flock,
+    direct: bool,
+    reconnects: &mut Option<u64>,
+) -> Option<i32> {
+    if !probe(fd, direct) {
+        // The server does not answer (yet): the handle is reopened at a later probe.
+        return None;
+    }
+    let now = cifs_reconnects();
+    if now == *reconnects {
+        return None;
+    }
+    let unlock = libc::flock {
+        l_type: libc::F_UNLCK as libc::c_short,
+        ..*lock
+    };
+    // SAFETY: F_SETLK reads one `struct flock` from a value on the stack.
+    let let_go = unsafe { libc::fcntl(fd, libc::F_SETLK, &unlock as *const libc::flock) };
+    // SAFETY: as above.
+    let again =
+        let_go == 0 && unsafe { libc::fcntl(fd, libc::F_SETLK, lock as *const libc::flock) } == 0;
+    if !again {
+        return Some(LOST);
+    }
+    *reconnects = now;
+    None
+}
+
+/// One read of the container's first block through the holder's own handle. Whether it
+/// reached the server and came back.
+fn probe(fd: libc::c_int, direct: bool) -> bool {
+    /// O_DIRECT wants a buffer aligned to the logical block size.
+    #[repr(C, align(4096))]
+    struct Block([u8; 4096]);
+    let mut block = Block([0; 4096]);
+    if !direct {
+        // SAFETY: posix_fadvise(2) on a descriptor this process owns; only drops clean
+        // cached pages of the first block.
+        unsafe { libc::posix_fadvise(fd, 0, 4096, libc::POSIX_FADV_DONTNEED) };
+    }
+    // SAFETY: `fd` stays open for the process's life.
+    let file = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    nix::sys::uio::pread(file, &mut block.0, 0).is_ok()
+}
+
+/// Turns on O_DIRECT for reads of this open file (the loop's own open of the same file may
+/// share cifs's handle with it; the handle's flags stay as they were). Whether it took.
+fn set_direct(fd: libc::c_int) -> bool {
+    // SAFETY: F_GETFL on a descriptor this process owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: F_SETFL on the same descriptor, with its own flags and O_DIRECT.
+    flags >= 0 && unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_DIRECT) } == 0
+}
+
+/// How many times cifs has remade sessions and tree connects in this guest
+/// (`/proc/fs/cifs/Stats`: "<n> session <m> share reconnects"); `None` when unreadable,
+/// which a later reading that can be read counts as a change.
+fn cifs_reconnects() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/fs/cifs/Stats").ok()?;
+    parse_reconnects(&text)
+}
+
+fn parse_reconnects(text: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            [s, "session", m, "share", "reconnects"] => {
+                Some(s.parse::<u64>().ok()? + m.parse::<u64>().ok()?)
+            }
+            _ => None,
+        }
+    })
+}
+
+/// How often a holder looks for the loop device on its file and reads its handle.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// A holder whose file no loop device took within this (its agent died before binding one,
 /// and no restarted agent cleaned up) ends itself.
 const NEVER_BOUND: std::time::Duration = std::time::Duration::from_secs(600);
@@ -173,5 +268,15 @@ mod tests {
         for bad in ["", "ok?", "open", "open x", "grab 11", "lock 11 12"] {
             assert_eq!(Report::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn reconnects_are_read_from_cifs_stats() {
+        let stats = "Resources in use\nCIFS Session: 1\nOperations (MIDs): 0\n\n\
+                     1 session 2 share reconnects\nTotal vfs operations: 479\n";
+        assert_eq!(parse_reconnects(stats), Some(3));
+        assert_eq!(parse_reconnects("0 session 0 share reconnects"), Some(0));
+        assert_eq!(parse_reconnects("x session 0 share reconnects"), None);
+        assert_eq!(parse_reconnects("Resources in use\n"), None);
     }
 }
