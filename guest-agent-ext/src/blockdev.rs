@@ -21,6 +21,11 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// `_IOW('f', 16, __u64)`: grows a mounted ext4 to a number of blocks (fs/ext4/ioctl.c;
 /// needs CAP_SYS_RESOURCE).
 const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+/// `_IOR('X', 125, __u32)`: shuts a mounted file system down (fs/ext4/ioctl.c; needs
+/// CAP_SYS_ADMIN).
+const FS_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587d;
+/// Shut down without writing anything more, not even the journal.
+const EXT4_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
 pub const LO_FLAGS_READ_ONLY: u32 = 1;
 pub const LO_FLAGS_DIRECT_IO: u32 = 16;
 
@@ -218,6 +223,21 @@ pub fn grow_ext4(device: &CStr, mount_point: &CStr) -> Result<[u64; 3], Errno> {
     }
     close_raw(dir);
     result
+}
+
+/// Shuts the file system mounted at `mount_point` down without writing anything more to its
+/// device: every later read and write fails with EIO until it is unmounted. Child-safe.
+pub fn shut_down(mount_point: &CStr) -> Result<(), Errno> {
+    let dir = open_raw(mount_point, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let flags = EXT4_GOING_FLAGS_NOLOGFLUSH;
+    // SAFETY: FS_IOC_SHUTDOWN reads one u32 from a value on the stack.
+    let rc = unsafe { libc::ioctl(dir, FS_IOC_SHUTDOWN, &flags as *const u32) };
+    let errno = Errno::last();
+    close_raw(dir);
+    if rc < 0 {
+        return Err(errno);
+    }
+    Ok(())
 }
 
 /// Releases loop device `n` from its file. A device still open (a dm-crypt mapping on it

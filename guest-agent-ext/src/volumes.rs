@@ -779,6 +779,10 @@ impl Volumes {
                 if let Some(why) = attachment.as_ref().and_then(|a| a.explain(e)) {
                     st.detail = format!("{}: {why}", st.detail);
                 }
+                // A volume shut down because its lock is gone fails with EIO: say why.
+                if let Some(why) = crate::fs::luks2::lock_lost(name, &entries).await {
+                    st.detail = format!("{}: {why}", st.detail);
+                }
             }
             Ok(Outcome::TimedOut) => {
                 st.health = agent::Health::UNRESPONSIVE;

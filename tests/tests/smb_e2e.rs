@@ -624,6 +624,24 @@ async fn an_smb_luks2_volume_keeps_one_writer_across_agent_restarts() -> anyhow:
         "{}",
         lost.health_detail
     );
+    // ... and the volume is shut down: no more writes reach the container.
+    let write = "(echo late > /run/cnfs/volumes/lk2/late && sync /run/cnfs/volumes/lk2/late) 2>&1; echo rc=$?";
+    let mut fenced = String::new();
+    for _ in 0..20 {
+        fenced = g.ok(write).await?;
+        if !fenced.contains("rc=0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        fenced.contains("Input/output error"),
+        "writes still go through: {fenced}"
+    );
+    let kernel = g
+        .ok("dmesg | grep -c 'shut down requested' || true")
+        .await?;
+    assert_eq!(kernel.trim(), "1", "the kernel's word for it");
     agent.unmount(ctx(T), &unmount("lk2")).await?;
     assert_eq!(g.ok(holders).await?.trim(), "");
     let mounts = g.ok("grep -E 'cifs|cnfs/' /proc/mounts || true").await?;
@@ -914,8 +932,21 @@ async fn an_smb_luks2_volume_keeps_its_lock_when_the_connection_is_lost_and_rema
     let s = stats(&a, "v").await?;
     assert_eq!(s.health, agent::Health::HEALTHY.into(), "{s:?}");
 
+    // The first's agent is killed and restarted (the volume's watch is re-learnt).
+    first
+        .exec
+        .ok(&format!(
+            "{}; kill -9 $a; while kill -0 $a 2>/dev/null; do sleep 0.1; done; \
+             /usr/bin/cnfs-agent </dev/null >/dev/console 2>&1 &",
+            cnfs_testbed::guest::AGENT_PID_SH
+        ))
+        .await?;
+    first.wait_for_agent(Duration::from_secs(60)).await?;
+    let a = first.agent().await?;
+
     // The holder cannot run while the connection is remade: the second guest gets the
-    // lock first. The first's holder finds that out and ends; Stats says the lock is gone.
+    // lock first. The first's holder finds that out and ends; Stats says the lock is gone,
+    // and the first's volume is shut down (no more writes reach the container).
     let holder = first
         .exec
         .ok("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^cnfs-lock-holder ' && echo ${p#/proc/}; done; true")
@@ -942,6 +973,19 @@ async fn an_smb_luks2_volume_keeps_its_lock_when_the_connection_is_lost_and_rema
         s.health_detail.contains("single-writer lock is gone"),
         "{s:?}"
     );
+    let fenced = first
+        .exec
+        .ok("(echo late > /run/cnfs/volumes/v/late) 2>&1; echo rc=$?")
+        .await?;
+    assert!(
+        fenced.contains("Input/output error"),
+        "writes still go through: {fenced}"
+    );
+    let kernel = first
+        .exec
+        .ok("dmesg | grep -c 'shut down requested' || true")
+        .await?;
+    assert_eq!(kernel.trim(), "1", "the kernel's word for it");
     for (agent, who) in [(&b, "second"), (&a, "first")] {
         agent
             .unmount(

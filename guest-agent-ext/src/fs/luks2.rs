@@ -26,7 +26,7 @@ use cnfs_protocols::spec::encryption::{parse_size_marker, size_from_quota};
 use cnfs_protocols::spec::{Encryption, Source, VolumeSpec};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
-use slog::{info, warn, Logger};
+use slog::{error, info, warn, Logger};
 use tokio::time::Instant;
 
 use super::{vfs_flags, Attempt, Context, MountHandler, MountPlan};
@@ -1017,6 +1017,8 @@ pub(super) struct Built {
     dm_kernel_name: String,
     /// The container grew: its ext4 is grown to fill it once mounted.
     grow_fs: bool,
+    /// On an SMB share: a lock holder keeps the single-writer lock (watched while mounted).
+    smb: bool,
 }
 
 impl Built {
@@ -1026,6 +1028,7 @@ impl Built {
             stack: Some(stack),
             dm_kernel_name: String::new(),
             grow_fs: false,
+            smb: false,
         }
     }
 
@@ -1066,14 +1069,106 @@ impl Attempt for StackAttempt {
 
     fn into_attachment(
         mut self: Box<Self>,
-        _log: &Logger,
-        _locks: &super::VolumeLocks,
+        log: &Logger,
+        locks: &super::VolumeLocks,
     ) -> Option<Box<dyn super::Attachment>> {
-        if let Some(b) = self.built.take() {
-            b.keep();
-        }
-        None
+        let b = self.built.take()?;
+        let watch = b
+            .stack
+            .as_ref()
+            .filter(|_| b.smb && !b.dm_kernel_name.is_empty())
+            .and_then(|s| LockWatch::start(s.name.clone(), log.clone(), locks.clone()));
+        b.keep();
+        watch
     }
+}
+
+/// While an SMB luks2 volume is mounted, it waits for the volume's lock holder to end. A
+/// holder ends while its volume is mounted only when someone killed it or it found its lock
+/// taken by another client after a reconnect ([`crate::tools::holder::LOST`]): either way
+/// nothing keeps a second guest out any more, so the volume's ext4 is shut down without
+/// writing anything more (every later access fails with EIO until it is unmounted; `Stats`
+/// says why): the one thing this guest can still do against two writers. Unmount drops it
+/// first (the holder it kills is no fault).
+pub(super) struct LockWatch {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LockWatch {
+    /// `None` outside an async runtime (nothing to watch with).
+    pub(super) fn start(
+        name: String,
+        log: Logger,
+        locks: super::VolumeLocks,
+    ) -> Option<Box<dyn super::Attachment>> {
+        let rt = tokio::runtime::Handle::try_current().ok()?;
+        let task = rt.spawn(watch_holder(name, log, locks));
+        Some(Box::new(LockWatch { task }))
+    }
+}
+
+impl Drop for LockWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[async_trait]
+impl super::Attachment for LockWatch {
+    fn readiness(&self) -> super::Readiness {
+        super::Readiness::Served { answered: true }
+    }
+    fn answered(&self) {}
+    fn halt(&self) {
+        self.task.abort();
+    }
+    async fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+async fn watch_holder(name: String, log: Logger, locks: super::VolumeLocks) {
+    // A scan that does not answer leaves the volume unwatched (Stats still looks).
+    let Some(pids) = holders_of(&name).await else {
+        warn!(log, "lock holder not found (process scan timed out): not watched";
+            "volume" => name.as_str());
+        return;
+    };
+    if let Some(&pid) = pids.first() {
+        let exited = u32::try_from(pid)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+            .and_then(cnfs_protocols::pidfd::open);
+        match exited.and_then(cnfs_protocols::pidfd::readable_when_exited) {
+            // The pid is still a holder of this volume's once the pidfd pins it (no reuse).
+            Ok(fd) if holders_of(&name).await.is_none_or(|p| p.contains(&pid)) => {
+                let _ = fd.readable().await;
+            }
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(e) => {
+                warn!(log, "lock holder not watched"; "volume" => name.as_str(),
+                    "error" => %e);
+                return;
+            }
+        }
+    }
+    // Under the volume's lock: an Unmount in progress finishes (and drops this) first.
+    let _g = locks.lock(&name).await;
+    let mount_point = cnfs_protocols::spec::mount_point(&name);
+    let entries = mountinfo::read().unwrap_or_default();
+    if mountinfo::find(&entries, &mount_point).is_none_or(|e| e.fs_type != "ext4") {
+        return;
+    }
+    let Ok(mp) = cstring(&mount_point) else {
+        return;
+    };
+    let outcome = killable::run(Duration::from_secs(5), || {
+        blockdev::shut_down(&mp).map(|()| [0; 6])
+    })
+    .await;
+    error!(log, "single-writer lock lost: the volume's file system is shut down (accesses \
+        fail with EIO until it is unmounted)"; "volume" => name.as_str(),
+        "outcome" => format!("{outcome:?}"));
 }
 
 /// Grows the volume's mounted ext4 to fill its grown container, online (ext4's resize
@@ -1162,6 +1257,18 @@ impl MountHandler for Luks2 {
             attempt: Box::new(StackAttempt { built: Some(built) }),
         })
     }
+
+    /// After an agent restart: an SMB volume's lock holder is watched again.
+    fn reattach(
+        &self,
+        spec: &VolumeSpec,
+        log: &Logger,
+        locks: &super::VolumeLocks,
+    ) -> Result<Option<Box<dyn super::Attachment>>, AgentError> {
+        Ok(matches!(spec.source, Source::Smb(_))
+            .then(|| LockWatch::start(spec.name.clone(), log.clone(), locks.clone()))
+            .flatten())
+    }
 }
 
 /// Container (formatted first if new), loop, dm-crypt, on the mounted backing share.
@@ -1228,6 +1335,7 @@ async fn build(
                     stack: Some(stack.clone()),
                     dm_kernel_name: dm,
                     grow_fs: grown_from > 0,
+                    smb,
                 });
             }
             Opened::InUse => {
