@@ -267,6 +267,82 @@ fn reaped(child: Pid) -> StillAlive {
     })
 }
 
+/// Lists directory `dir` for a killable child: writes each name `matches` accepts, followed
+/// by a NUL, to `out` (at most `most` names) and returns how many. Raw getdents64 into a
+/// buffer on the stack: nothing is allocated, so it is safe after fork(2) in a threaded
+/// process.
+pub fn list_dir(
+    dir: &std::ffi::CStr,
+    mut matches: impl FnMut(&std::ffi::CStr) -> bool,
+    most: usize,
+    out: RawFd,
+) -> Result<u64, Errno> {
+    // SAFETY: a NUL-terminated path that outlives the call.
+    let fd = unsafe {
+        libc::open(
+            dir.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    let result = list_open_dir(fd, &mut matches, most, out);
+    // SAFETY: closes the descriptor opened above; nothing uses it afterwards.
+    unsafe { libc::close(fd) };
+    result
+}
+
+fn list_open_dir(
+    fd: RawFd,
+    matches: &mut impl FnMut(&std::ffi::CStr) -> bool,
+    most: usize,
+    out: RawFd,
+) -> Result<u64, Errno> {
+    /// `struct linux_dirent64`: d_ino (8), d_off (8), d_reclen (2), d_type (1), d_name.
+    const NAME_AT: usize = 19;
+    #[repr(C, align(8))]
+    struct Buf([u8; 8192]);
+    let mut buf = Buf([0; 8192]);
+    let mut listed = 0u64;
+    loop {
+        // SAFETY: getdents64 writes at most `len` bytes into the buffer on the stack.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.0.as_mut_ptr(), buf.0.len()) };
+        let Ok(n) = usize::try_from(n) else {
+            return Err(Errno::last());
+        };
+        if n == 0 {
+            return Ok(listed);
+        }
+        let mut at = 0;
+        while at + NAME_AT < n {
+            let reclen = usize::from(u16::from_ne_bytes([buf.0[at + 16], buf.0[at + 17]]));
+            if reclen <= NAME_AT || at + reclen > n {
+                return Err(Errno::EIO);
+            }
+            let record = &buf.0[at + NAME_AT..at + reclen];
+            at += reclen;
+            let Ok(name) = std::ffi::CStr::from_bytes_until_nul(record) else {
+                continue;
+            };
+            if !matches(name) {
+                continue;
+            }
+            if listed as usize >= most {
+                return Ok(listed);
+            }
+            let bytes = name.to_bytes_with_nul();
+            // SAFETY: writes the name's bytes from the buffer above to a descriptor the
+            // caller keeps open.
+            let w = unsafe { libc::write(out, bytes.as_ptr().cast(), bytes.len()) };
+            if usize::try_from(w).ok() != Some(bytes.len()) {
+                return Err(Errno::EIO);
+            }
+            listed += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,9 @@
 //!   taken down again from the kernel's own state, under a per-volume lock.
 
 use std::ffi::CString;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -824,7 +826,19 @@ async fn end_holders(name: &str, within: Duration) -> Holders {
 /// `None` when the scan does not answer within 1 s.
 async fn holders_of(name: &str) -> Option<Vec<i32>> {
     let c = luks2_container(name);
-    let scan = tokio::task::spawn_blocking(move || pids_with_arg(Some(LOCK_HOLDER_ARGV0), &c));
+    let scan = tokio::task::spawn_blocking(move || {
+        // Only the agent's own binary: any process can give itself a holder's argv (a
+        // container's would otherwise stand in for a killed holder, or be killed itself).
+        let ours = std::fs::metadata("/proc/self/exe").ok();
+        let same = |pid: &i32| {
+            let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok();
+            matches!((&ours, exe), (Some(a), Some(b)) if a.dev() == b.dev() && a.ino() == b.ino())
+        };
+        pids_with_arg(Some(LOCK_HOLDER_ARGV0), &c)
+            .into_iter()
+            .filter(same)
+            .collect::<Vec<i32>>()
+    });
     tokio::time::timeout(Duration::from_secs(1), scan)
         .await
         .ok()?
@@ -1749,32 +1763,58 @@ async fn quota_size(dir: &Path, budget: Duration, log: &Logger) -> u64 {
     size
 }
 
-/// Up to `most` entries of `dir` whose names `matches` (temps that abandoned first uses
-/// left, recorded sizes), listed by `until`; none when the share does not answer by then.
+/// Up to `most` entries of `dir` whose names `matches`, listed within `until` (an empty list
+/// when the share does not answer by then). Listed by a killable child (a dead server must
+/// not keep a thread of the agent asleep in getdents64 for good: a thread per Mount attempt
+/// leaked so before), which writes the names, NUL-separated, into a pipe read here.
+/// `matches` runs in that child: it must not allocate.
 pub(super) async fn list_matching(
     dir: &Path,
     matches: fn(&str) -> bool,
     most: usize,
     until: Instant,
 ) -> Vec<PathBuf> {
-    let d = dir.to_path_buf();
-    let listing = tokio::task::spawn_blocking(move || -> Vec<PathBuf> {
-        std::fs::read_dir(&d)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter(|e| e.file_name().to_str().is_some_and(matches))
-                    .map(|e| e.path())
-                    .take(most)
-                    .collect()
-            })
-            .unwrap_or_default()
-    });
-    match tokio::time::timeout_at(until, listing).await {
-        Ok(Ok(temps)) => temps,
-        _ => Vec::new(),
+    let Ok(path) = cstring(dir) else {
+        return Vec::new();
+    };
+    // Non-blocking reads: the child wrote every name before its answer, so what is not in
+    // the pipe by then never comes.
+    let Ok((rx, tx)) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+    else {
+        return Vec::new();
+    };
+    // What the pipe holds without a reader (names of at most 255 bytes and their NULs).
+    let most = most.min(LISTED_MOST);
+    let writer = tx.as_raw_fd();
+    let outcome = killable::run_keeping(
+        until.saturating_duration_since(Instant::now()),
+        Some(writer),
+        || {
+            killable::list_dir(&path, |name| name.to_str().is_ok_and(matches), most, writer)
+                .map(|n| [n, 0, 0, 0, 0, 0])
+        },
+    )
+    .await;
+    drop(tx);
+    if !matches!(outcome, Outcome::Done(_)) {
+        return Vec::new();
     }
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n @ 1..) = nix::unistd::read(rx.as_raw_fd(), &mut chunk) {
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    bytes
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .filter_map(|n| std::str::from_utf8(n).ok())
+        .map(|n| dir.join(n))
+        .collect()
 }
+
+/// At most this many names from one listing (see [`list_matching`]).
+const LISTED_MOST: usize = 200;
 
 pub(super) fn cstring(p: &Path) -> Result<CString, AgentError> {
     CString::new(p.as_os_str().as_bytes())
@@ -1888,6 +1928,72 @@ mod tests {
             .await
             .expect("answer");
         assert_eq!(got, Opened::Not(Found::Absent));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_process_that_only_looks_like_a_holder_is_not_one() {
+        use std::os::unix::process::CommandExt;
+        let name = format!("spoof{}", std::process::id());
+        let container = luks2_container(&name);
+        // A shell with a holder's argv: argv0 and the container's path, as a container's
+        // process could give itself.
+        let mut fake = std::process::Command::new("sh")
+            .arg0(LOCK_HOLDER_ARGV0)
+            .args(["-c", "sleep 30; true", &container])
+            .spawn()
+            .expect("sh");
+        let pid = i32::try_from(fake.id()).expect("pid");
+        let until = Instant::now() + Duration::from_secs(5);
+        while !pids_with_arg(Some(LOCK_HOLDER_ARGV0), &container).contains(&pid) {
+            assert!(Instant::now() < until, "the fake's argv never showed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            holders_of(&name).await,
+            Some(vec![]),
+            "its binary is not the agent's"
+        );
+        let _ = fake.kill();
+        let _ = fake.wait();
+    }
+
+    #[tokio::test]
+    async fn a_listing_gives_the_matching_names_bounded_and_nothing_for_a_missing_dir() {
+        let dir = std::env::temp_dir().join(format!("cnfs-luks2-list-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let mut want = Vec::new();
+        // Enough entries for several getdents64 calls (8 KiB each), long names included.
+        for i in 0..400 {
+            let name = format!("cnfs-volume.size.1073741824{i:03}{}", "x".repeat(i % 200));
+            std::fs::create_dir(dir.join(&name)).expect("mkdir marker");
+            if i < 3 {
+                want.push(dir.join(&name));
+            }
+        }
+        std::fs::write(dir.join("other"), b"").expect("write");
+        let until = Instant::now() + Duration::from_secs(10);
+        let starts: fn(&str) -> bool = |n| n.starts_with("cnfs-volume.size.");
+        let all = list_matching(&dir, starts, usize::MAX, until).await;
+        assert_eq!(all.len(), LISTED_MOST, "bounded");
+        assert!(all.iter().all(|p| p.starts_with(&dir)), "{all:?}");
+        let only: fn(&str) -> bool = |n| {
+            n.strip_prefix("cnfs-volume.size.1073741824")
+                .is_some_and(|r| r.starts_with("00"))
+        };
+        let mut got = list_matching(&dir, only, usize::MAX, until).await;
+        got.sort();
+        assert_eq!(got.len(), 10, "000 to 009: {got:?}");
+        assert!(want.iter().all(|w| got.contains(w)), "{want:?} in {got:?}");
+        let other: fn(&str) -> bool = |n| n == "other";
+        assert_eq!(
+            list_matching(&dir, other, 5, until).await,
+            vec![dir.join("other")]
+        );
+        assert!(list_matching(&dir.join("absent"), starts, 5, until)
+            .await
+            .is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
