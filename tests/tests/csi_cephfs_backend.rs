@@ -490,6 +490,28 @@ async fn an_encrypted_cephfs_volume_is_a_subvolume_whose_quota_holds_the_contain
         server_info(&ceph, name)?["bytes_quota"],
         2 * SIZE as u64 + 64 * MIB
     );
+    // An admin took the quota off: expansion puts one back (the quota is how the new size
+    // reaches the guest; without one it answered success and the container never grew).
+    ceph.ceph(&[
+        "fs",
+        "subvolume",
+        "resize",
+        FS_NAME,
+        name,
+        "inf",
+        "--group_name",
+        GROUP,
+    ])?;
+    assert_eq!(server_info(&ceph, name)?["bytes_quota"], "infinite");
+    let unlimited = controller
+        .controller_expand_volume(expand(3 * SIZE))
+        .await?
+        .into_inner();
+    assert_eq!(unlimited.capacity_bytes, 3 * SIZE);
+    assert_eq!(
+        server_info(&ceph, name)?["bytes_quota"],
+        3 * SIZE as u64 + 64 * MIB
+    );
 
     controller
         .delete_volume(DeleteVolumeRequest {

@@ -263,22 +263,7 @@ impl Provisioner for CephFs {
         secrets: &std::collections::HashMap<String, String>,
         size: u64,
     ) -> Result<Option<u64>, BackendError> {
-        let Some((id, cluster, creds)) = Self::open(ctx, fields, secrets)? else {
-            return Ok(None);
-        };
-        let sub = Subvolumes::new(&cluster, &creds, &id.fs, &id.group)?.with_timeout(ctx.timeout);
-        let Some(current) = sub.info(&id.subvolume).await? else {
-            return Ok(None);
-        };
-        // Never shrink, and never put a quota on a volume that has none (CSI: a volume
-        // already as big as asked is a success).
-        let quota = match current.bytes_quota {
-            // Unlimited is at least as big as asked.
-            None => size,
-            Some(q) if q >= size => q,
-            Some(_) => sub.resize(&id.subvolume, size).await?,
-        };
-        Ok(Some(quota))
+        self.raise_quota(ctx, fields, secrets, size, false).await
     }
 
     /// A CephFS luks2 volume's source says `grow=quota`: the guest sizes the container from
@@ -292,12 +277,42 @@ impl Provisioner for CephFs {
         size: u64,
     ) -> Result<Option<u64>, BackendError> {
         let wanted = size.saturating_add(crate::encryption::QUOTA_HEADROOM);
-        let Some(quota) = self.expand(ctx, fields, secrets, wanted).await? else {
+        // The quota is how the size reaches the guest: a subvolume without one gets one
+        // (else the expansion would answer success and the container would never grow).
+        let Some(quota) = self.raise_quota(ctx, fields, secrets, wanted, true).await? else {
             return Ok(None);
         };
         Ok(Some(
             cnfs_protocols::spec::encryption::size_from_quota(quota).unwrap_or(size),
         ))
+    }
+}
+
+impl CephFs {
+    /// Raises the subvolume's quota to `size`, never lowering it; an unlimited subvolume
+    /// keeps no quota unless `limit_unlimited` (CSI: a volume already as big as asked is a
+    /// success). The quota it has afterwards (`size` for an unlimited one left so).
+    async fn raise_quota(
+        &self,
+        ctx: &Context<'_>,
+        fields: &str,
+        secrets: &std::collections::HashMap<String, String>,
+        size: u64,
+        limit_unlimited: bool,
+    ) -> Result<Option<u64>, BackendError> {
+        let Some((id, cluster, creds)) = Self::open(ctx, fields, secrets)? else {
+            return Ok(None);
+        };
+        let sub = Subvolumes::new(&cluster, &creds, &id.fs, &id.group)?.with_timeout(ctx.timeout);
+        let Some(current) = sub.info(&id.subvolume).await? else {
+            return Ok(None);
+        };
+        let quota = match current.bytes_quota {
+            None if !limit_unlimited => size,
+            Some(q) if q >= size => q,
+            _ => sub.resize(&id.subvolume, size).await?,
+        };
+        Ok(Some(quota))
     }
 }
 
