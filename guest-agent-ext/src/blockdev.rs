@@ -225,6 +225,81 @@ pub fn grow_ext4(device: &CStr, mount_point: &CStr) -> Result<[u64; 3], Errno> {
     result
 }
 
+/// `struct dm_ioctl` (include/uapi/linux/dm-ioctl.h): 312 bytes, name at 48, data at 312.
+const DM_IOCTL_SIZE: usize = 312;
+const DM_NAME_AT: usize = 48;
+const DM_NAME_LEN: usize = 128;
+/// `_IOWR(0xfd, 6, struct dm_ioctl)` and `_IOWR(0xfd, 9, struct dm_ioctl)`.
+const DM_DEV_SUSPEND: libc::c_ulong = 0xc138_fd06;
+const DM_TABLE_LOAD: libc::c_ulong = 0xc138_fd09;
+const DM_SUSPEND_FLAG: u32 = 1 << 1;
+/// Suspend without waiting for I/O queued in the device: it meets the new table.
+const DM_NOFLUSH_FLAG: u32 = 1 << 11;
+/// `struct dm_target_spec`: sector_start, length, status, next, target_type[16].
+const DM_TARGET_SPEC_SIZE: usize = 40;
+
+/// Swaps device-mapper device `dm_name`'s table for one `error` target of `sectors`
+/// sectors: every later read and write of it fails at once, nothing more reaches the device
+/// below (suspend without flushing, load, resume). Child-safe (the buffer is on the stack).
+pub fn fail_all_io(dm_name: &CStr, sectors: u64) -> Result<(), Errno> {
+    let name = dm_name.to_bytes();
+    if name.is_empty() || name.len() >= DM_NAME_LEN {
+        return Err(Errno::EINVAL);
+    }
+    #[repr(C, align(8))]
+    struct Buf([u8; DM_IOCTL_SIZE + DM_TARGET_SPEC_SIZE + 8]);
+    let header = |buf: &mut Buf, size: usize, targets: u32, flags: u32| {
+        buf.0.fill(0);
+        for (i, v) in [4u32, 0, 0].iter().enumerate() {
+            buf.0[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+        }
+        buf.0[12..16].copy_from_slice(&(size as u32).to_ne_bytes());
+        buf.0[16..20].copy_from_slice(&(DM_IOCTL_SIZE as u32).to_ne_bytes());
+        buf.0[20..24].copy_from_slice(&targets.to_ne_bytes());
+        buf.0[28..32].copy_from_slice(&flags.to_ne_bytes());
+        buf.0[DM_NAME_AT..DM_NAME_AT + name.len()].copy_from_slice(name);
+    };
+    let ctl = open_raw(c"/dev/mapper/control", libc::O_RDWR)?;
+    let mut buf = Buf([0; DM_IOCTL_SIZE + DM_TARGET_SPEC_SIZE + 8]);
+    let call = |buf: &mut Buf, req: libc::c_ulong| {
+        // SAFETY: the device-mapper ioctls read and write at most `data_size` bytes of the
+        // buffer on the stack, which is that long.
+        let rc = unsafe { libc::ioctl(ctl, req, buf.0.as_mut_ptr()) };
+        if rc < 0 {
+            Err(Errno::last())
+        } else {
+            Ok(())
+        }
+    };
+    header(
+        &mut buf,
+        DM_IOCTL_SIZE,
+        0,
+        DM_SUSPEND_FLAG | DM_NOFLUSH_FLAG,
+    );
+    let suspended = call(&mut buf, DM_DEV_SUSPEND);
+    let loaded = suspended.and_then(|()| {
+        let size = buf.0.len();
+        header(&mut buf, size, 1, 0);
+        let spec = DM_IOCTL_SIZE;
+        buf.0[spec + 8..spec + 16].copy_from_slice(&sectors.to_ne_bytes());
+        // `next`: the offset of the next spec from this one; none follows.
+        let next = (size - spec) as u32;
+        buf.0[spec + 20..spec + 24].copy_from_slice(&next.to_ne_bytes());
+        buf.0[spec + 24..spec + 29].copy_from_slice(b"error");
+        // The error target takes no parameters: an empty string follows the spec.
+        call(&mut buf, DM_TABLE_LOAD)
+    });
+    // Resumed either way: with the error table if it loaded, else with the old one (a
+    // device left suspended would hang every access in it, unmount included).
+    let resumed = suspended.and_then(|()| {
+        header(&mut buf, DM_IOCTL_SIZE, 0, 0);
+        call(&mut buf, DM_DEV_SUSPEND)
+    });
+    close_raw(ctl);
+    loaded.and(resumed)
+}
+
 /// Shuts the file system mounted at `mount_point` down without writing anything more to its
 /// device: every later read and write fails with EIO until it is unmounted. Child-safe.
 pub fn shut_down(mount_point: &CStr) -> Result<(), Errno> {
@@ -306,6 +381,13 @@ impl Sysfs {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|k| k.starts_with("dm-"))
             .find(|k| self.read(&format!("block/{k}/dm/name")).as_deref() == Some(dm_name))
+    }
+
+    /// Block device `kernel_name`'s size in 512-byte sectors (`/sys/block/<name>/size`).
+    pub fn sectors(&self, kernel_name: &str) -> Option<u64> {
+        self.read(&format!("block/{kernel_name}/size"))?
+            .parse()
+            .ok()
     }
 
     /// The names of all device-mapper devices.

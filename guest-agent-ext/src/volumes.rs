@@ -355,6 +355,12 @@ impl Volumes {
                                 )));
                             }
                         }
+                        // A volume cut off because its lock is gone serves nothing.
+                        if let Some(why) = crate::fs::luks2::lock_lost(&name, &entries).await {
+                            return Err(AgentError::FailedPrecondition(format!(
+                                "volume {name} is mounted but {why}"
+                            )));
+                        }
                         self.ensure_attached(&spec)?;
                         Ok(MountDone {
                             mount_point,

@@ -334,6 +334,8 @@ pub struct Luks2 {
     /// Two key derivations (argon2 or scrypt, 64 MiB each) at a time at most: 16 at once
     /// would not fit a small guest's memory.
     kdf_slots: Arc<tokio::sync::Semaphore>,
+    /// Names whose leftovers a background task takes down again (one task per name).
+    retrying: Retrying,
     /// Keyed digests (SipHash, random keys of this process) of the keys of mounted volumes,
     /// in memory only: a repeated Mount with another key is refused, not "already mounted".
     keys: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -348,6 +350,7 @@ impl Luks2 {
             stacks: Arc::new(KeyedLocks::new()),
             volumes,
             kdf_slots: Arc::new(tokio::sync::Semaphore::new(2)),
+            retrying: Retrying::default(),
             keys: std::sync::Mutex::new(std::collections::HashMap::new()),
             digest: std::collections::hash_map::RandomState::new(),
             log,
@@ -429,6 +432,7 @@ impl Luks2 {
             locks: self.stacks.clone(),
             volumes: self.volumes.clone(),
             kdf_slots: self.kdf_slots.clone(),
+            retrying: self.retrying.clone(),
             log: self.log.clone(),
         }
     }
@@ -543,7 +547,36 @@ pub(super) struct Stack {
     pub(super) locks: Arc<KeyedLocks<String>>,
     volumes: super::VolumeLocks,
     kdf_slots: Arc<tokio::sync::Semaphore>,
+    retrying: Retrying,
     log: Logger,
+}
+
+/// Names with a task taking their leftovers down (see [`Stack::retry_later`]).
+#[derive(Clone, Default)]
+struct Retrying(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl Retrying {
+    /// The name's claim, unless a task holds it already.
+    fn claim(&self, name: &str) -> Option<RetryClaim> {
+        let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        names.insert(name.to_string()).then(|| RetryClaim {
+            names: self.clone(),
+            name: name.to_string(),
+        })
+    }
+}
+
+/// Held by the one task that retries a name; the name is free again when it is dropped.
+struct RetryClaim {
+    names: Retrying,
+    name: String,
+}
+
+impl Drop for RetryClaim {
+    fn drop(&mut self) {
+        let mut names = self.names.0.lock().unwrap_or_else(|p| p.into_inner());
+        names.remove(&self.name);
+    }
 }
 
 impl Stack {
@@ -592,23 +625,32 @@ impl Stack {
     /// server), takes the stack down again every [`RETRY_EVERY`], until nothing is left or
     /// the volume is mounted again.
     fn retry_later(self) {
+        // One task per name: a caller that repeats a failed Unmount starts no second one.
+        let Some(claim) = self.retrying.claim(&self.name) else {
+            return;
+        };
         tokio::spawn(async move {
-            for _ in 0..RETRIES {
-                tokio::time::sleep(RETRY_EVERY).await;
-                let volume = cnfs_protocols::spec::mount_point(&self.name);
-                let mounted =
-                    mountinfo::find(&mountinfo::read().unwrap_or_default(), &volume).is_some();
-                if mounted || !self.remains().await {
-                    return;
-                }
-                let notes = self.down_unless_mounted().await;
-                if !self.remains().await {
-                    info!(self.log, "encrypted volume's stack taken down at last";
-                        "volume" => &self.name, "steps" => notes.join("; "));
-                    return;
-                }
-            }
+            self.retry_rounds().await;
+            drop(claim);
         });
+    }
+
+    async fn retry_rounds(&self) {
+        for _ in 0..RETRIES {
+            tokio::time::sleep(RETRY_EVERY).await;
+            let volume = cnfs_protocols::spec::mount_point(&self.name);
+            let mounted =
+                mountinfo::find(&mountinfo::read().unwrap_or_default(), &volume).is_some();
+            if mounted || !self.remains().await {
+                return;
+            }
+            let notes = self.down_unless_mounted().await;
+            if !self.remains().await {
+                info!(self.log, "encrypted volume's stack taken down at last";
+                    "volume" => &self.name, "steps" => notes.join("; "));
+                return;
+            }
+        }
     }
 
     /// Takes the stack down under its volume's lock unless the volume is mounted by then:
@@ -1142,11 +1184,14 @@ impl super::Attachment for LockWatch {
 }
 
 async fn watch_holder(name: String, log: Logger, locks: super::VolumeLocks) {
-    // A scan that does not answer leaves the volume unwatched (Stats still looks).
-    let Some(pids) = holders_of(&name).await else {
-        warn!(log, "lock holder not found (process scan timed out): not watched";
-            "volume" => name.as_str());
-        return;
+    // A scan that does not answer (a process stuck on a dead server) is tried again.
+    let mut wait = Duration::from_secs(1);
+    let pids = loop {
+        if let Some(pids) = holders_of(&name).await {
+            break pids;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(30));
     };
     if let Some(&pid) = pids.first() {
         let exited = u32::try_from(pid)
@@ -1173,16 +1218,33 @@ async fn watch_holder(name: String, log: Logger, locks: super::VolumeLocks) {
     if mountinfo::find(&entries, &mount_point).is_none_or(|e| e.fs_type != "ext4") {
         return;
     }
-    let Ok(mp) = cstring(&mount_point) else {
+    let (Ok(mp), Ok(dm)) = (cstring(&mount_point), CString::new(dm_name(&name))) else {
         return;
     };
-    let outcome = killable::run(Duration::from_secs(5), || {
+    // First the mapping: its table becomes one `error` target, so that nothing more reaches
+    // the container, not even what ext4 still writes as it shuts down (the journal's
+    // superblock) or unmounts (its own superblock). Then ext4, so that its users get EIO at
+    // once rather than errors from below.
+    let sysfs = Sysfs::default();
+    let sectors = sysfs
+        .dm_by_name(&dm_name(&name))
+        .and_then(|k| sysfs.sectors(&k));
+    let table = match sectors {
+        Some(sectors) => {
+            killable::run(Duration::from_secs(10), || {
+                blockdev::fail_all_io(&dm, sectors).map(|()| [0; 6])
+            })
+            .await
+        }
+        None => Outcome::Failed(Errno::ENODEV),
+    };
+    let fs = killable::run(Duration::from_secs(5), || {
         blockdev::shut_down(&mp).map(|()| [0; 6])
     })
     .await;
-    error!(log, "single-writer lock lost: the volume's file system is shut down (accesses \
-        fail with EIO until it is unmounted)"; "volume" => name.as_str(),
-        "outcome" => format!("{outcome:?}"));
+    error!(log, "single-writer lock lost: the volume is cut off from its container (every \
+        access fails with EIO until it is unmounted)"; "volume" => name.as_str(),
+        "mapping" => format!("{table:?}"), "file_system" => format!("{fs:?}"));
 }
 
 /// Grows the volume's mounted ext4 to fill its grown container, online (ext4's resize
@@ -1929,6 +1991,17 @@ mod tests {
             .expect("answer");
         assert_eq!(got, Opened::Not(Found::Absent));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_retry_task_per_name_and_the_name_is_free_again_after_it() {
+        let r = Retrying::default();
+        let first = r.claim("v").expect("first claim");
+        assert!(r.claim("v").is_none(), "a second task for the same name");
+        let other = r.claim("w").expect("another name is its own");
+        drop(first);
+        assert!(r.claim("v").is_some(), "free again once the task ended");
+        drop(other);
     }
 
     #[tokio::test]

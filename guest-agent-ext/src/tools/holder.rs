@@ -134,7 +134,10 @@ pub fn run(argv: &[String]) -> i32 {
     // Reads of the handle skip the page cache, so that each probe below reaches the server
     // (where the kernel refuses, a probe drops the cached page first).
     let direct = set_direct(fd);
-    let mut reconnects = cifs_reconnects();
+    let mut keeper = Keeper {
+        reconnects: cifs_reconnects(),
+        ..Keeper::default()
+    };
     // The agent kills the holder once the loop device lets go of the container. When the
     // agent cannot (a volume still busy at Unmount is detached and its loop goes only when
     // its last user does; an agent restart in between), the holder ends itself: it waits for
@@ -146,7 +149,7 @@ pub fn run(argv: &[String]) -> i32 {
     let mut seen = false;
     loop {
         std::thread::sleep(WATCH_EVERY);
-        if let Some(code) = keep_lock(fd, &lock, direct, &mut reconnects) {
+        if let Some(code) = keep_lock(&mut keeper, fd, &lock, direct) {
             return code;
         }
         // A name that cannot be read counts as in use: the lock stays.
@@ -165,43 +168,91 @@ pub fn run(argv: &[String]) -> i32 {
 /// Exit code of a holder that found its lock gone after a reconnect.
 pub const LOST: i32 = 3;
 
+/// Failed checks in a row (each after a probe the server answered) that count as a lost lock.
+const FAILED_CHECKS: u32 = 3;
+
 /// Keeps the lock across lost connections. Samba keeps no byte-range lock of a connection
 /// that ends, and cifs, once reconnected, reopens a handle and puts its locks back only when
 /// the handle is next used: on an idle volume no one did, and a second guest opened the
 /// volume (test `an_smb_luks2_volume_keeps_its_lock_when_the_connection_is_lost_and_remade`).
 /// So every [`WATCH_EVERY`] the holder reads its handle (the read reopens and relocks it).
 /// cifs does not report a failed relock: after a reconnect the holder checks the lock by
-/// letting it go and taking it again (the server answers an unlock of a lock it does not
-/// have with an error) and ends with [`LOST`] if either fails: `Stats` then says the lock
-/// is gone. `Some(code)` to end the holder.
+/// letting it go and taking it again (the server refuses an unlock of a lock it does not
+/// have). Another client holding the lock (EAGAIN/EACCES) is a lost lock at once; any other
+/// failure only after [`FAILED_CHECKS`] in a row (an outage that begins between the read and
+/// the check is not a lost lock).
+#[derive(Debug, Default)]
+struct Keeper {
+    /// cifs's reconnect count at the last check that held.
+    reconnects: Option<u64>,
+    /// Let go by a check whose taking again failed: taken again at the next probe.
+    released: bool,
+    failures: u32,
+}
+
+impl Keeper {
+    /// One round after a probe: `answered` says whether the probe's read came back, `now`
+    /// is cifs's reconnect count. `Some(LOST)` to end the holder.
+    fn round(
+        &mut self,
+        answered: bool,
+        now: Option<u64>,
+        unlock: impl FnOnce() -> Result<(), Errno>,
+        lock: impl FnOnce() -> Result<(), Errno>,
+    ) -> Option<i32> {
+        if !answered {
+            // The server does not answer (yet): the handle is reopened at a later probe.
+            return None;
+        }
+        if !self.released {
+            if now == self.reconnects {
+                return None;
+            }
+            if unlock().is_err() {
+                return self.failed();
+            }
+            self.released = true;
+        }
+        match lock() {
+            Ok(()) => {
+                *self = Keeper {
+                    reconnects: now,
+                    ..Keeper::default()
+                };
+                None
+            }
+            Err(Errno::EAGAIN | Errno::EACCES) => Some(LOST),
+            Err(_) => self.failed(),
+        }
+    }
+
+    fn failed(&mut self) -> Option<i32> {
+        self.failures += 1;
+        (self.failures >= FAILED_CHECKS).then_some(LOST)
+    }
+}
+
+/// [`Keeper::round`] on the holder's descriptor.
 fn keep_lock(
+    keeper: &mut Keeper,
     fd: libc::c_int,
     lock: &libc::flock,
     direct: bool,
-    reconnects: &mut Option<u64>,
 ) -> Option<i32> {
-    if !probe(fd, direct) {
-        // The server does not answer (yet): the handle is reopened at a later probe.
-        return None;
-    }
-    let now = cifs_reconnects();
-    if now == *reconnects {
-        return None;
-    }
+    let answered = probe(fd, direct);
+    let set = |l: &libc::flock| {
+        // SAFETY: F_SETLK reads one `struct flock` from a value on the stack.
+        if unsafe { libc::fcntl(fd, libc::F_SETLK, l as *const libc::flock) } < 0 {
+            Err(Errno::last())
+        } else {
+            Ok(())
+        }
+    };
     let unlock = libc::flock {
         l_type: libc::F_UNLCK as libc::c_short,
         ..*lock
     };
-    // SAFETY: F_SETLK reads one `struct flock` from a value on the stack.
-    let let_go = unsafe { libc::fcntl(fd, libc::F_SETLK, &unlock as *const libc::flock) };
-    // SAFETY: as above.
-    let again =
-        let_go == 0 && unsafe { libc::fcntl(fd, libc::F_SETLK, lock as *const libc::flock) } == 0;
-    if !again {
-        return Some(LOST);
-    }
-    *reconnects = now;
-    None
+    keeper.round(answered, cifs_reconnects(), || set(&unlock), || set(lock))
 }
 
 /// One read of the container's first block through the holder's own handle. Whether it
@@ -268,6 +319,55 @@ mod tests {
         for bad in ["", "ok?", "open", "open x", "grab 11", "lock 11 12"] {
             assert_eq!(Report::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_lock_is_checked_after_each_reconnect_and_lost_only_to_another_client_or_repeated_failures(
+    ) {
+        let held = || Ok(());
+        let mut k = Keeper {
+            reconnects: Some(1),
+            ..Keeper::default()
+        };
+        // No reconnect: nothing is checked.
+        let untouched = || -> Result<(), Errno> { panic!("checked without a reconnect") };
+        assert_eq!(k.round(true, Some(1), untouched, untouched), None);
+        // A probe the server did not answer checks nothing, whatever the count says.
+        assert_eq!(k.round(false, Some(2), untouched, untouched), None);
+        // A reconnect: let go and taken again; the new count is the one checked against.
+        assert_eq!(k.round(true, Some(2), held, held), None);
+        assert_eq!(k.reconnects, Some(2));
+        assert_eq!(k.round(true, Some(2), untouched, untouched), None);
+        // Another client took it in between: lost at once.
+        assert_eq!(
+            k.round(true, Some(3), held, || Err(Errno::EAGAIN)),
+            Some(LOST)
+        );
+        let mut k = Keeper::default();
+        assert_eq!(
+            k.round(true, Some(3), held, || Err(Errno::EACCES)),
+            Some(LOST)
+        );
+        // An outage between the read and the check: failures in a row, then lost.
+        let mut k = Keeper::default();
+        let down = || Err(Errno::EHOSTDOWN);
+        assert_eq!(k.round(true, Some(4), down, untouched), None);
+        assert_eq!(k.round(true, Some(4), down, untouched), None);
+        assert_eq!(k.round(true, Some(4), held, held), None, "recovered");
+        assert_eq!(k.failures, 0);
+        let mut k = Keeper::default();
+        for _ in 1..FAILED_CHECKS {
+            assert_eq!(k.round(true, Some(5), down, untouched), None);
+        }
+        assert_eq!(k.round(true, Some(5), down, untouched), Some(LOST));
+        // Let go, but not taken again (not by another client): taken again at the next
+        // probe, without letting go a second time, even with no new reconnect.
+        let mut k = Keeper::default();
+        assert_eq!(k.round(true, Some(6), held, down), None);
+        assert!(k.released);
+        assert_eq!(k.round(true, Some(6), untouched, held), None);
+        assert!(!k.released);
+        assert_eq!(k.reconnects, Some(6));
     }
 
     #[test]
