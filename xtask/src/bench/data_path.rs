@@ -244,7 +244,25 @@ pub async fn run(variants: &[String]) -> anyhow::Result<()> {
         .collect();
     for (i, set) in sets.iter().enumerate() {
         let name = format!("nfs{i}");
-        let mut spec = nfs_volume(&name, &server, EXPORT, "4.1");
+        // The kernel shares one NFS client (its connections, `nconnect` included) among the
+        // mounts of one server address: each variant gets an address of its own on the same
+        // server (ganesha listens on all of them), so its options are its own.
+        let address = if i == 0 {
+            server.clone()
+        } else {
+            let alias = alias_address(&server, i)?;
+            let out = ns
+                .command("ip")
+                .args(["addr", "add", &format!("{alias}/24"), "dev", &ns.host_dev])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "adding {alias} in the namespace: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            alias
+        };
+        let mut spec = nfs_volume(&name, &address, EXPORT, "4.1");
         for item in set.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = item.split_once('=').unwrap_or((item, ""));
             spec.options.insert(k.to_string(), v.to_string());
@@ -275,8 +293,27 @@ pub async fn run(variants: &[String]) -> anyhow::Result<()> {
             .await
             .unwrap_or_default();
         println!("  {}: {}", p.label, opts.trim());
+        // The connections the client really has (nconnect): from the transport lines.
+        let xprts = g
+            .ok(&format!(
+                "awk '/^device .* mounted on {} /{{f=1;next}} /^device /{{f=0}} f && /xprt:/' \
+                 /proc/self/mountstats | wc -l",
+                p.root.replace('/', "\\/")
+            ))
+            .await
+            .unwrap_or_default();
+        println!("    transports: {}", xprts.trim());
     }
     Ok(())
+}
+
+/// Variant `i`'s server address: the server's subnet, host 200 + `i`.
+fn alias_address(server: &str, i: usize) -> anyhow::Result<String> {
+    let (net, _) = server
+        .rsplit_once('.')
+        .ok_or_else(|| anyhow::anyhow!("server address {server}: not IPv4"))?;
+    anyhow::ensure!(i < 50, "at most 49 NFS variants");
+    Ok(format!("{net}.{}", 200 + i))
 }
 
 fn version_of(bin: &Path) -> String {
@@ -322,7 +359,11 @@ pub(super) fn print_table(
         }
         println!("{line}");
     }
-    println!("\nNFS operations per step (last round):");
+    // Only NFS paths count operations (/proc/self/mountstats): no heading for a table
+    // without one (CephFS kernel vs ceph-fuse).
+    if paths.iter().any(|p| p.nfs) {
+        println!("\nNFS operations per step (last round):");
+    }
     for (i, p) in paths.iter().enumerate().filter(|(_, p)| p.nfs) {
         println!("  {}", p.label);
         for (s, step) in steps.iter().enumerate() {
@@ -341,6 +382,14 @@ pub(super) fn print_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_variant_gets_its_own_address_on_the_server_subnet() {
+        assert_eq!(alias_address("10.100.7.1", 1).expect("ok"), "10.100.7.201");
+        assert_eq!(alias_address("10.100.7.1", 2).expect("ok"), "10.100.7.202");
+        assert!(alias_address("10.100.7.1", 50).is_err());
+        assert!(alias_address("fd00::1", 1).is_err());
+    }
 
     #[test]
     fn mountstats_per_op_counts_of_one_mount_are_read() {
