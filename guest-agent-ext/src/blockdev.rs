@@ -232,15 +232,19 @@ const DM_NAME_LEN: usize = 128;
 /// `_IOWR(0xfd, 6, struct dm_ioctl)` and `_IOWR(0xfd, 9, struct dm_ioctl)`.
 const DM_DEV_SUSPEND: libc::c_ulong = 0xc138_fd06;
 const DM_TABLE_LOAD: libc::c_ulong = 0xc138_fd09;
-const DM_SUSPEND_FLAG: u32 = 1 << 1;
 /// Suspend without waiting for I/O queued in the device: it meets the new table.
 const DM_NOFLUSH_FLAG: u32 = 1 << 11;
+/// Do not freeze the file system on top (that would write to the device).
+const DM_SKIP_LOCKFS_FLAG: u32 = 1 << 10;
 /// `struct dm_target_spec`: sector_start, length, status, next, target_type[16].
 const DM_TARGET_SPEC_SIZE: usize = 40;
 
 /// Swaps device-mapper device `dm_name`'s table for one `error` target of `sectors`
 /// sectors: every later read and write of it fails at once, nothing more reaches the device
-/// below (suspend without flushing, load, resume). Child-safe (the buffer is on the stack).
+/// below. The table is loaded (inactive, nothing changes yet), then one resume call swaps it
+/// in: the kernel suspends (without flushing queued I/O, without freezing the file system),
+/// swaps and resumes within that call, so a kill at any point leaves either the old table
+/// or the new one running, never a suspended device. Child-safe (the buffer is on the stack).
 pub fn fail_all_io(dm_name: &CStr, sectors: u64) -> Result<(), Errno> {
     let name = dm_name.to_bytes();
     if name.is_empty() || name.len() >= DM_NAME_LEN {
@@ -271,33 +275,26 @@ pub fn fail_all_io(dm_name: &CStr, sectors: u64) -> Result<(), Errno> {
             Ok(())
         }
     };
-    header(
-        &mut buf,
-        DM_IOCTL_SIZE,
-        0,
-        DM_SUSPEND_FLAG | DM_NOFLUSH_FLAG,
-    );
-    let suspended = call(&mut buf, DM_DEV_SUSPEND);
-    let loaded = suspended.and_then(|()| {
-        let size = buf.0.len();
-        header(&mut buf, size, 1, 0);
-        let spec = DM_IOCTL_SIZE;
-        buf.0[spec + 8..spec + 16].copy_from_slice(&sectors.to_ne_bytes());
-        // `next`: the offset of the next spec from this one; none follows.
-        let next = (size - spec) as u32;
-        buf.0[spec + 20..spec + 24].copy_from_slice(&next.to_ne_bytes());
-        buf.0[spec + 24..spec + 29].copy_from_slice(b"error");
-        // The error target takes no parameters: an empty string follows the spec.
-        call(&mut buf, DM_TABLE_LOAD)
-    });
-    // Resumed either way: with the error table if it loaded, else with the old one (a
-    // device left suspended would hang every access in it, unmount included).
-    let resumed = suspended.and_then(|()| {
-        header(&mut buf, DM_IOCTL_SIZE, 0, 0);
+    let size = buf.0.len();
+    header(&mut buf, size, 1, 0);
+    let spec = DM_IOCTL_SIZE;
+    buf.0[spec + 8..spec + 16].copy_from_slice(&sectors.to_ne_bytes());
+    // `next`: the offset of the next spec from this one; none follows.
+    let next = (size - spec) as u32;
+    buf.0[spec + 20..spec + 24].copy_from_slice(&next.to_ne_bytes());
+    buf.0[spec + 24..spec + 29].copy_from_slice(b"error");
+    // The error target takes no parameters: an empty string follows the spec.
+    let swapped = call(&mut buf, DM_TABLE_LOAD).and_then(|()| {
+        header(
+            &mut buf,
+            DM_IOCTL_SIZE,
+            0,
+            DM_NOFLUSH_FLAG | DM_SKIP_LOCKFS_FLAG,
+        );
         call(&mut buf, DM_DEV_SUSPEND)
     });
     close_raw(ctl);
-    loaded.and(resumed)
+    swapped
 }
 
 /// Shuts the file system mounted at `mount_point` down without writing anything more to its

@@ -832,7 +832,7 @@ async fn end_holders(name: &str, within: Duration) -> Holders {
     loop {
         let c = container.clone();
         let scan = tokio::task::spawn_blocking(move || {
-            pids_with_arg(Some(LOCK_HOLDER_ARGV0), &c)
+            holder_pids(&c)
                 .into_iter()
                 .partition::<Vec<i32>, _>(|&pid| !holder_in_use(pid))
         });
@@ -868,23 +868,41 @@ async fn end_holders(name: &str, within: Duration) -> Holders {
 /// `None` when the scan does not answer within 1 s.
 async fn holders_of(name: &str) -> Option<Vec<i32>> {
     let c = luks2_container(name);
-    let scan = tokio::task::spawn_blocking(move || {
-        // Only the agent's own binary: any process can give itself a holder's argv (a
-        // container's would otherwise stand in for a killed holder, or be killed itself).
-        let ours = std::fs::metadata("/proc/self/exe").ok();
-        let same = |pid: &i32| {
-            let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok();
-            matches!((&ours, exe), (Some(a), Some(b)) if a.dev() == b.dev() && a.ino() == b.ino())
-        };
-        pids_with_arg(Some(LOCK_HOLDER_ARGV0), &c)
-            .into_iter()
-            .filter(same)
-            .collect::<Vec<i32>>()
-    });
+    let scan = tokio::task::spawn_blocking(move || holder_pids(&c));
     tokio::time::timeout(Duration::from_secs(1), scan)
         .await
         .ok()?
         .ok()
+}
+
+/// The lock holders of `container`: processes named for the holder (`comm`, which the kernel
+/// answers without the process's memory map: another process stuck on a dead server does
+/// not stop the scan), with its argv (read only for those), running the agent's own binary
+/// (any process can give itself a holder's argv: a container's would otherwise stand in for
+/// a killed holder, or be killed itself).
+fn holder_pids(container: &str) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let comm = crate::tools::holder::HOLDER_COMM.to_bytes();
+    let ours = std::fs::metadata("/proc/self/exe").ok();
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let named = std::fs::read(e.path().join("comm")).ok()?;
+            if named.strip_suffix(b"\n").unwrap_or(&named) != comm {
+                return None;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let mut args = cmdline.split(|&b| b == 0);
+            let argv_matches = args.next() == Some(LOCK_HOLDER_ARGV0.as_bytes())
+                && args.any(|a| a == container.as_bytes());
+            let exe = std::fs::metadata(e.path().join("exe")).ok();
+            let same_exe = matches!((&ours, exe), (Some(a), Some(b)) if a.dev() == b.dev() && a.ino() == b.ino());
+            (argv_matches && same_exe).then_some(pid)
+        })
+        .collect()
 }
 
 /// What [`end_holders`] found.
@@ -1211,15 +1229,34 @@ async fn watch_holder(name: String, log: Logger, locks: super::VolumeLocks) {
             }
         }
     }
-    // Under the volume's lock: an Unmount in progress finishes (and drops this) first.
-    let _g = locks.lock(&name).await;
-    let mount_point = cnfs_protocols::spec::mount_point(&name);
+    // Each attempt under the volume's lock (an Unmount in progress finishes, and drops this,
+    // first), released between attempts so that an Unmount can come in.
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match cut_off(&name, &log, &locks).await {
+            Some(true) => return,
+            // Not mounted (any more): nothing to cut off.
+            None => return,
+            Some(false) => {}
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// One attempt to cut volume `name` off from its container: `Some(true)` once done, `None`
+/// when it is not mounted, `Some(false)` to try again (the mapping's table could not be
+/// swapped: its I/O waits on a server that does not answer; ext4 is left alone meanwhile,
+/// since shutting it down writes the journal's superblock through the old table).
+async fn cut_off(name: &str, log: &Logger, locks: &super::VolumeLocks) -> Option<bool> {
+    let _g = locks.lock(&name.to_string()).await;
+    let mount_point = cnfs_protocols::spec::mount_point(name);
     let entries = mountinfo::read().unwrap_or_default();
     if mountinfo::find(&entries, &mount_point).is_none_or(|e| e.fs_type != "ext4") {
-        return;
+        return None;
     }
-    let (Ok(mp), Ok(dm)) = (cstring(&mount_point), CString::new(dm_name(&name))) else {
-        return;
+    let (Ok(mp), Ok(dm)) = (cstring(&mount_point), CString::new(dm_name(name))) else {
+        return None;
     };
     // First the mapping: its table becomes one `error` target, so that nothing more reaches
     // the container, not even what ext4 still writes as it shuts down (the journal's
@@ -1227,24 +1264,26 @@ async fn watch_holder(name: String, log: Logger, locks: super::VolumeLocks) {
     // once rather than errors from below.
     let sysfs = Sysfs::default();
     let sectors = sysfs
-        .dm_by_name(&dm_name(&name))
-        .and_then(|k| sysfs.sectors(&k));
-    let table = match sectors {
-        Some(sectors) => {
-            killable::run(Duration::from_secs(10), || {
-                blockdev::fail_all_io(&dm, sectors).map(|()| [0; 6])
-            })
-            .await
-        }
-        None => Outcome::Failed(Errno::ENODEV),
-    };
+        .dm_by_name(&dm_name(name))
+        .and_then(|k| sysfs.sectors(&k))?;
+    let table = killable::run(Duration::from_secs(10), || {
+        blockdev::fail_all_io(&dm, sectors).map(|()| [0; 6])
+    })
+    .await;
+    if table != Outcome::Done([0; 6]) {
+        error!(log, "single-writer lock lost, and the volume could not be cut off from its \
+            container yet (its I/O waits on the server): trying again"; "volume" => name,
+            "mapping" => format!("{table:?}"));
+        return Some(false);
+    }
     let fs = killable::run(Duration::from_secs(5), || {
         blockdev::shut_down(&mp).map(|()| [0; 6])
     })
     .await;
     error!(log, "single-writer lock lost: the volume is cut off from its container (every \
-        access fails with EIO until it is unmounted)"; "volume" => name.as_str(),
-        "mapping" => format!("{table:?}"), "file_system" => format!("{fs:?}"));
+        access fails with EIO until it is unmounted)"; "volume" => name,
+        "file_system" => format!("{fs:?}"));
+    Some(true)
 }
 
 /// Grows the volume's mounted ext4 to fill its grown container, online (ext4's resize
@@ -2009,17 +2048,29 @@ mod tests {
         use std::os::unix::process::CommandExt;
         let name = format!("spoof{}", std::process::id());
         let container = luks2_container(&name);
-        // A shell with a holder's argv: argv0 and the container's path, as a container's
-        // process could give itself.
+        // A shell with a holder's name and argv (argv0 and the container's path), as a
+        // container's process could give itself.
+        let script = format!(
+            "printf {} > /proc/self/comm; sleep 30; true",
+            crate::tools::holder::HOLDER_COMM.to_str().expect("ascii")
+        );
         let mut fake = std::process::Command::new("sh")
             .arg0(LOCK_HOLDER_ARGV0)
-            .args(["-c", "sleep 30; true", &container])
+            .args(["-c", &script, &container])
             .spawn()
             .expect("sh");
         let pid = i32::try_from(fake.id()).expect("pid");
         let until = Instant::now() + Duration::from_secs(5);
-        while !pids_with_arg(Some(LOCK_HOLDER_ARGV0), &container).contains(&pid) {
-            assert!(Instant::now() < until, "the fake's argv never showed");
+        let looks = || {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            comm.trim_end() == crate::tools::holder::HOLDER_COMM.to_str().expect("ascii")
+                && pids_with_arg(Some(LOCK_HOLDER_ARGV0), &container).contains(&pid)
+        };
+        while !looks() {
+            assert!(
+                Instant::now() < until,
+                "the fake's name and argv never showed"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(

@@ -18,6 +18,9 @@ use nix::errno::Errno;
 
 use super::command::{BACKING_ROOT, LOCK_HOLDER_ARGV0, LUKS2_CONTAINER};
 
+/// The holder's process name (`/proc/<pid>/comm`: the kernel keeps 15 bytes).
+pub const HOLDER_COMM: &std::ffi::CStr = c"cnfs-lock-holde";
+
 /// The byte the lock covers: the same as on NFS and CephFS, far past any data, so that it
 /// never meets the loop's I/O (which goes through another open file of the same client).
 pub const LOCK_BYTE: i64 = 1 << 62;
@@ -71,6 +74,11 @@ impl Report {
 
 /// The holder's main. Returns only on failure (its exit code).
 pub fn run(argv: &[String]) -> i32 {
+    // Named for what it is (exec'd as /proc/self/exe, the kernel named it "exe"): the agent
+    // finds holders by this name first, which the kernel answers without the process's
+    // memory map (`luks2::holder_pids`).
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, HOLDER_COMM.as_ptr()) };
     let (Some(path), Some(mode), Some(report)) = (argv.get(1), argv.get(2), argv.get(3)) else {
         return 2;
     };
@@ -198,7 +206,7 @@ impl Keeper {
         answered: bool,
         now: Option<u64>,
         unlock: impl FnOnce() -> Result<(), Errno>,
-        lock: impl FnOnce() -> Result<(), Errno>,
+        lock: impl Fn() -> Result<(), Errno>,
     ) -> Option<i32> {
         if !answered {
             // The server does not answer (yet): the handle is reopened at a later probe.
@@ -213,7 +221,13 @@ impl Keeper {
             }
             self.released = true;
         }
-        match lock() {
+        // A conflict is asked twice: cifs also answers EAGAIN for a request cut off by
+        // another reconnect.
+        let taken = match lock() {
+            Err(Errno::EAGAIN | Errno::EACCES) => lock(),
+            other => other,
+        };
+        match taken {
             Ok(()) => {
                 *self = Keeper {
                     reconnects: now,
@@ -338,7 +352,21 @@ mod tests {
         assert_eq!(k.round(true, Some(2), held, held), None);
         assert_eq!(k.reconnects, Some(2));
         assert_eq!(k.round(true, Some(2), untouched, untouched), None);
-        // Another client took it in between: lost at once.
+        // One EAGAIN (a request cut off by another reconnect), then taken: kept.
+        let mut k = Keeper::default();
+        let tries = std::cell::Cell::new(0);
+        let once = || {
+            tries.set(tries.get() + 1);
+            if tries.get() == 1 {
+                Err(Errno::EAGAIN)
+            } else {
+                Ok(())
+            }
+        };
+        assert_eq!(k.round(true, Some(3), held, once), None);
+        assert_eq!(tries.get(), 2);
+        // Another client took it in between (asked twice): lost.
+        let mut k = Keeper::default();
         assert_eq!(
             k.round(true, Some(3), held, || Err(Errno::EAGAIN)),
             Some(LOST)
