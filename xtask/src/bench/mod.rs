@@ -199,7 +199,12 @@ async fn control() -> anyhow::Result<()> {
     println!("  (exec helper overhead      {})", summary(exec_overhead));
 
     // 3. The agent's footprint.
-    let status = g.ok("cat /proc/$(pidof cnfs-agent)/status").await?;
+    let status = g
+        .ok(&format!(
+            "{}; cat /proc/$a/status",
+            cnfs_testbed::guest::AGENT_PID_SH
+        ))
+        .await?;
     let rss = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -334,7 +339,12 @@ async fn control() -> anyhow::Result<()> {
     println!("busybox mount -t ceph        {}", summary(via_busybox));
     drop(ceph);
 
-    let rss = g.ok("grep VmRSS /proc/$(pidof cnfs-agent)/status").await?;
+    let rss = g
+        .ok(&format!(
+            "{}; grep VmRSS /proc/$a/status",
+            cnfs_testbed::guest::AGENT_PID_SH
+        ))
+        .await?;
     println!(
         "agent with {volumes} volumes: {}",
         rss.trim().replace('\t', " ")
