@@ -186,9 +186,9 @@ const FAILED_CHECKS: u32 = 3;
 /// So every [`WATCH_EVERY`] the holder reads its handle (the read reopens and relocks it).
 /// cifs does not report a failed relock: after a reconnect the holder checks the lock by
 /// letting it go and taking it again (the server refuses an unlock of a lock it does not
-/// have). Another client holding the lock (EAGAIN/EACCES) is a lost lock at once; any other
-/// failure only after [`FAILED_CHECKS`] in a row (an outage that begins between the read and
-/// the check is not a lost lock).
+/// have). Another client holding the lock (EAGAIN/EACCES, twice in a row) is a lost lock;
+/// any other failure only after [`FAILED_CHECKS`] in a row (an outage that begins between
+/// the read and the check is not a lost lock).
 #[derive(Debug, Default)]
 struct Keeper {
     /// cifs's reconnect count at the last check that held.
