@@ -199,21 +199,29 @@ struct Keeper {
 }
 
 impl Keeper {
-    /// One round after a probe: `answered` says whether the probe's read came back, `now`
-    /// is cifs's reconnect count. `Some(LOST)` to end the holder.
+    /// One round after a probe: `read` is how the probe's read came back, `now` is cifs's
+    /// reconnect count. `Some(LOST)` to end the holder.
     fn round(
         &mut self,
-        answered: bool,
+        read: Result<(), Errno>,
         now: Option<u64>,
         unlock: impl FnOnce() -> Result<(), Errno>,
         lock: impl Fn() -> Result<(), Errno>,
     ) -> Option<i32> {
-        if !answered {
+        match read {
+            Ok(()) => {}
+            // The server answered that the file is gone or no longer ours (its handle could
+            // not be reopened): no lock on it is held.
+            Err(Errno::ENOENT | Errno::ESTALE | Errno::EACCES | Errno::EPERM | Errno::EBADF) => {
+                return self.failed();
+            }
             // The server does not answer (yet): the handle is reopened at a later probe.
-            return None;
+            Err(_) => return None,
         }
         if !self.released {
             if now == self.reconnects {
+                // Read through a handle that holds: failures so far were passing ones.
+                self.failures = 0;
                 return None;
             }
             if unlock().is_err() {
@@ -253,7 +261,7 @@ fn keep_lock(
     lock: &libc::flock,
     direct: bool,
 ) -> Option<i32> {
-    let answered = probe(fd, direct);
+    let read = probe(fd, direct);
     let set = |l: &libc::flock| {
         // SAFETY: F_SETLK reads one `struct flock` from a value on the stack.
         if unsafe { libc::fcntl(fd, libc::F_SETLK, l as *const libc::flock) } < 0 {
@@ -266,12 +274,12 @@ fn keep_lock(
         l_type: libc::F_UNLCK as libc::c_short,
         ..*lock
     };
-    keeper.round(answered, cifs_reconnects(), || set(&unlock), || set(lock))
+    keeper.round(read, cifs_reconnects(), || set(&unlock), || set(lock))
 }
 
-/// One read of the container's first block through the holder's own handle. Whether it
-/// reached the server and came back.
-fn probe(fd: libc::c_int, direct: bool) -> bool {
+/// One read of the container's first block through the holder's own handle: how it came
+/// back.
+fn probe(fd: libc::c_int, direct: bool) -> Result<(), Errno> {
     /// O_DIRECT wants a buffer aligned to the logical block size.
     #[repr(C, align(4096))]
     struct Block([u8; 4096]);
@@ -283,7 +291,7 @@ fn probe(fd: libc::c_int, direct: bool) -> bool {
     }
     // SAFETY: `fd` stays open for the process's life.
     let file = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    nix::sys::uio::pread(file, &mut block.0, 0).is_ok()
+    nix::sys::uio::pread(file, &mut block.0, 0).map(|_| ())
 }
 
 /// Turns on O_DIRECT for reads of this open file (the loop's own open of the same file may
@@ -345,13 +353,16 @@ mod tests {
         };
         // No reconnect: nothing is checked.
         let untouched = || -> Result<(), Errno> { panic!("checked without a reconnect") };
-        assert_eq!(k.round(true, Some(1), untouched, untouched), None);
+        assert_eq!(k.round(Ok(()), Some(1), untouched, untouched), None);
         // A probe the server did not answer checks nothing, whatever the count says.
-        assert_eq!(k.round(false, Some(2), untouched, untouched), None);
+        assert_eq!(
+            k.round(Err(Errno::EHOSTDOWN), Some(2), untouched, untouched),
+            None
+        );
         // A reconnect: let go and taken again; the new count is the one checked against.
-        assert_eq!(k.round(true, Some(2), held, held), None);
+        assert_eq!(k.round(Ok(()), Some(2), held, held), None);
         assert_eq!(k.reconnects, Some(2));
-        assert_eq!(k.round(true, Some(2), untouched, untouched), None);
+        assert_eq!(k.round(Ok(()), Some(2), untouched, untouched), None);
         // One EAGAIN (a request cut off by another reconnect), then taken: kept.
         let mut k = Keeper::default();
         let tries = std::cell::Cell::new(0);
@@ -363,37 +374,58 @@ mod tests {
                 Ok(())
             }
         };
-        assert_eq!(k.round(true, Some(3), held, once), None);
+        assert_eq!(k.round(Ok(()), Some(3), held, once), None);
         assert_eq!(tries.get(), 2);
         // Another client took it in between (asked twice): lost.
         let mut k = Keeper::default();
         assert_eq!(
-            k.round(true, Some(3), held, || Err(Errno::EAGAIN)),
+            k.round(Ok(()), Some(3), held, || Err(Errno::EAGAIN)),
             Some(LOST)
         );
         let mut k = Keeper::default();
         assert_eq!(
-            k.round(true, Some(3), held, || Err(Errno::EACCES)),
+            k.round(Ok(()), Some(3), held, || Err(Errno::EACCES)),
             Some(LOST)
         );
         // An outage between the read and the check: failures in a row, then lost.
         let mut k = Keeper::default();
         let down = || Err(Errno::EHOSTDOWN);
-        assert_eq!(k.round(true, Some(4), down, untouched), None);
-        assert_eq!(k.round(true, Some(4), down, untouched), None);
-        assert_eq!(k.round(true, Some(4), held, held), None, "recovered");
+        assert_eq!(k.round(Ok(()), Some(4), down, untouched), None);
+        assert_eq!(k.round(Ok(()), Some(4), down, untouched), None);
+        assert_eq!(k.round(Ok(()), Some(4), held, held), None, "recovered");
         assert_eq!(k.failures, 0);
         let mut k = Keeper::default();
         for _ in 1..FAILED_CHECKS {
-            assert_eq!(k.round(true, Some(5), down, untouched), None);
+            assert_eq!(k.round(Ok(()), Some(5), down, untouched), None);
         }
-        assert_eq!(k.round(true, Some(5), down, untouched), Some(LOST));
+        assert_eq!(k.round(Ok(()), Some(5), down, untouched), Some(LOST));
+        // The server says the file is gone (its handle cannot be reopened): three in a
+        // row, lost; an answer in between starts the count again.
+        let mut k = Keeper::default();
+        let gone = || Err(Errno::ESTALE);
+        assert_eq!(k.round(gone(), Some(7), untouched, untouched), None);
+        assert_eq!(k.round(gone(), Some(7), untouched, untouched), None);
+        assert_eq!(k.round(Ok(()), Some(7), held, held), None, "checked, held");
+        assert_eq!(k.round(gone(), Some(7), untouched, untouched), None);
+        assert_eq!(k.round(gone(), Some(7), untouched, untouched), None);
+        assert_eq!(k.round(gone(), Some(7), untouched, untouched), Some(LOST));
+        // A plain read through a handle that holds (no reconnect) clears passing failures.
+        let mut k = Keeper {
+            reconnects: Some(8),
+            ..Keeper::default()
+        };
+        assert_eq!(k.round(gone(), Some(8), untouched, untouched), None);
+        assert_eq!(k.round(gone(), Some(8), untouched, untouched), None);
+        assert_eq!(k.round(Ok(()), Some(8), untouched, untouched), None);
+        assert_eq!(k.round(gone(), Some(8), untouched, untouched), None);
+        assert_eq!(k.round(gone(), Some(8), untouched, untouched), None);
+        assert_eq!(k.failures, 2);
         // Let go, but not taken again (not by another client): taken again at the next
         // probe, without letting go a second time, even with no new reconnect.
         let mut k = Keeper::default();
-        assert_eq!(k.round(true, Some(6), held, down), None);
+        assert_eq!(k.round(Ok(()), Some(6), held, down), None);
         assert!(k.released);
-        assert_eq!(k.round(true, Some(6), untouched, held), None);
+        assert_eq!(k.round(Ok(()), Some(6), untouched, held), None);
         assert!(!k.released);
         assert_eq!(k.reconnects, Some(6));
     }
