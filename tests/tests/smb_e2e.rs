@@ -688,7 +688,8 @@ async fn a_crashed_smb_luks2_holder_frees_the_volume_once_samba_drops_its_connec
         .share(Share::new("data"))
         .global(
             "socket options",
-            "TCP_NODELAY SO_KEEPALIVE TCP_KEEPIDLE=10 TCP_KEEPINTVL=5 TCP_KEEPCNT=3",
+            "TCP_NODELAY SO_KEEPALIVE TCP_KEEPIDLE=10 TCP_KEEPINTVL=5 TCP_KEEPCNT=3 \
+             TCP_USER_TIMEOUT=30000",
         );
     let mut smb = Samba::start(&ns, dir.path(), &setup)?;
     let ip = smb.server_ip.clone();
