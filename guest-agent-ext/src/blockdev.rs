@@ -232,7 +232,8 @@ const DM_NAME_LEN: usize = 128;
 /// `_IOWR(0xfd, 6, struct dm_ioctl)` and `_IOWR(0xfd, 9, struct dm_ioctl)`.
 const DM_DEV_SUSPEND: libc::c_ulong = 0xc138_fd06;
 const DM_TABLE_LOAD: libc::c_ulong = 0xc138_fd09;
-/// Suspend without waiting for I/O queued in the device: it meets the new table.
+/// I/O the target pushes back is kept for the new table rather than failed (the suspend
+/// still waits for I/O in flight: dm-crypt's, stuck on a dead server, keeps it waiting).
 const DM_NOFLUSH_FLAG: u32 = 1 << 11;
 /// Do not freeze the file system on top (that would write to the device).
 const DM_SKIP_LOCKFS_FLAG: u32 = 1 << 10;

@@ -299,6 +299,8 @@ impl Volumes {
         // background (a dead server must not delay start-up), each under its volume's lock.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             for name in crate::fs::luks2::Luks2::leftovers(&names) {
+                // One a detached volume left is still written to: its lock is watched.
+                self.registry.luks2().watch_detached(&name);
                 let locks = self.locks.clone();
                 let down = self.registry.luks2().teardown_unless_mounted(&name);
                 rt.spawn(async move {
@@ -589,6 +591,24 @@ impl Volumes {
         }
         let mut attempts = Vec::new();
         let mut method = "none";
+        // An SMB volume whose lock is gone is cut off before anything is unmounted; one that
+        // cannot be (yet) gets no plain unmount, which would flush into the container.
+        let mut fenced = true;
+        if present {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self
+                .registry
+                .luks2()
+                .fence_if_lock_lost(name, left * 40 / 100)
+                .await
+            {
+                Ok(note) => attempts.extend(note),
+                Err(why) => {
+                    attempts.push(why);
+                    fenced = false;
+                }
+            }
+        }
         if present {
             let target = CString::new(mount_point.as_os_str().as_bytes())
                 .map_err(|_| AgentError::Internal("mount point has a NUL byte".into()))?;
@@ -599,6 +619,9 @@ impl Volumes {
                 ("detach", MntFlags::MNT_DETACH, 100),
             ];
             for (step, flag, share) in steps {
+                if step == "umount" && !fenced {
+                    continue;
+                }
                 if step == "force" {
                     // An encrypted volume's I/O goes to its backing share: if a dead server
                     // holds it up (a writer stuck there keeps ext4 busy, or the unmount's
@@ -646,6 +669,10 @@ impl Volumes {
         // the kernel's state, so this also clears what a killed agent left).
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         attempts.extend(self.registry.luks2().teardown(name, left).await);
+        if method == "detach" {
+            // Its containers still write through the stack: its lock is still watched.
+            self.registry.luks2().watch_detached(name);
+        }
         self.registry.luks2().forget_key(name);
         let _ = std::fs::remove_file(self.state_file(name));
         self.write_known().remove(name);

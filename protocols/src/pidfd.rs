@@ -21,6 +21,27 @@ pub fn open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Sends `signal` to the process `pidfd` pins: never to another process that took its pid
+/// after it ended (that is ESRCH).
+pub fn send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal takes a descriptor this process owns, a signal number, a null
+    // siginfo (the kernel fills one in as kill(2) would) and flags 0.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A pidfd registered with the runtime: it turns readable when its process exits.
 pub fn readable_when_exited(pidfd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped, so the

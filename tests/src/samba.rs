@@ -396,6 +396,34 @@ impl Samba {
         serde_json::from_str(&out.stdout).context("smbstatus --json output")
     }
 
+    /// The byte-range locks the server holds, as (start, size) of every lock listed,
+    /// whatever file or client: from `smbstatus -B`'s text, whose offsets are 64-bit
+    /// (Samba 4.17's JSON cuts them to an `int`: a lock at 2^62 shows as 0 there).
+    pub fn byte_range_locks(&self) -> anyhow::Result<Vec<(u64, u64)>> {
+        let mut cmd = self.in_server_view();
+        cmd.args(timeout_prefix())
+            .arg("smbstatus")
+            .arg("-s")
+            .arg(&self.conf)
+            .arg("-B");
+        let out = run_bounded(cmd, None)?;
+        anyhow::ensure!(out.success, "smbstatus -B failed: {}", out.text().trim());
+        // `<pid> <dev:inode> R|W <start> <size> <share path> <name>` under a header.
+        Ok(out
+            .stdout
+            .lines()
+            .filter_map(|line| {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                match w.as_slice() {
+                    [_, _, "R" | "W", start, size, ..] => {
+                        Some((start.parse().ok()?, size.parse().ok()?))
+                    }
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
     /// The server's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

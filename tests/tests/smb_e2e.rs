@@ -588,21 +588,52 @@ async fn an_smb_luks2_volume_keeps_one_writer_across_agent_restarts() -> anyhow:
         .await
         .expect_err("a second opener while the detached volume's loop lives");
     assert_eq!(code_of(&e), Code::FAILED_PRECONDITION, "{e:?}");
+    // The detached volume still serves its user (through the process's own directory)...
+    let through = "cd /proc/$(pidof sleep)/cwd && (echo late > late && sync late) 2>&1; echo rc=$?";
+    let served = g.ok(through).await?;
+    assert!(
+        served.contains("rc=0"),
+        "the detached volume stopped serving: {served}"
+    );
+    // ... and its lock is still watched: someone kills the holder, and the volume is cut
+    // off from its container (before, nothing watched a detached volume: it kept writing
+    // into a container a second guest could open).
+    g.ok(&format!("kill -9 {}", holder.trim())).await?;
+    let mut cut = String::new();
+    for _ in 0..40 {
+        cut = g.ok(through).await?;
+        if !cut.contains("rc=0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        cut.contains("Input/output error"),
+        "a detached volume whose lock went still writes: {cut}"
+    );
+    let container = share.join("lk").join("cnfs-volume.luks2");
+    let cut_off = md5_hex(&std::fs::read(&container)?);
     g.ok("kill $(pidof sleep)").await?;
     let until = Instant::now() + Duration::from_secs(60);
-    while !g.ok(holders).await?.trim().is_empty() {
+    while g.ok("ls /sys/block | grep -c '^dm-' || true").await?.trim() != "0" {
         assert!(
             Instant::now() < until,
-            "the holder outlived its loop by a minute"
+            "the detached stack outlived its last user by a minute"
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    // The other name then opens the same container.
+    assert_eq!(
+        md5_hex(&std::fs::read(&container)?),
+        cut_off,
+        "the detached volume's last unmount wrote into its container after the cut"
+    );
+    assert_eq!(g.ok(holders).await?.trim(), "");
+    // The other name then opens the same container, with what was synced before the cut.
     agent.mount(ctx(T), &lk("lk2")).await?;
     assert_eq!(
-        g.ok("cd /run/cnfs/volumes/lk2 && md5sum c.txt blob")
+        g.ok("cd /run/cnfs/volumes/lk2 && md5sum c.txt blob && cat late")
             .await?,
-        sums
+        format!("{sums}late\n")
     );
     // Someone kills the holder: Stats says the lock is gone (a second client could open the
     // container now), and Unmount still takes everything down.
@@ -951,6 +982,16 @@ async fn an_smb_luks2_volume_keeps_its_lock_when_the_connection_is_lost_and_rema
         .await
         .expect_err("a second guest opened an idle volume after the first reconnected");
     assert!(in_use(&e), "{e:?}");
+    // The first holds two locks on the server (the second guest's open broke any lease
+    // under which cifs kept them to itself): the byte at 2^62 and the witness after it,
+    // each its own, so that a check lets go of one while the other keeps others out.
+    let locks = smb.byte_range_locks()?;
+    for byte in [1u64 << 62, (1u64 << 62) + 1] {
+        assert!(
+            locks.contains(&(byte, 1)),
+            "no lock on byte {byte} at the server: {locks:?}"
+        );
+    }
     let s = stats(&a, "v").await?;
     assert_eq!(s.health, agent::Health::HEALTHY.into(), "{s:?}");
 

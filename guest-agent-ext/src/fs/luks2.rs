@@ -477,6 +477,47 @@ impl Luks2 {
         give_up_if_dead(name, &self.log).await
     }
 
+    /// Before an SMB volume whose lock is gone is unmounted (its holder ended while the
+    /// watch had not cut it off yet): cut off first, or the unmount writes the journal and
+    /// superblock into a container another guest may have opened. The caller holds the
+    /// volume's lock. What it did, for the answer's notes; `Err` when the mapping could not
+    /// be cut off within `budget` (its I/O waits on a server that does not answer).
+    pub async fn fence_if_lock_lost(
+        &self,
+        name: &str,
+        budget: Duration,
+    ) -> Result<Option<String>, String> {
+        let entries = mountinfo::read().unwrap_or_default();
+        if lock_lost(name, &entries).await.is_none() {
+            return Ok(None);
+        }
+        let until = Instant::now() + budget;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match fence(name, &self.log, None, left.min(FENCE_ATTEMPT)).await {
+                Fence::Done => {
+                    return Ok(Some(
+                        "lock lost: cut off from its container before the unmount".into(),
+                    ))
+                }
+                Fence::NotThere => return Ok(None),
+                Fence::NotYet if left > Duration::from_secs(1) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Fence::NotYet => {
+                    return Err("lock lost, and the volume could not be cut off from its \
+                        container in time (its I/O waits on the server)"
+                        .into())
+                }
+            }
+        }
+    }
+
+    /// See [`watch_detached`].
+    pub fn watch_detached(&self, name: &str) {
+        watch_detached(name, &self.log, &self.volumes);
+    }
+
     /// Names whose stack an earlier agent left half built or half taken down (a backing
     /// directory or a `cnfs-<name>` mapping, but no volume among `mounted`). A mapping counts
     /// too: a share detached lazily is no longer found by its path.
@@ -553,15 +594,22 @@ pub(super) struct Stack {
 
 /// Names with a task taking their leftovers down (see [`Stack::retry_later`]).
 #[derive(Clone, Default)]
-struct Retrying(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+struct Retrying(Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>);
 
 impl Retrying {
-    /// The name's claim, unless a task holds it already.
+    /// The name's claim, unless a task holds it already: that task is then asked to run its
+    /// rounds once more (it may be in its last one, past what was just left behind).
     fn claim(&self, name: &str) -> Option<RetryClaim> {
         let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        names.insert(name.to_string()).then(|| RetryClaim {
+        if let Some(again) = names.get_mut(name) {
+            *again = true;
+            return None;
+        }
+        names.insert(name.to_string(), false);
+        Some(RetryClaim {
             names: self.clone(),
             name: name.to_string(),
+            released: false,
         })
     }
 }
@@ -570,12 +618,34 @@ impl Retrying {
 struct RetryClaim {
     names: Retrying,
     name: String,
+    released: bool,
+}
+
+impl RetryClaim {
+    /// Whether the task runs its rounds again (a claim was asked for meanwhile); if not, the
+    /// name is free from here on (in one step: a claim asked for later starts a new task).
+    fn again_or_release(&mut self) -> bool {
+        let mut names = self.names.0.lock().unwrap_or_else(|p| p.into_inner());
+        match names.get_mut(&self.name) {
+            Some(again) if *again => {
+                *again = false;
+                true
+            }
+            _ => {
+                names.remove(&self.name);
+                self.released = true;
+                false
+            }
+        }
+    }
 }
 
 impl Drop for RetryClaim {
     fn drop(&mut self) {
-        let mut names = self.names.0.lock().unwrap_or_else(|p| p.into_inner());
-        names.remove(&self.name);
+        if !self.released {
+            let mut names = self.names.0.lock().unwrap_or_else(|p| p.into_inner());
+            names.remove(&self.name);
+        }
     }
 }
 
@@ -626,12 +696,14 @@ impl Stack {
     /// the volume is mounted again.
     fn retry_later(self) {
         // One task per name: a caller that repeats a failed Unmount starts no second one.
-        let Some(claim) = self.retrying.claim(&self.name) else {
+        let Some(mut claim) = self.retrying.claim(&self.name) else {
             return;
         };
         tokio::spawn(async move {
             self.retry_rounds().await;
-            drop(claim);
+            while claim.again_or_release() {
+                self.retry_rounds().await;
+            }
         });
     }
 
@@ -831,35 +903,51 @@ async fn end_holders(name: &str, within: Duration) -> Holders {
     let until = Instant::now() + within;
     loop {
         let c = container.clone();
+        // Scanned and killed off the runtime's threads (see `holders_of`).
         let scan = tokio::task::spawn_blocking(move || {
-            holder_pids(&c)
+            let (pids, in_use): (Vec<i32>, Vec<i32>) = holder_pids(&c)
                 .into_iter()
-                .partition::<Vec<i32>, _>(|&pid| !holder_in_use(pid))
+                .partition(|&pid| !holder_in_use(pid));
+            if !in_use.is_empty() {
+                return None;
+            }
+            for &pid in &pids {
+                kill_holder(pid, &c);
+            }
+            Some(pids.len())
         });
         let left = until.saturating_duration_since(Instant::now());
-        let (pids, in_use) =
-            match tokio::time::timeout(left.max(Duration::from_millis(100)), scan).await {
-                Ok(Ok(found)) => found,
-                _ => return Holders::Stuck,
-            };
-        if !in_use.is_empty() {
+        let found = match tokio::time::timeout(left.max(Duration::from_millis(100)), scan).await {
+            Ok(Ok(found)) => found,
+            _ => return Holders::Stuck,
+        };
+        match found {
             // Never while a loop device still writes the container (a volume busy at
             // Unmount is detached; the holder ends itself once its loop has gone).
-            return Holders::InUse;
-        }
-        if pids.is_empty() {
-            return Holders::Gone;
-        }
-        for pid in pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            None => return Holders::InUse,
+            Some(0) => return Holders::Gone,
+            Some(_) => {}
         }
         if Instant::now() >= until {
             return Holders::Stuck;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILL to holder `pid` of `container`, pinned by a pidfd and checked again once pinned:
+/// a holder that ended on its own meanwhile (it does, about a second after its loop went)
+/// leaves its pid free for another process, which is never the one killed.
+fn kill_holder(pid: i32, container: &str) {
+    let Ok(fd) = u32::try_from(pid)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+        .and_then(cnfs_protocols::pidfd::open)
+    else {
+        return;
+    };
+    let ours = std::fs::metadata("/proc/self/exe").ok();
+    if is_holder(pid, container, ours.as_ref()) {
+        let _ = cnfs_protocols::pidfd::send_signal(&fd, libc::SIGKILL);
     }
 }
 
@@ -875,34 +963,44 @@ async fn holders_of(name: &str) -> Option<Vec<i32>> {
         .ok()
 }
 
-/// The lock holders of `container`: processes named for the holder (`comm`, which the kernel
-/// answers without the process's memory map: another process stuck on a dead server does
-/// not stop the scan), with its argv (read only for those), running the agent's own binary
-/// (any process can give itself a holder's argv: a container's would otherwise stand in for
-/// a killed holder, or be killed itself).
+/// The lock holders of `container` (see [`is_holder`]).
 fn holder_pids(container: &str) -> Vec<i32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let comm = crate::tools::holder::HOLDER_COMM.to_bytes();
     let ours = std::fs::metadata("/proc/self/exe").ok();
     procs
         .flatten()
         .filter_map(|e| {
             let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
-            let named = std::fs::read(e.path().join("comm")).ok()?;
-            if named.strip_suffix(b"\n").unwrap_or(&named) != comm {
-                return None;
-            }
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let mut args = cmdline.split(|&b| b == 0);
-            let argv_matches = args.next() == Some(LOCK_HOLDER_ARGV0.as_bytes())
-                && args.any(|a| a == container.as_bytes());
-            let exe = std::fs::metadata(e.path().join("exe")).ok();
-            let same_exe = matches!((&ours, exe), (Some(a), Some(b)) if a.dev() == b.dev() && a.ino() == b.ino());
-            (argv_matches && same_exe).then_some(pid)
+            is_holder(pid, container, ours.as_ref()).then_some(pid)
         })
         .collect()
+}
+
+/// Whether process `pid` holds `container`'s lock: named for the holder (`comm`, which the
+/// kernel answers without the process's memory map: another process stuck on a dead server
+/// does not stop the scan), with its argv (read only for those), running the agent's own
+/// binary `ours` (any process can give itself a holder's argv: a container's would otherwise
+/// stand in for a killed holder, or be killed itself).
+fn is_holder(pid: i32, container: &str, ours: Option<&std::fs::Metadata>) -> bool {
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    let comm = crate::tools::holder::HOLDER_COMM.to_bytes();
+    let Ok(named) = std::fs::read(dir.join("comm")) else {
+        return false;
+    };
+    if named.strip_suffix(b"\n").unwrap_or(&named) != comm {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|&b| b == 0);
+    let argv_matches = args.next() == Some(LOCK_HOLDER_ARGV0.as_bytes())
+        && args.any(|a| a == container.as_bytes());
+    let exe = std::fs::metadata(dir.join("exe")).ok();
+    argv_matches
+        && matches!((ours, exe), (Some(a), Some(b)) if a.dev() == b.dev() && a.ino() == b.ino())
 }
 
 /// What [`end_holders`] found.
@@ -1176,7 +1274,7 @@ impl LockWatch {
         locks: super::VolumeLocks,
     ) -> Option<Box<dyn super::Attachment>> {
         let rt = tokio::runtime::Handle::try_current().ok()?;
-        let task = rt.spawn(watch_holder(name, log, locks));
+        let task = rt.spawn(watch_holder(name, log, locks, None));
         Some(Box::new(LockWatch { task }))
     }
 }
@@ -1201,72 +1299,124 @@ impl super::Attachment for LockWatch {
     }
 }
 
-async fn watch_holder(name: String, log: Logger, locks: super::VolumeLocks) {
+/// Cuts volume `name` off once its lock holder ends: a mounted volume's (`detached` None),
+/// or, with `detached` the kernel name of its mapping, one that a detached volume left.
+async fn watch_holder(
+    name: String,
+    log: Logger,
+    locks: super::VolumeLocks,
+    detached: Option<String>,
+) {
+    match holder_ended(&name, &log).await {
+        Holder::Ended => {}
+        // A mounted SMB volume without a holder has no lock either.
+        Holder::None if detached.is_none() => {}
+        Holder::None | Holder::Unwatched => return,
+    }
+    // Each attempt under the volume's lock (an Unmount in progress finishes, and drops this,
+    // first), released between attempts so that an Unmount can come in; the pause is short,
+    // since between attempts new writes reach the old table.
+    loop {
+        {
+            let _g = locks.lock(&name).await;
+            // A volume of the name mounted again has a watch of its own (a detached one's
+            // mapping is gone by then: a holder ends by itself once its loop has).
+            let mount_point = cnfs_protocols::spec::mount_point(&name);
+            if detached.is_some()
+                && mountinfo::find(&mountinfo::read().unwrap_or_default(), &mount_point).is_some()
+            {
+                return;
+            }
+            if fence(&name, &log, detached.as_deref(), FENCE_ATTEMPT).await != Fence::NotYet {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How [`holder_ended`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    None,
+    Ended,
+    Unwatched,
+}
+
+/// Waits for volume `name`'s lock holder to end.
+async fn holder_ended(name: &str, log: &Logger) -> Holder {
     // A scan that does not answer (a process stuck on a dead server) is tried again.
     let mut wait = Duration::from_secs(1);
     let pids = loop {
-        if let Some(pids) = holders_of(&name).await {
+        if let Some(pids) = holders_of(name).await {
             break pids;
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(30));
     };
-    if let Some(&pid) = pids.first() {
-        let exited = u32::try_from(pid)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-            .and_then(cnfs_protocols::pidfd::open);
-        match exited.and_then(cnfs_protocols::pidfd::readable_when_exited) {
-            // The pid is still a holder of this volume's once the pidfd pins it (no reuse).
-            Ok(fd) if holders_of(&name).await.is_none_or(|p| p.contains(&pid)) => {
+    let Some(&pid) = pids.first() else {
+        return Holder::None;
+    };
+    let exited = u32::try_from(pid)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+        .and_then(cnfs_protocols::pidfd::open);
+    match exited.and_then(cnfs_protocols::pidfd::readable_when_exited) {
+        Ok(fd) => {
+            // The pid is still a holder of this volume's once the pidfd pins it (no reuse);
+            // a scan that does not answer is asked again.
+            let still = loop {
+                if let Some(p) = holders_of(name).await {
+                    break p.contains(&pid);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            if still {
                 let _ = fd.readable().await;
             }
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-            Err(e) => {
-                warn!(log, "lock holder not watched"; "volume" => name.as_str(),
-                    "error" => %e);
-                return;
-            }
+            Holder::Ended
         }
-    }
-    // Each attempt under the volume's lock (an Unmount in progress finishes, and drops this,
-    // first), released between attempts so that an Unmount can come in.
-    let mut wait = Duration::from_secs(1);
-    loop {
-        match cut_off(&name, &log, &locks).await {
-            Some(true) => return,
-            // Not mounted (any more): nothing to cut off.
-            None => return,
-            Some(false) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Holder::Ended,
+        Err(e) => {
+            error!(log, "lock holder not watched: a lost lock will not be fenced";
+                "volume" => name, "error" => %e);
+            Holder::Unwatched
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(30));
     }
 }
 
-/// One attempt to cut volume `name` off from its container: `Some(true)` once done, `None`
-/// when it is not mounted, `Some(false)` to try again (the mapping's table could not be
-/// swapped: its I/O waits on a server that does not answer; ext4 is left alone meanwhile,
-/// since shutting it down writes the journal's superblock through the old table).
-async fn cut_off(name: &str, log: &Logger, locks: &super::VolumeLocks) -> Option<bool> {
-    let _g = locks.lock(&name.to_string()).await;
-    let mount_point = cnfs_protocols::spec::mount_point(name);
-    let entries = mountinfo::read().unwrap_or_default();
-    if mountinfo::find(&entries, &mount_point).is_none_or(|e| e.fs_type != "ext4") {
-        return None;
-    }
-    let (Ok(mp), Ok(dm)) = (cstring(&mount_point), CString::new(dm_name(name))) else {
-        return None;
-    };
-    // First the mapping: its table becomes one `error` target, so that nothing more reaches
-    // the container, not even what ext4 still writes as it shuts down (the journal's
-    // superblock) or unmounts (its own superblock). Then ext4, so that its users get EIO at
-    // once rather than errors from below.
+/// How long one attempt to swap a mapping's table may wait for its I/O in flight.
+const FENCE_ATTEMPT: Duration = Duration::from_secs(10);
+
+/// What one attempt of [`fence`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fence {
+    Done,
+    /// No such mapping (any more), or not the one watched: nothing to cut off.
+    NotThere,
+    /// The table could not be swapped within the attempt: try again.
+    NotYet,
+}
+
+/// Cuts volume `name` off from its container; the caller holds the volume's lock. Found by
+/// its mapping's name (`only`: and by its kernel name, for a mapping a detached volume left),
+/// so that a volume whose mount is already detached is cut off too. First the mapping: its
+/// table becomes one `error` target, so that nothing more reaches the container, not even
+/// what ext4 still writes as it shuts down (the journal's superblock) or unmounts (its own
+/// superblock). Then ext4, if mounted, so that its users get EIO at once rather than errors
+/// from below. While the table cannot be swapped (its I/O waits on a server that does not
+/// answer), ext4 is left alone: shutting it down would write through the old table.
+async fn fence(name: &str, log: &Logger, only: Option<&str>, attempt: Duration) -> Fence {
     let sysfs = Sysfs::default();
-    let sectors = sysfs
-        .dm_by_name(&dm_name(name))
-        .and_then(|k| sysfs.sectors(&k))?;
-    let table = killable::run(Duration::from_secs(10), || {
+    let Some(kname) = sysfs.dm_by_name(&dm_name(name)) else {
+        return Fence::NotThere;
+    };
+    if only.is_some_and(|k| k != kname) {
+        return Fence::NotThere;
+    }
+    let (Some(sectors), Ok(dm)) = (sysfs.sectors(&kname), CString::new(dm_name(name))) else {
+        return Fence::NotYet;
+    };
+    let table = killable::run(attempt, || {
         blockdev::fail_all_io(&dm, sectors).map(|()| [0; 6])
     })
     .await;
@@ -1274,16 +1424,42 @@ async fn cut_off(name: &str, log: &Logger, locks: &super::VolumeLocks) -> Option
         error!(log, "single-writer lock lost, and the volume could not be cut off from its \
             container yet (its I/O waits on the server): trying again"; "volume" => name,
             "mapping" => format!("{table:?}"));
-        return Some(false);
+        return Fence::NotYet;
     }
-    let fs = killable::run(Duration::from_secs(5), || {
-        blockdev::shut_down(&mp).map(|()| [0; 6])
-    })
-    .await;
+    let mount_point = cnfs_protocols::spec::mount_point(name);
+    let entries = mountinfo::read().unwrap_or_default();
+    let ext4 = mountinfo::find(&entries, &mount_point).is_some_and(|e| e.fs_type == "ext4");
+    let fs = match cstring(&mount_point) {
+        Ok(mp) if ext4 => {
+            let r = killable::run(Duration::from_secs(5), || {
+                blockdev::shut_down(&mp).map(|()| [0; 6])
+            })
+            .await;
+            format!("{r:?}")
+        }
+        _ => "not mounted here".to_string(),
+    };
     error!(log, "single-writer lock lost: the volume is cut off from its container (every \
         access fails with EIO until it is unmounted)"; "volume" => name,
-        "file_system" => format!("{fs:?}"));
-    Some(true)
+        "file_system" => fs);
+    Fence::Done
+}
+
+/// A volume detached at Unmount while containers still held it keeps its stack (and its
+/// lock) until the last of them lets go; its lock holder is watched like a mounted volume's
+/// until then (not at all when it has none: not on SMB).
+pub(super) fn watch_detached(name: &str, log: &Logger, locks: &super::VolumeLocks) {
+    let Some(kname) = Sysfs::default().dm_by_name(&dm_name(name)) else {
+        return;
+    };
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(watch_holder(
+            name.to_string(),
+            log.clone(),
+            locks.clone(),
+            Some(kname),
+        ));
+    }
 }
 
 /// Grows the volume's mounted ext4 to fill its grown container, online (ext4's resize
@@ -2037,9 +2213,14 @@ mod tests {
         let r = Retrying::default();
         let first = r.claim("v").expect("first claim");
         assert!(r.claim("v").is_none(), "a second task for the same name");
-        let other = r.claim("w").expect("another name is its own");
+        let mut other = r.claim("w").expect("another name is its own");
         drop(first);
         assert!(r.claim("v").is_some(), "free again once the task ended");
+        // A claim asked for while the task runs: its rounds run once more, then it ends.
+        assert!(r.claim("w").is_none());
+        assert!(other.again_or_release(), "asked again while running");
+        assert!(!other.again_or_release(), "not asked again");
+        assert!(r.claim("w").is_some(), "free again once released");
         drop(other);
     }
 

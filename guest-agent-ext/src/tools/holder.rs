@@ -25,9 +25,20 @@ pub const HOLDER_COMM: &std::ffi::CStr = c"cnfs-lock-holde";
 /// never meets the loop's I/O (which goes through another open file of the same client).
 pub const LOCK_BYTE: i64 = 1 << 62;
 
+/// On SMB the holder also takes the next byte, the witness, in a lock of its own, after
+/// [`LOCK_BYTE`]; every holder does the same, so whoever holds the witness holds the lock.
+/// A check after a reconnect lets go of one byte at a time and takes it again: the byte kept
+/// meanwhile keeps everyone else out, so a check never hands the lock over (with one byte,
+/// a second guest's Mount in that round trip got in).
+pub const WITNESS_BYTE: i64 = LOCK_BYTE + 1;
+
 /// The single-writer lock on a container: a read lock for a read-only volume (several
 /// readers), else a write lock, on [`LOCK_BYTE`] alone.
 pub fn lock_request(read_only: bool) -> libc::flock {
+    byte_lock(read_only, LOCK_BYTE)
+}
+
+fn byte_lock(read_only: bool, byte: i64) -> libc::flock {
     libc::flock {
         l_type: if read_only {
             libc::F_RDLCK
@@ -35,7 +46,7 @@ pub fn lock_request(read_only: bool) -> libc::flock {
             libc::F_WRLCK
         } as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: LOCK_BYTE,
+        l_start: byte,
         l_len: 1,
         l_pid: 0,
     }
@@ -130,12 +141,17 @@ pub fn run(argv: &[String]) -> i32 {
         say(&format!("open {}\n", Errno::last() as i32));
         return 1;
     }
-    let lock = lock_request(read_only);
-    // A process-owned (POSIX) lock: this process never closes the file, so it lasts until
-    // the process ends. SAFETY: F_SETLK reads one `struct flock` from a value on the stack.
-    if unsafe { libc::fcntl(fd, libc::F_SETLK, &lock as *const libc::flock) } < 0 {
-        say(&format!("lock {}\n", Errno::last() as i32));
-        return 1;
+    let locks = [lock_request(read_only), byte_lock(read_only, WITNESS_BYTE)];
+    // Process-owned (POSIX) locks: this process never closes the file, so they last until
+    // the process ends; two calls, so that cifs keeps (and the server gets) two locks, each
+    // let go of on its own. A witness taken by someone else is the lock in use (exiting
+    // lets go of the first byte).
+    for lock in &locks {
+        // SAFETY: F_SETLK reads one `struct flock` from a value on the stack.
+        if unsafe { libc::fcntl(fd, libc::F_SETLK, lock as *const libc::flock) } < 0 {
+            say(&format!("lock {}\n", Errno::last() as i32));
+            return 1;
+        }
     }
     say("ok\n");
     drop(report);
@@ -157,7 +173,7 @@ pub fn run(argv: &[String]) -> i32 {
     let mut seen = false;
     loop {
         std::thread::sleep(WATCH_EVERY);
-        if let Some(code) = keep_lock(&mut keeper, fd, &lock, direct) {
+        if let Some(code) = keep_lock(&mut keeper, fd, &locks, direct) {
             return code;
         }
         // A name that cannot be read counts as in use: the lock stays.
@@ -184,29 +200,40 @@ const FAILED_CHECKS: u32 = 3;
 /// the handle is next used: on an idle volume no one did, and a second guest opened the
 /// volume (test `an_smb_luks2_volume_keeps_its_lock_when_the_connection_is_lost_and_remade`).
 /// So every [`WATCH_EVERY`] the holder reads its handle (the read reopens and relocks it).
-/// cifs does not report a failed relock: after a reconnect the holder checks the lock by
-/// letting it go and taking it again (the server refuses an unlock of a lock it does not
-/// have). Another client holding the lock (EAGAIN/EACCES, twice in a row) is a lost lock;
-/// any other failure only after [`FAILED_CHECKS`] in a row (an outage that begins between
-/// the read and the check is not a lost lock).
+/// cifs does not report a failed relock: after a reconnect (of any share of the guest: cifs
+/// counts them together) the holder checks its two bytes, the witness first, each by letting
+/// it go and taking it again, never both at once. The witness held by another client
+/// (EAGAIN/EACCES, twice in a row) is a lost lock: every holder takes it last. Anything else
+/// fails the check, and [`FAILED_CHECKS`] in a row count as lost (an outage that begins
+/// between the read and the check is not a lost lock; the first byte held for a moment by a
+/// second guest's Mount, which the witness turns away, is not one either).
 #[derive(Debug, Default)]
 struct Keeper {
     /// cifs's reconnect count at the last check that held.
     reconnects: Option<u64>,
-    /// Let go by a check whose taking again failed: taken again at the next probe.
+    /// A check under way: the bytes (0 the witness, 1 the first) checked so far.
+    checking: Option<usize>,
+    /// The byte under check was let go, and taking it again failed: taken again at the next
+    /// probe, without letting go again.
     released: bool,
     failures: u32,
 }
 
+/// What the check asks of one byte: 0 the witness, 1 the first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Unlock(usize),
+    Lock(usize),
+}
+
 impl Keeper {
     /// One round after a probe: `read` is how the probe's read came back, `now` is cifs's
-    /// reconnect count. `Some(LOST)` to end the holder.
+    /// reconnect count, `set` lets go of or takes one byte. `Some(LOST)` to end the holder.
     fn round(
         &mut self,
         read: Result<(), Errno>,
         now: Option<u64>,
-        unlock: impl FnOnce() -> Result<(), Errno>,
-        lock: impl Fn() -> Result<(), Errno>,
+        set: impl Fn(Step) -> Result<(), Errno>,
     ) -> Option<i32> {
         match read {
             Ok(()) => {}
@@ -218,34 +245,43 @@ impl Keeper {
             // The server does not answer (yet): the handle is reopened at a later probe.
             Err(_) => return None,
         }
-        if !self.released {
-            if now == self.reconnects {
+        let from = match self.checking {
+            Some(step) => step,
+            None if now == self.reconnects => {
                 // Read through a handle that holds: failures so far were passing ones.
                 self.failures = 0;
                 return None;
             }
-            if unlock().is_err() {
-                return self.failed();
-            }
-            self.released = true;
-        }
-        // A conflict is asked twice: cifs also answers EAGAIN for a request cut off by
-        // another reconnect.
-        let taken = match lock() {
-            Err(Errno::EAGAIN | Errno::EACCES) => lock(),
-            other => other,
+            None => 0,
         };
-        match taken {
-            Ok(()) => {
-                *self = Keeper {
-                    reconnects: now,
-                    ..Keeper::default()
-                };
-                None
+        self.checking = Some(from);
+        for byte in from..2 {
+            if !self.released {
+                // One the server no longer has is not let go of (it says so): it is taken
+                // again below all the same, which says whether someone else has it.
+                let _ = set(Step::Unlock(byte));
+                self.released = true;
             }
-            Err(Errno::EAGAIN | Errno::EACCES) => Some(LOST),
-            Err(_) => self.failed(),
+            // A conflict is asked twice: cifs also answers EAGAIN for a request cut off by
+            // another reconnect.
+            let taken = match set(Step::Lock(byte)) {
+                Err(Errno::EAGAIN | Errno::EACCES) => set(Step::Lock(byte)),
+                other => other,
+            };
+            match taken {
+                Ok(()) => {
+                    self.released = false;
+                    self.checking = Some(byte + 1);
+                }
+                Err(Errno::EAGAIN | Errno::EACCES) if byte == 0 => return Some(LOST),
+                Err(_) => return self.failed(),
+            }
         }
+        *self = Keeper {
+            reconnects: now,
+            ..Keeper::default()
+        };
+        None
     }
 
     fn failed(&mut self) -> Option<i32> {
@@ -254,27 +290,31 @@ impl Keeper {
     }
 }
 
-/// [`Keeper::round`] on the holder's descriptor.
+/// [`Keeper::round`] on the holder's descriptor; `locks` are its two bytes, the first first.
 fn keep_lock(
     keeper: &mut Keeper,
     fd: libc::c_int,
-    lock: &libc::flock,
+    locks: &[libc::flock; 2],
     direct: bool,
 ) -> Option<i32> {
     let read = probe(fd, direct);
-    let set = |l: &libc::flock| {
+    let set = |step: Step| {
+        // The witness is locks[1].
+        let l = match step {
+            Step::Unlock(byte) => libc::flock {
+                l_type: libc::F_UNLCK as libc::c_short,
+                ..locks[1 - byte]
+            },
+            Step::Lock(byte) => locks[1 - byte],
+        };
         // SAFETY: F_SETLK reads one `struct flock` from a value on the stack.
-        if unsafe { libc::fcntl(fd, libc::F_SETLK, l as *const libc::flock) } < 0 {
+        if unsafe { libc::fcntl(fd, libc::F_SETLK, &l as *const libc::flock) } < 0 {
             Err(Errno::last())
         } else {
             Ok(())
         }
     };
-    let unlock = libc::flock {
-        l_type: libc::F_UNLCK as libc::c_short,
-        ..*lock
-    };
-    keeper.round(read, cifs_reconnects(), || set(&unlock), || set(lock))
+    keeper.round(read, cifs_reconnects(), set)
 }
 
 /// One read of the container's first block through the holder's own handle: how it came
@@ -343,91 +383,174 @@ mod tests {
         }
     }
 
+    /// The server's view of the two bytes (0 the witness, 1 the first byte), as the holder's
+    /// checks meet it.
+    #[derive(Default)]
+    struct Server {
+        ours: [bool; 2],
+        theirs: [bool; 2],
+        /// Every request fails so (the connection is down).
+        down: Option<Errno>,
+        steps: Vec<Step>,
+    }
+
+    impl Server {
+        fn holding() -> std::cell::RefCell<Server> {
+            std::cell::RefCell::new(Server {
+                ours: [true, true],
+                ..Server::default()
+            })
+        }
+    }
+
+    fn set(server: &std::cell::RefCell<Server>) -> impl Fn(Step) -> Result<(), Errno> + '_ {
+        move |step| {
+            let mut s = server.borrow_mut();
+            s.steps.push(step);
+            if let Some(e) = s.down {
+                return Err(e);
+            }
+            let r = match step {
+                Step::Unlock(b) if s.ours[b] => {
+                    s.ours[b] = false;
+                    Ok(())
+                }
+                Step::Unlock(_) => Err(Errno::ENOLCK),
+                Step::Lock(b) if s.theirs[b] => Err(Errno::EAGAIN),
+                Step::Lock(b) => {
+                    s.ours[b] = true;
+                    Ok(())
+                }
+            };
+            // Never both let go of at once.
+            if matches!(step, Step::Unlock(_)) && r.is_ok() {
+                assert!(
+                    s.ours.iter().any(|&o| o),
+                    "both bytes let go of: {:?}",
+                    s.steps
+                );
+            }
+            r
+        }
+    }
+
     #[test]
-    fn the_lock_is_checked_after_each_reconnect_and_lost_only_to_another_client_or_repeated_failures(
-    ) {
-        let held = || Ok(());
+    fn the_lock_is_checked_after_each_reconnect_one_byte_at_a_time_and_lost_only_to_another_holder()
+    {
+        use Step::{Lock, Unlock};
+        // No reconnect: nothing is asked.
+        let server = Server::holding();
         let mut k = Keeper {
             reconnects: Some(1),
             ..Keeper::default()
         };
-        // No reconnect: nothing is checked.
-        let untouched = || -> Result<(), Errno> { panic!("checked without a reconnect") };
-        assert_eq!(k.round(Ok(()), Some(1), untouched, untouched), None);
+        assert_eq!(k.round(Ok(()), Some(1), set(&server)), None);
         // A probe the server did not answer checks nothing, whatever the count says.
+        assert_eq!(k.round(Err(Errno::EHOSTDOWN), Some(2), set(&server)), None);
+        assert!(server.borrow().steps.is_empty());
+        // A reconnect: the witness, then the first byte, each let go of and taken again;
+        // the new count is the one checked against.
+        assert_eq!(k.round(Ok(()), Some(2), set(&server)), None);
         assert_eq!(
-            k.round(Err(Errno::EHOSTDOWN), Some(2), untouched, untouched),
-            None
+            server.borrow().steps,
+            [Unlock(0), Lock(0), Unlock(1), Lock(1)]
         );
-        // A reconnect: let go and taken again; the new count is the one checked against.
-        assert_eq!(k.round(Ok(()), Some(2), held, held), None);
+        assert_eq!(server.borrow().ours, [true, true]);
         assert_eq!(k.reconnects, Some(2));
-        assert_eq!(k.round(Ok(()), Some(2), untouched, untouched), None);
+        assert_eq!(k.round(Ok(()), Some(2), set(&server)), None);
+        assert_eq!(
+            server.borrow().steps.len(),
+            4,
+            "checked without a reconnect"
+        );
+
+        // A second guest's Mount holds the first byte for a moment (the witness, ours, turns
+        // it away): not lost; the byte is ours again once it has let go.
+        let server = Server::holding();
+        server.borrow_mut().theirs[1] = true;
+        let mut k = Keeper::default();
+        assert_eq!(k.round(Ok(()), Some(3), set(&server)), None);
+        assert_eq!(server.borrow().ours, [true, false]);
+        server.borrow_mut().theirs[1] = false;
+        assert_eq!(k.round(Ok(()), Some(3), set(&server)), None);
+        assert_eq!(server.borrow().ours, [true, true]);
+        assert_eq!((k.failures, k.checking), (0, None));
+        // ... but one that keeps it (an older agent's holder: one byte) is, after three checks.
+        let server = Server::holding();
+        server.borrow_mut().theirs[1] = true;
+        let mut k = Keeper::default();
+        assert_eq!(k.round(Ok(()), Some(3), set(&server)), None);
+        assert_eq!(k.round(Ok(()), Some(3), set(&server)), None);
+        assert_eq!(k.round(Ok(()), Some(3), set(&server)), Some(LOST));
+
+        // The server dropped our locks with the connection and another guest took both: the
+        // witness is theirs, lost at once (its unlock refused, its taking refused twice).
+        let server = std::cell::RefCell::new(Server {
+            theirs: [true, true],
+            ..Server::default()
+        });
+        let mut k = Keeper::default();
+        assert_eq!(k.round(Ok(()), Some(4), set(&server)), Some(LOST));
+        assert_eq!(server.borrow().steps, [Unlock(0), Lock(0), Lock(0)]);
+        // The server dropped them and nobody took them: taken again, kept.
+        let server = std::cell::RefCell::new(Server::default());
+        let mut k = Keeper::default();
+        assert_eq!(k.round(Ok(()), Some(4), set(&server)), None);
+        assert_eq!(server.borrow().ours, [true, true]);
+
         // One EAGAIN (a request cut off by another reconnect), then taken: kept.
-        let mut k = Keeper::default();
         let tries = std::cell::Cell::new(0);
-        let once = || {
-            tries.set(tries.get() + 1);
-            if tries.get() == 1 {
-                Err(Errno::EAGAIN)
-            } else {
-                Ok(())
-            }
+        let once = |step| match step {
+            Lock(0) if tries.replace(tries.get() + 1) == 0 => Err(Errno::EAGAIN),
+            _ => Ok(()),
         };
-        assert_eq!(k.round(Ok(()), Some(3), held, once), None);
+        let mut k = Keeper::default();
+        assert_eq!(k.round(Ok(()), Some(5), once), None);
         assert_eq!(tries.get(), 2);
-        // Another client took it in between (asked twice): lost.
+
+        // An outage that begins between the read and the check: failures in a row, then
+        // lost; the check goes on from the byte it had reached.
+        let server = Server::holding();
         let mut k = Keeper::default();
-        assert_eq!(
-            k.round(Ok(()), Some(3), held, || Err(Errno::EAGAIN)),
-            Some(LOST)
-        );
-        let mut k = Keeper::default();
-        assert_eq!(
-            k.round(Ok(()), Some(3), held, || Err(Errno::EACCES)),
-            Some(LOST)
-        );
-        // An outage between the read and the check: failures in a row, then lost.
-        let mut k = Keeper::default();
-        let down = || Err(Errno::EHOSTDOWN);
-        assert_eq!(k.round(Ok(()), Some(4), down, untouched), None);
-        assert_eq!(k.round(Ok(()), Some(4), down, untouched), None);
-        assert_eq!(k.round(Ok(()), Some(4), held, held), None, "recovered");
-        assert_eq!(k.failures, 0);
-        let mut k = Keeper::default();
+        server.borrow_mut().down = Some(Errno::EHOSTDOWN);
         for _ in 1..FAILED_CHECKS {
-            assert_eq!(k.round(Ok(()), Some(5), down, untouched), None);
+            assert_eq!(k.round(Ok(()), Some(6), set(&server)), None);
         }
-        assert_eq!(k.round(Ok(()), Some(5), down, untouched), Some(LOST));
-        // The server says the file is gone (its handle cannot be reopened): three in a
-        // row, lost; an answer in between starts the count again.
+        assert_eq!(k.round(Ok(()), Some(6), set(&server)), Some(LOST));
+        let server = Server::holding();
         let mut k = Keeper::default();
+        let failing_first = |step| {
+            if step == Lock(1) && server.borrow().steps.len() < 4 {
+                server.borrow_mut().steps.push(step);
+                return Err(Errno::EHOSTDOWN);
+            }
+            set(&server)(step)
+        };
+        assert_eq!(k.round(Ok(()), Some(7), failing_first), None);
+        assert_eq!((k.checking, k.released, k.failures), (Some(1), true, 1));
+        // Recovered: the first byte is taken again without letting go of anything more.
+        assert_eq!(k.round(Ok(()), Some(7), failing_first), None);
+        assert_eq!(
+            server.borrow().steps,
+            [Unlock(0), Lock(0), Unlock(1), Lock(1), Lock(1)]
+        );
+        assert_eq!((k.failures, k.checking, k.reconnects), (0, None, Some(7)));
+
+        // The server says the file is gone (its handle cannot be reopened): three in a
+        // row, lost; a read through a holding handle in between starts the count again.
         let gone = || Err(Errno::ESTALE);
-        assert_eq!(k.round(gone(), Some(7), untouched, untouched), None);
-        assert_eq!(k.round(gone(), Some(7), untouched, untouched), None);
-        assert_eq!(k.round(Ok(()), Some(7), held, held), None, "checked, held");
-        assert_eq!(k.round(gone(), Some(7), untouched, untouched), None);
-        assert_eq!(k.round(gone(), Some(7), untouched, untouched), None);
-        assert_eq!(k.round(gone(), Some(7), untouched, untouched), Some(LOST));
-        // A plain read through a handle that holds (no reconnect) clears passing failures.
+        let server = Server::holding();
         let mut k = Keeper {
             reconnects: Some(8),
             ..Keeper::default()
         };
-        assert_eq!(k.round(gone(), Some(8), untouched, untouched), None);
-        assert_eq!(k.round(gone(), Some(8), untouched, untouched), None);
-        assert_eq!(k.round(Ok(()), Some(8), untouched, untouched), None);
-        assert_eq!(k.round(gone(), Some(8), untouched, untouched), None);
-        assert_eq!(k.round(gone(), Some(8), untouched, untouched), None);
-        assert_eq!(k.failures, 2);
-        // Let go, but not taken again (not by another client): taken again at the next
-        // probe, without letting go a second time, even with no new reconnect.
-        let mut k = Keeper::default();
-        assert_eq!(k.round(Ok(()), Some(6), held, down), None);
-        assert!(k.released);
-        assert_eq!(k.round(Ok(()), Some(6), untouched, held), None);
-        assert!(!k.released);
-        assert_eq!(k.reconnects, Some(6));
+        assert_eq!(k.round(gone(), Some(8), set(&server)), None);
+        assert_eq!(k.round(gone(), Some(8), set(&server)), None);
+        assert_eq!(k.round(Ok(()), Some(8), set(&server)), None);
+        assert_eq!(k.failures, 0);
+        assert_eq!(k.round(gone(), Some(8), set(&server)), None);
+        assert_eq!(k.round(gone(), Some(8), set(&server)), None);
+        assert_eq!(k.round(gone(), Some(8), set(&server)), Some(LOST));
     }
 
     #[test]
