@@ -591,21 +591,23 @@ impl Volumes {
         }
         let mut attempts = Vec::new();
         let mut method = "none";
-        // An SMB volume whose lock is gone is cut off before anything is unmounted; one that
-        // cannot be (yet) gets no plain unmount, which would flush into the container.
-        let mut fenced = true;
+        // An SMB volume whose lock is gone is cut off before anything is unmounted: every
+        // kind of unmount flushes through its mapping into a container another guest may
+        // have opened. One that cannot be yet stays, watched again (the watch cuts it off).
         if present {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self
                 .registry
                 .luks2()
-                .fence_if_lock_lost(name, left * 40 / 100)
+                .fence_if_lock_lost(name, left * 60 / 100)
                 .await
             {
                 Ok(note) => attempts.extend(note),
                 Err(why) => {
-                    attempts.push(why);
-                    fenced = false;
+                    self.serve_again(name);
+                    return Err(AgentError::Unavailable(format!(
+                        "volume {name} is not unmounted: {why}"
+                    )));
                 }
             }
         }
@@ -619,9 +621,6 @@ impl Volumes {
                 ("detach", MntFlags::MNT_DETACH, 100),
             ];
             for (step, flag, share) in steps {
-                if step == "umount" && !fenced {
-                    continue;
-                }
                 if step == "force" {
                     // An encrypted volume's I/O goes to its backing share: if a dead server
                     // holds it up (a writer stuck there keeps ext4 busy, or the unmount's
@@ -647,17 +646,7 @@ impl Volumes {
             }
             if method == "none" {
                 // Still mounted: whatever served it serves it again.
-                let spec = self
-                    .read_known()
-                    .get(name)
-                    .and_then(|k| k.spec.clone())
-                    .and_then(|w| VolumeSpec::from_wire_unresolved(&w).ok());
-                if let Some(spec) = spec {
-                    if let Err(e) = self.ensure_attached(&spec) {
-                        warn!(self.log, "could not serve the volume again"; "volume" => name,
-                            "error" => %e);
-                    }
-                }
+                self.serve_again(name);
                 return Err(AgentError::Internal(format!(
                     "volume {name} could not be unmounted: {}",
                     attempts.join("; ")
@@ -690,6 +679,21 @@ impl Volumes {
             attempts,
             held_by,
         })
+    }
+
+    /// What served a volume that stays mounted serves it again (an Unmount stopped it).
+    fn serve_again(&self, name: &str) {
+        let spec = self
+            .read_known()
+            .get(name)
+            .and_then(|k| k.spec.clone())
+            .and_then(|w| VolumeSpec::from_wire_unresolved(&w).ok());
+        if let Some(spec) = spec {
+            if let Err(e) = self.ensure_attached(&spec) {
+                warn!(self.log, "could not serve the volume again"; "volume" => name,
+                    "error" => %e);
+            }
+        }
     }
 
     /// Every known volume with the kernel's view of it.

@@ -33,7 +33,7 @@ pub fn send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> std::io::Result<()> 
             pidfd.as_raw_fd(),
             signal,
             std::ptr::null::<libc::siginfo_t>(),
-            0,
+            0 as libc::c_uint,
         )
     };
     if rc < 0 {

@@ -480,8 +480,10 @@ impl Luks2 {
     /// Before an SMB volume whose lock is gone is unmounted (its holder ended while the
     /// watch had not cut it off yet): cut off first, or the unmount writes the journal and
     /// superblock into a container another guest may have opened. The caller holds the
-    /// volume's lock. What it did, for the answer's notes; `Err` when the mapping could not
-    /// be cut off within `budget` (its I/O waits on a server that does not answer).
+    /// volume's lock. What it did, for the answer's notes. A mapping that cannot be cut off
+    /// within `budget` (its I/O waits on the server) has its share given up if the server
+    /// does not answer (nothing more reaches the container then); `Err` if it answers
+    /// (slowly): no unmount may go ahead, since every kind flushes through the old table.
     pub async fn fence_if_lock_lost(
         &self,
         name: &str,
@@ -505,9 +507,18 @@ impl Luks2 {
                     tokio::time::sleep(Duration::from_millis(200)).await
                 }
                 Fence::NotYet => {
-                    return Err("lock lost, and the volume could not be cut off from its \
-                        container in time (its I/O waits on the server)"
-                        .into())
+                    return match give_up_if_dead(name, &self.log).await {
+                        Some(kept) if kept == SERVER_ANSWERS => Err(
+                            "its single-writer lock is lost, and it could not be cut off \
+                             from its container in time (its I/O waits on a slow server); \
+                             it is cut off as soon as that I/O ends: try again"
+                                .into(),
+                        ),
+                        gave_up => Ok(Some(format!(
+                            "lock lost; cut-off not done in time, share given up: {}",
+                            gave_up.unwrap_or_default()
+                        ))),
+                    };
                 }
             }
         }
@@ -1050,6 +1061,9 @@ pub(super) fn pids_with_arg(argv0: Option<&str>, arg: &str) -> Vec<i32> {
         .collect()
 }
 
+/// What [`give_up_if_dead`] says of a share it kept.
+const SERVER_ANSWERS: &str = "backing: its server answers; not shut down";
+
 /// See [`Luks2::stuck`]: the share is given up only when it does not answer a statfs in 2 s.
 async fn give_up_if_dead(name: &str, log: &Logger) -> Option<String> {
     let backing = backing_dir(name);
@@ -1062,7 +1076,7 @@ async fn give_up_if_dead(name: &str, log: &Logger) -> Option<String> {
     let probe = cstring(&backing).ok()?;
     let answered = killable::run(budget, || crate::volumes::statfs(&probe)).await;
     if matches!(answered, Outcome::Done(_)) {
-        return Some("backing: its server answers; not shut down".into());
+        return Some(SERVER_ANSWERS.into());
     }
     if entry.fs_type.starts_with("nfs") && knob.exists() {
         let Ok(path) = cstring(&knob) else {

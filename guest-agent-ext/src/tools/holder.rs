@@ -192,6 +192,10 @@ pub fn run(argv: &[String]) -> i32 {
 /// Exit code of a holder that found its lock gone after a reconnect.
 pub const LOST: i32 = 3;
 
+/// How many times a check asks for the first byte held by someone else (200 ms apart)
+/// before the lock counts as lost.
+const FIRST_BYTE_ASKS: u32 = 5;
+
 /// Failed checks in a row (each after a probe the server answered) that count as a lost lock.
 const FAILED_CHECKS: u32 = 3;
 
@@ -203,16 +207,19 @@ const FAILED_CHECKS: u32 = 3;
 /// cifs does not report a failed relock: after a reconnect (of any share of the guest: cifs
 /// counts them together) the holder checks its two bytes, the witness first, each by letting
 /// it go and taking it again, never both at once. The witness held by another client
-/// (EAGAIN/EACCES, twice in a row) is a lost lock: every holder takes it last. Anything else
-/// fails the check, and [`FAILED_CHECKS`] in a row count as lost (an outage that begins
-/// between the read and the check is not a lost lock; the first byte held for a moment by a
-/// second guest's Mount, which the witness turns away, is not one either).
+/// (EAGAIN/EACCES, twice in a row) is a lost lock: every holder takes it last; so is the
+/// first byte held by another for a second (an older agent's holder takes it alone; a second
+/// guest's Mount that the witness turns away lets go at once). Anything else (an unlock the
+/// server refuses included) fails the check, and [`FAILED_CHECKS`] in a row count as lost
+/// (an outage that begins between the read and the check is not a lost lock).
 #[derive(Debug, Default)]
 struct Keeper {
     /// cifs's reconnect count at the last check that held.
     reconnects: Option<u64>,
     /// A check under way: the bytes (0 the witness, 1 the first) checked so far.
     checking: Option<usize>,
+    /// cifs's reconnect count when the check under way began.
+    since: Option<u64>,
     /// The byte under check was let go, and taking it again failed: taken again at the next
     /// probe, without letting go again.
     released: bool,
@@ -234,6 +241,7 @@ impl Keeper {
         read: Result<(), Errno>,
         now: Option<u64>,
         set: impl Fn(Step) -> Result<(), Errno>,
+        pause: impl Fn(),
     ) -> Option<i32> {
         match read {
             Ok(()) => {}
@@ -252,33 +260,49 @@ impl Keeper {
                 self.failures = 0;
                 return None;
             }
-            None => 0,
+            None => {
+                self.since = now;
+                0
+            }
         };
         self.checking = Some(from);
         for byte in from..2 {
+            // An unlock that fails leaves the lock in cifs's own records (where taking it
+            // again would meet itself): it is let go of again at the next probe.
             if !self.released {
-                // One the server no longer has is not let go of (it says so): it is taken
-                // again below all the same, which says whether someone else has it.
-                let _ = set(Step::Unlock(byte));
+                if set(Step::Unlock(byte)).is_err() {
+                    return self.failed();
+                }
                 self.released = true;
             }
-            // A conflict is asked twice: cifs also answers EAGAIN for a request cut off by
-            // another reconnect.
-            let taken = match set(Step::Lock(byte)) {
-                Err(Errno::EAGAIN | Errno::EACCES) => set(Step::Lock(byte)),
-                other => other,
-            };
+            // A conflict on the witness is asked twice (cifs also answers EAGAIN for a
+            // request cut off by another reconnect); on the first byte a few times over a
+            // second: a second guest's Mount that the witness turned away lets go at once,
+            // a holder of an older agent (the first byte alone) does not.
+            let asks = if byte == 0 { 2 } else { FIRST_BYTE_ASKS };
+            let mut taken = set(Step::Lock(byte));
+            for _ in 1..asks {
+                if !matches!(taken, Err(Errno::EAGAIN | Errno::EACCES)) {
+                    break;
+                }
+                if byte == 1 {
+                    pause();
+                }
+                taken = set(Step::Lock(byte));
+            }
             match taken {
                 Ok(()) => {
                     self.released = false;
                     self.checking = Some(byte + 1);
                 }
-                Err(Errno::EAGAIN | Errno::EACCES) if byte == 0 => return Some(LOST),
+                Err(Errno::EAGAIN | Errno::EACCES) => return Some(LOST),
                 Err(_) => return self.failed(),
             }
         }
+        // Checked against the count it began with: a reconnect during the check (it may
+        // have gone on over several probes) is checked again, from the witness.
         *self = Keeper {
-            reconnects: now,
+            reconnects: self.since,
             ..Keeper::default()
         };
         None
@@ -314,7 +338,9 @@ fn keep_lock(
             Ok(())
         }
     };
-    keeper.round(read, cifs_reconnects(), set)
+    keeper.round(read, cifs_reconnects(), set, || {
+        std::thread::sleep(std::time::Duration::from_millis(200))
+    })
 }
 
 /// One read of the container's first block through the holder's own handle: how it came
@@ -383,10 +409,13 @@ mod tests {
         }
     }
 
-    /// The server's view of the two bytes (0 the witness, 1 the first byte), as the holder's
-    /// checks meet it.
+    /// The two bytes (0 the witness, 1 the first byte) as the holder's checks meet them:
+    /// cifs's own records of its locks and the server's.
     #[derive(Default)]
     struct Server {
+        /// cifs records the lock (it refuses this process the same lock again, locally).
+        recorded: [bool; 2],
+        /// The server has our lock.
         ours: [bool; 2],
         theirs: [bool; 2],
         /// Every request fails so (the connection is down).
@@ -397,6 +426,7 @@ mod tests {
     impl Server {
         fn holding() -> std::cell::RefCell<Server> {
             std::cell::RefCell::new(Server {
+                recorded: [true, true],
                 ours: [true, true],
                 ..Server::default()
             })
@@ -411,25 +441,25 @@ mod tests {
                 return Err(e);
             }
             let r = match step {
+                // Nothing recorded: nothing to send.
+                Step::Unlock(b) if !s.recorded[b] => Ok(()),
                 Step::Unlock(b) if s.ours[b] => {
                     s.ours[b] = false;
+                    s.recorded[b] = false;
+                    // Never both let go of at once.
+                    assert!(s.ours.iter().any(|&o| o), "both let go of: {:?}", s.steps);
                     Ok(())
                 }
+                // Refused by the server: cifs puts its record back.
                 Step::Unlock(_) => Err(Errno::ENOLCK),
+                Step::Lock(b) if s.recorded[b] => Err(Errno::EACCES),
                 Step::Lock(b) if s.theirs[b] => Err(Errno::EAGAIN),
                 Step::Lock(b) => {
                     s.ours[b] = true;
+                    s.recorded[b] = true;
                     Ok(())
                 }
             };
-            // Never both let go of at once.
-            if matches!(step, Step::Unlock(_)) && r.is_ok() {
-                assert!(
-                    s.ours.iter().any(|&o| o),
-                    "both bytes let go of: {:?}",
-                    s.steps
-                );
-            }
             r
         }
     }
@@ -438,26 +468,30 @@ mod tests {
     fn the_lock_is_checked_after_each_reconnect_one_byte_at_a_time_and_lost_only_to_another_holder()
     {
         use Step::{Lock, Unlock};
+        let no_pause = || {};
         // No reconnect: nothing is asked.
         let server = Server::holding();
         let mut k = Keeper {
             reconnects: Some(1),
             ..Keeper::default()
         };
-        assert_eq!(k.round(Ok(()), Some(1), set(&server)), None);
+        assert_eq!(k.round(Ok(()), Some(1), set(&server), no_pause), None);
         // A probe the server did not answer checks nothing, whatever the count says.
-        assert_eq!(k.round(Err(Errno::EHOSTDOWN), Some(2), set(&server)), None);
+        assert_eq!(
+            k.round(Err(Errno::EHOSTDOWN), Some(2), set(&server), no_pause),
+            None
+        );
         assert!(server.borrow().steps.is_empty());
         // A reconnect: the witness, then the first byte, each let go of and taken again;
         // the new count is the one checked against.
-        assert_eq!(k.round(Ok(()), Some(2), set(&server)), None);
+        assert_eq!(k.round(Ok(()), Some(2), set(&server), no_pause), None);
         assert_eq!(
             server.borrow().steps,
             [Unlock(0), Lock(0), Unlock(1), Lock(1)]
         );
         assert_eq!(server.borrow().ours, [true, true]);
         assert_eq!(k.reconnects, Some(2));
-        assert_eq!(k.round(Ok(()), Some(2), set(&server)), None);
+        assert_eq!(k.round(Ok(()), Some(2), set(&server), no_pause), None);
         assert_eq!(
             server.borrow().steps.len(),
             4,
@@ -465,58 +499,78 @@ mod tests {
         );
 
         // A second guest's Mount holds the first byte for a moment (the witness, ours, turns
-        // it away): not lost; the byte is ours again once it has let go.
+        // it away): asked again after a pause, taken, not lost.
         let server = Server::holding();
         server.borrow_mut().theirs[1] = true;
+        let pauses = std::cell::Cell::new(0);
+        let lets_go = || {
+            pauses.set(pauses.get() + 1);
+            if pauses.get() == 2 {
+                server.borrow_mut().theirs[1] = false;
+            }
+        };
         let mut k = Keeper::default();
-        assert_eq!(k.round(Ok(()), Some(3), set(&server)), None);
-        assert_eq!(server.borrow().ours, [true, false]);
-        server.borrow_mut().theirs[1] = false;
-        assert_eq!(k.round(Ok(()), Some(3), set(&server)), None);
+        assert_eq!(k.round(Ok(()), Some(3), set(&server), lets_go), None);
         assert_eq!(server.borrow().ours, [true, true]);
-        assert_eq!((k.failures, k.checking), (0, None));
-        // ... but one that keeps it (an older agent's holder: one byte) is, after three checks.
+        assert_eq!((k.failures, k.checking, pauses.get()), (0, None, 2));
+        // An older agent's holder keeps it (the first byte alone): lost after a second.
         let server = Server::holding();
         server.borrow_mut().theirs[1] = true;
+        let pauses = std::cell::Cell::new(0);
         let mut k = Keeper::default();
-        assert_eq!(k.round(Ok(()), Some(3), set(&server)), None);
-        assert_eq!(k.round(Ok(()), Some(3), set(&server)), None);
-        assert_eq!(k.round(Ok(()), Some(3), set(&server)), Some(LOST));
+        let count = || pauses.set(pauses.get() + 1);
+        assert_eq!(k.round(Ok(()), Some(3), set(&server), count), Some(LOST));
+        assert_eq!(pauses.get(), FIRST_BYTE_ASKS - 1);
+        assert_eq!(server.borrow().ours, [true, false], "the witness is kept");
 
-        // The server dropped our locks with the connection and another guest took both: the
-        // witness is theirs, lost at once (its unlock refused, its taking refused twice).
+        // The server dropped our locks with the connection and cifs could not put them back
+        // (another guest took both): the unlock is refused, cifs keeps its record; three
+        // checks in a row, lost.
+        let server = std::cell::RefCell::new(Server {
+            recorded: [true, true],
+            theirs: [true, true],
+            ..Server::default()
+        });
+        let mut k = Keeper::default();
+        for _ in 1..FAILED_CHECKS {
+            assert_eq!(k.round(Ok(()), Some(4), set(&server), no_pause), None);
+        }
+        assert_eq!(k.round(Ok(()), Some(4), set(&server), no_pause), Some(LOST));
+        assert_eq!(
+            server.borrow().steps,
+            [Unlock(0); 3],
+            "never asked to lock itself"
+        );
+        // Another guest holds the witness of a lock cifs no longer records: lost at once.
         let server = std::cell::RefCell::new(Server {
             theirs: [true, true],
             ..Server::default()
         });
         let mut k = Keeper::default();
-        assert_eq!(k.round(Ok(()), Some(4), set(&server)), Some(LOST));
+        assert_eq!(k.round(Ok(()), Some(4), set(&server), no_pause), Some(LOST));
         assert_eq!(server.borrow().steps, [Unlock(0), Lock(0), Lock(0)]);
-        // The server dropped them and nobody took them: taken again, kept.
-        let server = std::cell::RefCell::new(Server::default());
-        let mut k = Keeper::default();
-        assert_eq!(k.round(Ok(()), Some(4), set(&server)), None);
-        assert_eq!(server.borrow().ours, [true, true]);
 
-        // One EAGAIN (a request cut off by another reconnect), then taken: kept.
+        // One EAGAIN on the witness (a request cut off by another reconnect), then taken.
         let tries = std::cell::Cell::new(0);
         let once = |step| match step {
             Lock(0) if tries.replace(tries.get() + 1) == 0 => Err(Errno::EAGAIN),
             _ => Ok(()),
         };
         let mut k = Keeper::default();
-        assert_eq!(k.round(Ok(()), Some(5), once), None);
+        assert_eq!(k.round(Ok(()), Some(5), once, no_pause), None);
         assert_eq!(tries.get(), 2);
 
-        // An outage that begins between the read and the check: failures in a row, then
-        // lost; the check goes on from the byte it had reached.
+        // An outage that begins between the read and the check: failures in a row, lost.
         let server = Server::holding();
         let mut k = Keeper::default();
         server.borrow_mut().down = Some(Errno::EHOSTDOWN);
         for _ in 1..FAILED_CHECKS {
-            assert_eq!(k.round(Ok(()), Some(6), set(&server)), None);
+            assert_eq!(k.round(Ok(()), Some(6), set(&server), no_pause), None);
         }
-        assert_eq!(k.round(Ok(()), Some(6), set(&server)), Some(LOST));
+        assert_eq!(k.round(Ok(()), Some(6), set(&server), no_pause), Some(LOST));
+        // The first byte could not be taken again (outage): taken at the next probe without
+        // letting go of anything more; a reconnect meanwhile is checked again, from the
+        // witness.
         let server = Server::holding();
         let mut k = Keeper::default();
         let failing_first = |step| {
@@ -526,31 +580,37 @@ mod tests {
             }
             set(&server)(step)
         };
-        assert_eq!(k.round(Ok(()), Some(7), failing_first), None);
+        assert_eq!(k.round(Ok(()), Some(7), failing_first, no_pause), None);
         assert_eq!((k.checking, k.released, k.failures), (Some(1), true, 1));
-        // Recovered: the first byte is taken again without letting go of anything more.
-        assert_eq!(k.round(Ok(()), Some(7), failing_first), None);
+        assert_eq!(k.round(Ok(()), Some(8), failing_first, no_pause), None);
         assert_eq!(
             server.borrow().steps,
             [Unlock(0), Lock(0), Unlock(1), Lock(1), Lock(1)]
         );
         assert_eq!((k.failures, k.checking, k.reconnects), (0, None, Some(7)));
+        assert_eq!(k.round(Ok(()), Some(8), failing_first, no_pause), None);
+        assert_eq!(
+            server.borrow().steps.len(),
+            9,
+            "checked again from the witness"
+        );
+        assert_eq!(k.reconnects, Some(8));
 
         // The server says the file is gone (its handle cannot be reopened): three in a
         // row, lost; a read through a holding handle in between starts the count again.
         let gone = || Err(Errno::ESTALE);
         let server = Server::holding();
         let mut k = Keeper {
-            reconnects: Some(8),
+            reconnects: Some(9),
             ..Keeper::default()
         };
-        assert_eq!(k.round(gone(), Some(8), set(&server)), None);
-        assert_eq!(k.round(gone(), Some(8), set(&server)), None);
-        assert_eq!(k.round(Ok(()), Some(8), set(&server)), None);
+        assert_eq!(k.round(gone(), Some(9), set(&server), no_pause), None);
+        assert_eq!(k.round(gone(), Some(9), set(&server), no_pause), None);
+        assert_eq!(k.round(Ok(()), Some(9), set(&server), no_pause), None);
         assert_eq!(k.failures, 0);
-        assert_eq!(k.round(gone(), Some(8), set(&server)), None);
-        assert_eq!(k.round(gone(), Some(8), set(&server)), None);
-        assert_eq!(k.round(gone(), Some(8), set(&server)), Some(LOST));
+        assert_eq!(k.round(gone(), Some(9), set(&server), no_pause), None);
+        assert_eq!(k.round(gone(), Some(9), set(&server), no_pause), None);
+        assert_eq!(k.round(gone(), Some(9), set(&server), no_pause), Some(LOST));
     }
 
     #[test]
