@@ -599,7 +599,7 @@ impl Volumes {
             match self
                 .registry
                 .luks2()
-                .fence_if_lock_lost(name, left * 60 / 100)
+                .fence_if_lock_lost(name, &entries, left * 60 / 100)
                 .await
             {
                 Ok(note) => attempts.extend(note),
@@ -610,8 +610,6 @@ impl Volumes {
                     )));
                 }
             }
-        }
-        if present {
             let target = CString::new(mount_point.as_os_str().as_bytes())
                 .map_err(|_| AgentError::Internal("mount point has a NUL byte".into()))?;
             // Shares of the time left: plain and force get 40% each, detach the rest.

@@ -385,32 +385,33 @@ impl Samba {
     /// `smbstatus --json` (sessions, tree connects, their signing and encryption), read from
     /// the server's own state.
     pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(&self.smbstatus("--json")?).context("smbstatus --json output")
+    }
+
+    /// `smbstatus <what>` against this server's configuration: its standard output.
+    fn smbstatus(&self, what: &str) -> anyhow::Result<String> {
         let mut cmd = self.in_server_view();
         cmd.args(timeout_prefix())
             .arg("smbstatus")
             .arg("-s")
             .arg(&self.conf)
-            .arg("--json");
+            .arg(what);
         let out = run_bounded(cmd, None)?;
-        anyhow::ensure!(out.success, "smbstatus failed: {}", out.text().trim());
-        serde_json::from_str(&out.stdout).context("smbstatus --json output")
+        anyhow::ensure!(
+            out.success,
+            "smbstatus {what} failed: {}",
+            out.text().trim()
+        );
+        Ok(out.stdout)
     }
 
     /// The byte-range locks the server holds, as (start, size) of every lock listed,
     /// whatever file or client: from `smbstatus -B`'s text, whose offsets are 64-bit
     /// (Samba 4.17's JSON cuts them to an `int`: a lock at 2^62 shows as 0 there).
     pub fn byte_range_locks(&self) -> anyhow::Result<Vec<(u64, u64)>> {
-        let mut cmd = self.in_server_view();
-        cmd.args(timeout_prefix())
-            .arg("smbstatus")
-            .arg("-s")
-            .arg(&self.conf)
-            .arg("-B");
-        let out = run_bounded(cmd, None)?;
-        anyhow::ensure!(out.success, "smbstatus -B failed: {}", out.text().trim());
         // `<pid> <dev:inode> R|W <start> <size> <share path> <name>` under a header.
-        Ok(out
-            .stdout
+        Ok(self
+            .smbstatus("-B")?
             .lines()
             .filter_map(|line| {
                 let w: Vec<&str> = line.split_whitespace().collect();

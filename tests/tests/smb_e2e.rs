@@ -90,6 +90,24 @@ async fn stats(
         .await?)
 }
 
+/// Runs `write` (a shell command ending in `echo rc=$?`) in the guest every 250 ms until it
+/// no longer succeeds, at most `tries` times: its last output.
+async fn until_refused(
+    g: &cnfs_testbed::GuestExec,
+    write: &str,
+    tries: u32,
+) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for _ in 0..tries {
+        out = g.ok(write).await?;
+        if !out.contains("rc=0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(out)
+}
+
 /// The encryption the server reports for its tree connect to `share`.
 fn server_encryption(smb: &Samba, share: &str) -> serde_json::Value {
     let status = smb.status_json().expect("smbstatus");
@@ -599,14 +617,7 @@ async fn an_smb_luks2_volume_keeps_one_writer_across_agent_restarts() -> anyhow:
     // off from its container (before, nothing watched a detached volume: it kept writing
     // into a container a second guest could open).
     g.ok(&format!("kill -9 {}", holder.trim())).await?;
-    let mut cut = String::new();
-    for _ in 0..40 {
-        cut = g.ok(through).await?;
-        if !cut.contains("rc=0") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let cut = until_refused(&g, through, 40).await?;
     assert!(
         cut.contains("Input/output error"),
         "a detached volume whose lock went still writes: {cut}"
@@ -657,14 +668,7 @@ async fn an_smb_luks2_volume_keeps_one_writer_across_agent_restarts() -> anyhow:
     );
     // ... and the volume is shut down: no more writes reach the container.
     let write = "(echo late > /run/cnfs/volumes/lk2/late && sync /run/cnfs/volumes/lk2/late) 2>&1; echo rc=$?";
-    let mut fenced = String::new();
-    for _ in 0..20 {
-        fenced = g.ok(write).await?;
-        if !fenced.contains("rc=0") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let fenced = until_refused(&g, write, 20).await?;
     assert!(
         fenced.contains("Input/output error"),
         "writes still go through: {fenced}"
@@ -1037,17 +1041,12 @@ async fn an_smb_luks2_volume_keeps_its_lock_when_the_connection_is_lost_and_rema
         "{s:?}"
     );
     // The watch cuts the volume off right after the holder ends; Stats may say so first.
-    let mut fenced = String::new();
-    for _ in 0..20 {
-        fenced = first
-            .exec
-            .ok("(echo late > /run/cnfs/volumes/v/late) 2>&1; echo rc=$?")
-            .await?;
-        if !fenced.contains("rc=0") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let fenced = until_refused(
+        &first.exec,
+        "(echo late > /run/cnfs/volumes/v/late) 2>&1; echo rc=$?",
+        20,
+    )
+    .await?;
     assert!(
         fenced.contains("Input/output error"),
         "writes still go through: {fenced}"

@@ -487,10 +487,10 @@ impl Luks2 {
     pub async fn fence_if_lock_lost(
         &self,
         name: &str,
+        entries: &[MountEntry],
         budget: Duration,
     ) -> Result<Option<String>, String> {
-        let entries = mountinfo::read().unwrap_or_default();
-        if lock_lost(name, &entries).await.is_none() {
+        if lock_lost(name, entries).await.is_none() {
             return Ok(None);
         }
         let until = Instant::now() + budget;
@@ -922,8 +922,9 @@ async fn end_holders(name: &str, within: Duration) -> Holders {
             if !in_use.is_empty() {
                 return None;
             }
+            let ours = std::fs::metadata("/proc/self/exe").ok();
             for &pid in &pids {
-                kill_holder(pid, &c);
+                kill_holder(pid, &c, ours.as_ref());
             }
             Some(pids.len())
         });
@@ -949,17 +950,20 @@ async fn end_holders(name: &str, within: Duration) -> Holders {
 /// SIGKILL to holder `pid` of `container`, pinned by a pidfd and checked again once pinned:
 /// a holder that ended on its own meanwhile (it does, about a second after its loop went)
 /// leaves its pid free for another process, which is never the one killed.
-fn kill_holder(pid: i32, container: &str) {
-    let Ok(fd) = u32::try_from(pid)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-        .and_then(cnfs_protocols::pidfd::open)
-    else {
+fn kill_holder(pid: i32, container: &str, ours: Option<&std::fs::Metadata>) {
+    let Ok(fd) = pin(pid) else {
         return;
     };
-    let ours = std::fs::metadata("/proc/self/exe").ok();
-    if is_holder(pid, container, ours.as_ref()) {
+    if is_holder(pid, container, ours) {
         let _ = cnfs_protocols::pidfd::send_signal(&fd, libc::SIGKILL);
     }
+}
+
+/// A pidfd of process `pid` (from /proc: a pid_t).
+fn pin(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    u32::try_from(pid)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+        .and_then(cnfs_protocols::pidfd::open)
 }
 
 /// Volume `name`'s lock holders, scanned off the runtime's threads (reading a process's
@@ -1371,10 +1375,7 @@ async fn holder_ended(name: &str, log: &Logger) -> Holder {
     let Some(&pid) = pids.first() else {
         return Holder::None;
     };
-    let exited = u32::try_from(pid)
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-        .and_then(cnfs_protocols::pidfd::open);
-    match exited.and_then(cnfs_protocols::pidfd::readable_when_exited) {
+    match pin(pid).and_then(cnfs_protocols::pidfd::readable_when_exited) {
         Ok(fd) => {
             // The pid is still a holder of this volume's once the pidfd pins it (no reuse);
             // a scan that does not answer is asked again.

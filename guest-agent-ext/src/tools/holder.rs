@@ -147,9 +147,8 @@ pub fn run(argv: &[String]) -> i32 {
     // let go of on its own. A witness taken by someone else is the lock in use (exiting
     // lets go of the first byte).
     for lock in &locks {
-        // SAFETY: F_SETLK reads one `struct flock` from a value on the stack.
-        if unsafe { libc::fcntl(fd, libc::F_SETLK, lock as *const libc::flock) } < 0 {
-            say(&format!("lock {}\n", Errno::last() as i32));
+        if let Err(e) = set_lock(fd, lock) {
+            say(&format!("lock {}\n", e as i32));
             return 1;
         }
     }
@@ -331,16 +330,21 @@ fn keep_lock(
             },
             Step::Lock(byte) => locks[1 - byte],
         };
-        // SAFETY: F_SETLK reads one `struct flock` from a value on the stack.
-        if unsafe { libc::fcntl(fd, libc::F_SETLK, &l as *const libc::flock) } < 0 {
-            Err(Errno::last())
-        } else {
-            Ok(())
-        }
+        set_lock(fd, &l)
     };
     keeper.round(read, cifs_reconnects(), set, || {
         std::thread::sleep(std::time::Duration::from_millis(200))
     })
+}
+
+/// F_SETLK of `lock` on `fd` (taking or letting go, by its type).
+fn set_lock(fd: libc::c_int, lock: &libc::flock) -> Result<(), Errno> {
+    // SAFETY: F_SETLK reads one `struct flock` from a reference that outlives the call.
+    if unsafe { libc::fcntl(fd, libc::F_SETLK, lock as *const libc::flock) } < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
 }
 
 /// One read of the container's first block through the holder's own handle: how it came
